@@ -1,0 +1,1 @@
+"""Subcommands of ``radar-vllm``; one module each, registered in ``radar_vllm.cli``."""
