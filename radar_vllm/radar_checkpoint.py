@@ -1,0 +1,104 @@
+"""Build a RADAR checkpoint: an EAGLE-3 head directory + a stop policy + the ``"radar"`` section.
+
+Layout written by :func:`pack_radar_checkpoint`::
+
+    OUT_DIR/config.json            the head's config with a "radar" section added
+    OUT_DIR/*.safetensors, ...     the head's files, unchanged (stock vLLM runs OUT_DIR as EAGLE-3)
+    OUT_DIR/policy/policy.safetensors + policy.json   the stop policy (a sub-directory: vLLM
+                                   loads every top-level *.safetensors file as head weights)
+"""
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from radar_vllm.radar_config import (
+    DEFAULT_POLICY_PATH,
+    HEAD_CONFIG_FILENAME,
+    MODE_CHAIN,
+    RADAR_SECTION,
+    RadarConfig,
+    read_head_config,
+    validate_radar_setup,
+)
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MAX_DEPTH = 7
+DEFAULT_TOTAL_TOKENS = 60
+
+
+def default_total_tokens(top_k: int, max_depth: int) -> int:
+    """60 (the RADAR default) or the most the tree can hold with this top_k and depth."""
+    max_candidates = top_k * (1 + top_k * (max_depth - 1))
+    return min(DEFAULT_TOTAL_TOKENS, max_candidates + 1)
+
+
+def pack_radar_checkpoint(
+    head_dir: str | Path,
+    policy_path: str | Path,
+    out_dir: str | Path,
+    *,
+    top_k: int | None = None,
+    max_depth: int = DEFAULT_MAX_DEPTH,
+    total_tokens: int | None = None,
+    threshold: float | None = None,
+    decision: str | None = None,
+    mode: str = MODE_CHAIN,
+) -> Path:
+    """Write a RADAR checkpoint into ``out_dir`` (which must not exist or be empty); return it.
+
+    ``top_k`` defaults to the policy's state size; ``threshold``/``decision`` default to the
+    policy's own (left out of the section). The result is validated before it is moved in place.
+    """
+    from radar_vllm.policy import CONFIG_FILENAME, WEIGHTS_FILENAME, load_policy_checkpoint
+
+    head_dir, out_dir = Path(head_dir), Path(out_dir)
+    head_config = read_head_config(head_dir)
+    policy = load_policy_checkpoint(policy_path)
+    if top_k is None:
+        top_k = policy.config.state_size
+    if total_tokens is None:
+        total_tokens = default_total_tokens(top_k, max_depth)
+    radar = RadarConfig(
+        policy=DEFAULT_POLICY_PATH,
+        mode=mode,
+        top_k=top_k,
+        max_depth=max_depth,
+        total_tokens=total_tokens,
+        threshold=threshold,
+        decision=decision,
+    )
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise ValueError(f"output directory {out_dir} exists and is not empty; choose a new directory")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        for item in head_dir.iterdir():
+            if item.name == HEAD_CONFIG_FILENAME or item.name == DEFAULT_POLICY_PATH:
+                continue
+            if item.is_file():
+                shutil.copy2(item, staging / item.name)
+        policy_dir = staging / DEFAULT_POLICY_PATH
+        policy_dir.mkdir()
+        source = Path(policy_path)
+        weights = source if source.suffix == ".safetensors" else source / WEIGHTS_FILENAME
+        config_file = weights.with_suffix(".json") if source.suffix == ".safetensors" else source / CONFIG_FILENAME
+        shutil.copy2(weights, policy_dir / WEIGHTS_FILENAME)
+        shutil.copy2(config_file, policy_dir / CONFIG_FILENAME)
+        config: dict[str, Any] = dict(head_config)
+        config[RADAR_SECTION] = radar.to_dict()
+        (staging / HEAD_CONFIG_FILENAME).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+        validate_radar_setup(radar, staging)
+        if out_dir.exists():
+            out_dir.rmdir()
+        staging.rename(out_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    logger.info("wrote RADAR checkpoint %s (%s)", out_dir, radar.to_dict())
+    return out_dir

@@ -1,0 +1,287 @@
+"""RADAR settings of a checkpoint: the ``"radar"`` section of an EAGLE-3 head's ``config.json``.
+
+A RADAR checkpoint is an ordinary EAGLE-3 head directory (stock vLLM still runs it as plain
+EAGLE-3) whose ``config.json`` carries one extra section, for example::
+
+    "radar": {"policy": "policy", "mode": "chain", "top_k": 10, "max_depth": 7,
+              "total_tokens": 60, "threshold": 0.5}
+
+``policy`` is the stop-policy checkpoint (a directory holding ``policy.safetensors`` +
+``policy.json``, or the ``.safetensors`` file) relative to the head directory. It must live in a
+sub-directory: vLLM loads every top-level ``*.safetensors`` file of the head as weights.
+
+Launch-time overrides, without editing the checkpoint (applied in this order, later wins):
+
+1. the environment variable ``RADAR_OVERRIDES``, a JSON object, e.g.
+   ``RADAR_OVERRIDES='{"threshold": 0.6}'``;
+2. with the plugin installed, a ``"radar"`` object inside vLLM's speculative config, e.g.
+   ``--speculative-config '{"method": "radar", "model": DIR, "radar": {"threshold": 0.6}}'``.
+
+Everything is validated at start-up (:func:`validate_radar_setup`), before any engine process
+starts, with messages that say what to change. Nothing here imports vLLM.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, Mapping
+
+RADAR_SECTION = "radar"
+OVERRIDES_ENV = "RADAR_OVERRIDES"
+HEAD_CONFIG_FILENAME = "config.json"
+DEFAULT_POLICY_PATH = "policy"
+
+MODE_CHAIN = "chain"
+MODE_TREE = "tree"
+MODES = (MODE_CHAIN, MODE_TREE)
+SUPPORTED_MODES = (MODE_CHAIN,)
+
+DECISION_MODES = ("threshold", "sampled")
+EAGLE3_ARCHITECTURES = ("LlamaForCausalLMEagle3", "Eagle3LlamaForCausalLM")
+
+
+def _require_int(name: str, value: Any, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"radar.{name} must be an integer, got {value!r}")
+    if value < minimum:
+        raise ValueError(f"radar.{name} must be >= {minimum}, got {value}")
+
+
+@dataclass(frozen=True)
+class RadarConfig:
+    """RADAR options of one checkpoint (after overrides). Validated on construction."""
+
+    policy: str = DEFAULT_POLICY_PATH  # stop-policy checkpoint, relative to the head directory
+    mode: str = MODE_CHAIN  # "chain": one draft token per depth, verified by vLLM's sampler
+    top_k: int = 10  # width of the policy state (frontier scores per request)
+    max_depth: int = 7  # most draft calls per round
+    total_tokens: int = 60  # tree mode: nodes verified per request, root included
+    threshold: float | None = None  # continue when P(continue) >= threshold; None: the policy's
+    decision: str | None = None  # "threshold" | "sampled"; None: the policy's
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.policy, str) or not self.policy:
+            raise ValueError(f"radar.policy must be a non-empty path string, got {self.policy!r}")
+        if self.mode not in MODES:
+            raise ValueError(f"radar.mode must be one of {MODES}, got {self.mode!r}")
+        _require_int("top_k", self.top_k, 1)
+        _require_int("max_depth", self.max_depth, 1)
+        _require_int("total_tokens", self.total_tokens, 2)
+        if self.threshold is not None:
+            if (
+                isinstance(self.threshold, bool)
+                or not isinstance(self.threshold, (int, float))
+                or not math.isfinite(self.threshold)
+                or not 0.0 <= self.threshold <= 1.0
+            ):
+                raise ValueError(f"radar.threshold must be a number in [0, 1], got {self.threshold!r}")
+        if self.decision is not None and self.decision not in DECISION_MODES:
+            raise ValueError(f"radar.decision must be one of {DECISION_MODES}, got {self.decision!r}")
+        # The tree budget must be reachable with this top_k and depth (checked in chain mode too:
+        # the section describes the checkpoint, whichever mode runs it).
+        from radar_vllm.config import TreeConfig
+
+        try:
+            TreeConfig(top_k=self.top_k, max_depth=self.max_depth, total_tokens=self.total_tokens)
+        except ValueError as error:
+            raise ValueError(f"radar: {error}") from error
+
+    @property
+    def num_draft_tokens(self) -> int:
+        """Draft tokens handed to the verifier per request at most (chain: one per depth)."""
+        return self.max_depth if self.mode == MODE_CHAIN else self.total_tokens - 1
+
+    def policy_path(self, checkpoint_dir: str | Path) -> Path:
+        """The policy checkpoint's path, resolved against the head directory."""
+        path = Path(self.policy)
+        return path if path.is_absolute() else Path(checkpoint_dir) / path
+
+    def to_dict(self) -> dict[str, Any]:
+        return {key: value for key, value in dataclasses.asdict(self).items() if value is not None}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], source: str = "radar section") -> "RadarConfig":
+        if not isinstance(data, Mapping):
+            raise ValueError(f"{source} must be a JSON object, got {type(data).__name__}")
+        _check_keys(data, source)
+        return cls(**dict(data))
+
+    def with_overrides(self, overrides: Mapping[str, Any], source: str = "overrides") -> "RadarConfig":
+        """A copy with ``overrides`` applied (unknown keys raise ValueError naming ``source``)."""
+        if not overrides:
+            return self
+        _check_keys(overrides, source)
+        try:
+            return dataclasses.replace(self, **dict(overrides))
+        except ValueError as error:
+            raise ValueError(f"{source}: {error}") from error
+
+
+def _check_keys(data: Mapping[str, Any], source: str) -> None:
+    allowed = {f.name for f in fields(RadarConfig)}
+    unknown = sorted(set(data) - allowed)
+    if unknown:
+        raise ValueError(f"{source}: unknown RADAR option(s) {unknown}; allowed options are {sorted(allowed)}")
+
+
+def read_head_config(checkpoint_dir: str | Path) -> dict[str, Any]:
+    """The head's ``config.json`` as a dict (FileNotFoundError / ValueError naming the file)."""
+    path = Path(checkpoint_dir) / HEAD_CONFIG_FILENAME
+    if not path.is_file():
+        raise FileNotFoundError(f"EAGLE-3 head config not found: {path}")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path}: not valid JSON ({error})") from error
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
+def radar_section(head_config: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The raw ``"radar"`` section of a head config, or None for a plain EAGLE-3 head."""
+    section = head_config.get(RADAR_SECTION)
+    if section is None:
+        return None
+    if not isinstance(section, Mapping):
+        raise ValueError(f'the "{RADAR_SECTION}" section of the head config must be a JSON object, got {section!r}')
+    return dict(section)
+
+
+def parse_overrides(text: str | None, source: str = OVERRIDES_ENV) -> dict[str, Any]:
+    """Parse a JSON object of RADAR overrides (empty or None -> {})."""
+    if text is None or not text.strip():
+        return {}
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{source} must be a JSON object such as '{{\"threshold\": 0.6}}', got {text!r} ({error})") from error
+    if not isinstance(data, dict):
+        raise ValueError(f"{source} must be a JSON object such as '{{\"threshold\": 0.6}}', got {text!r}")
+    _check_keys(data, source)
+    return data
+
+
+def env_overrides() -> dict[str, Any]:
+    """Overrides from the ``RADAR_OVERRIDES`` environment variable."""
+    return parse_overrides(os.environ.get(OVERRIDES_ENV), OVERRIDES_ENV)
+
+
+def resolve_radar_config(
+    section: Mapping[str, Any],
+    *extra_overrides: tuple[str, Mapping[str, Any]],
+    use_env: bool = True,
+) -> RadarConfig:
+    """Checkpoint section + ``RADAR_OVERRIDES`` + each (source name, overrides) pair, in order."""
+    config = RadarConfig.from_dict(section, source=f'"{RADAR_SECTION}" section of the head config')
+    if use_env:
+        config = config.with_overrides(env_overrides(), OVERRIDES_ENV)
+    for source, overrides in extra_overrides:
+        config = config.with_overrides(overrides, source)
+    return config
+
+
+@dataclass(frozen=True)
+class ValidatedRadar:
+    """What start-up validation established: the config and the policy file it points to."""
+
+    config: RadarConfig
+    checkpoint_dir: Path
+    policy_path: Path
+    policy_threshold: float
+    policy_decision: str
+
+    @property
+    def threshold(self) -> float:
+        return self.config.threshold if self.config.threshold is not None else self.policy_threshold
+
+    @property
+    def decision(self) -> str:
+        return self.config.decision if self.config.decision is not None else self.policy_decision
+
+
+def validate_radar_setup(
+    config: RadarConfig,
+    checkpoint_dir: str | Path,
+    *,
+    head_config: Mapping[str, Any] | None = None,
+    target_hidden_size: int | None = None,
+    target_vocab_size: int | None = None,
+    num_speculative_tokens: int | None = None,
+) -> ValidatedRadar:
+    """Check a RADAR setup before anything expensive starts; raise with what to change.
+
+    Checks: the mode is implemented; the policy checkpoint exists, loads, and takes states of
+    size ``top_k``; the head is an EAGLE-3 head built for a target of this hidden size and
+    vocabulary; ``num_speculative_tokens`` matches the depth (chain mode).
+    """
+    from radar_vllm.policy import load_policy_checkpoint
+
+    checkpoint_dir = Path(checkpoint_dir)
+    if config.mode not in SUPPORTED_MODES:
+        raise ValueError(
+            f"radar.mode={config.mode!r} is not supported by this version of radar_vllm "
+            f"(supported: {SUPPORTED_MODES}); set \"mode\": \"chain\" in the checkpoint or with "
+            f"{OVERRIDES_ENV}='{{\"mode\": \"chain\"}}'"
+        )
+    head = dict(head_config) if head_config is not None else read_head_config(checkpoint_dir)
+    architectures = head.get("architectures") or []
+    if not any(arch in EAGLE3_ARCHITECTURES for arch in architectures):
+        raise ValueError(
+            f"{checkpoint_dir}: a RADAR checkpoint must be an EAGLE-3 head "
+            f"(architectures {list(EAGLE3_ARCHITECTURES)}), got architectures={architectures}"
+        )
+    if target_hidden_size is not None:
+        head_target_hidden = head.get("target_hidden_size", head.get("hidden_size"))
+        if head_target_hidden != target_hidden_size:
+            raise ValueError(
+                f"the EAGLE-3 head in {checkpoint_dir} was built for a target with hidden size "
+                f"{head_target_hidden} (target_hidden_size in its config.json), but the target model "
+                f"has hidden size {target_hidden_size}: use a head trained for this target model"
+            )
+    if target_vocab_size is not None and head.get("vocab_size") not in (None, target_vocab_size):
+        raise ValueError(
+            f"the EAGLE-3 head in {checkpoint_dir} has vocab_size={head.get('vocab_size')} but the "
+            f"target model's vocabulary has {target_vocab_size} tokens: use a head trained for this target"
+        )
+    draft_vocab_size = head.get("draft_vocab_size") or head.get("vocab_size")
+    if isinstance(draft_vocab_size, int) and config.top_k > draft_vocab_size:
+        raise ValueError(
+            f"radar.top_k={config.top_k} exceeds the head's draft vocabulary ({draft_vocab_size} tokens); "
+            f"lower top_k"
+        )
+    if config.mode == MODE_CHAIN and num_speculative_tokens is not None and num_speculative_tokens != config.max_depth:
+        raise ValueError(
+            f"num_speculative_tokens={num_speculative_tokens} but the RADAR checkpoint's max_depth="
+            f"{config.max_depth}: in chain mode they must be equal. Set num_speculative_tokens to "
+            f"{config.max_depth} in the speculative config (or leave it out with \"method\": \"radar\"), "
+            f"or override the depth with {OVERRIDES_ENV}='{{\"max_depth\": {num_speculative_tokens}}}'"
+        )
+    policy_path = config.policy_path(checkpoint_dir)
+    try:
+        checkpoint = load_policy_checkpoint(policy_path)
+    except FileNotFoundError as error:
+        raise FileNotFoundError(
+            f"RADAR stop policy not found for the checkpoint {checkpoint_dir}: {error}. "
+            f"radar.policy={config.policy!r} must name a directory with policy.safetensors + policy.json "
+            f"(relative to the head directory); `radar-vllm pack` writes one"
+        ) from error
+    except ValueError as error:
+        raise ValueError(f"RADAR stop policy {policy_path} is not usable: {error}") from error
+    if checkpoint.config.state_size != config.top_k:
+        raise ValueError(
+            f"the stop policy {policy_path} takes states of size {checkpoint.config.state_size} but "
+            f"radar.top_k={config.top_k}: set \"top_k\": {checkpoint.config.state_size} in the radar "
+            f"section (or {OVERRIDES_ENV}) or use a policy trained with top_k={config.top_k}"
+        )
+    return ValidatedRadar(
+        config=config,
+        checkpoint_dir=checkpoint_dir,
+        policy_path=policy_path,
+        policy_threshold=checkpoint.config.threshold,
+        policy_decision=checkpoint.config.decision,
+    )

@@ -1,0 +1,68 @@
+"""RADAR's worker and model-runner classes: vLLM's own, with the drafter swapped for RadarProposer.
+
+Selected through vLLM's ``worker_cls`` setting by :mod:`radar_vllm.vllm.hooks` for RADAR configs
+only. The runner subclasses are where the tree-verification path will plug in later; in chain mode
+they only install the proposer (before the model is loaded, so ``load_model`` loads the head into
+it and warm-up runs through it).
+
+- CPU: ``CPUWorker.init_device`` constructs its runner from the module-level name
+  ``CPUModelRunner``; :class:`RadarCPUWorker` rebinds that name to :class:`RadarCPUModelRunner`
+  around the call.
+- CUDA: :class:`RadarGPUWorker` overrides ``Worker._make_model_runner``, vLLM's own hook.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+
+from vllm.v1.worker import cpu_worker
+from vllm.v1.worker.cpu_model_runner import CPUModelRunner, _torch_cuda_wrapper
+from vllm.v1.worker.cpu_worker import CPUWorker
+from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+from vllm.v1.worker.gpu_worker import Worker
+
+from radar_vllm.vllm.proposer import RadarProposer
+from radar_vllm.vllm.selection import radar_settings
+
+logger = logging.getLogger(__name__)
+
+
+def install_radar_drafter(runner: Any) -> None:
+    """Replace the runner's stock EAGLE proposer by a RadarProposer (before ``load_model``)."""
+    if not hasattr(runner, "drafter"):
+        return  # not the last pipeline stage: no drafter here
+    radar = radar_settings(runner.vllm_config)
+    runner.drafter = RadarProposer(runner.vllm_config, runner.device, runner, radar=radar)
+    logger.info("RADAR proposer installed in %s", type(runner).__name__)
+
+
+class RadarCPUModelRunner(CPUModelRunner):
+    def __init__(self, vllm_config: Any, device: torch.device) -> None:
+        super().__init__(vllm_config, device)
+        with _torch_cuda_wrapper():
+            install_radar_drafter(self)
+
+
+class RadarGPUModelRunner(GPUModelRunner):
+    def __init__(self, vllm_config: Any, device: torch.device) -> None:
+        super().__init__(vllm_config, device)
+        install_radar_drafter(self)
+
+
+class RadarCPUWorker(CPUWorker):
+    def init_device(self) -> None:
+        stock_runner = cpu_worker.CPUModelRunner
+        cpu_worker.CPUModelRunner = RadarCPUModelRunner
+        try:
+            super().init_device()
+        finally:
+            cpu_worker.CPUModelRunner = stock_runner
+
+
+class RadarGPUWorker(Worker):
+    def _make_model_runner(self) -> GPUModelRunner:
+        if self.use_v2_model_runner:
+            raise ValueError("RADAR runs on vLLM's V1 model runner; unset VLLM_USE_V2_MODEL_RUNNER")
+        return RadarGPUModelRunner(self.vllm_config, self.device)

@@ -1,0 +1,116 @@
+"""Pure parts of the vLLM plugin: chain policy state, round statistics, version gate, test models."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from radar_vllm.features import chain_frontier_scores, chain_round_states
+from radar_vllm.testing import TINY_TARGET_RECORD, make_tiny_eagle3_head, make_tiny_llama
+from radar_vllm.vllm.plugin import check_vllm_version
+from radar_vllm.vllm.stats import (
+    PADDING_TOKEN,
+    RadarTotals,
+    histogram_from_survival,
+    strip_padding,
+    summarize_step,
+)
+
+
+def test_chain_frontier_scores_worked_example():
+    logprobs = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05], [0.1, 0.2, 0.6, 0.1]]))
+    prefix = torch.tensor([0.0, -1.0])
+    scores, next_prefix = chain_frontier_scores(prefix, logprobs, top_k=3)
+    expected = torch.stack([
+        torch.log(torch.tensor([0.5, 0.3, 0.15])),
+        -1.0 + torch.log(torch.tensor([0.6, 0.2, 0.1])),
+    ])
+    torch.testing.assert_close(scores, expected)
+    torch.testing.assert_close(next_prefix, expected[:, 0])
+    with pytest.raises(ValueError, match="top_k"):
+        chain_frontier_scores(prefix, logprobs, top_k=5)
+
+
+def test_round_states_match_step_by_step():
+    generator = torch.Generator().manual_seed(0)
+    logprobs = torch.log_softmax(torch.randn(3, 5, 11, generator=generator) * 2, dim=-1)
+    batched = chain_round_states(logprobs, top_k=4)
+    prefix = torch.zeros(3)
+    for step in range(5):
+        scores, prefix = chain_frontier_scores(prefix, logprobs[:, step], top_k=4)
+        torch.testing.assert_close(batched[:, step], scores)
+        assert torch.all(scores[:, :-1] >= scores[:, 1:])
+
+
+def test_strip_padding():
+    assert strip_padding([5, 9, PADDING_TOKEN, PADDING_TOKEN]) == [5, 9]
+    assert strip_padding([PADDING_TOKEN, PADDING_TOKEN]) == []
+    assert strip_padding([1, 2, 3]) == [1, 2, 3]
+
+
+def test_summarize_step_example():
+    # Drafts of depths [1, 3, 3] (K = 4); accepted [0, 2, 3].
+    summary = summarize_step(3, [3, 2, 2, 0], [2, 2, 1, 0])
+    assert summary.stop_depths == {1: 1, 3: 2}
+    assert summary.acceptance_lengths == {1: 1, 3: 1, 4: 1}
+    assert summary.draft_calls == 3
+    totals = RadarTotals()
+    totals.add(summary)
+    totals.add(summarize_step(1, [1, 0, 0, 0], [0, 0, 0, 0]))
+    assert totals.rounds == 2 and totals.draft_calls == 4
+    assert totals.mean_stop_depth == pytest.approx((1 + 3 + 3 + 1) / 4)
+    assert totals.mean_acceptance_length == pytest.approx((1 + 3 + 4 + 1) / 4)
+
+
+def test_histogram_from_survival_rejects_increasing_counts():
+    assert histogram_from_survival([4, 4, 1], total=6) == {0: 2, 2: 3, 3: 1}
+    with pytest.raises(ValueError, match="must not increase"):
+        histogram_from_survival([1, 2])
+
+
+@pytest.mark.parametrize("version", ["0.32.0", "0.32.3.dev5+gabc123", "0.33.1"])
+def test_supported_vllm_versions(version):
+    check_vllm_version(version)
+
+
+@pytest.mark.parametrize("version", ["0.31.2", "0.34.0", "1.0.0"])
+def test_unsupported_vllm_versions_fail_loudly(version):
+    with pytest.raises(RuntimeError, match=rf"vLLM {version} is installed.*VLLM_PLUGINS"):
+        check_vllm_version(version)
+
+
+def test_tiny_models_are_consistent(tmp_path):
+    target = make_tiny_llama(tmp_path / "target")
+    head = make_tiny_eagle3_head(tmp_path / "head", target, aux_layer_ids=[1, 2, 3])
+    config = json.loads((head / "config.json").read_text())
+    target_config = json.loads((target / "config.json").read_text())
+    tensors = load_file(str(head / "model.safetensors"))
+    record = json.loads((target / TINY_TARGET_RECORD).read_text())
+    assert config["eagle_config"]["eagle_aux_hidden_state_layer_ids"] == [1, 2, 3]
+    assert tensors["fc.weight"].shape == (128, 3 * target_config["hidden_size"])
+    assert tensors["lm_head.weight"].shape == (config["draft_vocab_size"], 128)
+    # d2t maps the draft vocabulary onto the target's subset S exactly.
+    draft_ids = torch.arange(config["draft_vocab_size"])
+    assert torch.equal(draft_ids + tensors["d2t"], torch.tensor(sorted(record["subset"])))
+    assert tensors["midlayer.self_attn.q_proj.weight"].shape[1] == 2 * 128
+    # Deterministic for a seed.
+    again = make_tiny_llama(tmp_path / "again")
+    first = load_file(str(target / "model.safetensors"))
+    second = load_file(str(again / "model.safetensors"))
+    assert all(torch.equal(first[name], second[name]) for name in first)
+
+
+def test_all_stopped_monitor_cpu():
+    from radar_vllm.vllm.stop_monitor import AllStoppedMonitor
+
+    monitor = AllStoppedMonitor(torch.device("cpu"), max_depth=4)
+    monitor.begin_round()
+    assert not monitor.all_stopped()
+    monitor.record(torch.tensor([True, False, False]))
+    assert not monitor.all_stopped()
+    monitor.record(torch.tensor([False, False, False]))
+    assert monitor.all_stopped()
+    monitor.begin_round()
+    assert not monitor.all_stopped()

@@ -1,0 +1,152 @@
+"""RadarConfig, overrides, start-up validation and `radar-vllm pack` (no vLLM involved)."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from radar_vllm.cli import main as cli_main
+from radar_vllm.radar_checkpoint import pack_radar_checkpoint
+from radar_vllm.radar_config import (
+    OVERRIDES_ENV,
+    RadarConfig,
+    parse_overrides,
+    radar_section,
+    read_head_config,
+    resolve_radar_config,
+    validate_radar_setup,
+)
+from radar_vllm.testing import make_random_policy, make_tiny_eagle3_head, make_tiny_llama
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("radar_config")
+    target = make_tiny_llama(root / "target")
+    head = make_tiny_eagle3_head(root / "head", target)
+    policy = make_random_policy(root / "policy", top_k=4, seed=0)
+    checkpoint = pack_radar_checkpoint(head, policy, root / "radar", max_depth=4)
+    return root, target, head, policy, checkpoint
+
+
+def test_defaults_and_round_trip():
+    config = RadarConfig()
+    assert (config.top_k, config.max_depth, config.total_tokens, config.mode) == (10, 7, 60, "chain")
+    assert RadarConfig.from_dict(config.to_dict()) == config
+    assert "threshold" not in config.to_dict()  # None: the policy's own
+
+
+@pytest.mark.parametrize(
+    "options, fragment",
+    [
+        ({"top_k": 0}, "radar.top_k must be >= 1"),
+        ({"max_depth": 0}, "radar.max_depth must be >= 1"),
+        ({"threshold": 1.5}, "radar.threshold must be a number in [0, 1]"),
+        ({"mode": "forest"}, "radar.mode must be one of"),
+        ({"decision": "vote"}, "radar.decision must be one of"),
+        ({"top_k": 2, "max_depth": 2, "total_tokens": 60}, "total_tokens=60"),
+        ({"colour": "red"}, "unknown RADAR option(s) ['colour']"),
+    ],
+)
+def test_bad_options_name_the_option(options, fragment):
+    with pytest.raises(ValueError) as error:
+        RadarConfig.from_dict(options)
+    assert fragment in str(error.value)
+
+
+def test_overrides_environment_then_explicit(monkeypatch):
+    section = {"policy": "policy", "top_k": 4, "max_depth": 4, "total_tokens": 16, "threshold": 0.5}
+    monkeypatch.setenv(OVERRIDES_ENV, '{"threshold": 0.6, "max_depth": 3}')
+    config = resolve_radar_config(section, ("launch", {"threshold": 0.7}))
+    assert (config.threshold, config.max_depth, config.top_k) == (0.7, 3, 4)
+    monkeypatch.setenv(OVERRIDES_ENV, "[1, 2]")
+    with pytest.raises(ValueError, match=OVERRIDES_ENV):
+        resolve_radar_config(section)
+    with pytest.raises(ValueError, match="unknown RADAR option"):
+        parse_overrides('{"depth": 3}')
+
+
+def test_pack_writes_a_valid_checkpoint(tiny):
+    _, target, head, _, checkpoint = tiny
+    config = read_head_config(checkpoint)
+    section = radar_section(config)
+    # total_tokens defaults to min(60, 1 + the most candidates): 1 + 4 * (1 + 4 * 3) = 53.
+    assert section == {"policy": "policy", "mode": "chain", "top_k": 4, "max_depth": 4, "total_tokens": 53}
+    head_config = read_head_config(head)
+    assert {k: v for k, v in config.items() if k != "radar"} == head_config
+    # Head weights copied unchanged, policy in a sub-directory (not a top-level *.safetensors).
+    assert sorted(p.name for p in checkpoint.glob("*.safetensors")) == ["model.safetensors"]
+    assert (checkpoint / "policy" / "policy.safetensors").is_file()
+    original = load_file(str(head / "model.safetensors"))
+    copied = load_file(str(checkpoint / "model.safetensors"))
+    assert all(torch.equal(original[name], copied[name]) for name in original)
+    validated = validate_radar_setup(
+        RadarConfig.from_dict(section), checkpoint, target_hidden_size=128, num_speculative_tokens=4
+    )
+    assert validated.threshold == 0.5 and validated.decision == "threshold"
+
+
+def test_pack_refuses_non_empty_output(tiny, tmp_path):
+    _, _, head, policy, _ = tiny
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("x")
+    with pytest.raises(ValueError, match="not empty"):
+        pack_radar_checkpoint(head, policy, tmp_path / "out")
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["keep.txt"]
+
+
+def test_pack_cli(tiny, tmp_path, capsys):
+    _, _, head, policy, _ = tiny
+    code = cli_main(["pack", str(head), str(policy), str(tmp_path / "ck"), "--max-depth", "3", "--threshold", "0.4"])
+    assert code == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["radar"]["max_depth"] == 3 and printed["radar"]["threshold"] == 0.4
+    assert cli_main(["pack", str(head), str(tmp_path / "nope"), str(tmp_path / "ck2")]) == 2
+    assert not (tmp_path / "ck2").exists()
+
+
+def _copy_checkpoint(checkpoint, destination):
+    shutil.copytree(checkpoint, destination)
+    return destination
+
+
+def test_validation_missing_policy(tiny, tmp_path):
+    _, _, _, _, checkpoint = tiny
+    broken = _copy_checkpoint(checkpoint, tmp_path / "ck")
+    shutil.rmtree(broken / "policy")
+    config = RadarConfig.from_dict(radar_section(read_head_config(broken)))
+    with pytest.raises(FileNotFoundError, match="RADAR stop policy not found"):
+        validate_radar_setup(config, broken)
+
+
+def test_validation_wrong_policy_shape(tiny, tmp_path):
+    _, _, _, _, checkpoint = tiny
+    broken = _copy_checkpoint(checkpoint, tmp_path / "ck")
+    weights = broken / "policy" / "policy.safetensors"
+    tensors = load_file(str(weights))
+    tensors["mlp_in.weight"] = tensors["mlp_in.weight"][:, :-1].contiguous()
+    save_file(tensors, str(weights))
+    config = RadarConfig.from_dict(radar_section(read_head_config(broken)))
+    with pytest.raises(ValueError, match="mlp_in.weight"):
+        validate_radar_setup(config, broken)
+
+
+def test_validation_policy_state_size_vs_top_k(tiny):
+    _, _, _, _, checkpoint = tiny
+    config = RadarConfig.from_dict(radar_section(read_head_config(checkpoint))).with_overrides({"top_k": 5})
+    with pytest.raises(ValueError, match=r"takes states of size 4 but radar.top_k=5"):
+        validate_radar_setup(config, checkpoint)
+
+
+def test_validation_hidden_size_and_depth(tiny):
+    _, _, _, _, checkpoint = tiny
+    config = RadarConfig.from_dict(radar_section(read_head_config(checkpoint)))
+    with pytest.raises(ValueError, match="hidden size 128 .* but the target model has hidden size 256"):
+        validate_radar_setup(config, checkpoint, target_hidden_size=256)
+    with pytest.raises(ValueError, match="num_speculative_tokens=3 but the RADAR checkpoint's max_depth=4"):
+        validate_radar_setup(config, checkpoint, num_speculative_tokens=3)
+    with pytest.raises(ValueError, match="not supported by this version"):
+        validate_radar_setup(config.with_overrides({"mode": "tree"}), checkpoint)
