@@ -1,0 +1,90 @@
+"""``radar-vllm calibrate``: measure step costs on this machine and write a cost table (JSON).
+
+Engine: the reference decoder (HF transformers, plain PyTorch) on CPU or CUDA; the vLLM-based
+measurement belongs to the plugin. The context is a real prompt (ShareGPT train split by
+default) cut or repeated to ``--context-tokens`` tokens.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+
+logger = logging.getLogger(__name__)
+
+
+def run(args: argparse.Namespace) -> int:
+    import importlib.metadata
+
+    import torch
+    from transformers import AutoTokenizer
+
+    from radar_vllm.config import TreeConfig
+    from radar_vllm.costs import save_cost_table
+    from radar_vllm.prompts import load_prompt_set, tokenize_prompts
+    from radar_vllm.reference.calibrate import calibrate_reference
+    from radar_vllm.reference.decoder import ReferenceDecoder
+    from radar_vllm.reference.models import directory_identity, load_head, load_target
+
+    if args.context_tokens < 2:
+        raise ValueError(f"context_tokens must be >= 2, got {args.context_tokens}")
+    torch.set_num_threads(max(1, args.threads))
+    if args.mode == "chain":
+        tree_config = TreeConfig(top_k=1, max_depth=args.max_depth,
+                                 total_tokens=args.max_depth + 1)
+        chain_state_size = args.chain_state_size
+    else:
+        tree_config = TreeConfig(top_k=args.top_k, max_depth=args.max_depth,
+                                 total_tokens=args.total_tokens)
+        chain_state_size = None
+    dtype = getattr(torch, args.dtype)
+    model_id, _ = directory_identity(args.target)
+    head_id, _ = directory_identity(args.head)
+    target = load_target(args.target, dtype=dtype, device=args.device)
+    head = load_head(args.head, target, dtype=dtype, device=args.device)
+    tokenizer = AutoTokenizer.from_pretrained(args.target)
+    prompt = tokenize_prompts(tokenizer, load_prompt_set(args.prompt_set, "train")[:1])[0]
+    while len(prompt) < args.context_tokens:
+        prompt = prompt + prompt
+    prompt = prompt[: args.context_tokens]
+    decoder = ReferenceDecoder(target, head, tree_config, chain_state_size=chain_state_size)
+    sizes = [int(s) for s in args.tree_sizes.split(",")] if args.tree_sizes else None
+    versions = {name: importlib.metadata.version(name) for name in ("torch", "transformers")}
+    costs = calibrate_reference(decoder, prompt, model_id=model_id, head_id=head_id,
+                                tree_sizes=sizes, repeats=args.repeats, warmup=args.warmup,
+                                first_call_tokens=args.first_call_tokens,
+                                metadata={"versions": versions, "prompt_set": args.prompt_set,
+                                          "device": str(args.device)})
+    path = save_cost_table(costs, args.out)
+    print(json.dumps(costs.to_dict(), indent=2))
+    print(f"wrote {path}")
+    return 0
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "calibrate", help="measure verify/draft/policy step costs and write a cost table")
+    parser.add_argument("--target", required=True, help="HF target model folder")
+    parser.add_argument("--head", required=True, help="EAGLE-3 head folder")
+    parser.add_argument("--out", required=True, help="cost table JSON to write")
+    parser.add_argument("--context-tokens", type=int, default=256)
+    parser.add_argument("--tree-sizes", default="",
+                        help="comma-separated draft-node counts (default 1, 2, 4, ..., max)")
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--first-call-tokens", type=int, default=3,
+                        help="newly committed tokens the head's first call reads")
+    parser.add_argument("--prompt-set", default="sharegpt",
+                        choices=["sharegpt", "mtbench", "humaneval"])
+    parser.add_argument("--top-k", type=int, default=10)
+    parser.add_argument("--max-depth", type=int, default=7)
+    parser.add_argument("--total-tokens", type=int, default=60)
+    parser.add_argument("--mode", choices=["tree", "chain"], default="tree",
+                        help="chain: top_k 1, the round sends the drafted chain, chain state")
+    parser.add_argument("--chain-state-size", type=int, default=10,
+                        help="chain mode: width of the policy state")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
+                        default="float32")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.set_defaults(func=run)

@@ -1,0 +1,1 @@
+"""Reference speculative decoder (plain PyTorch over HF transformers), data collection and calibration."""

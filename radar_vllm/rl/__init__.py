@@ -1,0 +1,1 @@
+"""Offline RL for the stop policy: round tables, the simulator, trainers, oracle, evaluation."""
