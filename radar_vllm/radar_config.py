@@ -38,7 +38,7 @@ DEFAULT_POLICY_PATH = "policy"
 MODE_CHAIN = "chain"
 MODE_TREE = "tree"
 MODES = (MODE_CHAIN, MODE_TREE)
-SUPPORTED_MODES = (MODE_CHAIN,)
+SUPPORTED_MODES = (MODE_CHAIN, MODE_TREE)
 
 DECISION_MODES = ("threshold", "sampled")
 EAGLE3_ARCHITECTURES = ("LlamaForCausalLMEagle3", "Eagle3LlamaForCausalLM")
@@ -260,6 +260,13 @@ def validate_radar_setup(
             f"{config.max_depth}: in chain mode they must be equal. Set num_speculative_tokens to "
             f"{config.max_depth} in the speculative config (or leave it out with \"method\": \"radar\"), "
             f"or override the depth with {OVERRIDES_ENV}='{{\"max_depth\": {num_speculative_tokens}}}'"
+        )
+    if config.mode == MODE_TREE and num_speculative_tokens is not None and num_speculative_tokens != config.total_tokens - 1:
+        raise ValueError(
+            f"num_speculative_tokens={num_speculative_tokens} but the RADAR tree has total_tokens="
+            f"{config.total_tokens} (root included): in tree mode num_speculative_tokens must be "
+            f"total_tokens - 1 = {config.total_tokens - 1} (or leave it out with \"method\": \"radar\"), "
+            f"or override the budget with {OVERRIDES_ENV}='{{\"total_tokens\": {num_speculative_tokens + 1}}}'"
         )
     policy_path = config.policy_path(checkpoint_dir)
     try:

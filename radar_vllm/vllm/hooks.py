@@ -21,10 +21,12 @@ import functools
 import logging
 from typing import Any, Callable
 
+from radar_vllm.radar_config import MODE_CHAIN
 from radar_vllm.vllm.selection import (
     EAGLE3_METHOD,
     RADAR_METHOD,
     is_radar,
+    radar_settings,
     raw_radar_section,
     resolve_and_validate,
 )
@@ -72,8 +74,9 @@ def _normalized_speculative_dict(args: Any) -> dict[str, Any] | None:
     return {key.replace("-", "_"): value for key, value in spec.items()}
 
 
-def _default_depth(model: str) -> int | None:
-    """``max_depth`` of a local RADAR checkpoint (for ``"method": "radar"`` without N)."""
+def _default_depth(model: str, overrides: dict[str, Any] | None = None) -> int | None:
+    """Draft tokens per request of a local RADAR checkpoint (for ``"method": "radar"`` without N):
+    ``max_depth`` in chain mode, ``total_tokens - 1`` in tree mode."""
     import os
 
     from radar_vllm.radar_config import RadarConfig, env_overrides, radar_section, read_head_config
@@ -83,7 +86,10 @@ def _default_depth(model: str) -> int | None:
     section = radar_section(read_head_config(model))
     if section is None:
         return None
-    return RadarConfig.from_dict(section).with_overrides(env_overrides()).max_depth
+    config = RadarConfig.from_dict(section).with_overrides(env_overrides())
+    if overrides:
+        config = config.with_overrides(overrides, source="the speculative config's \"radar\" object")
+    return config.num_draft_tokens
 
 
 def _rewrite_radar_request(args: Any) -> tuple[bool, dict[str, Any]]:
@@ -107,7 +113,7 @@ def _rewrite_radar_request(args: Any) -> tuple[bool, dict[str, Any]]:
                 f'speculative_config["{RADAR_OVERRIDES_KEY}"] must be an object of RADAR options, got {overrides!r}'
             )
     if radar_requested and spec.get("num_speculative_tokens") is None and spec.get("model"):
-        depth = _default_depth(str(spec["model"]))
+        depth = _default_depth(str(spec["model"]), overrides)
         if depth is not None:
             spec["num_speculative_tokens"] = depth
     args.speculative_config = spec
@@ -213,7 +219,9 @@ def install_metrics_hook() -> None:
     def make_wrapper(original: Callable[..., Any]) -> Callable[..., Any]:
         def __init__(self: Any, vllm_config: Any, *args: Any, **kwargs: Any) -> None:
             original(self, vllm_config, *args, **kwargs)
-            if is_radar(vllm_config):
+            # The stop-depth/acceptance histograms are derived from per-position chain counters; in
+            # tree mode vLLM's own counters remain (drafts = rounds, draft tokens = tree nodes).
+            if is_radar(vllm_config) and radar_settings(vllm_config).config.mode == MODE_CHAIN:
                 from radar_vllm.vllm.metrics import RadarStatLogger
 
                 self.stat_loggers.append(RadarStatLogger(vllm_config, self.engine_indexes))

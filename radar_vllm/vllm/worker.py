@@ -1,9 +1,10 @@
 """RADAR's worker and model-runner classes: vLLM's own, with the drafter swapped for RadarProposer.
 
 Selected through vLLM's ``worker_cls`` setting by :mod:`radar_vllm.vllm.hooks` for RADAR configs
-only. The runner subclasses are where the tree-verification path will plug in later; in chain mode
-they only install the proposer (before the model is loaded, so ``load_model`` loads the head into
-it and warm-up runs through it).
+only. In chain mode the runner subclasses only install the proposer (before the model is loaded,
+so ``load_model`` loads the head into it and warm-up runs through it). In tree mode the CPU worker
+builds :class:`radar_vllm.vllm.tree_runner.RadarTreeCPUModelRunner` instead (tree drafts, tree
+attention, tree acceptance, KV compaction); tree mode on CUDA is refused at start-up.
 
 - CPU: ``CPUWorker.init_device`` constructs its runner from the module-level name
   ``CPUModelRunner``; :class:`RadarCPUWorker` rebinds that name to :class:`RadarCPUModelRunner`
@@ -23,6 +24,7 @@ from vllm.v1.worker.cpu_worker import CPUWorker
 from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 from vllm.v1.worker.gpu_worker import Worker
 
+from radar_vllm.radar_config import MODE_TREE
 from radar_vllm.vllm.proposer import RadarProposer
 from radar_vllm.vllm.selection import radar_settings
 
@@ -51,10 +53,19 @@ class RadarGPUModelRunner(GPUModelRunner):
         install_radar_drafter(self)
 
 
+def tree_mode(vllm_config: Any) -> bool:
+    return radar_settings(vllm_config).config.mode == MODE_TREE
+
+
 class RadarCPUWorker(CPUWorker):
     def init_device(self) -> None:
         stock_runner = cpu_worker.CPUModelRunner
-        cpu_worker.CPUModelRunner = RadarCPUModelRunner
+        if tree_mode(self.vllm_config):
+            from radar_vllm.vllm.tree_runner import RadarTreeCPUModelRunner
+
+            cpu_worker.CPUModelRunner = RadarTreeCPUModelRunner
+        else:
+            cpu_worker.CPUModelRunner = RadarCPUModelRunner
         try:
             super().init_device()
         finally:
@@ -65,4 +76,10 @@ class RadarGPUWorker(Worker):
     def _make_model_runner(self) -> GPUModelRunner:
         if self.use_v2_model_runner:
             raise ValueError("RADAR runs on vLLM's V1 model runner; unset VLLM_USE_V2_MODEL_RUNNER")
+        if tree_mode(self.vllm_config):
+            raise ValueError(
+                "RADAR tree mode is implemented for vLLM's CPU platform only in this version (the CUDA "
+                "verify path is not wired yet); run \"mode\": \"chain\" on GPU, e.g. "
+                "RADAR_OVERRIDES='{\"mode\": \"chain\"}' with num_speculative_tokens = max_depth"
+            )
         return RadarGPUModelRunner(self.vllm_config, self.device)

@@ -148,5 +148,7 @@ def test_validation_hidden_size_and_depth(tiny):
         validate_radar_setup(config, checkpoint, target_hidden_size=256)
     with pytest.raises(ValueError, match="num_speculative_tokens=3 but the RADAR checkpoint's max_depth=4"):
         validate_radar_setup(config, checkpoint, num_speculative_tokens=3)
-    with pytest.raises(ValueError, match="not supported by this version"):
-        validate_radar_setup(config.with_overrides({"mode": "tree"}), checkpoint)
+    tree = config.with_overrides({"mode": "tree"})
+    with pytest.raises(ValueError, match=f"in tree mode num_speculative_tokens must be total_tokens - 1 = {tree.total_tokens - 1}"):
+        validate_radar_setup(tree, checkpoint, num_speculative_tokens=config.max_depth)
+    validate_radar_setup(tree, checkpoint, num_speculative_tokens=tree.total_tokens - 1)

@@ -1,0 +1,226 @@
+"""Pure parts of tree verification inside vLLM: positions, path rounds, acceptance rows,
+compaction, drafter restart, spine trees, test oracle trees. No engine needed."""
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from radar_vllm.tree import NO_PARENT
+from radar_vllm.vllm.tree_drafter import best_chain, caterpillar_tree, tree_eligible
+from radar_vllm.vllm.tree_oracle import plant, random_tree
+from radar_vllm.vllm.tree_verify import (
+    OUTPUT_PADDING,
+    TreeRequest,
+    accept_tree,
+    causal_exact_nodes,
+    chain_parents,
+    check_parents,
+    compaction_moves,
+    cut_tree,
+    is_chain,
+    node_depths,
+    node_path,
+    output_rows,
+    path_rounds,
+    restart_order,
+    segment_positions,
+)
+
+EXAMPLE = [-1, 0, -1, 1, 0]  # the worked example of tree_verify's docstring
+
+
+def test_worked_example():
+    assert node_depths(EXAMPLE) == [1, 2, 1, 3, 2]
+    assert segment_positions(10, EXAMPLE) == [10, 11, 12, 11, 13, 12]
+    assert causal_exact_nodes(EXAMPLE) == [True, True, False, False, False]
+    assert node_path(EXAMPLE, 3) == [0, 1, 3]
+    assert compaction_moves(0, [0, 4]) == [(5, 2)]
+    assert restart_order(5, [0, 4]) == [0, 1, 5, 2, 3, 4]
+
+
+def test_chain_helpers_and_validation():
+    assert chain_parents(3) == [-1, 0, 1]
+    assert chain_parents(0) == []
+    assert is_chain([-1, 0, 1]) and not is_chain(EXAMPLE)
+    check_parents(EXAMPLE)
+    with pytest.raises(ValueError, match=r"parents\[1\]=1"):
+        check_parents([-1, 1])
+    assert cut_tree(EXAMPLE, 3) == [-1, 0, -1]
+    with pytest.raises(ValueError, match="num_nodes"):
+        cut_tree(EXAMPLE, 6)
+
+
+def test_every_prefix_of_a_tree_is_a_tree():
+    rng = random.Random(3)
+    for _ in range(50):
+        parents = random_tree(rng, rng.randint(1, 12), max_depth=4)
+        assert max(node_depths(parents)) <= 4
+        for n in range(len(parents) + 1):
+            check_parents(cut_tree(parents, n))
+
+
+def test_path_rounds_batch_one_node_per_request_per_round():
+    # request 0 at rows 0..5 (context 10), request 1 at rows 6..8 (context 4, a chain: no rounds)
+    rounds = path_rounds([(0, 0, 10, EXAMPLE), (1, 6, 4, [-1, 0]), (2, 9, 7, [-1, -1])])
+    assert len(rounds) == 3
+    first = rounds[0]
+    # request 0 recomputes node 2 (row 3), request 2 its node 1 (row 11)
+    assert torch.equal(first.query_rows, torch.tensor([3, 11]))
+    assert torch.equal(first.request_indices, torch.tensor([0, 2]))
+    assert torch.equal(first.seq_lens, torch.tensor([12, 9], dtype=torch.int32))
+    # node 2's path [2] goes to row 1; request 2's node 1 path [1] goes to row 10
+    assert torch.equal(first.source_rows, torch.tensor([3, 11]))
+    assert torch.equal(first.destination_rows, torch.tensor([1, 10]))
+    second = rounds[1]  # node 3, path [0, 1, 3] -> rows 1, 2, 4 written to rows 1, 2, 3
+    assert torch.equal(second.query_rows, torch.tensor([4]))
+    assert torch.equal(second.seq_lens, torch.tensor([14], dtype=torch.int32))
+    assert torch.equal(second.source_rows, torch.tensor([1, 2, 4]))
+    assert torch.equal(second.destination_rows, torch.tensor([1, 2, 3]))
+
+
+def test_compaction_never_reads_a_row_it_already_wrote():
+    rng = random.Random(5)
+    for _ in range(100):
+        parents = random_tree(rng, rng.randint(1, 10), max_depth=5)
+        node = rng.randrange(len(parents))
+        path = node_path(parents, node)
+        moves = compaction_moves(7, path)
+        written = set()
+        for source, destination in moves:
+            assert source not in written
+            assert destination <= source
+            written.add(destination)
+        order = restart_order(len(parents), path)
+        assert sorted(order) == list(range(len(parents) + 1))
+        assert order[: len(path) + 1] == [0] + [1 + p for p in path]
+
+
+def _brute_force_greedy(parents, tokens, argmax_rows):
+    """Depth-first search for the longest accepted path; among equally deep ones, the one whose
+    last node comes first in node order."""
+    best: list[int] = []
+
+    def visit(path: list[int]) -> None:
+        nonlocal best
+        if len(path) > len(best) or (path and len(path) == len(best) and path[-1] < best[-1]):
+            best = list(path)
+        row = 1 + path[-1] if path else 0
+        parent = path[-1] if path else NO_PARENT
+        for child, p in enumerate(parents):
+            if p == parent and tokens[child] == argmax_rows[row]:
+                visit(path + [child])
+
+    visit([])
+    bonus_row = 1 + best[-1] if best else 0
+    return best, argmax_rows[bonus_row]
+
+
+def test_greedy_acceptance_matches_a_brute_force_walk_and_fills_vllm_rows():
+    rng = random.Random(11)
+    vocab = 6
+    for trial in range(40):
+        parents = random_tree(rng, rng.randint(1, 8), max_depth=4)
+        tokens = [rng.randrange(vocab) for _ in parents]
+        offset = rng.randrange(3)
+        logits = torch.randn(offset + len(parents) + 1, vocab, generator=torch.Generator().manual_seed(trial))
+        argmax_rows = logits[offset:].argmax(dim=-1).tolist()
+        # make acceptance likely: copy the parent's argmax into some nodes
+        for i, p in enumerate(parents):
+            if rng.random() < 0.6:
+                tokens[i] = argmax_rows[0 if p == NO_PARENT else p + 1]
+        request = TreeRequest(batch_index=1, first_logit_row=offset, parents=parents, tokens=tokens)
+        result, law = accept_tree(request, logits, 0.0, None, None, None, with_law=True)
+        assert float(law[len(_brute_force_greedy(parents, tokens, argmax_rows)[0])]) == 1.0
+        expected_path, expected_bonus = _brute_force_greedy(parents, tokens, argmax_rows)
+        assert int(result.num_accepted[0]) == len(expected_path)
+        # equally deep accepted nodes carry equal tokens; compare the emitted tokens
+        sampled = torch.full((3, 10), 7, dtype=torch.int32)
+        output_rows([(1, result)], sampled)
+        emitted = [tokens[n] for n in expected_path] + [expected_bonus]
+        assert sampled[1, : len(emitted)].tolist() == emitted
+        assert (sampled[1, len(emitted):] == OUTPUT_PADDING).all()
+        assert (sampled[0] == 7).all() and (sampled[2] == 7).all()
+
+
+def test_sampled_acceptance_first_token_follows_the_target():
+    """The first emitted token of a flat tree is distributed as the shaped target row."""
+    vocab = 5
+    logits = torch.tensor([[2.0, 1.0, 0.5, 0.0, -1.0]] + [[0.0] * vocab] * 3)
+    request = TreeRequest(batch_index=0, first_logit_row=0, parents=[-1, -1, -1], tokens=[1, 0, 3])
+    generator = torch.Generator().manual_seed(0)
+    counts = torch.zeros(vocab)
+    trials = 1000
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny ops: thread wake-ups would dominate
+    try:
+        for _ in range(trials):
+            result, _ = accept_tree(request, logits, 0.8, None, None, generator)
+            counts[int(result.output_tokens[0, 0])] += 1
+    finally:
+        torch.set_num_threads(threads)
+    expected = torch.softmax(logits[0] / 0.8, dim=-1) * trials
+    chi2 = float(((counts - expected) ** 2 / expected).sum())
+    assert chi2 < 18.47  # chi-square, 4 degrees of freedom, significance 0.001 (zero-mass tokens excluded)
+
+
+def test_spine_tree_worked_example_and_order():
+    tree = caterpillar_tree([[-0.1, -2.0], [-0.3, -1.0]], [[5, 6], [7, 8]], max_nodes=3)
+    assert tree.parents == (-1, 0, 0)
+    assert tree.tokens == (5, 7, 8)
+    chain = caterpillar_tree([[-0.1, -2.0], [-0.3, -1.0]], [[5, 6], [7, 8]], max_nodes=3, chain_only=True)
+    assert chain.parents == (-1, 0) and chain.tokens == (5, 7)
+    rng = random.Random(2)
+    for _ in range(30):
+        depth, width = rng.randint(1, 5), rng.randint(1, 4)
+        values = [sorted((-rng.random() * 3 for _ in range(width)), reverse=True) for _ in range(depth)]
+        tokens = [[rng.randrange(100) for _ in range(width)] for _ in range(depth)]
+        tree = caterpillar_tree(values, tokens, max_nodes=rng.randint(1, 12))
+        check_parents(list(tree.parents))
+        assert len(tree.parents) == min(depth * width, len(tree.parents))
+
+
+def test_tree_eligibility():
+    class Params:
+        structured_outputs = None
+        logprobs = None
+        presence_penalty = 0.0
+        frequency_penalty = 0.0
+        repetition_penalty = 1.0
+        bad_words = None
+        logit_bias = None
+        allowed_token_ids = None
+        min_tokens = 0
+        min_p = 0.0
+
+    assert tree_eligible(Params())
+    assert not tree_eligible(Params(), has_custom_logits_processors=True)
+    assert not tree_eligible(None)
+    for name, value in [("logprobs", 2), ("repetition_penalty", 1.1), ("min_tokens", 3), ("structured_outputs", {})]:
+        params = Params()
+        setattr(params, name, value)
+        assert not tree_eligible(params), name
+
+
+def test_oracle_plants_the_truth_along_a_path():
+    rng = random.Random(0)
+    planted = 0
+    for _ in range(50):
+        parents = random_tree(rng, 6, max_depth=3)
+        truth = [101, 102, 103]
+        tokens = plant(rng, parents, truth, vocab=50)
+        # some node path carries a prefix of the truth of length >= 1 in most draws
+        for node in range(len(parents)):
+            path = node_path(parents, node)
+            if [tokens[n] for n in path] == truth[: len(path)]:
+                planted += 1
+                break
+    assert planted >= 30
+
+
+def test_best_chain_follows_the_first_child():
+    # node order is by score: node 0 is the best depth-1 node, node 1 its best child, ...
+    parents, tokens = [-1, 0, -1, 1, 0, 3], [5, 6, 7, 8, 9, 10]
+    assert best_chain(parents, tokens) == ([-1, 0, 1, 2], [5, 6, 8, 10])
+    assert best_chain([], []) == ([], [])
