@@ -1,0 +1,16 @@
+"""Entry script for the benchmark harness: the same as ``radar-vllm bench`` (see ``--help``).
+
+    python benchmarks/harness/run_bench.py --quick            # few minutes, shipped assets
+    python benchmarks/harness/run_bench.py                    # full run -> benchmarks/results/bench.*
+
+The library lives in ``radar_vllm.bench`` (installed with the package); results go to
+``benchmarks/results/`` by default.
+"""
+from __future__ import annotations
+
+import sys
+
+from radar_vllm.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main(["bench", *sys.argv[1:]]))

@@ -1,0 +1,192 @@
+"""The configuration rows of a benchmark: what each engine is started with.
+
+=================  ==========================================================================
+row                speculative config (vLLM ``speculative_config``)
+=================  ==========================================================================
+no-spec            none
+eagle3-kK          stock EAGLE-3 chain, plain head (no radar section), K draft tokens
+radar-chain        the RADAR checkpoint as shipped (chain mode, the learned stop)
+radar-tree         the RADAR checkpoint with ``{"mode": "tree"}``
+static-tree        ``{"mode": "tree", "threshold": 0.0}``: the policy always continues, so every
+                   round drafts the full depth (a static full-depth tree; the policy still runs)
+confidence-chain   the same head with a hand-built policy that continues while the drafted
+                   chain's cumulative probability is >= the threshold (training-free peer)
+=================  ==========================================================================
+
+Every RADAR-side row is the same head with a different policy or override, so adding a row is
+adding an entry here. Rows the installed plugin cannot run (tree mode before tree verification
+exists) are kept with ``skip_reason`` and reported as skipped.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Sequence
+
+from radar_vllm.radar_config import (
+    MODE_CHAIN,
+    MODE_TREE,
+    SUPPORTED_MODES,
+    RadarConfig,
+    radar_section,
+    read_head_config,
+)
+
+KIND_NONE = "none"
+KIND_EAGLE3 = "eagle3"
+KIND_RADAR = "radar"
+KIND_STATIC = "static"
+KIND_CONFIDENCE = "confidence"
+KINDS = (KIND_NONE, KIND_EAGLE3, KIND_RADAR, KIND_STATIC, KIND_CONFIDENCE)
+
+NO_SPEC = "no-spec"
+RADAR_CHAIN = "radar-chain"
+RADAR_TREE = "radar-tree"
+STATIC_TREE = "static-tree"
+CONFIDENCE_CHAIN = "confidence-chain"
+ALWAYS_CONTINUE_THRESHOLD = 0.0  # P(continue) >= 0 holds always: full depth every round
+EAGLE3_METHOD = "eagle3"
+
+
+def eagle3_name(k: int) -> str:
+    return f"eagle3-k{k}"
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """One row: a name, its kind and the draft model + settings the engine gets."""
+
+    name: str
+    kind: str
+    mode: str = MODE_CHAIN  # chain | tree (RADAR-side rows)
+    num_speculative_tokens: int | None = None  # K for EAGLE-3; draft slots per request for RADAR
+    max_depth: int | None = None  # draft calls per round at most
+    draft_model: str | None = None  # head / RADAR checkpoint directory
+    radar_overrides: dict[str, Any] = field(default_factory=dict)
+    skip_reason: str | None = None
+    description: str = ""
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"kind must be one of {KINDS}, got {self.kind!r}")
+        if self.kind != KIND_NONE and (self.draft_model is None or self.num_speculative_tokens is None):
+            raise ValueError(f"config {self.name!r}: draft_model and num_speculative_tokens are required")
+
+    @property
+    def is_speculative(self) -> bool:
+        return self.kind != KIND_NONE
+
+    @property
+    def uses_radar(self) -> bool:
+        return self.kind in (KIND_RADAR, KIND_STATIC, KIND_CONFIDENCE)
+
+    @property
+    def skipped(self) -> bool:
+        return self.skip_reason is not None
+
+    def speculative_config(self) -> dict[str, Any] | None:
+        """The ``speculative_config`` for vLLM (None for no speculation)."""
+        if not self.is_speculative:
+            return None
+        spec: dict[str, Any] = {
+            "method": EAGLE3_METHOD,
+            "model": self.draft_model,
+            "num_speculative_tokens": self.num_speculative_tokens,
+        }
+        if self.radar_overrides:
+            spec["radar"] = dict(self.radar_overrides)
+        return spec
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(asdict(self), speculative_config=self.speculative_config())
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "BenchConfig":
+        data = {key: value for key, value in data.items() if key != "speculative_config"}
+        return cls(**data)
+
+
+def tree_supported_by_plugin() -> bool:
+    """Whether the installed radar_vllm runs tree mode inside vLLM."""
+    return MODE_TREE in SUPPORTED_MODES
+
+
+TREE_UNSUPPORTED_REASON = (
+    "tree mode is not supported inside vLLM by this radar_vllm version (radar_config.SUPPORTED_MODES "
+    "lacks 'tree'); the row runs once tree verification lands"
+)
+
+
+def radar_config_of(checkpoint: str, overrides: dict[str, Any] | None = None) -> RadarConfig:
+    """The checkpoint's RADAR settings with ``overrides`` applied (ValueError without a radar section)."""
+    section = radar_section(read_head_config(checkpoint))
+    if section is None:
+        raise ValueError(f"{checkpoint} is not a RADAR checkpoint: its config.json has no \"radar\" section")
+    config = RadarConfig.from_dict(section)
+    return config.with_overrides(overrides or {}, "benchmark overrides")
+
+
+def _radar_row(name: str, kind: str, checkpoint: str, overrides: dict[str, Any], tree_ok: bool,
+               description: str) -> BenchConfig:
+    config = radar_config_of(checkpoint, overrides)
+    skip = TREE_UNSUPPORTED_REASON if config.mode == MODE_TREE and not tree_ok else None
+    return BenchConfig(
+        name=name,
+        kind=kind,
+        mode=config.mode,
+        num_speculative_tokens=config.num_draft_tokens,
+        max_depth=config.max_depth,
+        draft_model=checkpoint,
+        radar_overrides=dict(overrides),
+        skip_reason=skip,
+        description=description,
+    )
+
+
+def build_configs(
+    *,
+    head: str | None,
+    radar_checkpoint: str | None,
+    k_list: Sequence[int],
+    include_radar: bool = True,
+    include_tree: bool = True,
+    include_static_tree: bool = True,
+    confidence_checkpoint: str | None = None,
+    tree_supported: bool | None = None,
+    only: Sequence[str] = (),
+) -> list[BenchConfig]:
+    """All rows in run order: no-spec first (the match reference), EAGLE-3 by K, then RADAR rows.
+
+    ``tree_supported`` defaults to what the installed plugin says; the reference decoder passes
+    True. ``only`` keeps the named rows (no-spec always stays: every ratio needs it).
+    """
+    if tree_supported is None:
+        tree_supported = tree_supported_by_plugin()
+    configs = [BenchConfig(name=NO_SPEC, kind=KIND_NONE, description="target only")]
+    if head is not None:
+        for k in sorted(set(k_list)):
+            configs.append(BenchConfig(
+                name=eagle3_name(k), kind=KIND_EAGLE3, num_speculative_tokens=k, max_depth=k,
+                draft_model=head, description=f"stock EAGLE-3 chain, {k} draft tokens",
+            ))
+    if include_radar and radar_checkpoint is not None:
+        configs.append(_radar_row(RADAR_CHAIN, KIND_RADAR, radar_checkpoint, {"mode": MODE_CHAIN},
+                                  tree_supported, "RADAR, chain, learned stop"))
+        if include_tree:
+            configs.append(_radar_row(RADAR_TREE, KIND_RADAR, radar_checkpoint, {"mode": MODE_TREE},
+                                      tree_supported, "RADAR, dynamic tree, learned stop"))
+        if include_static_tree:
+            configs.append(_radar_row(
+                STATIC_TREE, KIND_STATIC, radar_checkpoint,
+                {"mode": MODE_TREE, "threshold": ALWAYS_CONTINUE_THRESHOLD},
+                tree_supported, "static full-depth tree (policy forced to continue)"))
+    if confidence_checkpoint is not None:
+        configs.append(_radar_row(CONFIDENCE_CHAIN, KIND_CONFIDENCE, confidence_checkpoint,
+                                  {"mode": MODE_CHAIN}, tree_supported,
+                                  "chain, stop when the draft's cumulative probability falls below a threshold"))
+    if only:
+        wanted = set(only) | {NO_SPEC}
+        unknown = sorted(set(only) - {c.name for c in configs})
+        if unknown:
+            raise ValueError(f"unknown configuration name(s) {unknown}; available: {[c.name for c in configs]}")
+        configs = [c for c in configs if c.name in wanted]
+    return configs

@@ -1,0 +1,434 @@
+"""One benchmark run, end to end: models -> workloads -> rows -> measurements -> results files.
+
+vLLM backend: each configuration row runs in its own subprocess (:mod:`radar_vllm.bench.worker`)
+with a fresh engine, one after the other (no-speculation first: its greedy outputs are the match
+reference and its MT-Bench answers make the turn-2 prompts). Then the online part starts the
+server for no speculation, the best stock EAGLE-3 K (chosen on the first offline cell) and the
+RADAR rows. Results are rewritten after every row, so an interrupted run keeps what it measured.
+
+Reference backend (vLLM not importable): everything in this process on the plain PyTorch decoder.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from radar_vllm.bench.configs import (
+    KIND_EAGLE3,
+    KIND_NONE,
+    NO_SPEC,
+    BenchConfig,
+    build_configs,
+)
+from radar_vllm.bench.settings import (
+    BACKEND_AUTO,
+    BACKEND_REFERENCE,
+    BACKEND_VLLM,
+    GREEDY,
+    BenchSettings,
+)
+from radar_vllm.bench.workloads import (
+    MTBENCH,
+    MTBENCH_TURN2,
+    Workload,
+    load_tokenizer,
+    load_workload,
+)
+
+logger = logging.getLogger(__name__)
+
+WORKER_MODULE = "radar_vllm.bench.worker"
+POLL_S = 1.0
+EXIT_GRACE_S = 60.0
+IOMP_LIBRARY = "libiomp5.so"
+
+
+# ------------------------------------------------------------------------------ setup
+def vllm_installed() -> bool:
+    return importlib.util.find_spec("vllm") is not None
+
+
+def cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def resolve_backend(requested: str) -> tuple[str, str | None]:
+    """(backend, note). ``auto``: vLLM when importable, else the reference decoder."""
+    if requested == BACKEND_VLLM:
+        if not vllm_installed():
+            raise RuntimeError("backend 'vllm' requested but vLLM is not installed; use --backend reference")
+        return BACKEND_VLLM, None
+    if requested == BACKEND_REFERENCE:
+        return BACKEND_REFERENCE, "reference decoder requested (--backend reference)"
+    if requested != BACKEND_AUTO:
+        raise ValueError(f"backend must be auto, vllm or reference, got {requested!r}")
+    if vllm_installed():
+        return BACKEND_VLLM, None
+    where = "GPU" if cuda_available() else "CPU"
+    return BACKEND_REFERENCE, (f"vLLM is not installed: the RADAR and fixed-depth rows run on the plain "
+                               f"PyTorch reference decoder ({where}, batch 1, offline only)")
+
+
+@dataclass
+class BenchModels:
+    target: str
+    head: str | None
+    radar_checkpoint: str | None
+    confidence_checkpoint: str | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def prepare_models(settings: BenchSettings, work_dir: Path) -> BenchModels:
+    from radar_vllm.bench.confidence import build_confidence_checkpoint
+    from radar_vllm.bench.models import plain_head_view, tiny_models
+
+    if settings.tiny:
+        target, head, radar = tiny_models(work_dir / "models", seed=settings.seed)
+        target_s, head_s, radar_s = str(target), str(head), str(radar)
+    else:
+        target_s = str(Path(settings.target).resolve())
+        radar_s = str(Path(settings.radar_checkpoint).resolve()) if settings.radar_checkpoint else None
+        if settings.head:
+            head_s = str(Path(settings.head).resolve())
+        elif radar_s:
+            head_s = str(plain_head_view(radar_s, work_dir / "plain-head").resolve())
+        else:
+            head_s = None
+    confidence = None
+    if settings.confidence_threshold is not None and radar_s is not None and settings.include_radar:
+        confidence = str(build_confidence_checkpoint(radar_s, work_dir / "confidence-checkpoint",
+                                                     settings.confidence_threshold).resolve())
+    return BenchModels(target=target_s, head=head_s, radar_checkpoint=radar_s, confidence_checkpoint=confidence)
+
+
+def prepare_workloads(settings: BenchSettings, tokenizer: Any) -> list[Workload]:
+    """Base workloads (turn 2 is derived later), in the order given."""
+    return [
+        load_workload(name, tokenizer, settings.num_prompts, settings.max_prompt_tokens)
+        for name in settings.workloads
+        if name != MTBENCH_TURN2
+    ]
+
+
+def wants_turn2(settings: BenchSettings) -> bool:
+    return MTBENCH_TURN2 in settings.workloads and MTBENCH in settings.workloads and GREEDY in settings.temperatures
+
+
+def subprocess_env(settings: BenchSettings) -> dict[str, str]:
+    """Environment of engine processes: KV cache size, Intel OpenMP on CPU, in-process engine."""
+    env = dict(os.environ)
+    # Triton's interpreter (set for kernel tests) must not reach the engines: they run as users run them.
+    env.pop("TRITON_INTERPRET", None)
+    env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(settings.kv_cache_gb))
+    iomp = Path(sys.prefix) / "lib" / IOMP_LIBRARY  # the CPU build's recommended OpenMP runtime
+    if iomp.is_file() and IOMP_LIBRARY not in env.get("LD_PRELOAD", "") and not cuda_available():
+        env["LD_PRELOAD"] = ":".join(filter(None, [str(iomp), env.get("LD_PRELOAD")]))
+    if settings.engine_inline:
+        env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    return env
+
+
+def engine_spec(settings: BenchSettings, models: BenchModels, max_num_seqs: int) -> dict[str, Any]:
+    return {
+        "model": models.target,
+        "dtype": settings.dtype,
+        "max_model_len": settings.max_model_len(),
+        "max_num_seqs": max_num_seqs,
+        "seed": settings.seed,
+        "inline": settings.engine_inline,
+        "enforce_eager": settings.enforce_eager,
+        "engine_args": dict(settings.engine_args),
+    }
+
+
+# ------------------------------------------------------------------------------ subprocess rows
+def _count_lines(path: Path) -> int:
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return sum(1 for _ in handle)
+    except OSError:
+        return 0
+
+
+def _kill_group(process: subprocess.Popen) -> None:
+    if process.poll() is not None:
+        return
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    process.wait(timeout=EXIT_GRACE_S)
+
+
+def run_config_subprocess(job: dict[str, Any], row_dir: Path, env: dict[str, str], timeout_s: float,
+                          bar: Any) -> dict[str, Any]:
+    """Run one row's job in a worker subprocess; returns its result (``error`` set on failure)."""
+    row_dir.mkdir(parents=True, exist_ok=True)
+    job_path, result_path = row_dir / "job.json", row_dir / "result.json"
+    progress_path, log_path = row_dir / "progress.txt", row_dir / "worker.log"
+    for stale in (result_path, progress_path):
+        stale.unlink(missing_ok=True)
+    job = dict(job, progress_file=str(progress_path))
+    job_path.write_text(json.dumps(job) + "\n", encoding="utf-8")
+    command = [sys.executable, "-m", WORKER_MODULE, "--job", str(job_path), "--result", str(result_path)]
+    started = time.perf_counter()
+    seen = 0
+    with open(log_path, "w", encoding="utf-8") as log:
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    timed_out = False
+    finished_at: float | None = None
+    try:
+        while process.poll() is None:
+            done = _count_lines(progress_path)
+            if done > seen:
+                bar.update(done - seen)
+                seen = done
+            now = time.perf_counter()
+            if result_path.is_file() and finished_at is None:
+                finished_at = now
+            if finished_at is not None and now - finished_at > EXIT_GRACE_S:
+                break  # the result is written; engine processes did not exit in time
+            if now - started > timeout_s:
+                timed_out = True
+                break
+            time.sleep(POLL_S)
+    finally:
+        _kill_group(process)  # also on interruption: no engine outlives its row
+    done = _count_lines(progress_path)
+    if done > seen:
+        bar.update(done - seen)
+    if result_path.is_file():
+        result = json.loads(result_path.read_text(encoding="utf-8"))
+    elif timed_out:
+        result = {"error": f"timed out after {timeout_s:.0f} s (log: {log_path})"}
+    else:
+        result = {"error": f"worker exited with code {process.returncode} without a result (log: {log_path})"}
+    if result.get("error"):
+        from radar_vllm.bench.online import log_tail
+
+        result["log_tail"] = log_tail(log_path)
+        logger.error("row %s failed: %s", job["config"]["name"], result["error"])
+    result["wall_seconds"] = time.perf_counter() - started
+    return result
+
+
+def units_per_row(settings: BenchSettings, num_workloads: int) -> int:
+    return num_workloads * len(settings.temperatures) * len(settings.offline_modes) * settings.repeats
+
+
+def make_job(settings: BenchSettings, config: BenchConfig, models: BenchModels, workloads: list[Workload],
+             build_turn2: bool) -> dict[str, Any]:
+    max_num_seqs = max([w.num_prompts for w in workloads] + [1])
+    job: dict[str, Any] = {
+        "config": config.to_dict(),
+        "engine": engine_spec(settings, models, max_num_seqs),
+        "workloads": [w.to_dict() for w in workloads],
+        "temperatures": list(settings.temperatures),
+        "modes": list(settings.offline_modes),
+        "repeats": settings.repeats,
+        "max_new_tokens": settings.max_new_tokens,
+        "seed": settings.seed,
+        "warmup": settings.warmup,
+    }
+    if build_turn2:
+        job["build_turn2"] = {"tokenizer": models.target, "max_prompt_tokens": settings.turn2_max_prompt_tokens}
+    return job
+
+
+# ------------------------------------------------------------------------------ online
+def best_eagle3_row(document: dict[str, Any]) -> str | None:
+    """The best stock EAGLE-3 row on the first offline cell (first workload, temperature, mode)."""
+    cells = document.get("cells", [])
+    if not cells:
+        return None
+    first = cells[0]
+    key = (first["workload"], first["temperature"], first["mode"])
+    eagles = [c for c in cells if c["kind"] == KIND_EAGLE3 and (c["workload"], c["temperature"], c["mode"]) == key]
+    return max(eagles, key=lambda c: c["tokens_per_s"]["median"])["config"] if eagles else None
+
+
+def online_rows(configs: list[BenchConfig], document: dict[str, Any], results: dict[str, Any],
+                only: tuple[str, ...] = ()) -> list[BenchConfig]:
+    """Rows served online: ``only`` when given, else no-spec, the best stock EAGLE-3 K and the RADAR rows
+    (rows that were skipped or failed offline are left out)."""
+    best = best_eagle3_row(document)
+    chosen = []
+    for config in configs:
+        if config.skipped or results.get(config.name, {}).get("error"):
+            continue
+        wanted = config.name in only if only else (
+            config.kind == KIND_NONE or config.name == best or config.uses_radar)
+        if wanted:
+            chosen.append(config)
+    return chosen
+
+
+def run_online(settings: BenchSettings, configs: list[BenchConfig], models: BenchModels,
+               prompts: list[list[int]], work_dir: Path, env: dict[str, str]) -> list[dict[str, Any]]:
+    from tqdm import tqdm
+
+    from radar_vllm.bench.online import free_port, measure_server, server_command, start_server, stop_server
+
+    levels = list(settings.online_concurrency)
+    total = len(configs) * len(levels) * settings.online_repeats
+    entries: list[dict[str, Any]] = []
+    max_tokens = settings.online_max_new_tokens or settings.max_new_tokens
+    server_env = {k: v for k, v in env.items() if k != "VLLM_ENABLE_V1_MULTIPROCESSING"}
+    with tqdm(total=total, desc="online", unit="level") as bar:
+        for config in configs:
+            port = free_port()
+            command = server_command(engine_spec(settings, models, max(levels)), config.speculative_config(),
+                                     port, max(levels))
+            server = None
+            try:
+                server = start_server(command, server_env, work_dir / "online" / f"{config.name}.log", port,
+                                      settings.server_start_timeout_s)
+                levels_out = measure_server(server, prompts, levels, settings.online_requests_for, max_tokens,
+                                            settings.online_temperature, settings.seed, settings.online_timeout_s,
+                                            settings.online_repeats, on_level=lambda: bar.update(1))
+                for level in levels_out:
+                    entries.append(dict(level, config=config.name, server_start_seconds=server.start_seconds))
+            except Exception as error:  # one row's server failing must not lose the others
+                logger.error("online %s failed: %s", config.name, error)
+                entries.append({"config": config.name, "error": f"{type(error).__name__}: {error}"})
+            finally:
+                if server is not None:
+                    stop_server(server)
+    return entries
+
+
+# ------------------------------------------------------------------------------ main
+@dataclass
+class BenchOutputs:
+    json_path: Path
+    markdown_path: Path
+    plot_paths: list[Path]
+    document: dict[str, Any]
+
+
+def write_outputs(document: dict[str, Any], settings: BenchSettings, plots: bool) -> BenchOutputs:
+    from radar_vllm.bench.plots import write_plots
+    from radar_vllm.bench.report import render_markdown
+
+    out_dir = Path(settings.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    json_path = out_dir / f"{settings.tag}.json"
+    markdown_path = out_dir / f"{settings.tag}.md"
+    plot_paths = write_plots(document, out_dir, settings.tag) if plots else []
+    temporary = json_path.with_name(json_path.name + ".tmp")
+    temporary.write_text(json.dumps(document, indent=1) + "\n", encoding="utf-8")
+    os.replace(temporary, json_path)
+    markdown_path.write_text(render_markdown(document, [p.name for p in plot_paths]) + "\n", encoding="utf-8")
+    return BenchOutputs(json_path, markdown_path, plot_paths, document)
+
+
+def run_benchmark(settings: BenchSettings) -> BenchOutputs:
+    """Run every row and write ``TAG.json``, ``TAG.md`` and the plots into ``settings.output_dir``."""
+    from tqdm import tqdm
+
+    from radar_vllm.bench.report import build_document, describe_machine, package_versions
+
+    started = time.perf_counter()
+    backend, backend_note = resolve_backend(settings.backend)
+    notes = [backend_note] if backend_note else []
+    work_dir = settings.resolved_work_dir
+    work_dir.mkdir(parents=True, exist_ok=True)
+    models = prepare_models(settings, work_dir)
+    tokenizer = load_tokenizer(models.target)
+    workloads = prepare_workloads(settings, tokenizer)
+    configs = build_configs(
+        head=models.head,
+        radar_checkpoint=models.radar_checkpoint if settings.include_radar else None,
+        k_list=settings.k_list,
+        include_radar=settings.include_radar,
+        include_tree=settings.include_tree,
+        include_static_tree=settings.include_static_tree,
+        confidence_checkpoint=models.confidence_checkpoint,
+        tree_supported=True if backend == BACKEND_REFERENCE else None,
+        only=settings.only_configs,
+    )
+    machine, packages = describe_machine(), package_versions()
+    runnable = [c for c in configs if not c.skipped]
+    for config in configs:
+        if config.skipped:
+            logger.info("row %s skipped: %s", config.name, config.skip_reason)
+
+    def document_of(results: dict[str, Any], all_workloads: list[Workload], online: list[dict[str, Any]]) -> dict:
+        return build_document(
+            settings=settings.to_dict(), backend=backend, configs=configs, results=results,
+            workloads=[w.to_dict() for w in all_workloads], online=online, models=models.to_dict(), notes=notes,
+            machine=machine, packages=packages, wall_seconds=time.perf_counter() - started,
+        )
+
+    if backend == BACKEND_REFERENCE:
+        from radar_vllm.bench.reference_backend import run_reference_benchmark
+
+        import torch
+
+        deadline = started + settings.time_budget_s if settings.time_budget_s else None
+        num_workloads = len(workloads) + (1 if wants_turn2(settings) else 0)
+        total = len(runnable) * num_workloads * len(settings.temperatures) * settings.repeats
+        threads = torch.get_num_threads()
+        if settings.torch_threads:
+            torch.set_num_threads(settings.torch_threads)
+        try:
+            with tqdm(total=total, desc="reference decoder", unit="run") as bar:
+                results, all_workloads, more_notes = run_reference_benchmark(
+                    configs=runnable, target_dir=models.target, head_dir=str(models.head), workloads=workloads,
+                    temperatures=settings.temperatures, repeats=settings.repeats,
+                    max_new_tokens=settings.max_new_tokens, seed=settings.seed, dtype=settings.dtype,
+                    device=settings.device, confidence_threshold=settings.confidence_threshold, tokenizer=tokenizer,
+                    turn2_max_prompt_tokens=settings.turn2_max_prompt_tokens if wants_turn2(settings) else None,
+                    deadline=deadline, progress=lambda: bar.update(1),
+                )
+        finally:
+            torch.set_num_threads(threads)
+        notes.extend(more_notes)
+        return write_outputs(document_of(results, all_workloads, []), settings, settings.plots)
+
+    env = subprocess_env(settings)
+    results: dict[str, Any] = {}
+    all_workloads = list(workloads)
+    turn2 = wants_turn2(settings)
+    total = sum(units_per_row(settings, len(workloads) + (1 if turn2 else 0)) for _ in runnable)
+    with tqdm(total=total, desc="offline", unit="run") as bar:
+        for config in runnable:
+            bar.set_postfix_str(config.name)
+            is_reference = config.name == NO_SPEC
+            job = make_job(settings, config, models, all_workloads, build_turn2=turn2 and is_reference)
+            result = run_config_subprocess(job, work_dir / "rows" / config.name, env, settings.config_timeout_s, bar)
+            results[config.name] = result
+            if is_reference:
+                derived = [Workload.from_dict(w) for w in result.get("derived_workloads") or []]
+                all_workloads.extend(derived)
+                if turn2 and not derived:
+                    notes.append("MT-Bench turn 2 left out: the no-speculation run gave no turn-2 prompts")
+                    bar.total -= units_per_row(settings, 1) * (len(runnable) - 1)
+            if config.uses_radar and result.get("radar_metrics_seen") is False and not result.get("error"):
+                notes.append(f"{config.name}: no RADAR metrics were seen; is the radar_vllm vLLM plugin active?")
+            write_outputs(document_of(results, all_workloads, []), settings, plots=False)
+    missing_calls = sorted({c["config"] for c in document_of(results, all_workloads, [])["cells"]
+                            if c.get("tree_sizes") and c.get("draft_calls_per_round") is None})
+    if missing_calls:
+        notes.append(f"{', '.join(missing_calls)}: draft calls per round and stop depths of tree rows reach "
+                     f"the metrics only with the engine core in-process (--engine-inline)")
+    online: list[dict[str, Any]] = []
+    if settings.online_concurrency and all_workloads:
+        document = document_of(results, all_workloads, [])
+        rows = online_rows(configs, document, results, settings.online_configs)
+        online = run_online(settings, rows, models, all_workloads[0].prompt_ids, work_dir, env)
+    return write_outputs(document_of(results, all_workloads, online), settings, settings.plots)

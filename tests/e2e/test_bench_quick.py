@@ -1,0 +1,99 @@
+"""``radar-vllm bench --quick`` end to end on tiny random models with the CPU build of vLLM.
+
+One run for the module: two rows (no speculation, RADAR chain), each in its own worker process
+with an in-process engine, MT-Bench turns 1 and 2, greedy and T = 1, batch 1 and batched, two
+repeats; then the RADAR row served on loopback at concurrency 1 and 2. About 3 minutes on 2 cores.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytest.importorskip("vllm")
+
+from radar_vllm.cli import main  # noqa: E402
+
+ONLINE_REQUESTS = 3
+TINY_MAX_DEPTH = 4
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[int, Path, dict[str, Any]]:
+    out = tmp_path_factory.mktemp("bench-quick")
+    code = main([
+        "bench", "--quick", "--tiny", "--configs", "radar-chain", "--repeats", "2",
+        "--online-concurrency", "1,2", "--online-configs", "radar-chain",
+        "--online-requests", str(ONLINE_REQUESTS), "--online-max-new-tokens", "16",
+        "--output-dir", str(out), "--tag", "quick",
+    ])
+    document = json.loads((out / "quick.json").read_text()) if (out / "quick.json").is_file() else {}
+    return code, out, document
+
+
+def _cells(document: dict[str, Any], config: str) -> list[dict[str, Any]]:
+    return [cell for cell in document["cells"] if cell["config"] == config]
+
+
+def test_run_succeeds_with_both_rows(quick_run: tuple[int, Path, dict[str, Any]]) -> None:
+    code, out, document = quick_run
+    assert code == 0
+    assert document["backend"] == "vllm" and document["quick"] is True
+    status = {c["name"]: c["status"] for c in document["configs"]}
+    assert status == {"no-spec": "ok", "radar-chain": "ok"}, [c.get("reason") for c in document["configs"]]
+    assert document["machine"]["num_cpus"] >= 1 and document["packages"]["torch"]
+    # MT-Bench turn 2 was built from the no-speculation answers and run by both rows
+    names = [w["name"] for w in document["workloads"]]
+    assert names == ["mtbench", "mtbench-turn2"]
+    assert document["workloads"][1]["num_prompts"] >= 1
+    # 2 workloads x 2 temperatures x 2 modes per row, each with 2 repeats
+    for config in ("no-spec", "radar-chain"):
+        cells = _cells(document, config)
+        assert len(cells) == 8
+        assert all(cell["tokens_per_s"]["count"] == 2 for cell in cells)
+
+
+def test_radar_greedy_outputs_match_no_speculation(quick_run: tuple[int, Path, dict[str, Any]]) -> None:
+    _, _, document = quick_run
+    greedy = [cell for cell in _cells(document, "radar-chain") if cell["temperature"] == 0.0]
+    assert len(greedy) == 4
+    for cell in greedy:
+        match = cell["greedy_match"]
+        assert match["num_prompts"] >= 1
+        assert match["all_match"], cell
+
+
+def test_radar_metrics_and_ratios(quick_run: tuple[int, Path, dict[str, Any]]) -> None:
+    _, _, document = quick_run
+    assert next(c for c in document["configs"] if c["name"] == "radar-chain")["radar_metrics_seen"] is True
+    for cell in _cells(document, "radar-chain"):
+        assert cell["vs_no_spec"]["value"] > 0
+        assert 1.0 <= cell["draft_calls_per_round"] <= TINY_MAX_DEPTH
+        assert sum(cell["stop_depths"].values()) > 0
+        assert set(cell["stop_depths"]) <= {str(d) for d in range(1, TINY_MAX_DEPTH + 1)}
+        assert cell["acceptance_length"] >= 1.0
+    greedy_batch1 = next(c for c in _cells(document, "radar-chain")
+                         if c["temperature"] == 0.0 and c["mode"] == "batch1" and c["workload"] == "mtbench")
+    # the tiny head's depth-1 drafts are often right: fewer target passes than output tokens
+    assert greedy_batch1["acceptance_length"] > 1.0
+    assert greedy_batch1["target_passes_per_token"] < 1.0
+    base = next(c for c in _cells(document, "no-spec") if c["temperature"] == 0.0 and c["mode"] == "batch1")
+    # without speculation each engine step (prefill included) emits exactly one token at batch 1
+    assert base["target_passes_per_token"] == pytest.approx(1.0)
+    assert base["draft_calls_per_round"] == 0.0
+
+
+def test_online_levels_and_outputs(quick_run: tuple[int, Path, dict[str, Any]]) -> None:
+    _, out, document = quick_run
+    levels = document["online"]
+    assert [(level["config"], level["concurrency"]) for level in levels] == [("radar-chain", 1), ("radar-chain", 2)]
+    for level in levels:
+        assert level["completed"] == ONLINE_REQUESTS, level.get("errors")
+        assert level["ttft_ms"]["median"] > 0 and level["request_throughput"] > 0
+        assert level["metrics"]["counters"]["vllm:spec_decode_num_drafts"] > 0
+    markdown = (out / "quick.md").read_text()
+    assert "| radar-chain |" in markdown and "## Online" in markdown
+    for suffix in ("speedup", "acceptance", "concurrency"):
+        assert (out / f"quick-{suffix}.png").stat().st_size > 0
