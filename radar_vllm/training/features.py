@@ -1,0 +1,148 @@
+"""Target features for head training: aux hidden states and the target's greedy next tokens.
+
+For each answer shard, ``features/shard-NNNNN.safetensors`` holds, over the concatenated
+sequences (prompt + answer) of the shard:
+
+- ``input_ids``  int32 [N]           the tokens
+- ``labels``     int32 [N]           the target's argmax next token at each position
+- ``aux``        bf16  [N, A * H]    inputs of the aux layers (vLLM's aux hidden states)
+- ``offsets``    int64 [S + 1]       sequence boundaries
+- ``prompt_lens`` int32 [S]          prompt length of each sequence
+
+vLLM's aux layer id ``i`` is the residual stream entering decoder layer ``i``; with HF
+transformers that is the input of ``model.layers[i]``, captured here by forward pre-hooks.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from radar_vllm.training.data import iter_answer_shards
+
+logger = logging.getLogger(__name__)
+
+FEATURES_DIR = "features"
+LOGITS_CHUNK = 1024
+
+
+def feature_shard_path(work_dir: Path, index: int) -> Path:
+    return work_dir / FEATURES_DIR / f"shard-{index:05d}.safetensors"
+
+
+class AuxHiddenCapture:
+    """Forward pre-hooks that record the inputs of chosen decoder layers of an HF Llama model."""
+
+    def __init__(self, model: Any, layer_ids: Sequence[int]) -> None:
+        layers = model.model.layers
+        for layer_id in layer_ids:
+            if not 0 <= layer_id < len(layers):
+                raise ValueError(f"aux layer id {layer_id} outside [0, {len(layers) - 1}]")
+        self.layer_ids = list(layer_ids)
+        self.captured: dict[int, torch.Tensor] = {}
+        self._handles = [
+            layers[layer_id].register_forward_pre_hook(self._hook(layer_id), with_kwargs=True)
+            for layer_id in self.layer_ids
+        ]
+
+    def _hook(self, layer_id: int):
+        def hook(module: Any, args: tuple, kwargs: dict) -> None:
+            hidden = args[0] if args else kwargs["hidden_states"]
+            self.captured[layer_id] = hidden.detach()
+
+        return hook
+
+    def concatenated(self) -> torch.Tensor:
+        """[B, T, A * H] in layer-id order."""
+        return torch.cat([self.captured[i] for i in self.layer_ids], dim=-1)
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+
+
+def load_target(target_dir: str, dtype: torch.dtype = torch.bfloat16) -> Any:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(target_dir, dtype=dtype)
+    model.eval()
+    return model
+
+
+@torch.no_grad()
+def target_features(
+    model: Any, capture: AuxHiddenCapture, sequence: Sequence[int], prompt_len: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(aux [T, A*H], greedy next tokens [T]) of one sequence (prompt + the target's answer).
+
+    Inside the answer the target's greedy next token is the answer's next token itself, so the
+    lm_head runs only over the prompt positions and the last position.
+    """
+    ids = torch.tensor([list(sequence)], dtype=torch.long)  # [1, T]
+    hidden = model.model(input_ids=ids).last_hidden_state[0]  # [T, H]
+    aux = capture.concatenated()[0]  # [T, A*H]
+    length = ids.shape[1]
+    labels = torch.empty(length, dtype=torch.long)  # [T]
+    scored = min(max(prompt_len - 1, 0), length - 1)  # positions [0, scored) are prompt positions
+    labels[scored : length - 1] = ids[0, scored + 1 :]
+    rows = torch.cat([torch.arange(scored), torch.tensor([length - 1])])
+    weight = model.lm_head.weight
+    for start in range(0, rows.numel(), LOGITS_CHUNK):
+        chunk = rows[start : start + LOGITS_CHUNK]
+        labels[chunk] = (hidden[chunk] @ weight.T).argmax(-1)
+    return aux, labels
+
+
+def extract_features(work_dir: Path, config: Any) -> int:
+    """Features for every answer shard that has none yet; returns the tokens processed."""
+    from safetensors.torch import save_file
+    from tqdm import tqdm
+
+    (work_dir / FEATURES_DIR).mkdir(parents=True, exist_ok=True)
+    pending = [
+        (index, records)
+        for index, records in iter_answer_shards(work_dir)
+        if not feature_shard_path(work_dir, index).is_file()
+    ]
+    if not pending:
+        return 0
+    model = load_target(config.target)
+    capture = AuxHiddenCapture(model, config.aux_layers)
+    made = 0
+    try:
+        for index, records in pending:
+            sequences = [
+                (r["prompt_ids"] + r["output_ids"])[: config.max_seq_len] for r in records
+            ]
+            aux_rows: dict[int, torch.Tensor] = {}
+            label_rows: dict[int, torch.Tensor] = {}
+            bar = tqdm(total=sum(len(s) for s in sequences), desc=f"features shard {index}", unit="tok")
+            for i, (record, sequence) in enumerate(zip(records, sequences)):
+                aux, labels = target_features(model, capture, sequence, len(record["prompt_ids"]))
+                aux_rows[i] = aux.to(torch.bfloat16).clone()
+                label_rows[i] = labels.to(torch.int32)
+                bar.update(len(sequence))
+            bar.close()
+            lengths = torch.tensor([len(s) for s in sequences], dtype=torch.long)
+            offsets = torch.zeros(len(sequences) + 1, dtype=torch.long)  # [S + 1]
+            offsets[1:] = torch.cumsum(lengths, 0)
+            tensors = {
+                "input_ids": torch.tensor([t for s in sequences for t in s], dtype=torch.int32),
+                "labels": torch.cat([label_rows[i] for i in range(len(sequences))]),
+                "aux": torch.cat([aux_rows[i] for i in range(len(sequences))]).contiguous(),
+                "offsets": offsets,
+                "prompt_lens": torch.tensor(
+                    [min(len(r["prompt_ids"]), len(s)) for r, s in zip(records, sequences)], dtype=torch.int32
+                ),
+            }
+            path = feature_shard_path(work_dir, index)
+            temp = path.with_name(f".{path.name}.tmp")
+            save_file(tensors, str(temp))
+            temp.replace(path)
+            made += int(offsets[-1])
+            logger.info("features shard %d: %d sequences, %d tokens", index, len(sequences), int(offsets[-1]))
+    finally:
+        capture.remove()
+    return made
