@@ -14,6 +14,14 @@ from typing import Sequence
 # (subcommand module, one-line help). Each module provides add_parser(subparsers).
 SUBCOMMAND_MODULES: tuple[str, ...] = (
     "radar_vllm.commands.info",
+    "radar_vllm.commands.train_policy",
+    "radar_vllm.commands.evaluate_policy",
+    "radar_vllm.commands.collect",
+    "radar_vllm.commands.calibrate",
+    "radar_vllm.commands.assets",
+    "radar_vllm.commands.train_head",
+    "radar_vllm.commands.pack",
+    "radar_vllm.commands.bench",
 )
 
 
