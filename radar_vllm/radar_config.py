@@ -10,6 +10,11 @@ EAGLE-3) whose ``config.json`` carries one extra section, for example::
 ``policy.json``, or the ``.safetensors`` file) relative to the head directory. It must live in a
 sub-directory: vLLM loads every top-level ``*.safetensors`` file of the head as weights.
 
+A checkpoint may carry one policy per mode (chain and tree rounds give the policy different
+state distributions): the optional ``tree_policy`` (e.g. ``"policy-tree"``) is used when the mode
+is tree, ``policy`` otherwise (and in tree mode when ``tree_policy`` is absent). Checkpoints
+without ``tree_policy`` keep their meaning.
+
 Launch-time overrides, without editing the checkpoint (applied in this order, later wins):
 
 1. the environment variable ``RADAR_OVERRIDES``, a JSON object, e.g.
@@ -34,6 +39,7 @@ RADAR_SECTION = "radar"
 OVERRIDES_ENV = "RADAR_OVERRIDES"
 HEAD_CONFIG_FILENAME = "config.json"
 DEFAULT_POLICY_PATH = "policy"
+DEFAULT_TREE_POLICY_PATH = "policy-tree"
 
 MODE_CHAIN = "chain"
 MODE_TREE = "tree"
@@ -62,10 +68,13 @@ class RadarConfig:
     total_tokens: int = 60  # tree mode: nodes verified per request, root included
     threshold: float | None = None  # continue when P(continue) >= threshold; None: the policy's
     decision: str | None = None  # "threshold" | "sampled"; None: the policy's
+    tree_policy: str | None = None  # tree mode's policy, relative to the head directory; None: policy
 
     def __post_init__(self) -> None:
         if not isinstance(self.policy, str) or not self.policy:
             raise ValueError(f"radar.policy must be a non-empty path string, got {self.policy!r}")
+        if self.tree_policy is not None and (not isinstance(self.tree_policy, str) or not self.tree_policy):
+            raise ValueError(f"radar.tree_policy must be a non-empty path string or absent, got {self.tree_policy!r}")
         if self.mode not in MODES:
             raise ValueError(f"radar.mode must be one of {MODES}, got {self.mode!r}")
         _require_int("top_k", self.top_k, 1)
@@ -95,9 +104,21 @@ class RadarConfig:
         """Draft tokens handed to the verifier per request at most (chain: one per depth)."""
         return self.max_depth if self.mode == MODE_CHAIN else self.total_tokens - 1
 
+    @property
+    def active_policy(self) -> str:
+        """The policy this mode runs: ``tree_policy`` in tree mode when set, else ``policy``."""
+        if self.mode == MODE_TREE and self.tree_policy is not None:
+            return self.tree_policy
+        return self.policy
+
+    @property
+    def active_policy_key(self) -> str:
+        """The section key naming :attr:`active_policy` (for messages)."""
+        return "tree_policy" if self.mode == MODE_TREE and self.tree_policy is not None else "policy"
+
     def policy_path(self, checkpoint_dir: str | Path) -> Path:
-        """The policy checkpoint's path, resolved against the head directory."""
-        path = Path(self.policy)
+        """The active policy checkpoint's path (:attr:`active_policy`), resolved against the head directory."""
+        path = Path(self.active_policy)
         return path if path.is_absolute() else Path(checkpoint_dir) / path
 
     def to_dict(self) -> dict[str, Any]:
@@ -219,8 +240,6 @@ def validate_radar_setup(
     size ``top_k``; the head is an EAGLE-3 head built for a target of this hidden size and
     vocabulary; ``num_speculative_tokens`` matches the depth (chain mode).
     """
-    from radar_vllm.policy import load_policy_checkpoint
-
     checkpoint_dir = Path(checkpoint_dir)
     if config.mode not in SUPPORTED_MODES:
         raise ValueError(
@@ -269,22 +288,11 @@ def validate_radar_setup(
             f"or override the budget with {OVERRIDES_ENV}='{{\"total_tokens\": {num_speculative_tokens + 1}}}'"
         )
     policy_path = config.policy_path(checkpoint_dir)
-    try:
-        checkpoint = load_policy_checkpoint(policy_path)
-    except FileNotFoundError as error:
-        raise FileNotFoundError(
-            f"RADAR stop policy not found for the checkpoint {checkpoint_dir}: {error}. "
-            f"radar.policy={config.policy!r} must name a directory with policy.safetensors + policy.json "
-            f"(relative to the head directory); `radar-vllm pack` writes one"
-        ) from error
-    except ValueError as error:
-        raise ValueError(f"RADAR stop policy {policy_path} is not usable: {error}") from error
-    if checkpoint.config.state_size != config.top_k:
-        raise ValueError(
-            f"the stop policy {policy_path} takes states of size {checkpoint.config.state_size} but "
-            f"radar.top_k={config.top_k}: set \"top_k\": {checkpoint.config.state_size} in the radar "
-            f"section (or {OVERRIDES_ENV}) or use a policy trained with top_k={config.top_k}"
-        )
+    checkpoint = _check_policy(config, checkpoint_dir, config.active_policy_key, policy_path)
+    if config.tree_policy is not None and config.mode != MODE_TREE:
+        # the checkpoint's other policy must be usable too (caught at pack time, not when switching)
+        other = Path(config.tree_policy)
+        _check_policy(config, checkpoint_dir, "tree_policy", other if other.is_absolute() else checkpoint_dir / other)
     return ValidatedRadar(
         config=config,
         checkpoint_dir=checkpoint_dir,
@@ -292,3 +300,26 @@ def validate_radar_setup(
         policy_threshold=checkpoint.config.threshold,
         policy_decision=checkpoint.config.decision,
     )
+
+
+def _check_policy(config: RadarConfig, checkpoint_dir: Path, key: str, policy_path: Path) -> Any:
+    """Load the policy named by ``radar.<key>`` and check its state size against top_k."""
+    from radar_vllm.policy import load_policy_checkpoint
+
+    try:
+        checkpoint = load_policy_checkpoint(policy_path)
+    except FileNotFoundError as error:
+        raise FileNotFoundError(
+            f"RADAR stop policy not found for the checkpoint {checkpoint_dir}: {error}. "
+            f"radar.{key}={getattr(config, key)!r} must name a directory with policy.safetensors + "
+            f"policy.json (relative to the head directory); `radar-vllm pack` writes one"
+        ) from error
+    except ValueError as error:
+        raise ValueError(f"RADAR stop policy {policy_path} (radar.{key}) is not usable: {error}") from error
+    if checkpoint.config.state_size != config.top_k:
+        raise ValueError(
+            f"the stop policy {policy_path} (radar.{key}) takes states of size {checkpoint.config.state_size} "
+            f"but radar.top_k={config.top_k}: set \"top_k\": {checkpoint.config.state_size} in the radar "
+            f"section (or {OVERRIDES_ENV}) or use a policy trained with top_k={config.top_k}"
+        )
+    return checkpoint

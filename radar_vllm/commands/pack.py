@@ -19,6 +19,7 @@ def run(args: argparse.Namespace) -> int:
         threshold=args.threshold,
         decision=args.decision,
         mode=args.mode,
+        tree_policy_path=args.tree_policy,
     )
     print(json.dumps({"checkpoint": str(out_dir), "radar": read_head_config(out_dir)["radar"]}, indent=2))
     return 0
@@ -43,4 +44,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--decision", choices=("threshold", "sampled"), default=None,
                         help="decision rule (default: the policy's)")
     parser.add_argument("--mode", choices=("chain", "tree"), default="chain")
+    parser.add_argument("--tree-policy", default=None,
+                        help="a second stop policy, trained on tree-mode rounds, used when the mode is tree "
+                             "(stored as policy-tree/; without it tree mode runs the main policy)")
     parser.set_defaults(func=run)

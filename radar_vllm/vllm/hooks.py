@@ -21,12 +21,10 @@ import functools
 import logging
 from typing import Any, Callable
 
-from radar_vllm.radar_config import MODE_CHAIN
 from radar_vllm.vllm.selection import (
     EAGLE3_METHOD,
     RADAR_METHOD,
     is_radar,
-    radar_settings,
     raw_radar_section,
     resolve_and_validate,
 )
@@ -56,9 +54,13 @@ def install() -> None:
     from vllm.config import VllmConfig
     from vllm.engine.arg_utils import EngineArgs
 
+    from radar_vllm.vllm.spec_stats import install_stats_transport
+
     _wrap_method(EngineArgs, "create_speculative_config", _wrap_create_speculative_config)
     _wrap_method(EngineArgs, "create_engine_config", _wrap_create_engine_config)
     _install_v1_runner_property(VllmConfig)
+    # before any engine of this process builds its output decoder (see the module's doc)
+    install_stats_transport()
 
 
 # --------------------------------------------------------------------------------------------
@@ -219,9 +221,9 @@ def install_metrics_hook() -> None:
     def make_wrapper(original: Callable[..., Any]) -> Callable[..., Any]:
         def __init__(self: Any, vllm_config: Any, *args: Any, **kwargs: Any) -> None:
             original(self, vllm_config, *args, **kwargs)
-            # The stop-depth/acceptance histograms are derived from per-position chain counters; in
-            # tree mode vLLM's own counters remain (drafts = rounds, draft tokens = tree nodes).
-            if is_radar(vllm_config) and radar_settings(vllm_config).config.mode == MODE_CHAIN:
+            # Chain mode: stop depths are the draft lengths in vLLM's per-position counters; tree
+            # mode: RADAR's scheduler adds the worker's stop depths (see radar_vllm.vllm.metrics).
+            if is_radar(vllm_config):
                 from radar_vllm.vllm.metrics import RadarStatLogger
 
                 self.stat_loggers.append(RadarStatLogger(vllm_config, self.engine_indexes))

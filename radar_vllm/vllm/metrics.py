@@ -12,7 +12,17 @@ engines): it turns the counters into RADAR's view (:mod:`radar_vllm.vllm.stats`)
 - ``vllm:radar_stop_depth`` (histogram, buckets 1..max_depth): per request and round, the depth
   at which the policy stopped (= draft tokens it verified);
 - ``vllm:radar_acceptance_length`` (histogram, buckets 1..max_depth+1): per request and round,
-  accepted draft tokens + 1 (the bonus token).
+  accepted draft tokens + 1 (the bonus token);
+- ``vllm:radar_tree_size`` (histogram, buckets 1..num_speculative_tokens): per request and round,
+  draft tokens verified (tree nodes; in chain mode the stop depth).
+
+Tree mode: the stop depth is not a draft length there. The tree runner sends it with the drafts,
+RADAR's scheduler counts it per step in ``RadarSpecDecodingStats.stop_depth_counts`` (a subclass
+of vLLM's ``SpecDecodingStats``, :mod:`radar_vllm.vllm.spec_stats`), and this logger reads it
+from there. Across processes vLLM decodes
+``SchedulerStats`` by its declared field types; :func:`radar_vllm.vllm.spec_stats.install_stats_transport`
+declares the field as the subclass so the counts survive. Should they still be missing, tree
+sizes and acceptance lengths are recorded and the stop depths and draft calls are not (one warning).
 
 They live in the front-end's Prometheus registry, so they appear in ``/metrics`` of the
 OpenAI-compatible server and in ``LLM.get_metrics()`` (with ``disable_log_stats=False``). vLLM's
@@ -29,8 +39,9 @@ from prometheus_client import REGISTRY
 
 from vllm.v1.metrics.loggers import AggregateStatLoggerBase
 
+from radar_vllm.radar_config import MODE_TREE
 from radar_vllm.vllm.selection import radar_settings
-from radar_vllm.vllm.stats import RadarTotals, summarize_step
+from radar_vllm.vllm.stats import RadarTotals, RoundSummary, summarize_step
 
 logger = logging.getLogger(__name__)
 
@@ -38,7 +49,9 @@ METRIC_DRAFT_CALLS = "vllm:radar_draft_calls"
 METRIC_ROUNDS = "vllm:radar_rounds"
 METRIC_STOP_DEPTH = "vllm:radar_stop_depth"
 METRIC_ACCEPTANCE_LENGTH = "vllm:radar_acceptance_length"
-RADAR_METRIC_NAMES = (METRIC_DRAFT_CALLS, METRIC_ROUNDS, METRIC_STOP_DEPTH, METRIC_ACCEPTANCE_LENGTH)
+METRIC_TREE_SIZE = "vllm:radar_tree_size"
+RADAR_METRIC_NAMES = (METRIC_DRAFT_CALLS, METRIC_ROUNDS, METRIC_STOP_DEPTH, METRIC_ACCEPTANCE_LENGTH,
+                      METRIC_TREE_SIZE)
 
 
 def _unregister_radar_metrics() -> None:
@@ -53,7 +66,11 @@ class RadarStatLogger(AggregateStatLoggerBase):
 
     def __init__(self, vllm_config: Any, engine_indexes: list[int]) -> None:
         self.engine_indexes = engine_indexes
-        self.max_depth = radar_settings(vllm_config).config.max_depth
+        radar = radar_settings(vllm_config)
+        self.max_depth = radar.config.max_depth
+        self.tree_mode = radar.config.mode == MODE_TREE
+        speculative_config = getattr(vllm_config, "speculative_config", None)
+        max_nodes = int(getattr(speculative_config, "num_speculative_tokens", 0) or self.max_depth)
         model_name = vllm_config.model_config.served_model_name
         labelnames = ["model_name", "engine"]
         labels = {idx: [model_name, str(idx)] for idx in engine_indexes}
@@ -74,12 +91,20 @@ class RadarStatLogger(AggregateStatLoggerBase):
             labelnames,
             buckets=[float(n) for n in range(1, self.max_depth + 2)],
         )
+        tree_size = prometheus_client.Histogram(
+            METRIC_TREE_SIZE,
+            "RADAR draft tokens verified per request and round (tree nodes; chain: the stop depth).",
+            labelnames,
+            buckets=[float(n) for n in range(1, max_nodes + 1)],
+        )
         self.draft_calls = {idx: draft_calls.labels(*lv) for idx, lv in labels.items()}
+        self.tree_size = {idx: tree_size.labels(*lv) for idx, lv in labels.items()}
         self.rounds = {idx: rounds.labels(*lv) for idx, lv in labels.items()}
         self.stop_depth = {idx: stop_depth.labels(*lv) for idx, lv in labels.items()}
         self.acceptance_length = {idx: acceptance_length.labels(*lv) for idx, lv in labels.items()}
         self.totals = RadarTotals()
         self._warned_missing = False
+        self._warned_no_depths = False
 
     def record(
         self,
@@ -97,7 +122,11 @@ class RadarStatLogger(AggregateStatLoggerBase):
                 self._warned_missing = True
                 logger.warning("RADAR metrics need SpecDecodingStats.num_draft_tokens_per_pos; not recorded")
             return
-        summary = summarize_step(stats.num_drafts, per_pos, stats.num_accepted_tokens_per_pos)
+        stop_depth_counts = getattr(stats, "stop_depth_counts", None) or None
+        if self.tree_mode and stop_depth_counts is None:
+            self._record_tree_without_depths(stats, per_pos, engine_idx)
+            return
+        summary = summarize_step(stats.num_drafts, per_pos, stats.num_accepted_tokens_per_pos, stop_depth_counts)
         if summary.num_requests == 0:
             return
         self.totals.add(summary)
@@ -106,9 +135,24 @@ class RadarStatLogger(AggregateStatLoggerBase):
         for depth, count in summary.stop_depths.items():
             for _ in range(count):
                 self.stop_depth[engine_idx].observe(depth)
+        self._observe_sizes(summary, engine_idx)
+
+    def _observe_sizes(self, summary: RoundSummary, engine_idx: int) -> None:
+        for size, count in summary.tree_sizes.items():
+            for _ in range(count):
+                self.tree_size[engine_idx].observe(size)
         for length, count in summary.acceptance_lengths.items():
             for _ in range(count):
                 self.acceptance_length[engine_idx].observe(length)
+
+    def _record_tree_without_depths(self, stats: Any, per_pos: Any, engine_idx: int) -> None:
+        """Tree mode without the scheduler's stop depths: tree sizes and acceptance lengths only."""
+        if not self._warned_no_depths:
+            self._warned_no_depths = True
+            logger.warning("RADAR tree metrics: the step stats carry no stop depths (is RADAR's scheduler "
+                           "selected?); %s and %s are not recorded", METRIC_STOP_DEPTH, METRIC_DRAFT_CALLS)
+        summary = summarize_step(stats.num_drafts, per_pos, stats.num_accepted_tokens_per_pos)
+        self._observe_sizes(summary, engine_idx)
 
     def log(self) -> None:
         totals = self.totals
@@ -117,10 +161,11 @@ class RadarStatLogger(AggregateStatLoggerBase):
         histogram = ", ".join(f"{depth}: {totals.stop_depths[depth]}" for depth in sorted(totals.stop_depths))
         logger.info(
             "RADAR metrics: draft calls per round: %.2f, mean stop depth: %.2f, mean acceptance length: %.2f, "
-            "stop depths {%s}",
+            "mean tree size: %.2f, stop depths {%s}",
             totals.draft_calls_per_round,
             totals.mean_stop_depth,
             totals.mean_acceptance_length,
+            totals.mean_tree_size,
             histogram,
         )
         self.totals = RadarTotals()

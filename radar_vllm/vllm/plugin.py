@@ -3,7 +3,9 @@
 ``register()`` is called by vLLM in the front-end, engine-core and every worker process, possibly
 more than once per process: it is idempotent and cheap (it wraps three methods of modules vLLM
 has loaded anyway, see :mod:`radar_vllm.vllm.hooks`), and it changes nothing unless RADAR is
-requested. It fails loudly on a vLLM version this plugin was not built for.
+requested, except one declaration: ``SchedulerStats.spec_decoding_stats`` is declared as RADAR's
+subclass so its tree-mode stop depths survive serialization (:mod:`radar_vllm.vllm.spec_stats`;
+other engines' stats decode unchanged). It fails loudly on a vLLM version this plugin was not built for.
 """
 from __future__ import annotations
 

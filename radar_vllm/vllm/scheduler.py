@@ -6,19 +6,69 @@ target verifies only real drafts, and vLLM's own spec-decode counters (draft tok
 draft counts, acceptance rate) then describe what RADAR drafted, from which the front-end derives
 the stop-depth histogram (:mod:`radar_vllm.vllm.stats`). Per-request draft lengths of different
 sizes are a regular case for this scheduler (structured outputs truncate drafts the same way).
+
+Tree mode: the tree runner's drafts also carry each request's stop depth
+(:class:`radar_vllm.vllm.stats.RadarDraftTokenIds`); the scheduler keeps it until the drafts are
+verified and counts it, per step, in :class:`radar_vllm.vllm.spec_stats.RadarSpecDecodingStats`
+(vLLM's spec-decoding stats plus ``stop_depth_counts``), which reach the front-end's stat loggers with vLLM's own counters.
 """
 from __future__ import annotations
 
+from typing import Any
+
 from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.outputs import DraftTokenIds
+from vllm.v1.spec_decode.metrics import SpecDecodingStats
 
-from radar_vllm.vllm.stats import strip_padding
+from radar_vllm.vllm.spec_stats import RadarSpecDecodingStats
+from radar_vllm.vllm.stats import count_stop_depth, strip_padding
 
 
 class RadarScheduler(Scheduler):
-    def update_draft_token_ids(self, draft_token_ids: DraftTokenIds) -> None:
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._stop_depths: dict[str, int] = {}  # request id -> stop depth of its pending drafts
+        self._max_stop_depth = self._radar_max_depth()
+
+    def _radar_max_depth(self) -> int:
+        """The deepest stop a tree round can report: RADAR's max_depth, else the node budget."""
+        from radar_vllm.vllm.selection import is_radar, radar_settings
+
+        if is_radar(self.vllm_config):
+            return radar_settings(self.vllm_config).config.max_depth
+        return max(int(self.num_spec_tokens or 0), 1)
+
+    def update_draft_token_ids(self, draft_token_ids: Any) -> None:
+        stop_depths = getattr(draft_token_ids, "stop_depths", None)
+        if stop_depths is not None:
+            for req_id, depth in zip(draft_token_ids.req_ids, stop_depths):
+                if int(depth) >= 1:  # NO_STOP_DEPTH (0): no tree drafted for this request
+                    self._stop_depths[req_id] = int(depth)
         trimmed = DraftTokenIds(
             req_ids=draft_token_ids.req_ids,
             draft_token_ids=[strip_padding(ids) for ids in draft_token_ids.draft_token_ids],
         )
         super().update_draft_token_ids(trimmed)
+
+    def make_spec_decoding_stats(
+        self,
+        spec_decoding_stats: SpecDecodingStats | None,
+        num_draft_tokens: int,
+        num_accepted_tokens: int,
+        num_invalid_spec_tokens: dict[str, int] | None,
+        request_id: str,
+    ) -> SpecDecodingStats | None:
+        depth = self._stop_depths.pop(request_id, None)
+        if depth is not None and self.log_stats and num_draft_tokens:
+            if spec_decoding_stats is None:
+                spec_decoding_stats = RadarSpecDecodingStats.new(self.num_spec_tokens)
+                spec_decoding_stats.stop_depth_counts = [0] * (self._max_stop_depth + 1)
+            if isinstance(spec_decoding_stats, RadarSpecDecodingStats):
+                count_stop_depth(spec_decoding_stats.stop_depth_counts, min(depth, self._max_stop_depth))
+        return super().make_spec_decoding_stats(
+            spec_decoding_stats, num_draft_tokens, num_accepted_tokens, num_invalid_spec_tokens, request_id
+        )
+
+    def _free_request(self, request: Any, *args: Any, **kwargs: Any) -> Any:
+        self._stop_depths.pop(request.request_id, None)
+        return super()._free_request(request, *args, **kwargs)

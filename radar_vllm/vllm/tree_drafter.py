@@ -38,7 +38,7 @@ verified by vLLM's own sampler.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import torch
@@ -55,6 +55,7 @@ class DraftedTree:
 
     parents: tuple[int, ...]
     tokens: tuple[int, ...]
+    stop_depth: int = field(default=0, compare=False)  # draft calls of the request's round
 
 
 def tree_eligible(params: Any, has_custom_logits_processors: bool = False) -> bool:
@@ -109,7 +110,7 @@ def caterpillar_tree(
         parent = NO_PARENT if depth == 1 else index_of[(depth - 1, 0)]
         parents.append(parent)
         node_tokens.append(token)
-    return DraftedTree(parents=tuple(parents), tokens=tuple(node_tokens))
+    return DraftedTree(parents=tuple(parents), tokens=tuple(node_tokens), stop_depth=len(values))
 
 
 def best_chain(parents: Sequence[int], tokens: Sequence[int]) -> tuple[list[int], list[int]]:
@@ -281,7 +282,7 @@ def _make_proposer_class() -> type:
                 parents, tokens = request["parents"], request["target_tokens"]
                 if not eligible[b]:
                     parents, tokens = best_chain(parents, tokens)
-                drafted = DraftedTree(parents=tuple(parents), tokens=tuple(tokens))
+                drafted = DraftedTree(parents=tuple(parents), tokens=tuple(tokens), stop_depth=int(stops[b]))
                 trees.append(drafted)
                 output[b, : len(tokens)] = torch.tensor(tokens, dtype=torch.int64)
             self.last_trees = trees

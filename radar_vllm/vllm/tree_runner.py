@@ -16,7 +16,9 @@ One speculative step of a batch, on top of vLLM's V1 runner (numbers refer to is
 5. compaction: the accepted path's K/V are rewritten right after the root in every target layer;
 6. restart: the segment rows of input ids, positions and EAGLE-3 aux hidden states are permuted
    to ``[root, accepted path, rejected]``, so vLLM's padded first draft pass restarts the drafter
-   from the accepted path only (its draft-layer K/V land in the right slots by construction).
+   from the accepted path only (its draft-layer K/V land in the right slots by construction);
+7. metrics: ``take_draft_token_ids`` hands the scheduler each request's stop depth with its drafts
+   (:class:`radar_vllm.vllm.stats.RadarDraftTokenIds`, see :mod:`radar_vllm.vllm.metrics`).
 
 Tree settings without a RADAR checkpoint: environment variable ``RADAR_TREE`` = JSON
 ``{"top_k": 4, "max_depth": 4, "policy": DIR, "threshold": 0.5, "drafter": "frontier"}`` (policy
@@ -39,6 +41,7 @@ from vllm.v1.worker.cpu_model_runner import CPUModelRunner, _torch_cuda_wrapper
 from vllm.v1.worker.cpu_worker import CPUWorker
 
 from radar_vllm.vllm.attention import TreeVerifyPlan, active_plan, compact, install_tree_attention
+from radar_vllm.vllm.stats import RadarDraftTokenIds
 from radar_vllm.vllm.tree_drafter import DraftedTree, tree_proposer_class
 from radar_vllm.vllm.tree_verify import (
     TreeRequest,
@@ -57,6 +60,7 @@ logger = logging.getLogger(__name__)
 TREE_ENV = "RADAR_TREE"
 ORACLE_ENV = "RADAR_TREE_ORACLE"  # test-only drafter, see radar_vllm.vllm.tree_oracle
 DRAFTERS = ("frontier", "spine")
+NO_STOP_DEPTH = 0  # a request without a drafted tree this step (not counted in the metrics)
 DEFAULT_TREE: dict[str, Any] = {"top_k": 4, "max_depth": 4, "policy": None, "threshold": None, "decision": None,
                                 "drafter": "frontier"}
 
@@ -174,6 +178,22 @@ class RadarTreeCPUModelRunner(CPUModelRunner):
         trees = getattr(self.drafter, "last_trees", [])
         self._trees = {req_id: tree for req_id, tree in zip(self.input_batch.req_ids, trees)}
         return drafts
+
+    def take_draft_token_ids(self) -> Any:
+        """vLLM's drafts plus each request's stop depth, for RADAR's tree-mode metrics."""
+        drafts = super().take_draft_token_ids()
+        if drafts is None:
+            return None
+        # Only drafts that are the drafted tree's tokens carry its stop depth: vLLM replaces the whole
+        # batch's drafts by zeros when the drafter cannot run (near max_model_len); no draft call
+        # made those.
+        stop_depths = []
+        for req_id, ids in zip(drafts.req_ids, drafts.draft_token_ids):
+            tree = self._trees.get(req_id)
+            real = [int(t) for t in ids[: len(tree.tokens)]] if tree is not None else None
+            stop_depths.append(tree.stop_depth if real is not None and real == list(tree.tokens) else NO_STOP_DEPTH)
+        return RadarDraftTokenIds(req_ids=drafts.req_ids, draft_token_ids=drafts.draft_token_ids,
+                                  stop_depths=stop_depths)
 
     # ------------------------------------------------------------------ positions + plan
 

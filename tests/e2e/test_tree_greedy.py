@@ -225,11 +225,12 @@ def _write_oracle(directory, requests, outputs) -> str:
 
 
 def test_radar_checkpoint_in_tree_mode(models, baseline):
-    """The product path: a RADAR checkpoint selected by the plugin, tree mode set at launch."""
+    """The product path: a RADAR checkpoint selected by the plugin, tree mode set at launch; RADAR's
+    metrics (stop depths from the worker, tree sizes, acceptance lengths) reach LLM.get_metrics()."""
     target, _, _, checkpoint = models
     requests, expected = baseline[:2]
     llm = _engine(
-        target, max_num_seqs=16,
+        target, max_num_seqs=16, disable_log_stats=False,
         speculative_config={"method": "radar", "model": str(checkpoint),
                             "radar": {"mode": "tree", "total_tokens": NUM_NODES + 1}},
     )
@@ -238,11 +239,46 @@ def test_radar_checkpoint_in_tree_mode(models, baseline):
         # requests with a penalty or logprobs fall back to chains in the same batch as trees
         _assert_same(baseline[4], _mixed_batch(llm, requests), "trees mixed with chain fallbacks")
         stats = _tree_stats(llm)
+        drafted_depths = llm.collective_rpc(lambda worker: list(worker.model_runner.drafter.stop_depth_counts))[0]
         num_speculative_tokens = llm.llm_engine.vllm_config.speculative_config.num_speculative_tokens
+        metrics = {m.name: m for m in llm.get_metrics()}
     finally:
         _shutdown(llm)
     assert num_speculative_tokens == NUM_NODES  # defaulted to total_tokens - 1
     assert stats["trees"] > 50
+    _check_tree_metrics(metrics, drafted_depths, max_depth=5)
+
+
+def _exact_counts(histogram, upper: int) -> list[int]:
+    """Observations equal to 1..upper from a cumulative integer-bucket histogram."""
+    cumulative = [histogram.buckets[f"{value}.0"] for value in range(1, upper + 1)]
+    assert histogram.count == cumulative[-1], "an observation above the largest bucket"
+    return [cumulative[0]] + [b - a for a, b in zip(cumulative, cumulative[1:])]
+
+
+def _check_tree_metrics(metrics, drafted_depths: list[int], max_depth: int) -> None:
+    drafts = metrics["vllm:spec_decode_num_drafts"].value
+    draft_tokens = metrics["vllm:spec_decode_num_draft_tokens"].value
+    accepted = metrics["vllm:spec_decode_num_accepted_tokens"].value
+    depth, size = metrics["vllm:radar_stop_depth"], metrics["vllm:radar_tree_size"]
+    acceptance = metrics["vllm:radar_acceptance_length"]
+    # one observation per verified request-round; stop depths only for rounds the drafter ran
+    # (vLLM verifies zero drafts for the whole batch when the long request nears max_model_len)
+    assert drafts > 50 and size.count == acceptance.count == drafts
+    assert 0.8 * drafts <= depth.count <= drafts
+    # tree sizes are the verified nodes; trees (top_k 3) hold more nodes than draft calls
+    assert size.sum == pytest.approx(draft_tokens)
+    assert _exact_counts(size, NUM_NODES)[NUM_NODES - 1] > 0  # full trees occur
+    assert size.sum > depth.sum
+    assert acceptance.sum == pytest.approx(drafts + accepted) and accepted > 0
+    # stop depths come from the worker: every verified round is one of the drafter's proposals
+    # (proposals for requests that finished before verification are not counted)
+    verified = _exact_counts(depth, max_depth)
+    assert all(v <= d for v, d in zip(verified, drafted_depths[1:])), (verified, drafted_depths)
+    assert sum(1 for v in verified if v > 0) >= 3, f"stop depths should vary: {verified}"
+    calls, rounds = metrics["vllm:radar_draft_calls"].value, metrics["vllm:radar_rounds"].value
+    assert 0 < rounds <= drafts
+    assert depth.sum / depth.count <= calls / rounds <= max_depth  # a round runs its deepest request's calls
 
 
 def _recorded_trees(target, head, drafter: str, requests) -> tuple[list[list[int]], list]:

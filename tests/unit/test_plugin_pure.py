@@ -13,6 +13,7 @@ from radar_vllm.vllm.plugin import check_vllm_version
 from radar_vllm.vllm.stats import (
     PADDING_TOKEN,
     RadarTotals,
+    count_stop_depth,
     histogram_from_survival,
     strip_padding,
     summarize_step,
@@ -62,6 +63,32 @@ def test_summarize_step_example():
     assert totals.rounds == 2 and totals.draft_calls == 4
     assert totals.mean_stop_depth == pytest.approx((1 + 3 + 3 + 1) / 4)
     assert totals.mean_acceptance_length == pytest.approx((1 + 3 + 4 + 1) / 4)
+
+
+def test_summarize_step_tree_mode():
+    # Trees of 9, 4 and 9 nodes whose rounds stopped after 3, 1 and 5 draft calls; accepted [2, 0, 4].
+    sizes, accepted = [9, 4, 9], [2, 0, 4]
+    per_pos = [sum(1 for s in sizes if s > i) for i in range(9)]
+    accepted_per_pos = [sum(1 for a in accepted if a > i) for i in range(9)]
+    depths = [0] * 6
+    for depth in (3, 1, 5):
+        count_stop_depth(depths, depth)
+    summary = summarize_step(3, per_pos, accepted_per_pos, depths)
+    assert summary.stop_depths == {1: 1, 3: 1, 5: 1}
+    assert summary.tree_sizes == {4: 1, 9: 2}
+    assert summary.acceptance_lengths == {1: 1, 3: 1, 5: 1}
+    assert summary.draft_calls == 5
+    totals = RadarTotals()
+    totals.add(summary)
+    assert totals.mean_tree_size == pytest.approx(22 / 3)
+    assert totals.mean_stop_depth == pytest.approx(3.0)
+    # chain mode: tree size = stop depth
+    chain = summarize_step(3, [3, 2, 2, 0], [2, 2, 1, 0])
+    assert chain.tree_sizes == chain.stop_depths == {1: 1, 3: 2}
+    with pytest.raises(ValueError, match="depth must be in"):
+        count_stop_depth(depths, 6)
+    with pytest.raises(ValueError, match="stop_depth_counts must be non-negative"):
+        summarize_step(1, [1], [0], [0, -1])
 
 
 def test_histogram_from_survival_rejects_increasing_counts():

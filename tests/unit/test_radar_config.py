@@ -152,3 +152,52 @@ def test_validation_hidden_size_and_depth(tiny):
     with pytest.raises(ValueError, match=f"in tree mode num_speculative_tokens must be total_tokens - 1 = {tree.total_tokens - 1}"):
         validate_radar_setup(tree, checkpoint, num_speculative_tokens=config.max_depth)
     validate_radar_setup(tree, checkpoint, num_speculative_tokens=tree.total_tokens - 1)
+
+
+def test_tree_policy_selected_by_mode():
+    section = {"policy": "policy", "tree_policy": "policy-tree", "top_k": 4, "max_depth": 4, "total_tokens": 16}
+    chain = RadarConfig.from_dict(section)
+    tree = chain.with_overrides({"mode": "tree"})
+    assert (chain.active_policy, chain.policy_path("/ck").as_posix()) == ("policy", "/ck/policy")
+    assert (tree.active_policy, tree.policy_path("/ck").as_posix()) == ("policy-tree", "/ck/policy-tree")
+    # without tree_policy, tree mode runs the main policy (older checkpoints keep their meaning)
+    legacy = RadarConfig.from_dict({k: v for k, v in section.items() if k != "tree_policy"}, "legacy")
+    assert legacy.with_overrides({"mode": "tree"}).active_policy == "policy"
+    assert "tree_policy" not in legacy.to_dict()
+    assert RadarConfig.from_dict(chain.to_dict()) == chain
+    with pytest.raises(ValueError, match="radar.tree_policy must be a non-empty path string"):
+        RadarConfig.from_dict({**section, "tree_policy": ""})
+
+
+def test_pack_with_tree_policy(tiny, tmp_path):
+    _, _, head, policy, _ = tiny
+    tree_policy = make_random_policy(tmp_path / "tree-policy", top_k=4, seed=1, threshold=0.3)
+    code = cli_main(["pack", str(head), str(policy), str(tmp_path / "ck"), "--max-depth", "4",
+                     "--tree-policy", str(tree_policy)])
+    assert code == 0
+    checkpoint = tmp_path / "ck"
+    section = radar_section(read_head_config(checkpoint))
+    assert section["policy"] == "policy" and section["tree_policy"] == "policy-tree"
+    assert sorted(p.name for p in checkpoint.glob("*.safetensors")) == ["model.safetensors"]
+    original = load_file(str(tree_policy / "policy.safetensors"))
+    copied = load_file(str(checkpoint / "policy-tree" / "policy.safetensors"))
+    assert all(torch.equal(original[name], copied[name]) for name in original)
+    config = RadarConfig.from_dict(section)
+    chain = validate_radar_setup(config, checkpoint, num_speculative_tokens=4)
+    tree = validate_radar_setup(config.with_overrides({"mode": "tree"}), checkpoint)
+    # each mode runs its own policy, with that policy's own threshold
+    assert chain.policy_path == checkpoint / "policy" and chain.threshold == 0.5
+    assert tree.policy_path == checkpoint / "policy-tree" and tree.threshold == 0.3
+
+
+def test_validation_checks_the_tree_policy_in_chain_mode_too(tiny, tmp_path):
+    _, _, head, policy, _ = tiny
+    wide = make_random_policy(tmp_path / "wide", top_k=5, seed=2)
+    with pytest.raises(ValueError, match=r"radar.tree_policy\) takes states of size 5 but radar.top_k=4"):
+        pack_radar_checkpoint(head, policy, tmp_path / "ck", max_depth=4, tree_policy_path=wide)
+    assert not (tmp_path / "ck").exists()
+    checkpoint = pack_radar_checkpoint(head, policy, tmp_path / "ck2", max_depth=4, tree_policy_path=policy)
+    shutil.rmtree(checkpoint / "policy-tree")
+    config = RadarConfig.from_dict(radar_section(read_head_config(checkpoint)))
+    with pytest.raises(FileNotFoundError, match="radar.tree_policy='policy-tree'"):
+        validate_radar_setup(config, checkpoint)
