@@ -6,6 +6,7 @@ Layout written by :func:`pack_radar_checkpoint`::
     OUT_DIR/*.safetensors, ...     the head's files, unchanged (stock vLLM runs OUT_DIR as EAGLE-3)
     OUT_DIR/policy/policy.safetensors + policy.json   the stop policy (a sub-directory: vLLM
                                    loads every top-level *.safetensors file as head weights)
+    OUT_DIR/policy-tree/...        optional: the policy used in tree mode ("tree_policy")
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from typing import Any
 
 from radar_vllm.radar_config import (
     DEFAULT_POLICY_PATH,
+    DEFAULT_TREE_POLICY_PATH,
     HEAD_CONFIG_FILENAME,
     MODE_CHAIN,
     RADAR_SECTION,
@@ -49,11 +51,14 @@ def pack_radar_checkpoint(
     threshold: float | None = None,
     decision: str | None = None,
     mode: str = MODE_CHAIN,
+    tree_policy_path: str | Path | None = None,
 ) -> Path:
     """Write a RADAR checkpoint into ``out_dir`` (which must not exist or be empty); return it.
 
     ``top_k`` defaults to the policy's state size; ``threshold``/``decision`` default to the
-    policy's own (left out of the section). The result is validated before it is moved in place.
+    policy's own (left out of the section). ``tree_policy_path``: a second policy, trained on
+    tree-mode rounds, copied to ``policy-tree/`` and used when the mode is tree. The result is
+    validated (both policies) before it is moved in place.
     """
     from radar_vllm.policy import CONFIG_FILENAME, WEIGHTS_FILENAME, load_policy_checkpoint
 
@@ -72,6 +77,7 @@ def pack_radar_checkpoint(
         total_tokens=total_tokens,
         threshold=threshold,
         decision=decision,
+        tree_policy=None if tree_policy_path is None else DEFAULT_TREE_POLICY_PATH,
     )
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise ValueError(f"output directory {out_dir} exists and is not empty; choose a new directory")
@@ -79,17 +85,13 @@ def pack_radar_checkpoint(
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
         for item in head_dir.iterdir():
-            if item.name == HEAD_CONFIG_FILENAME or item.name == DEFAULT_POLICY_PATH:
+            if item.name in (HEAD_CONFIG_FILENAME, DEFAULT_POLICY_PATH, DEFAULT_TREE_POLICY_PATH):
                 continue
             if item.is_file():
                 shutil.copy2(item, staging / item.name)
-        policy_dir = staging / DEFAULT_POLICY_PATH
-        policy_dir.mkdir()
-        source = Path(policy_path)
-        weights = source if source.suffix == ".safetensors" else source / WEIGHTS_FILENAME
-        config_file = weights.with_suffix(".json") if source.suffix == ".safetensors" else source / CONFIG_FILENAME
-        shutil.copy2(weights, policy_dir / WEIGHTS_FILENAME)
-        shutil.copy2(config_file, policy_dir / CONFIG_FILENAME)
+        _copy_policy(policy_path, staging / DEFAULT_POLICY_PATH, WEIGHTS_FILENAME, CONFIG_FILENAME)
+        if tree_policy_path is not None:
+            _copy_policy(tree_policy_path, staging / DEFAULT_TREE_POLICY_PATH, WEIGHTS_FILENAME, CONFIG_FILENAME)
         config: dict[str, Any] = dict(head_config)
         config[RADAR_SECTION] = radar.to_dict()
         (staging / HEAD_CONFIG_FILENAME).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
@@ -102,3 +104,20 @@ def pack_radar_checkpoint(
         raise
     logger.info("wrote RADAR checkpoint %s (%s)", out_dir, radar.to_dict())
     return out_dir
+
+
+TRAINING_RECORD_FILENAME = "training_record.json"
+
+
+def _copy_policy(source: str | Path, destination: Path, weights_name: str, config_name: str) -> None:
+    """Copy a policy checkpoint (directory or ``.safetensors`` file + its ``.json``) into ``destination``."""
+    source = Path(source)
+    weights = source if source.suffix == ".safetensors" else source / weights_name
+    config_file = weights.with_suffix(".json") if source.suffix == ".safetensors" else source / config_name
+    destination.mkdir()
+    shutil.copy2(weights, destination / weights_name)
+    shutil.copy2(config_file, destination / config_name)
+    # The policy's training record (written by `radar-vllm train-policy`) travels with it.
+    record = weights.parent / TRAINING_RECORD_FILENAME
+    if record.is_file():
+        shutil.copy2(record, destination / TRAINING_RECORD_FILENAME)

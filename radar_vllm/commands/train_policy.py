@@ -74,14 +74,17 @@ def run(args: argparse.Namespace) -> int:
         if algorithm == ALGORITHM_EXACT:
             config = ExactConfig(epochs=args.epochs or 30, batch_size=args.batch_size or 512,
                                  lr=args.lr or 1e-3, anneal_scale=args.anneal_scale,
-                                 seed=args.seed, max_steps_per_epoch=args.max_steps_per_epoch)
+                                 seed=args.seed, max_steps_per_epoch=args.max_steps_per_epoch,
+                                 # an explicit --epochs is taken literally
+                                 min_steps=(args.min_steps if args.min_steps is not None
+                                            else 0 if args.epochs else ExactConfig.min_steps))
             trainer, decision = train_exact, DECISION_THRESHOLD
         else:
             config = ReinforceConfig(epochs=args.epochs or 100, batch_size=args.batch_size or 64,
                                      lr=args.lr or 1e-4, alpha=args.alpha, beta=args.beta,
                                      seed=args.seed, max_steps_per_epoch=args.max_steps_per_epoch)
             trainer, decision = train_reinforce, DECISION_SAMPLED
-        bar = tqdm(total=config.epochs, desc=f"train-policy {algorithm}", file=sys.stderr)
+        bar = tqdm(total=None, desc=f"train-policy {algorithm}", file=sys.stderr)
 
         def progress(entry: dict) -> None:
             bar.update(1)
@@ -141,6 +144,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--lr", type=float, default=None,
                         help="default 1e-3 (exact) / 1e-4 (reinforce)")
     parser.add_argument("--max-steps-per-epoch", type=int, default=None)
+    parser.add_argument("--min-steps", type=int, default=None,
+                        help="exact: fewest optimiser steps; epochs repeat until reached (default: "
+                             "ExactConfig.min_steps, or 0 when --epochs is given)")
     parser.add_argument("--val-fraction", type=float, default=0.2,
                         help="fraction of rounds held out for checkpoint selection")
     parser.add_argument("--seed", type=int, default=0)

@@ -97,16 +97,25 @@ class ExactConfig:
     epochs: int = 30
     batch_size: int = 512
     lr: float = 1e-3
-    weight_decay: float = 1e-4
+    # No weight decay by default: the exact objective's gradients are small once the stop
+    # distribution is nearly right, and Adam's coupled L2 term then dominates them (seen on the
+    # SmolLM2 chain rounds: with 1e-4 the policy never left its initial always-continue state).
+    weight_decay: float = 0.0
     grad_clip: float = 1.0
     # Final logit scale of the annealing toward determinism (1.0 = no annealing).
     anneal_scale: float = 1.0
     threshold: float = 0.5
     seed: int = 0
     max_steps_per_epoch: int | None = None
+    # Fewest optimiser steps in total: with few rounds (one batch per epoch) 30 epochs are only 30
+    # steps, too few for the LSTM to separate the decisions of different depths; epochs are
+    # repeated until this many steps have run.
+    min_steps: int = 400
 
     def __post_init__(self) -> None:
         _check_common(self.epochs, self.batch_size, self.lr, self.weight_decay, self.grad_clip)
+        if isinstance(self.min_steps, bool) or not isinstance(self.min_steps, int) or self.min_steps < 0:
+            raise ValueError(f"min_steps must be an integer >= 0, got {self.min_steps!r}")
         if not self.anneal_scale >= 1.0:
             raise ValueError(f"anneal_scale must be >= 1, got {self.anneal_scale}")
         if not 0.0 < self.threshold < 1.0:
@@ -201,8 +210,9 @@ def train_exact(train: RoundTable, validation: RoundTable, costs: CostTable,
     times = _policy_times(outcomes)
     steps_per_epoch = _steps_per_epoch(train.num_rounds, config.batch_size,
                                        config.max_steps_per_epoch)
+    num_epochs = max(config.epochs, math.ceil(config.min_steps / steps_per_epoch))
     optimizer, scheduler = _optimizer(policy, config.lr, config.weight_decay,
-                                      steps_per_epoch * config.epochs)
+                                      steps_per_epoch * num_epochs)
     generator = torch.Generator().manual_seed(config.seed)
     lam = best_fixed_depth(outcomes, include_no_speculation=False).tokens_per_second
     # Normalise the objective per round and by tokens so the step size is unit-free.
@@ -210,9 +220,9 @@ def train_exact(train: RoundTable, validation: RoundTable, costs: CostTable,
     best_val, best_state, best_epoch = -math.inf, copy.deepcopy(policy.state_dict()), -1
     history: list[dict[str, Any]] = []
     start_time = time.monotonic()
-    for epoch in range(config.epochs):
-        if config.epochs > 1:
-            logit_scale = 1.0 + (config.anneal_scale - 1.0) * epoch / (config.epochs - 1)
+    for epoch in range(num_epochs):
+        if num_epochs > 1:
+            logit_scale = 1.0 + (config.anneal_scale - 1.0) * epoch / (num_epochs - 1)
         else:
             logit_scale = config.anneal_scale
         policy.train()
