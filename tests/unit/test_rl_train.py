@@ -100,3 +100,15 @@ def test_training_refuses_costs_of_another_head() -> None:
         ExactConfig(epochs=0)
     with pytest.raises(ValueError, match="gamma"):
         ReinforceConfig(gamma=0.0)
+
+
+def test_exact_trainer_defaults_learn_from_a_small_table() -> None:
+    # Few rounds make one batch per epoch: the defaults must still take enough optimiser steps
+    # (and no weight decay) for the LSTM to stop after the second call. Regression: with 30
+    # single-batch epochs and weight decay 1e-4 the policy stayed at its initial always-continue.
+    table = step_table(200, max_depth=7, useful_depth=2)
+    costs = make_synthetic_costs()
+    train, validation = table.split(0.25, seed=0)
+    result = train_exact(train, validation, costs, ExactConfig())
+    depths = deterministic_rule_stop_depths(result.policy, validation)
+    assert torch.equal(depths, torch.full_like(depths, 2))
