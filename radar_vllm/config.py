@@ -85,3 +85,13 @@ class TreeConfig:
             raise ValueError(f"TreeConfig.from_dict expects a mapping, got {type(data).__name__}")
         _check_known_keys("TreeConfig", {f.name for f in fields(cls)}, data)
         return cls(**dict(data))
+
+    @classmethod
+    def for_mode(cls, mode: str, max_depth: int, top_k: int, total_tokens: int) -> "TreeConfig":
+        """The drafting shape of a mode: ``"chain"`` drafts one token per call (top_k 1, one node
+        per depth, so ``top_k``/``total_tokens`` are ignored); ``"tree"`` uses them as given."""
+        if mode == "chain":
+            return cls(top_k=1, max_depth=max_depth, total_tokens=max_depth + 1)
+        if mode == "tree":
+            return cls(top_k=top_k, max_depth=max_depth, total_tokens=total_tokens)
+        raise ValueError(f"mode must be 'chain' or 'tree', got {mode!r}")

@@ -42,14 +42,8 @@ def run(args: argparse.Namespace) -> int:
     torch.set_num_threads(max(1, args.threads))
     if args.split == "heldout" and args.prompt_set == "sharegpt":
         logger.warning("collecting the ShareGPT held-out split: use it for evaluation only")
-    if args.mode == "chain":
-        tree_config = TreeConfig(top_k=1, max_depth=args.max_depth,
-                                 total_tokens=args.max_depth + 1)
-        chain_state_size = args.chain_state_size
-    else:
-        tree_config = TreeConfig(top_k=args.top_k, max_depth=args.max_depth,
-                                 total_tokens=args.total_tokens)
-        chain_state_size = None
+    tree_config = TreeConfig.for_mode(args.mode, args.max_depth, args.top_k, args.total_tokens)
+    chain_state_size = args.chain_state_size if args.mode == "chain" else None
     dtype = getattr(torch, DTYPES[args.dtype])
     model_id, model_hash = directory_identity(args.target)
     head_id, head_hash = directory_identity(args.head)

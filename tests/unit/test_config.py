@@ -62,3 +62,10 @@ def test_from_dict_rejects_unknown_keys_and_bad_values() -> None:
 def test_num_candidates_at_depth_range() -> None:
     with pytest.raises(ValueError, match="depth"):
         TreeConfig().num_candidates_at_depth(8)
+
+
+def test_for_mode_gives_a_chain_or_the_given_tree() -> None:
+    assert TreeConfig.for_mode("chain", 5, 10, 60) == TreeConfig(top_k=1, max_depth=5, total_tokens=6)
+    assert TreeConfig.for_mode("tree", 5, 4, 20) == TreeConfig(top_k=4, max_depth=5, total_tokens=20)
+    with pytest.raises(ValueError, match="mode"):
+        TreeConfig.for_mode("forest", 5, 4, 20)
