@@ -5,7 +5,8 @@ Modules, one concern each:
 - :mod:`~radar_vllm.bench.metrics`: pure metric arithmetic (median/spread, ratio of sums,
   acceptance length from counters, greedy output matching);
 - :mod:`~radar_vllm.bench.snapshots`: Prometheus counters before/after a run and their difference;
-- :mod:`~radar_vllm.bench.settings`: the run's settings and the ``--quick`` / GPU presets;
+- :mod:`~radar_vllm.bench.settings`: the run's settings and the presets (quick, report, GPU);
+- :mod:`~radar_vllm.bench.estimate`: the run-time cost model printed before a run;
 - :mod:`~radar_vllm.bench.configs`: the configuration rows (no speculation, EAGLE-3 at each K,
   RADAR chain/tree, static tree, confidence stop);
 - :mod:`~radar_vllm.bench.workloads`: prompt sets as token ids (MT-Bench turns 1 and 2,

@@ -4,7 +4,10 @@ vLLM backend: each configuration row runs in its own subprocess (:mod:`radar_vll
 with a fresh engine, one after the other (no-speculation first: its greedy outputs are the match
 reference and its MT-Bench answers make the turn-2 prompts). Then the online part starts the
 server for no speculation, the best stock EAGLE-3 K (chosen on the first offline cell) and the
-RADAR rows. Results are rewritten after every row, so an interrupted run keeps what it measured.
+RADAR rows. Results are rewritten after every row, so an interrupted run keeps what it measured,
+and each row's job and result stay in the work dir: a rerun of the same command reuses every row
+and served row that finished with the same job (``resume``) and measures only the rest. One
+engine per row serves all its workloads, temperatures and modes.
 
 Reference backend (vLLM not importable): everything in this process on the plain PyTorch decoder.
 """
@@ -29,12 +32,15 @@ from radar_vllm.bench.configs import (
     BenchConfig,
     build_configs,
 )
+from radar_vllm.radar_config import MODE_TREE
 from radar_vllm.bench.settings import (
     BACKEND_AUTO,
     BACKEND_REFERENCE,
     BACKEND_VLLM,
     GREEDY,
+    ONLINE_BEST_EAGLE3,
     BenchSettings,
+    temperatures_for,
 )
 from radar_vllm.bench.workloads import (
     MTBENCH,
@@ -47,6 +53,10 @@ from radar_vllm.bench.workloads import (
 logger = logging.getLogger(__name__)
 
 WORKER_MODULE = "radar_vllm.bench.worker"
+JOB_FILE = "job.json"
+RESULT_FILE = "result.json"
+PROGRESS_KEY = "progress_file"  # the job's only key that is not part of what the row measures
+ONLINE_FILE_SUFFIX = ".json"
 POLL_S = 1.0
 EXIT_GRACE_S = 60.0
 IOMP_LIBRARY = "libiomp5.so"
@@ -174,15 +184,48 @@ def _kill_group(process: subprocess.Popen) -> None:
     process.wait(timeout=EXIT_GRACE_S)
 
 
+def _as_json(data: Any) -> Any:
+    """``data`` as it reads back from JSON (tuples become lists), for comparisons with stored files."""
+    return json.loads(json.dumps(data))
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def finished_result(row_dir: Path, job: dict[str, Any]) -> dict[str, Any] | None:
+    """The stored result of ``job`` in ``row_dir`` when that exact job finished without error, else None."""
+    stored_job = _read_json(row_dir / JOB_FILE)
+    result = _read_json(row_dir / RESULT_FILE)
+    if not isinstance(result, dict) or result.get("error") or not isinstance(stored_job, dict):
+        return None
+    stored_job.pop(PROGRESS_KEY, None)
+    wanted = _as_json({key: value for key, value in job.items() if key != PROGRESS_KEY})
+    return result if stored_job == wanted else None
+
+
 def run_config_subprocess(job: dict[str, Any], row_dir: Path, env: dict[str, str], timeout_s: float,
-                          bar: Any) -> dict[str, Any]:
-    """Run one row's job in a worker subprocess; returns its result (``error`` set on failure)."""
+                          bar: Any, resume: bool = False, units: int = 0) -> dict[str, Any]:
+    """Run one row's job in a worker subprocess; returns its result (``error`` set on failure).
+
+    ``resume``: when ``row_dir`` holds a finished result of the same job, return it (marked
+    ``resumed``) and advance ``bar`` by ``units`` instead of running the row again.
+    """
     row_dir.mkdir(parents=True, exist_ok=True)
-    job_path, result_path = row_dir / "job.json", row_dir / "result.json"
+    job_path, result_path = row_dir / JOB_FILE, row_dir / RESULT_FILE
     progress_path, log_path = row_dir / "progress.txt", row_dir / "worker.log"
+    if resume:
+        previous = finished_result(row_dir, job)
+        if previous is not None:
+            logger.info("row %s: reusing the finished result in %s", job["config"]["name"], row_dir)
+            bar.update(units)
+            return dict(previous, resumed=True)
     for stale in (result_path, progress_path):
         stale.unlink(missing_ok=True)
-    job = dict(job, progress_file=str(progress_path))
+    job = dict(job, **{PROGRESS_KEY: str(progress_path)})
     job_path.write_text(json.dumps(job) + "\n", encoding="utf-8")
     command = [sys.executable, "-m", WORKER_MODULE, "--job", str(job_path), "--result", str(result_path)]
     started = time.perf_counter()
@@ -226,20 +269,26 @@ def run_config_subprocess(job: dict[str, Any], row_dir: Path, env: dict[str, str
     return result
 
 
-def units_per_row(settings: BenchSettings, num_workloads: int) -> int:
-    return num_workloads * len(settings.temperatures) * len(settings.offline_modes) * settings.repeats
+def units_per_row(settings: BenchSettings, workload_names: list[str], tree: bool = False) -> int:
+    """Timed runs of one row (``tree``: a tree row, with tree_modes / tree_repeats)."""
+    per_workload = len(settings.modes_for(tree)) * settings.repeats_for(tree)
+    return sum(len(temperatures_for(settings.temperatures, settings.sampled_workloads, name)) * per_workload
+               for name in workload_names)
 
 
 def make_job(settings: BenchSettings, config: BenchConfig, models: BenchModels, workloads: list[Workload],
              build_turn2: bool) -> dict[str, Any]:
     max_num_seqs = max([w.num_prompts for w in workloads] + [1])
+    tree = config.mode == MODE_TREE
     job: dict[str, Any] = {
         "config": config.to_dict(),
         "engine": engine_spec(settings, models, max_num_seqs),
         "workloads": [w.to_dict() for w in workloads],
         "temperatures": list(settings.temperatures),
-        "modes": list(settings.offline_modes),
-        "repeats": settings.repeats,
+        "sampled_workloads": list(settings.sampled_workloads),
+        "batch1_prompts": settings.batch1_prompts,
+        "modes": list(settings.modes_for(tree)),
+        "repeats": settings.repeats_for(tree),
         "max_new_tokens": settings.max_new_tokens,
         "seed": settings.seed,
         "warmup": settings.warmup,
@@ -263,18 +312,50 @@ def best_eagle3_row(document: dict[str, Any]) -> str | None:
 
 def online_rows(configs: list[BenchConfig], document: dict[str, Any], results: dict[str, Any],
                 only: tuple[str, ...] = ()) -> list[BenchConfig]:
-    """Rows served online: ``only`` when given, else no-spec, the best stock EAGLE-3 K and the RADAR rows
-    (rows that were skipped or failed offline are left out)."""
+    """Rows served online: ``only`` when given (``eagle3-best``: the best stock EAGLE-3 K), else no-spec,
+    the best stock EAGLE-3 K and the RADAR rows (rows that were skipped or failed offline are left out)."""
     best = best_eagle3_row(document)
     chosen = []
     for config in configs:
         if config.skipped or results.get(config.name, {}).get("error"):
             continue
-        wanted = config.name in only if only else (
+        wanted = (config.name in only or (ONLINE_BEST_EAGLE3 in only and config.name == best)) if only else (
             config.kind == KIND_NONE or config.name == best or config.uses_radar)
         if wanted:
             chosen.append(config)
     return chosen
+
+
+def online_request(settings: BenchSettings, config: BenchConfig, models: BenchModels,
+                   prompts: list[list[int]]) -> dict[str, Any]:
+    """What one served row measures: a stored result counts as finished only for the same request."""
+    levels = list(settings.online_concurrency)
+    return _as_json({
+        "config": config.to_dict(),
+        "engine": engine_spec(settings, models, max(levels)),
+        "levels": levels,
+        "requests": [settings.online_requests_for(level) for level in levels],
+        "max_tokens": settings.online_max_new_tokens or settings.max_new_tokens,
+        "temperature": settings.online_temperature,
+        "repeats": settings.online_repeats,
+        "prompts": prompts,
+    })
+
+
+def finished_online(path: Path, request: dict[str, Any]) -> list[dict[str, Any]] | None:
+    """The stored levels of ``request`` (every request completed), else None."""
+    stored = _read_json(path)
+    if not isinstance(stored, dict) or stored.get("request") != request:
+        return None
+    return [dict(level, resumed=True) for level in stored.get("levels", [])]
+
+
+def write_json(path: Path, data: Any) -> None:
+    """Write ``data`` as JSON through a temporary file (a killed run leaves no half-written file)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text(json.dumps(data) + "\n", encoding="utf-8")
+    os.replace(temporary, path)
 
 
 def run_online(settings: BenchSettings, configs: list[BenchConfig], models: BenchModels,
@@ -290,6 +371,16 @@ def run_online(settings: BenchSettings, configs: list[BenchConfig], models: Benc
     server_env = {k: v for k, v in env.items() if k != "VLLM_ENABLE_V1_MULTIPROCESSING"}
     with tqdm(total=total, desc="online", unit="level") as bar:
         for config in configs:
+            stored_path = work_dir / "online" / f"{config.name}{ONLINE_FILE_SUFFIX}"
+            request = online_request(settings, config, models, prompts)
+            if settings.resume:
+                previous = finished_online(stored_path, request)
+                if previous is not None:
+                    logger.info("online %s: reusing the finished levels in %s", config.name, stored_path)
+                    entries.extend(previous)
+                    bar.update(len(levels) * settings.online_repeats)
+                    continue
+            stored_path.unlink(missing_ok=True)
             port = free_port()
             command = server_command(engine_spec(settings, models, max(levels)), config.speculative_config(),
                                      port, max(levels))
@@ -300,8 +391,11 @@ def run_online(settings: BenchSettings, configs: list[BenchConfig], models: Benc
                 levels_out = measure_server(server, prompts, levels, settings.online_requests_for, max_tokens,
                                             settings.online_temperature, settings.seed, settings.online_timeout_s,
                                             settings.online_repeats, on_level=lambda: bar.update(1))
-                for level in levels_out:
-                    entries.append(dict(level, config=config.name, server_start_seconds=server.start_seconds))
+                measured = [dict(level, config=config.name, server_start_seconds=server.start_seconds)
+                            for level in levels_out]
+                entries.extend(measured)
+                if all(level["completed"] == level["num_requests"] for level in measured):
+                    write_json(stored_path, {"request": request, "levels": measured})
             except Exception as error:  # one row's server failing must not lose the others
                 logger.error("online %s failed: %s", config.name, error)
                 entries.append({"config": config.name, "error": f"{type(error).__name__}: {error}"})
@@ -309,6 +403,28 @@ def run_online(settings: BenchSettings, configs: list[BenchConfig], models: Benc
                 if server is not None:
                     stop_server(server)
     return entries
+
+
+# ------------------------------------------------------------------------------ estimate
+def announce_estimate(settings: BenchSettings, runnable: list[BenchConfig], configs: list[BenchConfig],
+                      work_dir: Path, notes: list[str]) -> None:
+    """Print the cost-model estimate of what is left to run (rows finished in ``work_dir`` excluded)."""
+    from radar_vllm.bench.estimate import estimate_run, planned_online_rows
+
+    finished = []
+    for config in runnable if settings.resume else []:
+        result = _read_json(work_dir / "rows" / config.name / RESULT_FILE)
+        if isinstance(result, dict) and not result.get("error"):
+            finished.append(config.name)
+    rows = [c.name for c in runnable if c.name not in finished]
+    online = planned_online_rows(settings, [c.name for c in configs if not c.skipped])
+    estimate = estimate_run(settings, rows=rows, online_rows=online)
+    text = estimate.summary()
+    if finished:
+        text += f"\n  finished rows found in {work_dir} (reused where the job is unchanged): {', '.join(finished)}"
+    print(text, file=sys.stderr, flush=True)
+    notes.append(f"cost-model estimate at the start (2-core CPU, SmolLM2 defaults): "
+                 f"{estimate.total_s / 60:.0f} min for {len(rows)} offline row(s) and {len(online)} served row(s)")
 
 
 # ------------------------------------------------------------------------------ main
@@ -380,8 +496,11 @@ def run_benchmark(settings: BenchSettings) -> BenchOutputs:
         import torch
 
         deadline = started + settings.time_budget_s if settings.time_budget_s else None
-        num_workloads = len(workloads) + (1 if wants_turn2(settings) else 0)
-        total = len(runnable) * num_workloads * len(settings.temperatures) * settings.repeats
+        if settings.batch1_prompts is not None:  # the reference decoder runs batch 1 only
+            workloads = [w.head(settings.batch1_prompts) for w in workloads]
+        names = [w.name for w in workloads] + ([MTBENCH_TURN2] if wants_turn2(settings) else [])
+        total = len(runnable) * settings.repeats * sum(
+            len(temperatures_for(settings.temperatures, settings.sampled_workloads, name)) for name in names)
         threads = torch.get_num_threads()
         if settings.torch_threads:
             torch.set_num_threads(settings.torch_threads)
@@ -389,7 +508,8 @@ def run_benchmark(settings: BenchSettings) -> BenchOutputs:
             with tqdm(total=total, desc="reference decoder", unit="run") as bar:
                 results, all_workloads, more_notes = run_reference_benchmark(
                     configs=runnable, target_dir=models.target, head_dir=str(models.head), workloads=workloads,
-                    temperatures=settings.temperatures, repeats=settings.repeats,
+                    temperatures=settings.temperatures, sampled_workloads=settings.sampled_workloads,
+                    repeats=settings.repeats,
                     max_new_tokens=settings.max_new_tokens, seed=settings.seed, dtype=settings.dtype,
                     device=settings.device, confidence_threshold=settings.confidence_threshold, tokenizer=tokenizer,
                     turn2_max_prompt_tokens=settings.turn2_max_prompt_tokens if wants_turn2(settings) else None,
@@ -404,20 +524,27 @@ def run_benchmark(settings: BenchSettings) -> BenchOutputs:
     results: dict[str, Any] = {}
     all_workloads = list(workloads)
     turn2 = wants_turn2(settings)
-    total = sum(units_per_row(settings, len(workloads) + (1 if turn2 else 0)) for _ in runnable)
+    names = [w.name for w in workloads] + ([MTBENCH_TURN2] if turn2 else [])
+    total = sum(units_per_row(settings, names, config.mode == MODE_TREE) for config in runnable)
+    if not settings.tiny:  # the cost model knows the real target's speed only
+        announce_estimate(settings, runnable, configs, work_dir, notes)
     with tqdm(total=total, desc="offline", unit="run") as bar:
         for config in runnable:
             bar.set_postfix_str(config.name)
             is_reference = config.name == NO_SPEC
+            tree = config.mode == MODE_TREE
             job = make_job(settings, config, models, all_workloads, build_turn2=turn2 and is_reference)
-            result = run_config_subprocess(job, work_dir / "rows" / config.name, env, settings.config_timeout_s, bar)
+            result = run_config_subprocess(job, work_dir / "rows" / config.name, env, settings.config_timeout_s, bar,
+                                           resume=settings.resume, units=units_per_row(settings, names, tree))
             results[config.name] = result
             if is_reference:
                 derived = [Workload.from_dict(w) for w in result.get("derived_workloads") or []]
                 all_workloads.extend(derived)
                 if turn2 and not derived:
                     notes.append("MT-Bench turn 2 left out: the no-speculation run gave no turn-2 prompts")
-                    bar.total -= units_per_row(settings, 1) * (len(runnable) - 1)
+                    names.remove(MTBENCH_TURN2)
+                    bar.total -= sum(units_per_row(settings, [MTBENCH_TURN2], c.mode == MODE_TREE)
+                                     for c in runnable if c.name != NO_SPEC)
             if config.uses_radar and result.get("radar_metrics_seen") is False and not result.get("error"):
                 notes.append(f"{config.name}: no RADAR metrics were seen; is the radar_vllm vLLM plugin active?")
             write_outputs(document_of(results, all_workloads, []), settings, plots=False)

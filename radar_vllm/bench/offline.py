@@ -16,7 +16,7 @@ import logging
 import time
 from typing import Any, Callable, Sequence
 
-from radar_vllm.bench.settings import GREEDY, MODE_BATCH1, MODE_BATCHED
+from radar_vllm.bench.settings import GREEDY, MODE_BATCH1, MODE_BATCHED, temperatures_for
 from radar_vllm.bench.snapshots import (
     RADAR_ROUNDS,
     MetricSnapshot,
@@ -56,6 +56,14 @@ def keep_relevant(snapshot: MetricSnapshot) -> MetricSnapshot:
     )
 
 
+def turn2_source_mode(modes: Sequence[str], num_prompts: int, batch1_prompts: int | None) -> str:
+    """The mode whose greedy MT-Bench answers make turn 2: batch 1 when it covers every prompt, else batched."""
+    batch1_covers = batch1_prompts is None or batch1_prompts >= num_prompts
+    if MODE_BATCH1 in modes and (batch1_covers or MODE_BATCHED not in modes):
+        return MODE_BATCH1
+    return MODE_BATCHED if MODE_BATCHED in modes else modes[0]
+
+
 class OfflineRunner:
     """Times ``LLM.generate`` on one engine; ``llm`` is a ``vllm.LLM`` (duck-typed)."""
 
@@ -88,12 +96,15 @@ class OfflineRunner:
             raise ValueError(f"mode must be {MODE_BATCH1!r} or {MODE_BATCHED!r}, got {mode!r}")
         return [list(output.outputs[0].token_ids) for output in outputs]
 
-    def measure(self, workload: Workload, temperature: float, mode: str, repeat: int
-                ) -> tuple[dict[str, Any], list[list[int]]]:
-        """One timed run: (record, outputs)."""
+    def measure(self, workload: Workload, temperature: float, mode: str, repeat: int,
+                batch1_prompts: int | None = None) -> tuple[dict[str, Any], list[list[int]]]:
+        """One timed run: (record, outputs). Batch 1 times the first ``batch1_prompts`` prompts (None: all)."""
+        prompts = workload.prompt_ids
+        if mode == MODE_BATCH1 and batch1_prompts is not None:
+            prompts = prompts[:batch1_prompts]
         before = self.snapshot()
         started = time.perf_counter()
-        outputs = self.generate(workload.prompt_ids, temperature, mode)
+        outputs = self.generate(prompts, temperature, mode)
         seconds = time.perf_counter() - started
         delta = keep_relevant(snapshot_delta(self.snapshot(), before))
         record = {
@@ -101,8 +112,8 @@ class OfflineRunner:
             "temperature": temperature,
             "mode": mode,
             "repeat": repeat,
-            "num_prompts": workload.num_prompts,
-            "prompt_tokens": workload.num_prompt_tokens,
+            "num_prompts": len(prompts),
+            "prompt_tokens": sum(len(ids) for ids in prompts),
             "output_tokens": sum(len(ids) for ids in outputs),
             "seconds": seconds,
             "metrics": delta.to_dict(),
@@ -114,12 +125,16 @@ def run_offline_job(job: dict[str, Any], llm: Any, progress: Callable[[], None])
     """Every measured run of ``job`` on ``llm``; returns the worker's result (without engine info).
 
     ``job`` keys: workloads (list of Workload dicts), temperatures, modes, repeats,
-    max_new_tokens, seed, warmup, and optionally build_turn2 = {"max_prompt_tokens": N,
-    "tokenizer": DIR} (the no-speculation run builds MT-Bench turn 2 from its own greedy answers).
+    max_new_tokens, seed, warmup; optionally sampled_workloads (T > 0 only for these; empty or
+    absent: all), batch1_prompts (batch 1 times the first N prompts; absent or None: all) and
+    build_turn2 = {"max_prompt_tokens": N, "tokenizer": DIR} (the no-speculation run builds
+    MT-Bench turn 2 from its own greedy answers).
     """
     runner = OfflineRunner(llm, int(job["max_new_tokens"]), int(job["seed"]))
     workloads = [Workload.from_dict(w) for w in job["workloads"]]
     temperatures = [float(t) for t in job["temperatures"]]
+    sampled = list(job.get("sampled_workloads") or ())
+    batch1_prompts = job.get("batch1_prompts")
     modes = list(job["modes"])
     repeats = int(job["repeats"])
     if job.get("warmup", True) and workloads:
@@ -132,10 +147,10 @@ def run_offline_job(job: dict[str, Any], llm: Any, progress: Callable[[], None])
     queue = list(workloads)
     while queue:
         workload = queue.pop(0)
-        for temperature in temperatures:
+        for temperature in temperatures_for(temperatures, sampled, workload.name):
             for mode in modes:
                 for repeat in range(repeats):
-                    record, ids = runner.measure(workload, temperature, mode, repeat)
+                    record, ids = runner.measure(workload, temperature, mode, repeat, batch1_prompts)
                     runs.append(record)
                     radar_seen = radar_seen or RADAR_ROUNDS in record["metrics"]["counters"]
                     if temperature == GREEDY:
@@ -148,9 +163,10 @@ def run_offline_job(job: dict[str, Any], llm: Any, progress: Callable[[], None])
                     progress()
         turn2 = job.get("build_turn2")
         if turn2 and workload.name == MTBENCH and GREEDY in temperatures:
-            source_mode = MODE_BATCH1 if MODE_BATCH1 in modes else modes[0]
+            source_mode = turn2_source_mode(modes, workload.num_prompts, batch1_prompts)
             tokenizer = load_tokenizer(turn2["tokenizer"])
-            second = build_second_turn(tokenizer, workload, outputs[output_key(MTBENCH, source_mode)],
+            answers = outputs[output_key(MTBENCH, source_mode)]
+            second = build_second_turn(tokenizer, workload.head(len(answers)), answers,
                                        int(turn2["max_prompt_tokens"]))
             if second.num_prompts:
                 derived.append(second.to_dict())

@@ -32,7 +32,7 @@ from radar_vllm.bench.configs import (
     radar_config_of,
 )
 from radar_vllm.bench.offline import output_key
-from radar_vllm.bench.settings import GREEDY, MODE_BATCH1
+from radar_vllm.bench.settings import GREEDY, MODE_BATCH1, temperatures_for
 from radar_vllm.bench.snapshots import (
     GENERATION_TOKENS,
     ITERATION_TOKENS,
@@ -253,6 +253,7 @@ def run_reference_benchmark(
     turn2_max_prompt_tokens: int | None,
     deadline: float | None,
     progress: Callable[[], None],
+    sampled_workloads: Sequence[str] = (),
 ) -> tuple[dict[str, dict[str, Any]], list[Workload], list[str]]:
     """All rows on the reference decoder: (results by row name, workloads incl. turn 2, notes)."""
     from radar_vllm.reference.models import load_head, load_target
@@ -301,7 +302,7 @@ def run_reference_benchmark(
     cut = 0
     for repeat in range(repeats):
         for workload in workloads:
-            for temperature in temperatures:
+            for temperature in temperatures_for(temperatures, sampled_workloads, workload.name):
                 for row in rows:
                     if (row.config.name, workload.name, temperature, repeat) in done:
                         continue

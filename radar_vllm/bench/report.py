@@ -309,6 +309,22 @@ def _histogram_text(histogram: Mapping[str, int] | None) -> str:
     return " ".join(f"{label}:{count}" for label, count in histogram.items())
 
 
+def sampling_lines(settings: Mapping[str, Any]) -> list[str]:
+    """Markdown lines for the settings that make cells differ from the plain grid."""
+    lines = []
+    if settings.get("batch1_prompts") is not None:
+        lines.append(f"- Batch 1 times the first {settings['batch1_prompts']} prompts of each workload "
+                     f"(batched: all of them in one call)")
+    if settings.get("sampled_workloads"):
+        lines.append(f"- T > 0 only on {', '.join(settings['sampled_workloads'])}; the other workloads are greedy only")
+    tree_modes, tree_repeats = settings.get("tree_modes"), settings.get("tree_repeats")
+    if tree_modes is not None or tree_repeats is not None:
+        modes = ", ".join(tree_modes) if tree_modes is not None else "all modes"
+        repeats = tree_repeats if tree_repeats is not None else settings.get("repeats")
+        lines.append(f"- Tree rows (radar-tree, static-tree): {modes}, {repeats} repeat(s)")
+    return lines
+
+
 HEADLINE_ROWS = {RADAR_CHAIN: "RADAR chain", RADAR_TREE: "RADAR tree"}
 
 
@@ -345,6 +361,7 @@ def render_markdown(document: Mapping[str, Any], plot_files: Sequence[str] = ())
         f"`{document['models'].get('radar_checkpoint')}`",
         f"- Per cell: {settings.get('num_prompts')} prompts/workload, up to {settings.get('max_new_tokens')} new "
         f"tokens, {settings.get('repeats')} repeats; dtype {settings.get('dtype')}",
+        *sampling_lines(settings),
         "- tok/s: output tokens / wall seconds of a run (ratio of sums), median over repeats "
         "[min–max]; ratios: ratio of medians (range: min/max .. max/min). Acceptance length = "
         "1 + accepted / verified drafts (vLLM counters). Target passes per output token = engine "

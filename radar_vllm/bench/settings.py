@@ -1,4 +1,4 @@
-"""Settings of one benchmark run and the presets (full, ``--quick``, reference decoder on a GPU).
+"""Settings of one benchmark run and the presets (``quick``, ``report``, ``gpu-reference``).
 
 A run measures every configuration row (see :mod:`radar_vllm.bench.configs`) on the same prompts
 with the same sampling settings:
@@ -7,13 +7,19 @@ with the same sampling settings:
   greedy and T = 1, ``repeats`` times each;
 - online: the OpenAI-compatible server on loopback, at each concurrency level, for no
   speculation, the best stock EAGLE-3 K (chosen offline) and the RADAR rows.
+
+Narrowing knobs keep a full grid affordable: ``sampled_workloads`` (T > 0 only there),
+``batch1_prompts`` (batch 1 times the first N prompts) and ``tree_modes`` / ``tree_repeats``
+(the slow tree rows measured less). Without a preset the run is the full grid.
 """
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
+
+from radar_vllm.bench.configs import NO_SPEC, RADAR_CHAIN
 
 BACKEND_AUTO = "auto"
 BACKEND_VLLM = "vllm"
@@ -31,6 +37,7 @@ DEFAULT_CONCURRENCY = (1, 4, 16, 64)
 # Continue drafting while the chain's (or best frontier node's) cumulative draft probability is at
 # least this; the training-free peer of the learned policy.
 DEFAULT_CONFIDENCE_THRESHOLD = 0.4
+ONLINE_BEST_EAGLE3 = "eagle3-best"  # in online_configs: the best stock EAGLE-3 row of the offline part
 DEFAULT_OUTPUT_DIR = Path("benchmarks") / "results"
 # Reference decoder on a GPU: stop starting new runs after this many seconds (whole run < 8 min).
 GPU_REFERENCE_TIME_BUDGET_S = 420.0
@@ -66,12 +73,19 @@ class BenchSettings:
     max_new_tokens: int = 256
     max_prompt_tokens: int = 1024
     temperatures: tuple[float, ...] = (GREEDY, 1.0)
+    sampled_workloads: tuple[str, ...] = ()  # workloads also run at T > 0; empty: every workload
+    batch1_prompts: int | None = None  # batch 1 times the first N prompts of a workload; None: all
     offline_modes: tuple[str, ...] = OFFLINE_MODES
     repeats: int = 3
+    # tree rows (radar-tree, static-tree): their own modes and repeats (None: as the other rows)
+    tree_modes: tuple[str, ...] | None = None
+    tree_repeats: int | None = None
     warmup: bool = True
     # online
     online_concurrency: tuple[int, ...] = DEFAULT_CONCURRENCY
-    online_configs: tuple[str, ...] = ()  # rows served online; empty: no-spec, best EAGLE-3 K, RADAR rows
+    # rows served online (ONLINE_BEST_EAGLE3 stands for the best stock EAGLE-3 K); empty: no-spec,
+    # the best EAGLE-3 K and the RADAR rows
+    online_configs: tuple[str, ...] = ()
     online_requests: int | None = None  # per level; None: max(2 * concurrency, num_prompts)
     online_max_new_tokens: int | None = None  # None: max_new_tokens
     online_temperature: float = GREEDY
@@ -93,6 +107,7 @@ class BenchSettings:
     output_dir: str = str(DEFAULT_OUTPUT_DIR)
     tag: str = "bench"
     work_dir: str | None = None  # jobs, logs, derived checkpoints; default: OUTPUT_DIR/.work-TAG
+    resume: bool = True  # reuse rows and online servers the work dir holds finished with the same job
     quick: bool = False
     plots: bool = True
 
@@ -106,13 +121,22 @@ class BenchSettings:
             _positive("k_list entries", k)
         for name in ("num_prompts", "max_new_tokens", "max_prompt_tokens", "repeats", "online_repeats"):
             _positive(name, getattr(self, name))
+        if self.tree_repeats is not None:
+            _positive("tree_repeats", self.tree_repeats)
         for level in self.online_concurrency:
             _positive("online_concurrency entries", level)
         if self.online_requests is not None:
             _positive("online_requests", self.online_requests)
-        for mode in self.offline_modes:
+        if self.batch1_prompts is not None:
+            _positive("batch1_prompts", self.batch1_prompts)
+        for name in self.sampled_workloads:
+            if name not in self.workloads:
+                raise ValueError(f"sampled_workloads entries must be among workloads {self.workloads}, got {name!r}")
+        for mode in (*self.offline_modes, *(self.tree_modes or ())):
             if mode not in OFFLINE_MODES:
                 raise ValueError(f"offline mode must be one of {OFFLINE_MODES}, got {mode!r}")
+        if self.tree_modes is not None and not self.tree_modes:
+            raise ValueError("tree_modes must name at least one offline mode (or be None: as offline_modes)")
         for temperature in (*self.temperatures, self.online_temperature):
             if not isinstance(temperature, (int, float)) or temperature < 0:
                 raise ValueError(f"temperatures must be numbers >= 0, got {temperature!r}")
@@ -142,11 +166,30 @@ class BenchSettings:
         longest = self.turn2_max_prompt_tokens + answer + DRAFT_SLOT_MARGIN
         return ((longest + CONTEXT_ROUNDING - 1) // CONTEXT_ROUNDING) * CONTEXT_ROUNDING
 
+    def modes_for(self, tree: bool) -> tuple[str, ...]:
+        """Offline modes of a row (``tree``: a tree row)."""
+        return self.tree_modes if tree and self.tree_modes is not None else self.offline_modes
+
+    def repeats_for(self, tree: bool) -> int:
+        return self.tree_repeats if tree and self.tree_repeats is not None else self.repeats
+
+    def batch1_prompts_for(self, num_prompts: int) -> int:
+        """Prompts timed at batch 1 of a workload with ``num_prompts`` prompts."""
+        return num_prompts if self.batch1_prompts is None else min(self.batch1_prompts, num_prompts)
+
     def online_requests_for(self, concurrency: int) -> int:
         return self.online_requests if self.online_requests is not None else max(2 * concurrency, self.num_prompts)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def temperatures_for(temperatures: Sequence[float], sampled_workloads: Sequence[str], workload: str
+                     ) -> tuple[float, ...]:
+    """Temperatures a workload runs at: greedy always, T > 0 only for ``sampled_workloads`` (empty: all)."""
+    if not sampled_workloads or workload in sampled_workloads:
+        return tuple(temperatures)
+    return tuple(t for t in temperatures if t == GREEDY)
 
 
 # Preset overrides. The CLI applies a preset first, then the options given explicitly.
@@ -180,6 +223,52 @@ GPU_REFERENCE_PRESET: dict[str, Any] = {
     "repeats": 3,
     "online_concurrency": (),
     "time_budget_s": GPU_REFERENCE_TIME_BUDGET_S,
+}
+
+
+# The committed report for the shipped SmolLM2 checkpoint on a 2-core CPU, sized for one run of
+# about an hour (`radar-vllm bench --preset report`; hard limit 75 min). The cost model
+# (radar_vllm.bench.estimate, 2-core CPU measurements) gives about 58 min: 12 engine starts
+# and 3 server starts (~15 min), offline ~40 min (9 chain rows x 3 repeats ~35 min, the tree rows
+# ~5 min at today's tree-verification speed), online ~3 min. Choices:
+# - every K = 1..7: the best-K baseline is chosen per cell, so no K may be missing;
+# - MT-Bench and HumanEval (ShareGPT adds ~12 min; MT-Bench turn 2 as much, both left out);
+#   T = 1 on MT-Bench only (T > 0 drafts are hardly accepted on the CPU build: slow and flat);
+# - batched = all 8 prompts of a workload in one call, batch 1 = its first 2 prompts;
+# - tree rows (59-node trees) at batch 1 only, one repeat: batched trees and more repeats do not
+#   fit before tree verification gets faster (then `--tree-modes batch1,batched --tree-repeats 3`);
+# - online: no-spec, the best stock EAGLE-3 K and RADAR chain at concurrency 1, 4, 16
+#   (8, 8 and 32 requests of 128 tokens); tree rows are too slow to serve at 16.
+REPORT_PRESET: dict[str, Any] = {
+    "k_list": DEFAULT_K_LIST,
+    "include_tree": True,
+    "include_static_tree": True,
+    "confidence_threshold": DEFAULT_CONFIDENCE_THRESHOLD,
+    "workloads": ("mtbench", "humaneval"),
+    "num_prompts": 8,
+    "batch1_prompts": 2,
+    "max_new_tokens": 128,
+    "temperatures": (GREEDY, 1.0),
+    "sampled_workloads": ("mtbench",),
+    "offline_modes": OFFLINE_MODES,
+    "repeats": 3,
+    "tree_modes": OFFLINE_MODES,  # 12-node trees of the shipped checkpoint: fast enough for every mode
+    "tree_repeats": 3,
+    "online_concurrency": (1, 4, 16),
+    "online_configs": (NO_SPEC, ONLINE_BEST_EAGLE3, RADAR_CHAIN),
+    "online_max_new_tokens": 128,
+    "online_repeats": 1,
+    "config_timeout_s": 1200.0,  # per row: a hung row must not eat the hour
+    "online_timeout_s": 600.0,
+}
+
+PRESET_QUICK = "quick"
+PRESET_REPORT = "report"
+PRESET_GPU_REFERENCE = "gpu-reference"
+PRESETS: dict[str, dict[str, Any]] = {
+    PRESET_QUICK: QUICK_PRESET,
+    PRESET_REPORT: REPORT_PRESET,
+    PRESET_GPU_REFERENCE: GPU_REFERENCE_PRESET,
 }
 
 

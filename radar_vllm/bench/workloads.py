@@ -49,6 +49,13 @@ class Workload:
     def num_prompt_tokens(self) -> int:
         return sum(len(ids) for ids in self.prompt_ids)
 
+    def head(self, count: int) -> "Workload":
+        """The first ``count`` prompts (all of them when there are fewer)."""
+        if count < 1:
+            raise ValueError(f"count must be >= 1, got {count}")
+        return Workload(name=self.name, prompt_ids=self.prompt_ids[:count], prompt_keys=self.prompt_keys[:count],
+                        turns=self.turns[:count])
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 

@@ -1,8 +1,9 @@
 """``radar-vllm bench``: RADAR against stock EAGLE-3 and no speculation, on the same prompts.
 
 Without model options it runs on the shipped assets: the SmolLM2 target (converted on first use)
-and the shipped RADAR checkpoint. ``--quick`` is a few-minute smoke run; ``--tiny`` uses tiny random
-models (tests). Library: :mod:`radar_vllm.bench`.
+and the shipped RADAR checkpoint. ``--quick`` is a few-minute smoke run; ``--preset report`` is
+the committed SmolLM2 report (about an hour on 2 CPU cores, resumable); ``--tiny`` uses tiny
+random models (tests). Library: :mod:`radar_vllm.bench`.
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from typing import Any, Callable
 logger = logging.getLogger(__name__)
 
 NONE_WORDS = ("", "none", "off")
+PRESET_NAMES = ("quick", "report", "gpu-reference")  # radar_vllm.bench.settings.PRESETS (not imported here)
 
 
 def _list(kind: Callable[[str], Any]) -> Callable[[str], tuple[Any, ...]]:
@@ -61,12 +63,23 @@ def default_assets() -> tuple[str, str]:
     )
 
 
+def preset_of(args: argparse.Namespace) -> str | None:
+    """The preset asked for: ``--preset NAME``, ``--quick`` (= ``--preset quick``) or None."""
+    from radar_vllm.bench.settings import PRESET_QUICK
+
+    if args.quick and args.preset not in (None, PRESET_QUICK):
+        raise ValueError(f"--quick is --preset {PRESET_QUICK}; it cannot be combined with --preset {args.preset}")
+    return PRESET_QUICK if args.quick else args.preset
+
+
 def settings_from_args(args: argparse.Namespace) -> Any:
     from radar_vllm.bench.harness import cuda_available, resolve_backend
     from radar_vllm.bench.settings import (
         BACKEND_REFERENCE,
-        GPU_REFERENCE_PRESET,
-        QUICK_PRESET,
+        PRESET_GPU_REFERENCE,
+        PRESET_QUICK,
+        PRESET_REPORT,
+        PRESETS,
         BenchSettings,
         apply_preset,
     )
@@ -86,8 +99,12 @@ def settings_from_args(args: argparse.Namespace) -> Any:
         "max_new_tokens": args.max_new_tokens,
         "max_prompt_tokens": args.max_prompt_tokens,
         "temperatures": args.temperatures,
+        "sampled_workloads": args.sampled_workloads,
+        "batch1_prompts": args.batch1_prompts,
         "offline_modes": args.modes,
         "repeats": args.repeats,
+        "tree_modes": args.tree_modes,
+        "tree_repeats": args.tree_repeats,
         "online_concurrency": args.online_concurrency,
         "online_configs": args.online_configs,
         "online_requests": args.online_requests,
@@ -108,19 +125,17 @@ def settings_from_args(args: argparse.Namespace) -> Any:
         "output_dir": args.output_dir,
         "work_dir": args.work_dir,
         "plots": False if args.no_plots else None,
+        "resume": False if args.no_resume else None,
     }
     if args.no_confidence:
         explicit["confidence_threshold"] = None
     elif args.confidence_threshold is not None:
         explicit["confidence_threshold"] = args.confidence_threshold
     backend, _ = resolve_backend(args.backend or "auto")
-    if args.quick:
-        preset = QUICK_PRESET
-    elif backend == BACKEND_REFERENCE and cuda_available():
-        preset = GPU_REFERENCE_PRESET
-    else:
-        preset = {}
-    merged = apply_preset(explicit, preset)
+    preset_name = preset_of(args)
+    if preset_name is None and backend == BACKEND_REFERENCE and cuda_available():
+        preset_name = PRESET_GPU_REFERENCE
+    merged = apply_preset(explicit, PRESETS[preset_name] if preset_name else {})
     if args.no_confidence:
         merged["confidence_threshold"] = None
     if merged.get("tiny"):
@@ -129,8 +144,9 @@ def settings_from_args(args: argparse.Namespace) -> Any:
     elif not merged.get("target"):
         merged["target"], default_checkpoint = default_assets()
         merged.setdefault("radar_checkpoint", default_checkpoint)
+    named = [preset_name] if preset_name in (PRESET_QUICK, PRESET_REPORT) else []
     tag = args.tag or "-".join(
-        ["bench"] + (["quick"] if args.quick else []) + (["tiny"] if merged.get("tiny") else [])
+        ["bench"] + named + (["tiny"] if merged.get("tiny") else [])
         + (["reference"] if backend == BACKEND_REFERENCE else []))
     merged["tag"] = tag
     return BenchSettings(**merged)
@@ -146,6 +162,11 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     settings = settings_from_args(args)
+    if args.estimate:
+        from radar_vllm.bench.estimate import estimate_run
+
+        print(estimate_run(settings).summary())
+        return 0
     previous = signal.signal(signal.SIGTERM, _interrupt)  # engines and servers are stopped on the way out
     try:
         outputs = run_benchmark(settings)
@@ -171,9 +192,16 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     models.add_argument("--radar-checkpoint", help="RADAR checkpoint (EAGLE-3 head with a radar section)")
     models.add_argument("--head", help="plain EAGLE-3 head for the stock rows (default: the RADAR checkpoint's)")
     models.add_argument("--tiny", action="store_true", help="tiny random models (tests, smoke runs)")
+    parser.add_argument("--preset", choices=tuple(PRESET_NAMES), default=None,
+                        help="quick: a few minutes on 2 CPU cores (same as --quick); report: the committed "
+                        "SmolLM2 report, about an hour on 2 CPU cores (see --estimate); gpu-reference: the "
+                        "reference decoder on a GPU in under 8 minutes (default where vLLM is missing and a GPU "
+                        "is present). Options given explicitly override the preset")
     parser.add_argument("--quick", action="store_true",
                         help="a few minutes on 2 CPU cores: MT-Bench turns 1-2, 2 prompts, 32 tokens, K in {1,3}, "
                         "RADAR chain and tree, offline only, in-process engine")
+    parser.add_argument("--estimate", action="store_true",
+                        help="print the cost-model run time of these settings (2-core CPU, SmolLM2) and exit")
     parser.add_argument("--backend", choices=("auto", "vllm", "reference"), default=None,
                         help="auto: vLLM when installed, else the reference decoder (GPU when present)")
     rows = parser.add_argument_group("configuration rows")
@@ -192,8 +220,15 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     load.add_argument("--max-new-tokens", type=int, default=None, help="default 256")
     load.add_argument("--max-prompt-tokens", type=int, default=None, help="longer prompts are left out (default 1024)")
     load.add_argument("--temperatures", type=_list(float), default=None, help="default 0,1")
+    load.add_argument("--sampled-workloads", type=_list(str), default=None,
+                      help="workloads also run at T > 0 (default: every workload)")
     load.add_argument("--modes", type=_list(str), default=None, help="batch1,batched (default both)")
+    load.add_argument("--batch1-prompts", type=int, default=None,
+                      help="batch 1 times the first N prompts of each workload (default: all)")
     load.add_argument("--repeats", type=int, default=None, help="timed repeats per cell (default 3)")
+    load.add_argument("--tree-modes", type=_list(str), default=None,
+                      help="offline modes of the tree rows (default: --modes)")
+    load.add_argument("--tree-repeats", type=int, default=None, help="repeats of the tree rows (default: --repeats)")
     online = parser.add_argument_group("online serving")
     online.add_argument("--online-concurrency", type=_list(int), default=None,
                         help="concurrency levels (default 1,4,16,64; 'none' to skip)")
@@ -225,5 +260,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     out.add_argument("--tag", default=None, help="file name stem (default bench[-quick][-tiny][-reference])")
     out.add_argument("--work-dir", default=None, help="jobs, logs and derived checkpoints (default OUTPUT_DIR/.work-TAG)")
     out.add_argument("--no-plots", action="store_true")
+    out.add_argument("--no-resume", action="store_true",
+                     help="run every row again (default: reuse rows and servers the work dir holds finished "
+                     "with the same job, so an interrupted run continues where it stopped)")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
     parser.set_defaults(func=run)

@@ -16,6 +16,14 @@ after the last round rewrites every tree node's own K/V into its own slot. The q
 exactly what it would see when decoding the path token by token. See
 :mod:`radar_vllm.vllm.tree_verify` for the plan's construction and a worked example.
 
+With scratch blocks (:mod:`radar_vllm.vllm.scratch`, the default under the RADAR scheduler) the
+rows do not take turns in the request's own slots: each row gets private copies of the blocks where
+its path goes (the first one copied whole from the request's block, so it holds the context's last
+tokens and the root in the cache's own layout), its path K/V are written there, and its block table
+points at them. All rows of the step then share one kernel call per layer (more only when the
+pool runs out), and the request's own slots are never overwritten. The kernel sees the same K/V at
+the same positions either way, so the rows are the same bits.
+
 Per layer the plan also stashes the tree rows' K/V and slot mapping, so the runner can compact
 the accepted path after acceptance with the platform's own ``reshape_and_cache`` (layout-agnostic:
 the key layout inside a CPU cache block depends on the ISA).
@@ -33,7 +41,7 @@ from typing import Any, Iterator, Sequence
 import torch
 from torch import Tensor
 
-from radar_vllm.vllm.tree_verify import PathRound
+from radar_vllm.vllm.tree_verify import PathRound, ScratchRound
 
 logger = logging.getLogger(__name__)
 
@@ -54,11 +62,32 @@ class LayerStash:
 
 @dataclass
 class TreeVerifyPlan:
-    rounds: list[PathRound]
-    # [num_stashed] int64: rows of all tree nodes of the step (restored after the rounds, stashed)
+    # PathRounds (rows recomputed in the request's own slots, restored afterwards) or ScratchRounds
+    # (rows recomputed over scratch blocks, see radar_vllm.vllm.scratch); never mixed
+    rounds: list[PathRound] | list[ScratchRound]
+    # [num_stashed] int64: rows of all tree nodes of the step (restored after path rounds, stashed)
     node_rows: Tensor
     stash: dict[str, LayerStash] = field(default_factory=dict)
     _scheduler_metadata: dict[tuple[Any, ...], Tensor] = field(default_factory=dict)
+    # round index -> (block table [J, max_blocks] int32, copy source blocks [P] int64), the same in every layer
+    _scratch_tables: dict[int, tuple[Tensor, Tensor]] = field(default_factory=dict)
+
+    @property
+    def uses_scratch(self) -> bool:
+        return bool(self.rounds) and isinstance(self.rounds[0], ScratchRound)
+
+
+def scratch_tables(plan: TreeVerifyPlan, index: int, step: ScratchRound, block_table: Tensor) -> tuple[Tensor, Tensor]:
+    """Round ``index``'s per-row block table (the request's, with scratch columns swapped in) and
+    the physical blocks its copies read; computed once per step (all layers share the table)."""
+    cached = plan._scratch_tables.get(index)
+    if cached is None:
+        table = block_table[step.request_indices].clone()
+        table[step.table_jobs, step.table_columns] = step.table_blocks.to(table.dtype)
+        sources = block_table[step.copy_requests, step.copy_columns].to(torch.long)
+        cached = (table.contiguous(), sources)
+        plan._scratch_tables[index] = cached
+    return cached
 
 
 @dataclass
@@ -212,62 +241,27 @@ def _make_impl_class() -> type:
                 view[step.query_rows] = rows_output.view(-1, self.num_heads, self.head_size)
             history.append(current)
 
-        def _scheduler_metadata(self, plan: TreeVerifyPlan, index: int, step: PathRound, query: Tensor, isa: str) -> Tensor:
-            cache_key = (index, self.num_heads, self.num_kv_heads, self.head_size, query.dtype, isa, self.sliding_window)
-            metadata = plan._scheduler_metadata.get(cache_key)
-            if metadata is None:
-                num_rows = int(step.query_rows.numel())
-                metadata = ops.cpu_attn_get_scheduler_metadata(
-                    num_reqs=num_rows,
-                    num_heads=self.num_heads,
-                    num_kv_heads=self.num_kv_heads,
-                    head_dim=self.head_size,
-                    seq_lens=step.seq_lens,
-                    dtype=query.dtype,
-                    query_start_loc=torch.arange(num_rows + 1, dtype=torch.int32),
-                    causal=True,
-                    sliding_window_size=self.sliding_window,
-                    isa=isa,
-                    enable_kv_split=envs.VLLM_CPU_ATTN_SPLIT_KV,
-                    kv_cache_dtype=self.kv_cache_dtype,
-                )
-                plan._scheduler_metadata[cache_key] = metadata
-            return metadata
-
         def _apply_plan(self, plan, layer, query, key, value, kv_cache, attn_metadata, output) -> None:
             slot_mapping = attn_metadata.slot_mapping
-            key_cache, value_cache = _split_cache(kv_cache)
             for index, step in enumerate(plan.rounds):
-                write_kv(layer, self, kv_cache, key[step.source_rows], value[step.source_rows],
-                         slot_mapping[step.destination_rows])
-                num_rows = int(step.query_rows.numel())
-                rows_output = torch.empty_like(output[step.query_rows])
-                ops.cpu_attention_with_kv_cache(
-                    query=query[step.query_rows].contiguous(),
-                    key_cache=key_cache,
-                    value_cache=value_cache,
-                    output=rows_output,
-                    query_start_loc=torch.arange(num_rows + 1, dtype=torch.int32),
-                    seq_lens=step.seq_lens,
-                    scale=self.scale,
-                    causal=True,
-                    alibi_slopes=self.alibi_slopes,
-                    sliding_window=self.sliding_window,
-                    block_table=attn_metadata.block_table[step.request_indices].contiguous(),
-                    softcap=self.logits_soft_cap,
-                    scheduler_metadata=self._scheduler_metadata(plan, index, step, query, layer.isa),
-                    s_aux=self.sinks,
-                    dynamic_causal=None,
-                    k_scale=layer._k_scale_float,
-                    v_scale=layer._v_scale_float,
-                    kv_cache_dtype=self.kv_cache_dtype,
-                )
-                output[step.query_rows] = rows_output
+                if isinstance(step, ScratchRound):
+                    block_table, copy_sources = scratch_tables(plan, index, step, attn_metadata.block_table)
+                    if copy_sources.numel():
+                        kv_cache.index_copy_(0, step.copy_blocks, kv_cache.index_select(0, copy_sources))
+                    write_kv(layer, self, kv_cache, key[step.source_rows], value[step.source_rows],
+                             step.destination_slots)
+                else:
+                    block_table = attn_metadata.block_table[step.request_indices].contiguous()
+                    write_kv(layer, self, kv_cache, key[step.source_rows], value[step.source_rows],
+                             slot_mapping[step.destination_rows])
+                rows_output = self._run_rows(plan, index, layer, query, kv_cache, step.query_rows, step.seq_lens,
+                                             block_table)
+                output[step.query_rows] = rows_output.view(-1, *output.shape[1:])
             rows = plan.node_rows
             if rows.numel() == 0:
                 return
             node_key, node_value = key[rows].contiguous(), value[rows].contiguous()
-            if plan.rounds:
+            if plan.rounds and not plan.uses_scratch:  # path rounds overwrote the nodes' own slots
                 write_kv(layer, self, kv_cache, node_key, node_value, slot_mapping[rows])
             plan.stash[layer.layer_name] = LayerStash(
                 key=node_key, value=node_value, slot_mapping=slot_mapping.clone(), kv_cache=kv_cache,

@@ -35,7 +35,9 @@ logger = logging.getLogger("main_job")
 METHOD_NONE = "none"
 METHOD_EAGLE3 = "eagle3"
 METHOD_RADAR = "radar"
-METHODS = (METHOD_NONE, METHOD_EAGLE3, METHOD_RADAR)
+METHOD_RADAR_TREE = "radar-tree"  # the same checkpoint in tree mode (its tree policy when it has one)
+METHODS = (METHOD_NONE, METHOD_EAGLE3, METHOD_RADAR, METHOD_RADAR_TREE)
+DEFAULT_METHODS = (METHOD_NONE, METHOD_EAGLE3, METHOD_RADAR)
 
 
 @dataclass
@@ -47,6 +49,7 @@ class MethodResult:
     mean_acceptance_length: float | None = None
     draft_calls_per_round: float | None = None
     mean_stop_depth: float | None = None
+    mean_tree_size: float | None = None  # verified draft nodes per request-round
     outputs_match: str = "-"
     metrics: dict[str, float] = field(default_factory=dict)
 
@@ -130,6 +133,8 @@ def run_method(
         kwargs["speculative_config"] = {"method": "eagle3", "model": str(plain_head), "num_speculative_tokens": max_depth}
     elif method == METHOD_RADAR:
         kwargs["speculative_config"] = {"method": "eagle3", "model": str(checkpoint), "num_speculative_tokens": max_depth}
+    elif method == METHOD_RADAR_TREE:
+        kwargs["speculative_config"] = {"method": "radar", "model": str(checkpoint), "radar": {"mode": "tree"}}
     llm = LLM(**kwargs)
     try:
         params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens, ignore_eos=args.ignore_eos)
@@ -153,13 +158,16 @@ def run_method(
         accepted = _delta(after, before, "vllm:spec_decode_num_accepted_tokens")
         result.mean_acceptance_length = 1.0 + accepted / drafts
         result.draft_calls_per_round = float(max_depth)
-    if method == METHOD_RADAR:
+    if method in (METHOD_RADAR, METHOD_RADAR_TREE):
         rounds = _delta(after, before, "vllm:radar_rounds")
         if rounds > 0:
             result.draft_calls_per_round = _delta(after, before, "vllm:radar_draft_calls") / rounds
         requests = _delta(after, before, "vllm:radar_stop_depth:count")
         if requests > 0:
             result.mean_stop_depth = _delta(after, before, "vllm:radar_stop_depth:sum") / requests
+        verified = _delta(after, before, "vllm:radar_tree_size:count")
+        if verified > 0:
+            result.mean_tree_size = _delta(after, before, "vllm:radar_tree_size:sum") / verified
     result.metrics = {name: _delta(after, before, name) for name in after}
     return result, tokens
 
@@ -170,12 +178,13 @@ def _fmt(value: float | None, digits: int = 2) -> str:
 
 def format_table(results: list[MethodResult]) -> str:
     header = ("| method | tokens/s | mean acceptance length | draft calls per round | mean stop depth "
-              "| greedy outputs match no-spec |")
-    lines = [header, "|---|---:|---:|---:|---:|---|"]
+              "| mean tree size | greedy outputs match no-spec |")
+    lines = [header, "|---|---:|---:|---:|---:|---:|---|"]
     for r in results:
         lines.append(
             f"| {r.method} | {r.tokens_per_s:.1f} | {_fmt(r.mean_acceptance_length)} | "
-            f"{_fmt(r.draft_calls_per_round)} | {_fmt(r.mean_stop_depth)} | {r.outputs_match} |"
+            f"{_fmt(r.draft_calls_per_round)} | {_fmt(r.mean_stop_depth)} | {_fmt(r.mean_tree_size)} | "
+            f"{r.outputs_match} |"
         )
     return "\n".join(lines)
 
@@ -199,7 +208,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--ignore-eos", action="store_true", help="always generate --max-tokens tokens")
     parser.add_argument("--no-enforce-eager", dest="enforce_eager", action="store_false")
-    parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {METHODS}")
+    parser.add_argument("--methods", default=",".join(DEFAULT_METHODS), help=f"comma-separated subset of {METHODS}")
     parser.add_argument("--json", type=Path, default=None, help="also write the results as JSON here")
     return parser.parse_args(argv)
 

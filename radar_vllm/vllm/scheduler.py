@@ -7,25 +7,49 @@ draft counts, acceptance rate) then describe what RADAR drafted, from which the 
 the stop-depth histogram (:mod:`radar_vllm.vllm.stats`). Per-request draft lengths of different
 sizes are a regular case for this scheduler (structured outputs truncate drafts the same way).
 
-Tree mode: the tree runner's drafts also carry each request's stop depth
+Tree mode: the scheduler hides the tree runner's scratch KV blocks from vLLM's block pool
+(:mod:`radar_vllm.vllm.scratch`). The tree runner's drafts also carry each request's stop depth
 (:class:`radar_vllm.vllm.stats.RadarDraftTokenIds`); the scheduler keeps it until the drafts are
 verified and counts it, per step, in :class:`radar_vllm.vllm.spec_stats.RadarSpecDecodingStats`
 (vLLM's spec-decoding stats plus ``stop_depth_counts``), which reach the front-end's stat loggers with vLLM's own counters.
 """
 from __future__ import annotations
 
+import copy
+import logging
 from typing import Any
 
 from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.outputs import DraftTokenIds
 from vllm.v1.spec_decode.metrics import SpecDecodingStats
 
+from radar_vllm.vllm.scratch import scratch_block_count
 from radar_vllm.vllm.spec_stats import RadarSpecDecodingStats
 from radar_vllm.vllm.stats import count_stop_depth, strip_padding
+
+logger = logging.getLogger(__name__)
+
+
+def _reserve_scratch_blocks(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """Hide the tree runner's scratch blocks (the last ones of the cache) from vLLM's block pool."""
+    vllm_config = kwargs["vllm_config"] if "vllm_config" in kwargs else args[0]
+    in_kwargs = "kv_cache_config" in kwargs
+    kv_cache_config = kwargs["kv_cache_config"] if in_kwargs else args[1]
+    count = scratch_block_count(vllm_config, kv_cache_config.num_blocks)
+    if count == 0:
+        return args, kwargs
+    reduced = copy.copy(kv_cache_config)
+    reduced.num_blocks = kv_cache_config.num_blocks - count
+    logger.info("RADAR tree verification: %d of %d KV blocks reserved as scratch blocks", count,
+                kv_cache_config.num_blocks)
+    if in_kwargs:
+        return args, {**kwargs, "kv_cache_config": reduced}
+    return (args[0], reduced, *args[2:]), kwargs
 
 
 class RadarScheduler(Scheduler):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
+        args, kwargs = _reserve_scratch_blocks(args, kwargs)
         super().__init__(*args, **kwargs)
         self._stop_depths: dict[str, int] = {}  # request id -> stop depth of its pending drafts
         self._max_stop_depth = self._radar_max_depth()

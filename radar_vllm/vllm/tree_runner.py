@@ -7,7 +7,8 @@ One speculative step of a batch, on top of vLLM's V1 runner (numbers refer to is
 2. positions: ``_prepare_inputs`` sets each scheduled node's position to context + depth and
    builds the attention plan for the nodes that are not causal-exact (the scheduler may have cut
    the drafts to a prefix: the kept prefix is a tree);
-3. attention: ``_model_forward`` activates the plan for the target forward only;
+3. attention: ``_model_forward`` activates the plan for the target forward only (recomputed rows
+   run over scratch KV blocks reserved by the RADAR scheduler, see :mod:`radar_vllm.vllm.scratch`);
 4. acceptance: ``_sample`` runs vLLM's sampler (chains and non-tree requests keep its exact
    semantics), then replaces the rows of tree requests by greedy / lossless tree acceptance
    (per-request temperature, top-p, top-k and seeded generator; requests with penalties,
@@ -41,6 +42,7 @@ from vllm.v1.worker.cpu_model_runner import CPUModelRunner, _torch_cuda_wrapper
 from vllm.v1.worker.cpu_worker import CPUWorker
 
 from radar_vllm.vllm.attention import TreeVerifyPlan, active_plan, compact, install_tree_attention
+from radar_vllm.vllm.scratch import scratch_block_count, scratch_block_ids
 from radar_vllm.vllm.stats import RadarDraftTokenIds
 from radar_vllm.vllm.tree_drafter import DraftedTree, tree_proposer_class
 from radar_vllm.vllm.tree_verify import (
@@ -49,9 +51,11 @@ from radar_vllm.vllm.tree_verify import (
     compaction_moves,
     cut_tree,
     is_chain,
+    max_scratch_blocks_per_job,
     output_rows,
     path_rounds,
     restart_order,
+    scratch_rounds,
     segment_positions,
 )
 
@@ -151,10 +155,15 @@ class RadarTreeCPUModelRunner(CPUModelRunner):
                 self.drafter.policy_top_k = self.drafter.policy_runner.config.state_size
         self._trees: dict[str, DraftedTree] = {}
         self._step: _StepTrees | None = None
+        # scratch KV blocks for path recomputation (kernel block ids) and the kernel block size;
+        # empty: recompute one node per request per kernel call in the request's own slots
+        self._scratch_blocks: list[int] = []
+        self._kernel_block_size = 0
         # counters over the engine's life: tree verifications, accepted draft tokens, compacted rows,
-        # recomputed (path) rows, accepted paths that left the first branch
+        # recomputed (path) rows, kernel calls per layer that recomputed them, accepted paths that left the first branch
         # (drafter.stop_depth_counts has the draft calls per round; nodes / trees = mean tree size)
-        self.tree_stats = {"trees": 0, "nodes": 0, "accepted": 0, "moved": 0, "path_rows": 0, "off_spine": 0}
+        self.tree_stats = {"trees": 0, "nodes": 0, "accepted": 0, "moved": 0, "path_rows": 0, "path_rounds": 0,
+                           "off_spine": 0}
         # tests: when True, every tree verification records (exact law of the accepted length,
         # realized accepted length)
         self.record_acceptance = False
@@ -170,6 +179,25 @@ class RadarTreeCPUModelRunner(CPUModelRunner):
                   if isinstance(layer, Attention)]
         count = install_tree_attention(layers)
         logger.info("RADAR tree attention installed in %d attention layers", count)
+
+    def initialize_kv_cache(self, kv_cache_config: Any, *args: Any, **kwargs: Any) -> None:
+        super().initialize_kv_cache(kv_cache_config, *args, **kwargs)
+        num_blocks = int(self.kv_cache_config.num_blocks)
+        count = scratch_block_count(self.vllm_config, num_blocks)
+        kernel_block_sizes = getattr(self, "_kernel_block_sizes", None) or [self.cache_config.block_size]
+        manager_block_size = int(self.cache_config.block_size)
+        self._kernel_block_size = int(kernel_block_sizes[0])
+        per_manager_block = manager_block_size // self._kernel_block_size
+        blocks = scratch_block_ids(num_blocks, count, per_manager_block) if count else []
+        needed = max_scratch_blocks_per_job(max(self.drafter.max_nodes, 1), self._kernel_block_size)
+        if blocks and (len(self.kv_cache_config.kv_cache_groups) != 1 or len(blocks) < needed):
+            logger.warning("RADAR tree verification: %d scratch blocks cannot serve this cache (%d groups, a path "
+                           "needs up to %d); recomputing one node per request per kernel call", len(blocks),
+                           len(self.kv_cache_config.kv_cache_groups), needed)
+            blocks = []
+        self._scratch_blocks = blocks
+        if blocks:
+            logger.info("RADAR tree verification: %d scratch blocks of %d tokens", len(blocks), self._kernel_block_size)
 
     # ------------------------------------------------------------------ drafts
 
@@ -224,11 +252,16 @@ class RadarTreeCPUModelRunner(CPUModelRunner):
                 positions, dtype=self.positions.dtype, device=self.positions.device)
             step.requests.append((index, first_row, context_len, parents, list(tree.tokens[:num_nodes])))
         if step.requests:
-            rounds = path_rounds([(index, first_row, context_len, parents)
-                                  for index, first_row, context_len, parents, _ in step.requests])
+            segments = [(index, first_row, context_len, parents)
+                        for index, first_row, context_len, parents, _ in step.requests]
+            if self._scratch_blocks:
+                rounds = scratch_rounds(segments, self._kernel_block_size, self._scratch_blocks)
+            else:
+                rounds = path_rounds(segments)
             node_rows = [first_row + 1 + i for _, first_row, _, parents, _ in step.requests for i in range(len(parents))]
             step.plan = TreeVerifyPlan(rounds=rounds, node_rows=torch.tensor(node_rows, dtype=torch.long))
             self.tree_stats["path_rows"] += sum(int(r.query_rows.numel()) for r in rounds)
+            self.tree_stats["path_rounds"] += len(rounds)
             self._step = step
         return result
 

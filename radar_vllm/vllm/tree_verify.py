@@ -164,6 +164,111 @@ def path_rounds(segments: Sequence[tuple[int, int, int, Sequence[int]]]) -> list
     return rounds
 
 
+@dataclass
+class ScratchRound:
+    """One kernel call recomputing many node rows, each over private scratch blocks.
+
+    Job ``j`` (a node whose row is recomputed) sees its request's context and root through the
+    request's own block table, except that the columns from the one where its path starts are
+    swapped for scratch blocks: the first one a copy of the request's block at that column (it
+    holds the context's last tokens and the root), the path's K/V written after them.
+    """
+
+    # [J] int64: rows recomputed (batch-global)
+    query_rows: Tensor
+    # [J] int64: request index of each row (its block-table row)
+    request_indices: Tensor
+    # [J] int32: sequence length seen by each row (context + root + path)
+    seq_lens: Tensor
+    # [E] int64: block-table entries replaced: job, column, scratch block id
+    table_jobs: Tensor
+    table_columns: Tensor
+    table_blocks: Tensor
+    # [P] int64: blocks copied before the path is written: request, column (source), scratch block
+    copy_requests: Tensor
+    copy_columns: Tensor
+    copy_blocks: Tensor
+    # [W] int64: rows whose K/V are written (the path nodes' own rows) and the scratch slots
+    source_rows: Tensor
+    destination_slots: Tensor
+
+
+def scratch_blocks_per_job(context_len: int, path_len: int, block_size: int) -> int:
+    """Scratch blocks a path of ``path_len`` nodes after ``context_len`` tokens + root spans."""
+    start = context_len + 1
+    return (start + path_len - 1) // block_size - start // block_size + 1
+
+
+def max_scratch_blocks_per_job(max_path_len: int, block_size: int) -> int:
+    """The most blocks any job of a path of at most ``max_path_len`` nodes can need."""
+    return (block_size - 1 + max_path_len - 1) // block_size + 1
+
+
+def scratch_rounds(
+    segments: Sequence[tuple[int, int, int, Sequence[int]]], block_size: int, scratch_blocks: Sequence[int]
+) -> list[ScratchRound]:
+    """Rounds of path recomputation over scratch blocks (see :class:`ScratchRound`).
+
+    ``segments`` as for :func:`path_rounds`. Jobs are packed in order into rounds until the pool
+    ``scratch_blocks`` (kernel block ids) runs out; a job never needs more than
+    :func:`max_scratch_blocks_per_job` blocks.
+    """
+    if block_size < 1:
+        raise ValueError(f"block_size must be >= 1, got {block_size}")
+    pool = list(scratch_blocks)
+    rounds: list[ScratchRound] = []
+    current: dict[str, list[int]] = {}
+
+    def flush() -> None:
+        if current.get("query_rows"):
+            rounds.append(ScratchRound(**{
+                name: torch.tensor(values, dtype=torch.int32 if name == "seq_lens" else torch.long)
+                for name, values in current.items()
+            }))
+        current.clear()
+        for name in ScratchRound.__dataclass_fields__:
+            current[name] = []
+
+    flush()
+    used = 0
+    for request_index, first_row, context_len, parents in segments:
+        for node, exact in enumerate(causal_exact_nodes(parents)):
+            if exact:
+                continue
+            path = node_path(parents, node)
+            needed = scratch_blocks_per_job(context_len, len(path), block_size)
+            if needed > len(pool):
+                raise ValueError(
+                    f"a path of {len(path)} nodes needs {needed} scratch blocks of {block_size} tokens, "
+                    f"the pool has {len(pool)}")
+            if used + needed > len(pool):
+                flush()
+                used = 0
+            job = len(current["query_rows"])
+            start = context_len + 1  # position of the path's first node
+            first_column = start // block_size
+            blocks = pool[used : used + needed]
+            used += needed
+            current["query_rows"].append(first_row + 1 + node)
+            current["request_indices"].append(request_index)
+            current["seq_lens"].append(start + len(path))
+            for offset, block in enumerate(blocks):
+                current["table_jobs"].append(job)
+                current["table_columns"].append(first_column + offset)
+                current["table_blocks"].append(block)
+            if start % block_size:
+                current["copy_requests"].append(request_index)
+                current["copy_columns"].append(first_column)
+                current["copy_blocks"].append(blocks[0])
+            for k, path_node in enumerate(path):
+                position = start + k
+                current["source_rows"].append(first_row + 1 + path_node)
+                current["destination_slots"].append(
+                    blocks[position // block_size - first_column] * block_size + position % block_size)
+    flush()
+    return rounds
+
+
 def compaction_moves(first_row: int, accepted_nodes: Sequence[int]) -> list[tuple[int, int]]:
     """``(source_row, destination_row)`` pairs moving the accepted path to rows after the root.
 
@@ -269,5 +374,9 @@ __all__ = [
     "output_rows",
     "path_rounds",
     "restart_order",
+    "ScratchRound",
+    "max_scratch_blocks_per_job",
+    "scratch_blocks_per_job",
+    "scratch_rounds",
     "segment_positions",
 ]

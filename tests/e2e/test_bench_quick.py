@@ -1,8 +1,10 @@
 """``radar-vllm bench --quick`` end to end on tiny random models with the CPU build of vLLM.
 
 One run for the module: two rows (no speculation, RADAR chain), each in its own worker process
-with an in-process engine, MT-Bench turns 1 and 2, greedy and T = 1, batch 1 and batched, two
-repeats; then the RADAR row served on loopback at concurrency 1 and 2. About 3 minutes on 2 cores.
+with an in-process engine, MT-Bench turns 1 and 2 (T = 1 on turn 1 only), batch 1 (first prompt)
+and batched (both prompts), two repeats; then the RADAR row served on loopback at concurrency 1
+and 2. The same command run again reuses every finished row and server (seconds). About 3
+minutes on 2 cores.
 """
 from __future__ import annotations
 
@@ -20,15 +22,20 @@ ONLINE_REQUESTS = 3
 TINY_MAX_DEPTH = 4
 
 
-@pytest.fixture(scope="module")
-def quick_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[int, Path, dict[str, Any]]:
-    out = tmp_path_factory.mktemp("bench-quick")
-    code = main([
+def quick_command(out: Path) -> list[str]:
+    return [
         "bench", "--quick", "--tiny", "--configs", "radar-chain", "--repeats", "2",
+        "--batch1-prompts", "1", "--sampled-workloads", "mtbench",
         "--online-concurrency", "1,2", "--online-configs", "radar-chain",
         "--online-requests", str(ONLINE_REQUESTS), "--online-max-new-tokens", "16",
         "--output-dir", str(out), "--tag", "quick",
-    ])
+    ]
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[int, Path, dict[str, Any]]:
+    out = tmp_path_factory.mktemp("bench-quick")
+    code = main(quick_command(out))
     document = json.loads((out / "quick.json").read_text()) if (out / "quick.json").is_file() else {}
     return code, out, document
 
@@ -48,17 +55,25 @@ def test_run_succeeds_with_both_rows(quick_run: tuple[int, Path, dict[str, Any]]
     names = [w["name"] for w in document["workloads"]]
     assert names == ["mtbench", "mtbench-turn2"]
     assert document["workloads"][1]["num_prompts"] >= 1
-    # 2 workloads x 2 temperatures x 2 modes per row, each with 2 repeats
+    # MT-Bench turn 1 at 2 temperatures, turn 2 greedy only; 2 modes per row, each with 2 repeats
     for config in ("no-spec", "radar-chain"):
         cells = _cells(document, config)
-        assert len(cells) == 8
+        assert sorted((c["workload"], c["temperature"]) for c in cells) == sorted(
+            [("mtbench", 0.0), ("mtbench", 0.0), ("mtbench", 1.0), ("mtbench", 1.0),
+             ("mtbench-turn2", 0.0), ("mtbench-turn2", 0.0)])
         assert all(cell["tokens_per_s"]["count"] == 2 for cell in cells)
+    # batch 1 times the first prompt only; batched all of them
+    for config in ("no-spec", "radar-chain"):
+        assert {r["num_prompts"] for r in document["runs"][config] if r["mode"] == "batch1"} == {1}
+    assert {r["num_prompts"] for r in document["runs"]["no-spec"]
+            if r["mode"] == "batched" and r["workload"] == "mtbench"} == {2}
 
 
 def test_radar_greedy_outputs_match_no_speculation(quick_run: tuple[int, Path, dict[str, Any]]) -> None:
     _, _, document = quick_run
     greedy = [cell for cell in _cells(document, "radar-chain") if cell["temperature"] == 0.0]
     assert len(greedy) == 4
+    assert {cell["greedy_match"]["num_prompts"] for cell in greedy if cell["mode"] == "batch1"} == {1}
     for cell in greedy:
         match = cell["greedy_match"]
         assert match["num_prompts"] >= 1
@@ -97,3 +112,17 @@ def test_online_levels_and_outputs(quick_run: tuple[int, Path, dict[str, Any]]) 
     assert "| radar-chain |" in markdown and "## Online" in markdown
     for suffix in ("speedup", "acceptance", "concurrency"):
         assert (out / f"quick-{suffix}.png").stat().st_size > 0
+
+
+def test_same_command_again_reuses_finished_rows_and_servers(quick_run: tuple[int, Path, dict[str, Any]]) -> None:
+    code, out, first = quick_run
+    assert code == 0
+    assert main(quick_command(out)) == 0
+    again = json.loads((out / "quick.json").read_text())
+    assert [c["status"] for c in again["configs"]] == ["ok", "ok"]
+    # nothing was measured again: the same runs, cells and online levels
+    assert again["runs"] == first["runs"]
+    assert [c["tokens_per_s"] for c in again["cells"]] == [c["tokens_per_s"] for c in first["cells"]]
+    assert [level.get("resumed") for level in again["online"]] == [True, True]
+    assert [level["output_throughput"] for level in again["online"]] == \
+        [level["output_throughput"] for level in first["online"]]

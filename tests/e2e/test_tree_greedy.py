@@ -8,7 +8,8 @@ sure trees, path recomputation and compaction really ran. Four engines per modul
 - the tree drafter of the tiny EAGLE-3 head with a random stop policy (varied depths), batch
   sizes 1, 4 and 16;
 - the test oracle drafter (random tree shapes with the true tokens planted, see
-  ``radar_vllm.vllm.tree_oracle``) with prefix caching off;
+  ``radar_vllm.vllm.tree_oracle``) with prefix caching off and without scratch blocks (rows
+  recomputed in the requests' own slots);
 - a RADAR checkpoint run through the plugin with ``"mode": "tree"`` set at launch;
 - EAGLE-2 frontier drafting with top_k = 1 against the one-row spine drafter (identical drafts);
 - the oracle with chunked prefill (64-token budget), prefix caching on with a second turn reusing
@@ -27,6 +28,7 @@ import random
 import pytest
 
 from radar_vllm.testing import make_tiny_llama, make_tiny_radar_checkpoint
+from radar_vllm.vllm.scratch import SCRATCH_ENV
 
 vllm = pytest.importorskip("vllm")
 
@@ -45,7 +47,7 @@ ENV = {
 
 @pytest.fixture(scope="module", autouse=True)
 def engine_environment():
-    saved = {key: os.environ.get(key) for key in list(ENV) + ["RADAR_TREE_ORACLE"]}
+    saved = {key: os.environ.get(key) for key in list(ENV) + ["RADAR_TREE_ORACLE", SCRATCH_ENV]}
     os.environ.update(ENV)
     yield
     for key, value in saved.items():
@@ -175,22 +177,30 @@ def test_policy_trees_batch_sizes_1_4_16(models, baseline):
         _shutdown(llm)
     assert stats["trees"] > 100
     assert stats["path_rows"] > 0  # rows recomputed through the platform kernel
+    # over scratch blocks (the default under the RADAR scheduler) many rows share a kernel call
+    assert stats["path_rounds"] < stats["path_rows"] / 2
     assert sum(1 for count in depths[1:] if count > 0) >= 3, f"stop depths should vary: {depths}"
 
 
-def test_oracle_trees_without_prefix_caching(models, baseline, tmp_path):
+def test_oracle_trees_without_prefix_caching_or_scratch_blocks(models, baseline, tmp_path):
+    """Also the path without scratch blocks: rows recomputed one per request per kernel call in the
+    request's own slots, restored afterwards."""
     target, head, _, _ = models
     requests, expected = baseline[:2]
     os.environ["RADAR_TREE_ORACLE"] = _write_oracle(tmp_path, requests, expected)
+    os.environ[SCRATCH_ENV] = "0"
     try:
         llm = _tree_engine(target, head, max_num_seqs=16, enable_prefix_caching=False)
         try:
-            _assert_same(expected, _generate(llm, requests), "oracle, no prefix caching")
+            _assert_same(expected, _generate(llm, requests), "oracle, no prefix caching, no scratch blocks")
             stats = _tree_stats(llm)
+            scratch = llm.collective_rpc(lambda worker: list(worker.model_runner._scratch_blocks))[0]
         finally:
             _shutdown(llm)
     finally:
         os.environ.pop("RADAR_TREE_ORACLE", None)
+        os.environ.pop(SCRATCH_ENV, None)
+    assert scratch == []
     # the planted paths are accepted deep and off the first branch: compaction ran many times
     assert stats["accepted"] > stats["trees"]
     assert stats["moved"] > 50 and stats["off_spine"] > 20

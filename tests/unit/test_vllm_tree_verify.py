@@ -23,8 +23,11 @@ from radar_vllm.vllm.tree_verify import (
     node_depths,
     node_path,
     output_rows,
+    max_scratch_blocks_per_job,
     path_rounds,
     restart_order,
+    scratch_blocks_per_job,
+    scratch_rounds,
     segment_positions,
 )
 
@@ -78,6 +81,91 @@ def test_path_rounds_batch_one_node_per_request_per_round():
     assert torch.equal(second.seq_lens, torch.tensor([14], dtype=torch.int32))
     assert torch.equal(second.source_rows, torch.tensor([1, 2, 4]))
     assert torch.equal(second.destination_rows, torch.tensor([1, 2, 3]))
+
+
+def _paged_batch(rng, block_size, num_requests):
+    """Requests with random trees laid out as vLLM does: rows of the step, block tables, a cache of labels.
+
+    Label of a cache entry: ("ctx", request, position) for context tokens and the root, ("node", request, i)
+    for tree node i (written by the platform into the slot of its segment row 1 + i)."""
+    segments, labels_of_rows = [], {}
+    cache = {}  # (block, offset) -> label
+    tables = []
+    next_block, row = 1, 0
+    for request in range(num_requests):
+        context_len = rng.randint(0, 3 * block_size)
+        parents = random_tree(rng, rng.randint(1, 12), max_depth=6)
+        total = context_len + 1 + len(parents)
+        blocks = list(range(next_block, next_block + (total + block_size - 1) // block_size))
+        next_block += len(blocks)
+        tables.append(blocks)
+        for position in range(total):
+            label = ("ctx", request, position) if position <= context_len else ("node", request, position - context_len - 1)
+            cache[(blocks[position // block_size], position % block_size)] = label
+            if position >= context_len:  # rows of the step: the root and the nodes
+                labels_of_rows[row + position - context_len] = label
+        segments.append((request, row, context_len, parents))
+        row += 1 + len(parents)
+    width = max(len(t) for t in tables)
+    table = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32)
+    return segments, labels_of_rows, cache, table, next_block
+
+
+@pytest.mark.parametrize("block_size,pool_size", [(4, 3), (8, 40), (16, 2)])
+def test_scratch_rounds_show_each_row_its_context_root_and_path(block_size, pool_size):
+    rng = random.Random(block_size * 100 + pool_size)
+    for _ in range(20):
+        segments, labels_of_rows, cache, table, first_free = _paged_batch(rng, block_size, rng.randint(1, 5))
+        real = dict(cache)
+        pool = list(range(first_free + 5, first_free + 5 + pool_size))
+        needed = max(scratch_blocks_per_job(c, len(node_path(p, n)), block_size)
+                     for _, _, c, p in segments for n in range(len(p)))
+        if needed > pool_size:
+            with pytest.raises(ValueError, match="scratch blocks"):
+                scratch_rounds(segments, block_size, pool)
+            continue
+        rounds = scratch_rounds(segments, block_size, pool)
+        seen_rows = []
+        for step in rounds:
+            used = step.table_blocks.tolist()
+            assert len(used) == len(set(used)) and set(used) <= set(pool)  # private blocks within the pool
+            for request, column, block in zip(step.copy_requests.tolist(), step.copy_columns.tolist(),
+                                              step.copy_blocks.tolist()):  # whole-block copies
+                source = int(table[request, column])
+                for offset in range(block_size):
+                    if (source, offset) in cache:
+                        cache[(block, offset)] = cache[(source, offset)]
+            for source_row, slot in zip(step.source_rows.tolist(), step.destination_slots.tolist()):
+                cache[(slot // block_size, slot % block_size)] = labels_of_rows[source_row]
+            rows_table = table[step.request_indices].clone()
+            rows_table[step.table_jobs, step.table_columns] = step.table_blocks.to(torch.int32)
+            for j, (row, request, seq_len) in enumerate(zip(step.query_rows.tolist(), step.request_indices.tolist(),
+                                                             step.seq_lens.tolist())):
+                _, first_row, context_len, parents = segments[request]
+                node = row - first_row - 1
+                expected = [("ctx", request, p) for p in range(context_len + 1)]
+                expected += [("node", request, n) for n in node_path(parents, node)]
+                seen = [cache.get((int(rows_table[j, p // block_size]), p % block_size)) for p in range(seq_len)]
+                assert seen == expected
+                seen_rows.append(row)
+        # the rows recomputed are exactly the nodes that are not causal-exact, each once
+        expected_rows = [first_row + 1 + n for _, first_row, _, p in segments
+                         for n, exact in enumerate(causal_exact_nodes(p)) if not exact]
+        assert seen_rows == expected_rows
+        # the requests' own blocks were never written
+        assert all(cache[key] == label for key, label in real.items())
+        # one round unless the pool ran out
+        if pool_size >= needed * len(expected_rows):
+            assert len(rounds) == (1 if expected_rows else 0)
+
+
+def test_scratch_blocks_per_job_bounds():
+    for block_size in (1, 4, 16, 128):
+        for path_len in range(1, 10):
+            worst = max(scratch_blocks_per_job(c, path_len, block_size) for c in range(3 * block_size))
+            assert worst == max_scratch_blocks_per_job(path_len, block_size)
+    assert scratch_blocks_per_job(14, 1, 16) == 1  # root at 14, path at position 15
+    assert scratch_blocks_per_job(14, 2, 16) == 2  # path at 15 and 16
 
 
 def test_compaction_never_reads_a_row_it_already_wrote():

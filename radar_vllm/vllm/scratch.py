@@ -1,0 +1,101 @@
+"""Scratch KV blocks for tree verification on the CPU platform: reserved by the scheduler, used by the runner.
+
+Tree verification recomputes the attention rows of tree nodes whose ancestors are not the rows
+right before them (see :mod:`radar_vllm.vllm.tree_verify`). Each such row must see the context,
+the root and its own root-to-node path at consecutive positions. With scratch blocks, every row
+gets a private copy of the block where its path starts (plus the next one when the path crosses a
+block boundary), its path K/V are written there, and the row's block table points at the copies:
+all rows of a step run in as few kernel calls per layer as the scratch pool allows (usually one),
+and the request's own KV slots are never touched.
+
+The pool is the last ``count`` blocks of the KV cache the workers allocated. The RADAR scheduler
+hides them from vLLM's block pool (it builds its block manager with ``num_blocks - count``), so
+they never hold a request's data; the tree runner uses them. Both sides compute ``count`` with
+:func:`scratch_block_count` from the same config and the same ``num_blocks``, so they agree
+without talking to each other. Without the RADAR scheduler (a custom ``scheduler_cls``) the count
+is 0 and the runner recomputes one node per request per kernel call instead.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+SCRATCH_ENV = "RADAR_TREE_SCRATCH_BLOCKS"
+DEFAULT_SCRATCH_BLOCKS = 64
+# Never reserve more than this fraction of the KV cache.
+MAX_SCRATCH_FRACTION = 8
+TREE_WORKER = "radar_vllm.vllm.tree_runner.RadarTreeCPUWorker"
+RADAR_CPU_WORKER = "radar_vllm.vllm.worker.RadarCPUWorker"
+RADAR_SCHEDULER = "radar_vllm.vllm.scheduler.RadarScheduler"
+
+
+def _class_name(value: Any) -> str:
+    if isinstance(value, str):
+        return value
+    return f"{getattr(value, '__module__', '')}.{getattr(value, '__qualname__', '')}"
+
+
+def uses_tree_runner(vllm_config: Any) -> bool:
+    """True when the workers of ``vllm_config`` build the tree-verifying CPU runner."""
+    worker_cls = _class_name(getattr(vllm_config.parallel_config, "worker_cls", ""))
+    if worker_cls == TREE_WORKER:
+        return True
+    if worker_cls == RADAR_CPU_WORKER:
+        from radar_vllm.vllm.worker import tree_mode
+
+        return tree_mode(vllm_config)
+    return False
+
+
+def uses_radar_scheduler(vllm_config: Any) -> bool:
+    scheduler_cls = getattr(vllm_config.scheduler_config, "scheduler_cls", None)
+    if scheduler_cls is None:
+        return False
+    if isinstance(scheduler_cls, str):
+        return scheduler_cls == RADAR_SCHEDULER
+    from radar_vllm.vllm.scheduler import RadarScheduler
+
+    return isinstance(scheduler_cls, type) and issubclass(scheduler_cls, RadarScheduler)
+
+
+def requested_scratch_blocks() -> int:
+    """The pool size asked for by ``RADAR_TREE_SCRATCH_BLOCKS`` (0 switches scratch blocks off)."""
+    text = os.environ.get(SCRATCH_ENV)
+    if text is None or text.strip() == "":
+        return DEFAULT_SCRATCH_BLOCKS
+    try:
+        value = int(text)
+    except ValueError as error:
+        raise ValueError(f"{SCRATCH_ENV} must be an integer >= 0, got {text!r}") from error
+    if value < 0:
+        raise ValueError(f"{SCRATCH_ENV} must be an integer >= 0, got {value}")
+    return value
+
+
+def scratch_block_count(vllm_config: Any, num_blocks: int) -> int:
+    """Blocks (in the KV manager's block size) reserved at the end of a ``num_blocks`` cache."""
+    if not uses_tree_runner(vllm_config) or not uses_radar_scheduler(vllm_config):
+        return 0
+    return min(requested_scratch_blocks(), max(num_blocks // MAX_SCRATCH_FRACTION, 0))
+
+
+def scratch_block_ids(num_blocks: int, count: int, blocks_per_manager_block: int = 1) -> list[int]:
+    """Kernel block ids of the pool: the last ``count`` manager blocks of a ``num_blocks`` cache,
+    each split into ``blocks_per_manager_block`` kernel blocks."""
+    if count < 0 or count > num_blocks:
+        raise ValueError(f"scratch block count must be in [0, {num_blocks}], got {count}")
+    if blocks_per_manager_block < 1:
+        raise ValueError(f"blocks_per_manager_block must be >= 1, got {blocks_per_manager_block}")
+    first = (num_blocks - count) * blocks_per_manager_block
+    return list(range(first, num_blocks * blocks_per_manager_block))
+
+
+__all__ = [
+    "DEFAULT_SCRATCH_BLOCKS",
+    "SCRATCH_ENV",
+    "requested_scratch_blocks",
+    "scratch_block_count",
+    "scratch_block_ids",
+    "uses_radar_scheduler",
+    "uses_tree_runner",
+]
