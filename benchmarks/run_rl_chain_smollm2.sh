@@ -8,7 +8,8 @@
 # Results: benchmarks/results/policy_smollm2_chain_T{0,1}.{json,md,png} and costs_smollm2_chain.json.
 #
 # Environment overrides: HEAD, WORK, D, TRAIN_PROMPTS, HELDOUT_PROMPTS, NEW_TOKENS, CAL_PROMPTS,
-# CAL_PASSES, CLOCK (wall|cpu), STEPS (space-separated subset of: collect calibrate train evaluate pack).
+# CAL_PASSES, CLOCK (wall|cpu), CAL_NOTE (machine state recorded with the costs), TREE_POLICY and
+# TREE_TOTAL_TOKENS (kept in the packed checkpoint), STEPS (space-separated subset of: collect calibrate train evaluate pack).
 # Collection resumes (finished shards are kept); the other steps are cheap to redo.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -44,7 +45,7 @@ fi
 if has_step calibrate; then
     radar-vllm calibrate --engine vllm "${COMMON[@]}" --out "$COSTS" \
         --vllm-prompts "$CAL_PROMPTS" --passes "$CAL_PASSES" --vllm-max-tokens 64 --clock "$CLOCK" \
-        --note "measured while the round collection (2 niced processes) and other jobs shared the 2 cores; load average $(cut -d' ' -f1-3 /proc/loadavg) at start" \
+        --note "${CAL_NOTE:-measured while the round collection (2 niced processes) and other jobs shared the 2 cores}; load average $(cut -d' ' -f1-3 /proc/loadavg) at start" \
         > "$WORK/calibrate.log" 2>&1
 fi
 if has_step collect; then
@@ -70,7 +71,8 @@ done
 if has_step pack; then
     OUT="$ROOT/radar_vllm/checkpoints/smollm2-135m-radar"
     rm -rf "$OUT.tmp"
-    radar-vllm pack "$HEAD" "$WORK/policies/T0/exact" "$OUT.tmp" --mode chain --max-depth "$D"
+    radar-vllm pack "$HEAD" "$WORK/policies/T0/exact" "$OUT.tmp" --mode chain --max-depth "$D" \
+        --tree-policy "${TREE_POLICY:-$OUT/policy-tree}" --total-tokens "${TREE_TOTAL_TOKENS:-12}"
     rm -rf "$OUT"
     mv "$OUT.tmp" "$OUT"
 fi

@@ -21,11 +21,14 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+SCRATCH_ENV = "RADAR_TREE_SCRATCH_BLOCKS"  # radar_vllm.vllm.scratch: 0 = recompute one node per kernel call
 RESULTS = ROOT / "benchmarks" / "results"
 
 
-def run_once(size: int, args: argparse.Namespace, out: Path) -> dict:
+def run_once(size: int, args: argparse.Namespace, out: Path, scratch: bool = True) -> dict:
     env = dict(os.environ, RADAR_OVERRIDES=json.dumps({"total_tokens": size}))
+    if not scratch:
+        env[SCRATCH_ENV] = "0"
     command = [sys.executable, str(ROOT / "benchmarks" / "main_job.py"), "--methods", "none,radar-tree",
                "--num-prompts", str(args.num_prompts), "--max-tokens", str(args.max_tokens),
                "--max-num-seqs", "1", "--json", str(out)]
@@ -34,6 +37,7 @@ def run_once(size: int, args: argparse.Namespace, out: Path) -> dict:
     none, tree = results["none"], results["radar-tree"]
     return {
         "total_tokens": size,
+        "scratch_blocks": scratch,
         "none_tokens_per_s": none["tokens_per_s"],
         "tree_tokens_per_s": tree["tokens_per_s"],
         "ratio": tree["tokens_per_s"] / none["tokens_per_s"],
@@ -50,17 +54,21 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--num-prompts", type=int, default=8)
     parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--no-scratch-sizes", default="60",
+                        help="sizes also run without scratch blocks (the one-node-per-kernel-call path), for comparison")
     parser.add_argument("--tag", default="smollm2")
     args = parser.parse_args()
     sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
+    variants = [(size, True) for size in sizes]
+    variants += [(int(s), False) for s in args.no_scratch_sizes.split(",") if s.strip()]
     runs = []
     with tempfile.TemporaryDirectory() as tmp:
         for repeat in range(args.repeats):
-            for size in sizes:
-                record = run_once(size, args, Path(tmp) / f"{size}_{repeat}.json")
+            for size, scratch in variants:
+                record = run_once(size, args, Path(tmp) / f"{size}_{scratch}_{repeat}.json", scratch)
                 record["repeat"] = repeat
                 runs.append(record)
-                print(f"total_tokens {size} repeat {repeat}: tree {record['tree_tokens_per_s']:.1f} tok/s, "
+                print(f"total_tokens {size} scratch {scratch} repeat {repeat}: tree {record['tree_tokens_per_s']:.1f} tok/s, "
                       f"none {record['none_tokens_per_s']:.1f}, ratio {record['ratio']:.3f}, "
                       f"acceptance {record['mean_acceptance_length']:.2f}", flush=True)
     lines = [
@@ -68,20 +76,21 @@ def main() -> int:
         "greedy, bf16)",
         "",
         f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
-        f"command: `python benchmarks/tree_size_sweep.py --sizes {args.sizes} --repeats {args.repeats}`. "
+        f"command: `python benchmarks/tree_size_sweep.py --sizes {args.sizes} --no-scratch-sizes "
+        f"{args.no_scratch_sizes} --repeats {args.repeats}`. "
         "Ratio = tree tokens/s over no-speculation tokens/s measured in the same run; median [min, max] over "
         "repeats. Output match is against no speculation (bf16: stock EAGLE-3 itself differs on some prompts, "
         "see greedy_equality_smollm2.md).",
         "",
-        "| total_tokens | tree / no-spec | tree tokens/s | mean acceptance length | draft calls per round "
-        "| mean tree size | outputs match |",
-        "|---:|---:|---:|---:|---:|---:|---|",
+        "| total_tokens | scratch blocks | tree / no-spec | tree tokens/s | mean acceptance length "
+        "| draft calls per round | mean tree size | outputs match |",
+        "|---:|---|---:|---:|---:|---:|---:|---|",
     ]
-    for size in sizes:
-        rows = [r for r in runs if r["total_tokens"] == size]
+    for size, scratch in variants:
+        rows = [r for r in runs if r["total_tokens"] == size and r["scratch_blocks"] == scratch]
         ratios = [r["ratio"] for r in rows]
         lines.append(
-            f"| {size} | {statistics.median(ratios):.3f} [{min(ratios):.3f}, {max(ratios):.3f}] | "
+            f"| {size} | {'yes' if scratch else 'no'} | {statistics.median(ratios):.3f} [{min(ratios):.3f}, {max(ratios):.3f}] | "
             f"{statistics.median(r['tree_tokens_per_s'] for r in rows):.1f} | "
             f"{statistics.median(r['mean_acceptance_length'] for r in rows):.2f} | "
             f"{statistics.median(r['draft_calls_per_round'] for r in rows):.2f} | "

@@ -16,7 +16,7 @@ after the last round rewrites every tree node's own K/V into its own slot. The q
 exactly what it would see when decoding the path token by token. See
 :mod:`radar_vllm.vllm.tree_verify` for the plan's construction and a worked example.
 
-With scratch blocks (:mod:`radar_vllm.vllm.scratch`, the default under the RADAR scheduler) the
+With scratch blocks (:mod:`radar_vllm.vllm.scratch`, opt-in with ``RADAR_TREE_SCRATCH_BLOCKS``) the
 rows do not take turns in the request's own slots: each row gets private copies of the blocks where
 its path goes (the first one copied whole from the request's block, so it holds the context's last
 tokens and the root in the cache's own layout), its path K/V are written there, and its block table

@@ -12,8 +12,11 @@ The pool is the last ``count`` blocks of the KV cache the workers allocated. The
 hides them from vLLM's block pool (it builds its block manager with ``num_blocks - count``), so
 they never hold a request's data; the tree runner uses them. Both sides compute ``count`` with
 :func:`scratch_block_count` from the same config and the same ``num_blocks``, so they agree
-without talking to each other. Without the RADAR scheduler (a custom ``scheduler_cls``) the count
-is 0 and the runner recomputes one node per request per kernel call instead.
+without talking to each other. With a count of 0 (the default, ``RADAR_TREE_SCRATCH_BLOCKS`` unset
+or 0) or without the RADAR scheduler (a custom ``scheduler_cls``) the runner recomputes one node
+per request per kernel call in the request's own slots instead. Both are exact; on the CPU build
+they measured the same speed, so the pool (which takes KV blocks from requests) is opt-in, e.g.
+``RADAR_TREE_SCRATCH_BLOCKS=64``.
 """
 from __future__ import annotations
 
@@ -21,7 +24,9 @@ import os
 from typing import Any
 
 SCRATCH_ENV = "RADAR_TREE_SCRATCH_BLOCKS"
-DEFAULT_SCRATCH_BLOCKS = 64
+# Off unless asked for: on the CPU build the whole-block copies cost what the saved kernel calls
+# did (benchmarks/results/tree_size_sweep_smollm2.md), and the pool takes KV blocks from requests.
+DEFAULT_SCRATCH_BLOCKS = 0
 # Never reserve more than this fraction of the KV cache.
 MAX_SCRATCH_FRACTION = 8
 TREE_WORKER = "radar_vllm.vllm.tree_runner.RadarTreeCPUWorker"

@@ -8,7 +8,7 @@ One speculative step of a batch, on top of vLLM's V1 runner (numbers refer to is
    builds the attention plan for the nodes that are not causal-exact (the scheduler may have cut
    the drafts to a prefix: the kept prefix is a tree);
 3. attention: ``_model_forward`` activates the plan for the target forward only (recomputed rows
-   run over scratch KV blocks reserved by the RADAR scheduler, see :mod:`radar_vllm.vllm.scratch`);
+   run in the requests' own slots or, opt-in, over scratch KV blocks, see :mod:`radar_vllm.vllm.scratch`);
 4. acceptance: ``_sample`` runs vLLM's sampler (chains and non-tree requests keep its exact
    semantics), then replaces the rows of tree requests by greedy / lossless tree acceptance
    (per-request temperature, top-p, top-k and seeded generator; requests with penalties,

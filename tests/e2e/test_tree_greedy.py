@@ -6,10 +6,10 @@ sure trees, path recomputation and compaction really ran. Four engines per modul
 
 - baseline, no speculation (block size 32, max_model_len 256);
 - the tree drafter of the tiny EAGLE-3 head with a random stop policy (varied depths), batch
-  sizes 1, 4 and 16;
+  sizes 1, 4 and 16, rows recomputed over scratch KV blocks (``RADAR_TREE_SCRATCH_BLOCKS``);
 - the test oracle drafter (random tree shapes with the true tokens planted, see
-  ``radar_vllm.vllm.tree_oracle``) with prefix caching off and without scratch blocks (rows
-  recomputed in the requests' own slots);
+  ``radar_vllm.vllm.tree_oracle``) with prefix caching off (like every other engine here, rows
+  recomputed in the requests' own slots, the default);
 - a RADAR checkpoint run through the plugin with ``"mode": "tree"`` set at launch;
 - EAGLE-2 frontier drafting with top_k = 1 against the one-row spine drafter (identical drafts);
 - the oracle with chunked prefill (64-token budget), prefix caching on with a second turn reusing
@@ -164,10 +164,12 @@ def test_policy_trees_batch_sizes_1_4_16(models, baseline):
     target, head, policy, _ = models
     requests, expected = baseline[:2]
     os.environ["RADAR_TREE"] = json.dumps({"top_k": 3, "max_depth": 5, "policy": str(policy)})
+    os.environ[SCRATCH_ENV] = "64"  # rows recomputed over scratch blocks (opt-in)
     try:
         llm = _tree_engine(target, head, max_num_seqs=16)
     finally:
         os.environ["RADAR_TREE"] = TREE
+        os.environ.pop(SCRATCH_ENV, None)
     try:
         for batch_size in (1, 4, 16):
             _assert_same(expected, _generate(llm, requests, batch_size), f"batch size {batch_size}")
@@ -177,7 +179,7 @@ def test_policy_trees_batch_sizes_1_4_16(models, baseline):
         _shutdown(llm)
     assert stats["trees"] > 100
     assert stats["path_rows"] > 0  # rows recomputed through the platform kernel
-    # over scratch blocks (the default under the RADAR scheduler) many rows share a kernel call
+    # over scratch blocks many rows share a kernel call
     assert stats["path_rounds"] < stats["path_rows"] / 2
     assert sum(1 for count in depths[1:] if count > 0) >= 3, f"stop depths should vary: {depths}"
 

@@ -312,3 +312,30 @@ def test_best_chain_follows_the_first_child():
     parents, tokens = [-1, 0, -1, 1, 0, 3], [5, 6, 7, 8, 9, 10]
     assert best_chain(parents, tokens) == ([-1, 0, 1, 2], [5, 6, 8, 10])
     assert best_chain([], []) == ([], [])
+
+
+def test_scratch_pool_size_is_agreed_from_the_config(monkeypatch):
+    from types import SimpleNamespace
+
+    from radar_vllm.vllm import scratch
+
+    def config(worker, scheduler):
+        return SimpleNamespace(parallel_config=SimpleNamespace(worker_cls=worker),
+                               scheduler_config=SimpleNamespace(scheduler_cls=scheduler))
+
+    tree = config(scratch.TREE_WORKER, scratch.RADAR_SCHEDULER)
+    monkeypatch.delenv(scratch.SCRATCH_ENV, raising=False)
+    assert scratch.scratch_block_count(tree, 1000) == 0  # opt-in
+    monkeypatch.setenv(scratch.SCRATCH_ENV, "64")
+    assert scratch.scratch_block_count(tree, 1000) == 64
+    assert scratch.scratch_block_count(tree, 80) == 10  # at most 1/8 of the cache
+    assert scratch.scratch_block_count(config(scratch.TREE_WORKER, "my.Scheduler"), 1000) == 0
+    assert scratch.scratch_block_count(config("vllm.v1.worker.cpu_worker.CPUWorker", scratch.RADAR_SCHEDULER), 1000) == 0
+    assert scratch.scratch_block_ids(10, 3) == [7, 8, 9]
+    assert scratch.scratch_block_ids(10, 2, blocks_per_manager_block=2) == [16, 17, 18, 19]
+    for bad in ("-1", "many"):
+        monkeypatch.setenv(scratch.SCRATCH_ENV, bad)
+        with pytest.raises(ValueError, match=scratch.SCRATCH_ENV):
+            scratch.requested_scratch_blocks()
+    with pytest.raises(ValueError, match="scratch block count"):
+        scratch.scratch_block_ids(4, 5)
