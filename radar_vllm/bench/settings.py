@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from radar_vllm.bench.configs import NO_SPEC, RADAR_CHAIN
+from radar_vllm.bench.workloads import MTBENCH, MTBENCH_TURN2
 
 BACKEND_AUTO = "auto"
 BACKEND_VLLM = "vllm"
@@ -129,6 +130,12 @@ class BenchSettings:
             _positive("online_requests", self.online_requests)
         if self.batch1_prompts is not None:
             _positive("batch1_prompts", self.batch1_prompts)
+        if MTBENCH_TURN2 in self.workloads and (MTBENCH not in self.workloads or GREEDY not in self.temperatures):
+            raise ValueError(
+                f"workload {MTBENCH_TURN2!r} is built from the greedy no-speculation answers to {MTBENCH!r} "
+                f"turn 1: add {MTBENCH!r} to workloads and 0 to temperatures, or leave {MTBENCH_TURN2!r} out "
+                f"(workloads {self.workloads}, temperatures {self.temperatures})"
+            )
         for name in self.sampled_workloads:
             if name not in self.workloads:
                 raise ValueError(f"sampled_workloads entries must be among workloads {self.workloads}, got {name!r}")

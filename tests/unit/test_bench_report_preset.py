@@ -423,3 +423,11 @@ def test_markdown_states_the_narrowed_grid() -> None:
         "- T > 0 only on mtbench; the other workloads are greedy only",
         "- Tree rows (radar-tree, static-tree): batch1, batched, 3 repeat(s)",
     ]
+
+
+def test_turn2_without_its_source_is_refused() -> None:
+    with pytest.raises(ValueError, match="built from the greedy no-speculation answers"):
+        BenchSettings(tiny=True, workloads=("sharegpt", "mtbench-turn2"))
+    with pytest.raises(ValueError, match="add 'mtbench' to workloads and 0 to temperatures"):
+        BenchSettings(tiny=True, workloads=("mtbench", "mtbench-turn2"), temperatures=(1.0,))
+    assert BenchSettings(tiny=True, workloads=("mtbench", "mtbench-turn2")).workloads[1] == "mtbench-turn2"
