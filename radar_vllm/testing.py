@@ -17,10 +17,12 @@ depend on it, they only benefit from accepted tokens being exercised.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable, Iterator, Mapping
 
 import torch
 from safetensors.torch import save_file
@@ -442,3 +444,20 @@ def make_tiny_radar_checkpoint(
         calibration_logprobs=_simulated_draft_logprobs(head, target_dir, max_depth, seed=0),
     )
     return pack_radar_checkpoint(head, policy, directory / "radar", top_k=top_k, max_depth=max_depth)
+
+
+@contextlib.contextmanager
+def scoped_environment(values: Mapping[str, str], also_restore: Iterable[str] = ()) -> Iterator[None]:
+    """Set ``values`` in ``os.environ`` for the block; afterwards restore those keys and
+    ``also_restore`` (keys the block may set or remove itself) to what they were."""
+    keys = list(values) + [key for key in also_restore if key not in values]
+    saved = {key: os.environ.get(key) for key in keys}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value

@@ -42,6 +42,24 @@ from radar_vllm.vllm.stop_monitor import AllStoppedMonitor
 logger = logging.getLogger(__name__)
 
 
+def begin_single_token_passes(proposer: EagleProposer, cad: CommonAttentionMetadata, batch_size: int,
+                              num_rejected_tokens_gpu: torch.Tensor | None) -> tuple[Any, int, Any]:
+    """Switch the drafting metadata to one token per request for the draft passes after the first.
+
+    Returns the proposer's ``(cudagraph_mode, input_batch_size, batch_size_across_dp)`` for
+    ``batch_size`` tokens. A padded drafter batch (``num_rejected_tokens_gpu``) also drops the
+    rejected slots from the sequence lengths.
+    """
+    padding = proposer._determine_batch_execution_and_padding(batch_size)
+    cad.num_actual_tokens = batch_size
+    cad.max_query_len = 1
+    cad.query_start_loc = proposer.arange[: batch_size + 1]
+    cad.query_start_loc_cpu = torch.from_numpy(proposer.token_arange_np[: batch_size + 1]).clone()
+    if num_rejected_tokens_gpu is not None:
+        cad.seq_lens -= num_rejected_tokens_gpu
+    return padding
+
+
 class RadarProposer(EagleProposer):
     """EAGLE-3 chain drafting with per-request depths chosen by the RADAR stop policy."""
 
@@ -171,15 +189,8 @@ class RadarProposer(EagleProposer):
         self.stop_monitor.begin_round()
         active = self._decide(step_logprobs, batch_size, first=True)  # [batch] bool
 
-        # From here on every draft call feeds one token per request.
-        cudagraph_mode, input_batch_size, batch_size_across_dp = self._determine_batch_execution_and_padding(batch_size)
-        cad.num_actual_tokens = batch_size
-        cad.max_query_len = 1
-        cad.query_start_loc = self.arange[: batch_size + 1]
-        cad.query_start_loc_cpu = torch.from_numpy(self.token_arange_np[: batch_size + 1]).clone()
-        if num_rejected_tokens_gpu is not None:
-            # Padded drafter batch: drop the rejected slots from the sequence lengths.
-            cad.seq_lens -= num_rejected_tokens_gpu
+        cudagraph_mode, input_batch_size, batch_size_across_dp = begin_single_token_passes(
+            self, cad, batch_size, num_rejected_tokens_gpu)
         for depth in range(2, depth_limit + 1):
             if self.stop_monitor.all_stopped():
                 break
@@ -236,4 +247,4 @@ class RadarProposer(EagleProposer):
         self.stop_monitor.begin_round()
 
 
-__all__ = ["AllStoppedMonitor", "RadarProposer"]
+__all__ = ["AllStoppedMonitor", "RadarProposer", "begin_single_token_passes"]

@@ -132,6 +132,7 @@ def _make_proposer_class() -> type:
     from vllm.v1.spec_decode.eagle import EagleProposer
 
     from radar_vllm.features import chain_frontier_scores
+    from radar_vllm.vllm.proposer import begin_single_token_passes
 
     class TreeProposer(EagleProposer):
         """EAGLE-3 proposer emitting per-request spine trees ``[batch, max_nodes]`` padded with -1."""
@@ -338,14 +339,8 @@ def _make_proposer_class() -> type:
                 self.policy_runner.begin_round(batch_size)
             active = self._decide(logprobs, batch_size, first=True) if depth_limit > 1 else None
 
-            cudagraph_mode, input_batch_size, batch_size_across_dp = self._determine_batch_execution_and_padding(
-                batch_size)
-            cad.num_actual_tokens = batch_size
-            cad.max_query_len = 1
-            cad.query_start_loc = self.arange[: batch_size + 1]
-            cad.query_start_loc_cpu = torch.from_numpy(self.token_arange_np[: batch_size + 1]).clone()
-            if num_rejected_tokens_gpu is not None:
-                cad.seq_lens -= num_rejected_tokens_gpu
+            cudagraph_mode, input_batch_size, batch_size_across_dp = begin_single_token_passes(
+                self, cad, batch_size, num_rejected_tokens_gpu)
             for depth in range(2, depth_limit + 1):
                 if not bool(active.any()):
                     break

@@ -27,7 +27,7 @@ import random
 
 import pytest
 
-from radar_vllm.testing import make_tiny_llama, make_tiny_radar_checkpoint
+from radar_vllm.testing import make_tiny_llama, make_tiny_radar_checkpoint, scoped_environment
 from radar_vllm.vllm.scratch import SCRATCH_ENV
 
 vllm = pytest.importorskip("vllm")
@@ -47,14 +47,8 @@ ENV = {
 
 @pytest.fixture(scope="module", autouse=True)
 def engine_environment():
-    saved = {key: os.environ.get(key) for key in list(ENV) + ["RADAR_TREE_ORACLE", SCRATCH_ENV]}
-    os.environ.update(ENV)
-    yield
-    for key, value in saved.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
+    with scoped_environment(ENV, also_restore=("RADAR_TREE_ORACLE", SCRATCH_ENV)):
+        yield
 
 
 def _requests() -> list[tuple[list[int], int]]:

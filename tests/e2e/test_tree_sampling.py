@@ -13,13 +13,12 @@ from __future__ import annotations
 
 import gc
 import math
-import os
 import random
 from collections import Counter
 
 import pytest
 
-from radar_vllm.testing import make_tiny_eagle3_head, make_tiny_llama
+from radar_vllm.testing import make_tiny_eagle3_head, make_tiny_llama, scoped_environment
 
 vllm = pytest.importorskip("vllm")
 
@@ -35,14 +34,8 @@ ALPHA = 0.001 / NUM_TESTS
 
 @pytest.fixture(scope="module", autouse=True)
 def engine_environment():
-    saved = {key: os.environ.get(key) for key in ENV}
-    os.environ.update(ENV)
-    yield
-    for key, value in saved.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
+    with scoped_environment(ENV):
+        yield
 
 
 def _engine(target, **kwargs):
