@@ -78,16 +78,10 @@ def load_head_with_target_embeddings(head_dir: str, target_dir: str) -> Eagle3He
 
     from safetensors import safe_open
 
-    from radar_vllm.training.trainer import load_head
+    from radar_vllm.training.trainer import copy_target_embedding, load_head
 
     head = load_head(Path(head_dir))
     with safe_open(str(Path(target_dir) / "model.safetensors"), framework="pt") as handle:
         embed = handle.get_tensor("model.embed_tokens.weight").float()
-    if embed.shape != head.embed_tokens.weight.shape:
-        raise ValueError(
-            f"target embedding shape {tuple(embed.shape)} does not match the head's "
-            f"{tuple(head.embed_tokens.weight.shape)}"
-        )
-    with torch.no_grad():
-        head.embed_tokens.weight.copy_(embed)
+    copy_target_embedding(head, embed)
     return head.eval()

@@ -256,6 +256,17 @@ def build_draft_vocab(work_dir: Path, store: FeatureStore, vocab_size: int, draf
     return ids
 
 
+def copy_target_embedding(head: Eagle3Head, embed: torch.Tensor) -> None:
+    """Fill the head's token embedding with the target's ``embed`` [vocab, hidden] (checked shape)."""
+    if embed.shape != head.embed_tokens.weight.shape:
+        raise ValueError(
+            f"target embed_tokens has shape {tuple(embed.shape)}; the head expects "
+            f"{tuple(head.embed_tokens.weight.shape)} (hidden size mismatch)"
+        )
+    with torch.no_grad():
+        head.embed_tokens.weight.copy_(embed)
+
+
 def initial_head(config: Any, head_config: Eagle3HeadConfig, draft_to_target: torch.Tensor) -> Eagle3Head:
     """A seeded head: target embeddings (frozen), lm_head rows and final norm from the target."""
     from safetensors import safe_open
@@ -269,13 +280,8 @@ def initial_head(config: Any, head_config: Eagle3HeadConfig, draft_to_target: to
         embed = handle.get_tensor("model.embed_tokens.weight").float()
         lm_head = handle.get_tensor("lm_head.weight").float() if "lm_head.weight" in names else embed
         final_norm = handle.get_tensor("model.norm.weight").float()
-    if embed.shape != head.embed_tokens.weight.shape:
-        raise ValueError(
-            f"target embed_tokens has shape {tuple(embed.shape)}; the head expects "
-            f"{tuple(head.embed_tokens.weight.shape)} (hidden size mismatch)"
-        )
+    copy_target_embedding(head, embed)
     with torch.no_grad():
-        head.embed_tokens.weight.copy_(embed)
         head.lm_head.weight.copy_(lm_head[draft_to_target])
         head.norm.weight.copy_(final_norm)
     return head

@@ -122,32 +122,29 @@ class DraftFrontierPlan:
     _scheduler_metadata: dict[tuple[Any, ...], Tensor] = field(default_factory=dict)
 
 
-_active_plan: TreeVerifyPlan | None = None
-_active_draft_plan: DraftFrontierPlan | None = None
+# the plans applied by every tree-aware attention layer right now: "verify" (TreeVerifyPlan) and
+# "draft" (DraftFrontierPlan), each None outside its block
+_active: dict[str, Any] = {"verify": None, "draft": None}
 
 
 @contextlib.contextmanager
-def active_draft_plan(plan: DraftFrontierPlan | None) -> Iterator[None]:
+def _activated(kind: str, plan: Any) -> Iterator[None]:
+    previous = _active[kind]
+    _active[kind] = plan
+    try:
+        yield
+    finally:
+        _active[kind] = previous
+
+
+def active_draft_plan(plan: DraftFrontierPlan | None) -> contextlib.AbstractContextManager[None]:
     """Run every tree-aware attention layer inside the block as a frontier draft pass."""
-    global _active_draft_plan
-    previous = _active_draft_plan
-    _active_draft_plan = plan
-    try:
-        yield
-    finally:
-        _active_draft_plan = previous
+    return _activated("draft", plan)
 
 
-@contextlib.contextmanager
-def active_plan(plan: TreeVerifyPlan | None) -> Iterator[None]:
+def active_plan(plan: TreeVerifyPlan | None) -> contextlib.AbstractContextManager[None]:
     """Apply ``plan`` to every tree-aware attention layer run inside the block."""
-    global _active_plan
-    previous = _active_plan
-    _active_plan = plan
-    try:
-        yield
-    finally:
-        _active_plan = previous
+    return _activated("verify", plan)
 
 
 def _split_cache(kv_cache: Tensor) -> tuple[Tensor, Tensor]:
@@ -186,12 +183,12 @@ def _make_impl_class() -> type:
         """CPU attention that also applies the active :class:`TreeVerifyPlan` (see module doc)."""
 
         def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, *args: Any, **kwargs: Any):
-            draft_plan = _active_draft_plan
+            draft_plan = _active["draft"]
             if draft_plan is not None and attn_metadata is not None and self.attn_type == AttentionType.DECODER:
                 self._apply_draft_plan(draft_plan, layer, query, key, value, kv_cache, output)
                 return output
             result = super().forward(layer, query, key, value, kv_cache, attn_metadata, output, *args, **kwargs)
-            plan = _active_plan
+            plan = _active["verify"]
             if plan is None or attn_metadata is None or self.attn_type != AttentionType.DECODER:
                 return result
             self._apply_plan(plan, layer, query, key, value, kv_cache, attn_metadata, output)
