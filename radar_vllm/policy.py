@@ -186,6 +186,29 @@ class StopPolicy(nn.Module):
         shape = (batch_size, self.config.lstm_hidden)
         return torch.zeros(shape, device=device), torch.zeros(shape, device=device)
 
+    @torch.no_grad()
+    def fold_input_scaling(self, mean: torch.Tensor, std: torch.Tensor) -> "StopPolicy":
+        """Make this network take raw features ``x`` where it was trained on ``(x - mean) / std``.
+
+        Every layer that reads the state (the LSTM input weights and the state columns of
+        ``mlp_in``) is affine in it, so ``W (x - mean) / std + b = (W / std) x + (b - W mean /
+        std)`` folds the scaling into the weights: same decisions, same checkpoint format.
+        ``mean``/``std`` are ``[state_size]``. Returns ``self``.
+        """
+        size = self.config.state_size
+        mean = torch.as_tensor(mean, dtype=torch.float32).reshape(-1)
+        std = torch.as_tensor(std, dtype=torch.float32).reshape(-1)
+        if mean.numel() != size or std.numel() != size or not bool((std > 0).all()):
+            raise ValueError(f"fold_input_scaling needs mean and positive std of size {size}, got "
+                             f"{tuple(mean.shape)} and {tuple(std.shape)}")
+        mean, std = mean.to(self.lstm.weight_ih_l0.device), std.to(self.lstm.weight_ih_l0.device)
+        for weight, bias in ((self.lstm.weight_ih_l0, self.lstm.bias_ih_l0),
+                             (self.mlp_in.weight[:, self.config.lstm_hidden:], self.mlp_in.bias)):
+            scaled = weight / std  # [out, size]
+            bias -= scaled @ mean
+            weight.copy_(scaled)
+        return self
+
     def _head(self, lstm_out: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
         joined = torch.cat([lstm_out, state], dim=-1)  # [..., lstm_hidden + state_size]
         return self.mlp_out(self.dropout(torch.relu(self.mlp_in(joined))))

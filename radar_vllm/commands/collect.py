@@ -8,6 +8,7 @@ order. Re-running the same command resumes: prompts already in complete shards a
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from pathlib import Path
@@ -54,8 +55,14 @@ def run(args: argparse.Namespace) -> int:
     decoder = ReferenceDecoder(target, head, tree_config, chain_state_size=chain_state_size)
 
     prompts = load_prompt_set(args.prompt_set, args.split)
+    excluded = read_excluded_prompt_ids(args.exclude_prompts or [])
     order = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(args.seed))
-    chosen = [prompts[i] for i in order[: args.num_prompts].tolist()]
+    permuted = [prompts[i] for i in order.tolist()]
+    chosen = [p for p in permuted if p.prompt_id not in excluded][: args.num_prompts]
+    num_excluded = sum(p.prompt_id in excluded for p in permuted)
+    if excluded:
+        print(f"excluding {num_excluded} prompts of this split listed in "
+              f"{', '.join(args.exclude_prompts)}", file=sys.stderr)
     token_ids = tokenize_prompts(tokenizer, chosen)
 
     for temperature in args.temperatures:
@@ -69,13 +76,16 @@ def run(args: argparse.Namespace) -> int:
             seed=args.seed, versions=describe_versions(),
             extra={"max_new_tokens": args.max_new_tokens,
                    "max_prompt_tokens": args.max_prompt_tokens, "dtype": args.dtype,
-                   "device": str(args.device), "prompt_order": "torch.randperm(seed)"},
+                   "device": str(args.device), "prompt_order": "torch.randperm(seed)",
+                   "excluded_prompts": num_excluded},
         )
         done: set[int] = set()
         for record in read_shard_records(out):
             check_compatible(metadata.to_dict(), record["metadata"],
                              f"existing shards in {out} and this run", COMPATIBILITY_KEYS)
-            done.update(int(i) for i in record.get("shard", {}).get("prompt_positions", []))
+            shard = record.get("shard", {})
+            check_shard_prompts(shard, chosen, out)
+            done.update(int(i) for i in shard.get("prompt_positions", []))
         todo = [i for i in range(len(chosen)) if i not in done]
         bar = tqdm(total=len(chosen), initial=len(chosen) - len(todo),
                    desc=f"collect T={temperature:g}", file=sys.stderr)
@@ -104,6 +114,42 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def read_excluded_prompt_ids(paths: list[str]) -> set[str]:
+    """Prompt ids listed in ``paths``: JSONL rows with a ``prompt_id`` field, or one id a line."""
+    excluded: set[str] = set()
+    for path in paths:
+        try:
+            lines = Path(path).read_text(encoding="utf-8").splitlines()
+        except OSError as error:
+            raise ValueError(f"--exclude-prompts {path}: {error}") from error
+        for number, line in enumerate(lines, 1):
+            line = line.strip()
+            if not line:
+                continue
+            if line.startswith("{"):
+                try:
+                    excluded.add(str(json.loads(line)["prompt_id"]))
+                except (json.JSONDecodeError, KeyError, TypeError) as error:
+                    raise ValueError(f"--exclude-prompts {path} line {number}: expected a JSON "
+                                     f"object with a 'prompt_id' field ({error})") from error
+            else:
+                excluded.add(line)
+    return excluded
+
+
+def check_shard_prompts(shard: dict, chosen: list, out: Path) -> None:
+    """Refuse to resume into shards whose prompts are not this run's prompts at the same
+    positions (another seed, split or exclusion list would mix prompt selections)."""
+    skipped = {int(i) for i in shard.get("skipped_too_long", [])}
+    recorded = [int(i) for i in shard.get("prompt_positions", []) if int(i) not in skipped]
+    for position, prompt_id in zip(recorded, shard.get("prompt_ids", [])):
+        if position < len(chosen) and chosen[position].prompt_id != prompt_id:
+            raise ValueError(
+                f"existing shards in {out} hold prompt {prompt_id!r} at position {position}, "
+                f"this run selects {chosen[position].prompt_id!r} there (another seed, split or "
+                "--exclude-prompts list); use another --out")
+
+
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "collect", help="record full-depth drafting rounds (states + exact acceptance laws of "
@@ -126,6 +172,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                         help="chain: top_k 1, the round sends the drafted chain, chain state")
     parser.add_argument("--chain-state-size", type=int, default=10,
                         help="chain mode: width of the policy state")
+    parser.add_argument("--exclude-prompts", nargs="+", default=None, metavar="FILE",
+                        help="skip these prompt ids (JSONL with 'prompt_id', or one id a line), "
+                             "e.g. the prompts the EAGLE-3 head was trained on (train-head's "
+                             "WORK/prompts.jsonl): rounds on them overstate the head's acceptance")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     parser.add_argument("--device", default="cpu")

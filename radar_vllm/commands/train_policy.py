@@ -60,10 +60,14 @@ def run(args: argparse.Namespace) -> int:
         ReinforceConfig,
         evaluate_policy_modes,
         train_exact,
+        train_exact_with_budget,
         train_reinforce,
     )
     from radar_vllm.rl.simulate import round_outcomes
 
+    if args.acceptance_budget is not None and args.algorithm == ALGORITHM_REINFORCE:
+        raise ValueError("--acceptance-budget applies to --algorithm exact (the paper's "
+                         "REINFORCE has no acceptance constraint)")
     table, costs = load_checked(args, args.table)
     train, validation = table.split(args.val_fraction, seed=args.seed)
     algorithms = [ALGORITHM_EXACT, ALGORITHM_REINFORCE] if args.algorithm == "both" \
@@ -77,8 +81,10 @@ def run(args: argparse.Namespace) -> int:
                                  seed=args.seed, max_steps_per_epoch=args.max_steps_per_epoch,
                                  # an explicit --epochs is taken literally
                                  min_steps=(args.min_steps if args.min_steps is not None
-                                            else 0 if args.epochs else ExactConfig.min_steps))
-            trainer, decision = train_exact, DECISION_THRESHOLD
+                                            else 0 if args.epochs else ExactConfig.min_steps),
+                                 acceptance_budget=args.acceptance_budget)
+            trainer = train_exact if args.acceptance_budget is None else train_exact_with_budget
+            decision = DECISION_THRESHOLD
         else:
             config = ReinforceConfig(epochs=args.epochs or 100, batch_size=args.batch_size or 64,
                                      lr=args.lr or 1e-4, alpha=args.alpha, beta=args.beta,
@@ -154,6 +160,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--beta", type=float, default=None,
                         help="reinforce: terminal reward scale (default: scaled to the paper's "
                              "typical full-depth reward)")
+    parser.add_argument("--acceptance-budget", type=float, default=None, metavar="B",
+                        help="exact: keep the policy's mean acceptance length within the fraction "
+                             "B (e.g. 0.01) of full depth's on the training rounds, trading "
+                             "throughput for acceptance (default: pure throughput)")
     parser.add_argument("--anneal-scale", type=float, default=1.0,
                         help="exact: final logit scale of the annealing toward determinism")
     add_common_data_arguments(parser)

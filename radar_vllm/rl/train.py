@@ -22,8 +22,16 @@ throughput) between epochs, which converges to the ratio's optimum. The deployed
 deterministic threshold (continue iff P(continue) >= 0.5, i.e. iff logit_continue >=
 logit_stop); optionally the logits are scaled by a factor annealed from 1 to ``anneal_scale``
 during training, which moves the objective toward the one of the deterministic policy (the
-threshold decision itself is scale-invariant). Checkpoint: the epoch with the best validation
-throughput of the deterministic policy. Validation is a split by round.
+threshold decision itself is scale-invariant). The network trains on standardised features
+(mean and spread of the training rounds' states), folded into its weights when saved.
+Checkpoint: the epoch with the best validation throughput of the deterministic policy.
+Validation is a split by round.
+
+``exact`` with an acceptance budget b (:func:`train_exact_with_budget`): the same, constrained to
+keep the mean acceptance length within b of full depth's on the training rounds (the paper's
+operating point: fewer draft calls at almost full-depth acceptance). Tokens get a weight w >= 1
+in the objective, which prices time at lambda / w and so drafts deeper; w is searched (grown,
+then bisected) for the smallest value meeting the budget.
 """
 from __future__ import annotations
 
@@ -31,7 +39,7 @@ import copy
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Callable
 
 import torch
@@ -58,6 +66,8 @@ logger = logging.getLogger(__name__)
 ALGORITHM_REINFORCE = "reinforce"
 ALGORITHM_EXACT = "exact"
 ALGORITHMS = (ALGORITHM_REINFORCE, ALGORITHM_EXACT)
+# Floor of a feature's standard deviation when the exact trainer standardises its inputs.
+MIN_FEATURE_STD = 1e-3
 
 # The paper's Llama-3.1-8B constants (radar-algorithm.md section 4), used to scale beta.
 PAPER_BETA = 0.0308
@@ -111,9 +121,21 @@ class ExactConfig:
     # steps, too few for the LSTM to separate the decisions of different depths; epochs are
     # repeated until this many steps have run.
     min_steps: int = 400
+    # Weight of tokens against time in the objective: 1 maximises throughput; w > 1 is the
+    # Lagrangian of throughput under a floor on acceptance length (see train_exact_with_budget).
+    token_weight: float = 1.0
+    # Acceptance budget b (None: none): the policy must keep its mean acceptance length within
+    # the fraction b of full depth's. train_exact then picks the epoch with the best validation
+    # throughput among those meeting it on the validation rounds; train_exact_with_budget
+    # searches token_weight so that the policy meets it on the training rounds.
+    acceptance_budget: float | None = None
 
     def __post_init__(self) -> None:
         _check_common(self.epochs, self.batch_size, self.lr, self.weight_decay, self.grad_clip)
+        if self.acceptance_budget is not None and not 0.0 <= self.acceptance_budget < 1.0:
+            raise ValueError(f"acceptance_budget must be in [0, 1), got {self.acceptance_budget}")
+        if not self.token_weight >= 1.0:
+            raise ValueError(f"token_weight must be >= 1, got {self.token_weight}")
         if isinstance(self.min_steps, bool) or not isinstance(self.min_steps, int) or self.min_steps < 0:
             raise ValueError(f"min_steps must be an integer >= 0, got {self.min_steps!r}")
         if not self.anneal_scale >= 1.0:
@@ -183,18 +205,20 @@ def evaluate_policy_modes(policy: StopPolicy, table: RoundTable, outcomes: Round
 
 # ---------------------------------------------------------------------- exact trainer
 def exact_objective(policy: StopPolicy, features: torch.Tensor, tokens: torch.Tensor,
-                    times: torch.Tensor, lam: float, logit_scale: float = 1.0
+                    times: torch.Tensor, lam: float, logit_scale: float = 1.0,
+                    token_weight: float = 1.0
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(objective, E[tokens] sum, E[time] sum) for a batch; objective = sum E[tok] - lam E[time].
+    """(objective, E[tokens] sum, E[time] sum) for a batch.
 
-    ``features`` ``[B, D, S]``; ``tokens``/``times`` ``[B, D]`` per stop d = 1..D.
+    objective = token_weight * sum E[tok] - lam * sum E[time]; ``features`` ``[B, D, S]``;
+    ``tokens``/``times`` ``[B, D]`` per stop d = 1..D.
     """
     logits = policy(features) * logit_scale  # [B, D, 2]
     log_probs = log_stop_distribution(logits[..., ACTION_CONTINUE], logits[..., ACTION_STOP])
     stop_probs = log_probs.exp()  # [B, D]
     expected_tokens = (stop_probs * tokens).sum()
     expected_time = (stop_probs * times).sum()
-    return expected_tokens - lam * expected_time, expected_tokens, expected_time
+    return token_weight * expected_tokens - lam * expected_time, expected_tokens, expected_time
 
 
 def train_exact(train: RoundTable, validation: RoundTable, costs: CostTable,
@@ -206,6 +230,16 @@ def train_exact(train: RoundTable, validation: RoundTable, costs: CostTable,
     outcomes = round_outcomes(train, costs)
     val_outcomes = round_outcomes(validation, costs)
     features = table_features(policy, train.states)
+    # Train on standardised features (the raw ones are log-probs down to the -30 floor, which
+    # left the network stuck at "always stop" on the SmolLM2 rounds); the deployed network takes
+    # raw features, with the scaling folded into its weights (StopPolicy.fold_input_scaling).
+    flat = features.reshape(-1, features.shape[-1])
+    scale_mean, scale_std = flat.mean(0), flat.std(0).clamp(min=MIN_FEATURE_STD)
+    features = (features - scale_mean) / scale_std
+
+    def deployed() -> StopPolicy:
+        return copy.deepcopy(policy).eval().fold_input_scaling(scale_mean, scale_std)
+
     tokens = outcomes.tokens.float()
     times = _policy_times(outcomes)
     steps_per_epoch = _steps_per_epoch(train.num_rounds, config.batch_size,
@@ -217,7 +251,9 @@ def train_exact(train: RoundTable, validation: RoundTable, costs: CostTable,
     lam = best_fixed_depth(outcomes, include_no_speculation=False).tokens_per_second
     # Normalise the objective per round and by tokens so the step size is unit-free.
     token_scale = float(tokens.mean())
-    best_val, best_state, best_epoch = -math.inf, copy.deepcopy(policy.state_dict()), -1
+    val_target = acceptance_target(val_outcomes, config.acceptance_budget)
+    best_key: tuple[float, float] = (-math.inf, -math.inf)
+    best_val, best_state, best_epoch = -math.inf, deployed().state_dict(), -1
     history: list[dict[str, Any]] = []
     start_time = time.monotonic()
     for epoch in range(num_epochs):
@@ -232,7 +268,7 @@ def train_exact(train: RoundTable, validation: RoundTable, costs: CostTable,
             if len(rows) == 0:
                 break
             objective, _, _ = exact_objective(policy, features[rows], tokens[rows], times[rows],
-                                              lam, logit_scale)
+                                              lam, logit_scale, config.token_weight)
             loss = -objective / (len(rows) * token_scale)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -245,9 +281,10 @@ def train_exact(train: RoundTable, validation: RoundTable, costs: CostTable,
             _, tok_sum, time_sum = exact_objective(policy, features, tokens, times, lam,
                                                    logit_scale)
         lam = float(tok_sum / time_sum)
+        current = deployed()
         val = evaluate_stop_probs(
             "policy", val_outcomes,
-            policy_stop_probs(policy, validation.states, MODE_THRESHOLD, config.threshold),
+            policy_stop_probs(current, validation.states, MODE_THRESHOLD, config.threshold),
             policy_cost=True)
         entry = {"epoch": epoch, "lambda": lam, "logit_scale": logit_scale,
                  "val_tokens_per_second": val.tokens_per_second,
@@ -259,9 +296,15 @@ def train_exact(train: RoundTable, validation: RoundTable, costs: CostTable,
                     val.tokens_per_second, val.mean_draft_calls)
         if progress is not None:
             progress(entry)
-        if val.tokens_per_second > best_val:
-            best_val, best_epoch = val.tokens_per_second, epoch
-            best_state = copy.deepcopy(policy.state_dict())
+        # Best validation throughput; with a budget, among the epochs meeting it on the
+        # validation rounds (until one does: the highest validation acceptance).
+        if val_target is None or val.mean_acceptance_length >= val_target:
+            key = (1.0, val.tokens_per_second)
+        else:
+            key = (0.0, val.mean_acceptance_length)
+        if key > best_key:
+            best_key, best_val, best_epoch = key, val.tokens_per_second, epoch
+            best_state = copy.deepcopy(current.state_dict())
     policy.load_state_dict(best_state)
     policy.eval()
     record = {
@@ -270,12 +313,91 @@ def train_exact(train: RoundTable, validation: RoundTable, costs: CostTable,
         "policy_config": policy.config.to_dict(),
         "best_epoch": best_epoch,
         "best_val_tokens_per_second": best_val,
+        "val_acceptance_target": val_target,
+        "best_epoch_meets_val_target": None if val_target is None else best_key[0] == 1.0,
         "history": history,
         "train_rounds": train.num_rounds,
         "val_rounds": validation.num_rounds,
         "wall_seconds": time.monotonic() - start_time,
     }
     return TrainResult(policy=policy, record=record)
+
+
+def acceptance_target(outcomes: RoundOutcomes, budget: float | None) -> float | None:
+    """Mean acceptance length a budget ``b`` requires: (1 - b) x full depth's (None: no budget)."""
+    if budget is None:
+        return None
+    return (1.0 - budget) * float(outcomes.tokens[:, -1].mean())
+
+
+# Token weights tried by train_exact_with_budget before bisecting: 1 + 0.25 * 2^k.
+BUDGET_WEIGHT_GROWTH = (1.0, 1.25, 1.5, 2.0, 3.0, 5.0, 9.0, 17.0)
+BUDGET_BISECTIONS = 4
+
+
+def train_exact_with_budget(train: RoundTable, validation: RoundTable, costs: CostTable,
+                            config: ExactConfig, policy_config: PolicyConfig | None = None,
+                            progress: Callable[[dict[str, Any]], None] | None = None
+                            ) -> TrainResult:
+    """Ours under an acceptance budget: the smallest token weight whose policy keeps it.
+
+    For a token weight w the exact trainer's decisions price a second of time at lambda / w
+    instead of lambda (the current throughput), so the policy drafts deeper as w grows. This
+    trains with w = 1, 1.25, 1.5, 2, 3, ... until the deterministic policy's mean acceptance
+    length on the training rounds meets ``config.acceptance_budget``, bisects w between the last
+    miss and the first hit, and returns the qualifying policy with the best validation
+    throughput (or, if none qualifies, the one with the highest training acceptance).
+    """
+    if config.acceptance_budget is None:
+        raise ValueError("train_exact_with_budget needs config.acceptance_budget")
+    outcomes = round_outcomes(train, costs)
+    target = acceptance_target(outcomes, config.acceptance_budget)
+    assert target is not None
+    trials: list[dict[str, Any]] = []
+    results: list[tuple[dict[str, Any], TrainResult]] = []
+
+    def attempt(weight: float) -> bool:
+        result = train_exact(train, validation, costs, replace(config, token_weight=weight),
+                             policy_config, progress)
+        on_train = evaluate_stop_probs(
+            "policy", outcomes,
+            policy_stop_probs(result.policy, train.states, MODE_THRESHOLD, config.threshold),
+            policy_cost=True)
+        trial = {"token_weight": weight,
+                 "train_mean_acceptance_length": on_train.mean_acceptance_length,
+                 "train_tokens_per_second": on_train.tokens_per_second,
+                 "val_tokens_per_second": result.record["best_val_tokens_per_second"],
+                 "meets_budget": on_train.mean_acceptance_length >= target}
+        trials.append(trial)
+        results.append((trial, result))
+        logger.info("budget search: token weight %.4g -> train acceptance %.4f (target %.4f)",
+                    weight, on_train.mean_acceptance_length, target)
+        return trial["meets_budget"]
+
+    low = high = None
+    for weight in BUDGET_WEIGHT_GROWTH:
+        if attempt(weight):
+            high = weight
+            break
+        low = weight
+    if high is not None and low is not None:
+        for _ in range(BUDGET_BISECTIONS):
+            middle = 0.5 * (low + high)
+            if attempt(middle):
+                high = middle
+            else:
+                low = middle
+    qualifying = [(trial, result) for trial, result in results if trial["meets_budget"]]
+    if qualifying:
+        trial, chosen = max(qualifying, key=lambda item: item[0]["val_tokens_per_second"])
+    else:
+        trial, chosen = max(results, key=lambda item: item[0]["train_mean_acceptance_length"])
+    record = dict(chosen.record)
+    record["budget_search"] = {"acceptance_budget": config.acceptance_budget,
+                               "train_acceptance_target": target,
+                               "chosen_token_weight": trial["token_weight"],
+                               "met_on_train": trial["meets_budget"], "trials": trials}
+    return TrainResult(policy=chosen.policy, record=record)
 
 
 # ---------------------------------------------------------------------- paper's REINFORCE

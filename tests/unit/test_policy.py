@@ -323,3 +323,16 @@ def test_load_corrupt_weights(saved: Path) -> None:
     with pytest.raises(ValueError, match=r"policy\.safetensors"):
         load_policy(saved)
 
+
+
+def test_folded_input_scaling_gives_the_scaled_networks_logits() -> None:
+    torch.manual_seed(3)
+    policy = StopPolicy(PolicyConfig(state_size=6)).eval()
+    states = torch.randn(4, 5, 6) * 4.0 - 10.0
+    mean, std = torch.randn(6), torch.rand(6) + 0.3
+    expected = policy((states - mean) / std)
+    folded = policy.fold_input_scaling(mean, std)
+    assert folded is policy
+    torch.testing.assert_close(policy(states), expected, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="positive std"):
+        policy.fold_input_scaling(mean, torch.zeros(6))

@@ -14,7 +14,7 @@ from radar_vllm.reference.decoder import ReferenceDecoder
 from radar_vllm.features import chain_round_states
 from radar_vllm.reference.models import load_head, load_target
 from radar_vllm.reference.recompute import brute_force_acceptance_law, path_draft_logprobs
-from radar_vllm.rl.table import load_round_table
+from radar_vllm.rl.table import load_round_table, read_shard_records
 from radar_vllm.testing import make_tiny_eagle3_head, make_tiny_llama
 
 PROMPT = list(range(7, 27))
@@ -112,6 +112,20 @@ def test_collect_calibrate_train_evaluate_commands(tiny, tmp_path, capsys) -> No
     assert torch.equal(table.states[: first.num_rounds], first.states)
     positions = sorted(set(table.prompt_index.tolist()))
     assert positions == [0, 1, 2, 3]
+    # Excluding a prompt (e.g. one the head was trained on) moves the selection past it, and
+    # shards written without the exclusion are not resumed into.
+    first_id = read_shard_records(out / "T1")[0]["shard"]["prompt_ids"][0]
+    exclude = tmp_path / "head_prompts.jsonl"
+    exclude.write_text(json.dumps({"prompt_id": first_id}) + "\n")
+    other_out = tmp_path / "rounds-excluding"
+    assert main(common[:5] + ["--out", str(other_out)] + common[7:] +
+                ["--num-prompts", "2", "--temperatures", "1",
+                 "--exclude-prompts", str(exclude)]) == 0
+    kept = [i for r in read_shard_records(other_out / "T1") for i in r["shard"]["prompt_ids"]]
+    assert first_id not in kept and len(kept) >= 1
+    capsys.readouterr()
+    assert main(common + ["--num-prompts", "4", "--exclude-prompts", str(exclude)]) == 2
+    assert "--exclude-prompts" in capsys.readouterr().err
     greedy = load_round_table(out / "T0")
     assert torch.equal(greedy.accept_probs.amax(-1), torch.ones(greedy.num_rounds, 3))
     chain_out = tmp_path / "chain"

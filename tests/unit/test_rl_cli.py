@@ -50,11 +50,26 @@ def test_train_and_evaluate_commands(tmp_path, capsys) -> None:
     assert prefix.with_suffix(".md").read_text().count("\n| ") >= 9
     assert prefix.with_suffix(".png").stat().st_size > 0
 
+    # The acceptance-budget variant of ours records its token-weight search.
+    budgeted = tmp_path / "budgeted"
+    assert main(["train-policy", "--table", str(train_dir), "--costs", str(costs_path),
+                 "--out", str(budgeted), "--epochs", "2", "--algorithm", "exact",
+                 "--acceptance-budget", "0.05"]) == 0
+    record = json.loads((budgeted / "exact" / "training_record.json").read_text())
+    assert record["budget_search"]["acceptance_budget"] == 0.05
+    assert record["budget_search"]["trials"][0]["token_weight"] == 1.0
+
     # Bad input: another temperature than requested, or costs of another head.
     capsys.readouterr()
     assert main(["train-policy", "--table", str(train_dir), "--costs", str(costs_path),
                  "--out", str(out), "--temperature", "0"]) == 2
     assert "temperature" in capsys.readouterr().err
+    for algorithm, budget, message in (("reinforce", "0.01", "applies to --algorithm exact"),
+                                       ("exact", "1.5", "acceptance_budget")):
+        assert main(["train-policy", "--table", str(train_dir), "--costs", str(costs_path),
+                     "--out", str(out), "--algorithm", algorithm,
+                     "--acceptance-budget", budget]) == 2
+        assert message in capsys.readouterr().err
     other = save_cost_table(make_synthetic_costs(head_id="another"), tmp_path / "other.json")
     assert main(["evaluate-policy", "--table", str(heldout_dir), "--costs", str(other),
                  "--out", str(prefix)]) == 2

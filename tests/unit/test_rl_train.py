@@ -1,11 +1,19 @@
 """Trainers on synthetic tables whose best stop is known."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
 from radar_vllm.rl.evaluate import deterministic_rule_stop_depths, evaluate_rules
-from radar_vllm.rl.simulate import best_fixed_depth, evaluate_fixed_depth, round_outcomes
+from radar_vllm.rl.rules import MODE_THRESHOLD, policy_stop_probs
+from radar_vllm.rl.simulate import (
+    best_fixed_depth,
+    evaluate_fixed_depth,
+    evaluate_stop_probs,
+    round_outcomes,
+)
 from radar_vllm.rl.synthetic import make_synthetic_costs, make_synthetic_table
 from radar_vllm.rl.table import RoundTable
 from radar_vllm.rl.train import (
@@ -13,6 +21,7 @@ from radar_vllm.rl.train import (
     ReinforceConfig,
     expected_paper_return,
     train_exact,
+    train_exact_with_budget,
     train_reinforce,
 )
 
@@ -112,3 +121,50 @@ def test_exact_trainer_defaults_learn_from_a_small_table() -> None:
     result = train_exact(train, validation, costs, ExactConfig())
     depths = deterministic_rule_stop_depths(result.policy, validation)
     assert torch.equal(depths, torch.full_like(depths, 2))
+
+
+def test_acceptance_budget_keeps_acceptance_near_full_depth_with_fewer_calls() -> None:
+    # Rounds with acceptance rates 0.2-0.9: the throughput policy stops the weak rounds early and
+    # loses more than 1% of full depth's acceptance; the budgeted one must not.
+    table = make_synthetic_table(400, max_depth=5, rate_range=(0.2, 0.9), seed=3)
+    costs = make_synthetic_costs()
+    train, validation = table.split(0.25, seed=0)
+    config = ExactConfig(epochs=30, batch_size=64, lr=3e-3, min_steps=0)
+    train_outcomes, val_outcomes = round_outcomes(train, costs), round_outcomes(validation, costs)
+
+    def measured(policy, rounds, outcomes):
+        return evaluate_stop_probs("policy", outcomes,
+                                   policy_stop_probs(policy, rounds.states, MODE_THRESHOLD),
+                                   policy_cost=True)
+
+    full = evaluate_fixed_depth(val_outcomes, 5)
+    plain = measured(train_exact(train, validation, costs, config).policy, validation,
+                     val_outcomes)
+    assert plain.mean_acceptance_length < 0.98 * full.mean_acceptance_length
+
+    budget = 0.01
+    result = train_exact_with_budget(train, validation, costs,
+                                     replace(config, acceptance_budget=budget))
+    search = result.record["budget_search"]
+    assert search["met_on_train"] and search["chosen_token_weight"] > 1.0
+    on_train = measured(result.policy, train, train_outcomes)
+    assert on_train.mean_acceptance_length >= (1 - budget) * float(
+        train_outcomes.tokens[:, -1].mean())
+    on_val = measured(result.policy, validation, val_outcomes)
+    assert on_val.mean_acceptance_length >= 0.98 * full.mean_acceptance_length
+    assert on_val.mean_draft_calls <= 0.9 * 5
+    # Cheaper than full depth, and the budget costs throughput against the unconstrained policy.
+    assert full.tokens_per_second < on_val.tokens_per_second < plain.tokens_per_second
+    # Trials grow the token weight until the budget holds, then bisect.
+    weights = [trial["token_weight"] for trial in search["trials"]]
+    assert weights[0] == 1.0 and not search["trials"][0]["meets_budget"]
+
+
+def test_acceptance_budget_is_validated() -> None:
+    with pytest.raises(ValueError, match="acceptance_budget"):
+        ExactConfig(acceptance_budget=1.0)
+    with pytest.raises(ValueError, match="token_weight"):
+        ExactConfig(token_weight=0.5)
+    table = make_synthetic_table(40, max_depth=3, seed=0)
+    with pytest.raises(ValueError, match="acceptance_budget"):
+        train_exact_with_budget(table, table, make_synthetic_costs(), ExactConfig())
