@@ -35,7 +35,7 @@ def _reserve_scratch_blocks(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tu
     vllm_config = kwargs["vllm_config"] if "vllm_config" in kwargs else args[0]
     in_kwargs = "kv_cache_config" in kwargs
     kv_cache_config = kwargs["kv_cache_config"] if in_kwargs else args[1]
-    count = scratch_block_count(vllm_config, kv_cache_config.num_blocks)
+    count = scratch_block_count(vllm_config, kv_cache_config.num_blocks, len(kv_cache_config.kv_cache_groups))
     if count == 0:
         return args, kwargs
     reduced = copy.copy(kv_cache_config)

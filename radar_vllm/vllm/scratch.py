@@ -20,8 +20,11 @@ they measured the same speed, so the pool (which takes KV blocks from requests) 
 """
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any
+
+logger = logging.getLogger(__name__)
 
 SCRATCH_ENV = "RADAR_TREE_SCRATCH_BLOCKS"
 # Off unless asked for: on the CPU build the whole-block copies cost what the saved kernel calls
@@ -77,11 +80,41 @@ def requested_scratch_blocks() -> int:
     return value
 
 
-def scratch_block_count(vllm_config: Any, num_blocks: int) -> int:
-    """Blocks (in the KV manager's block size) reserved at the end of a ``num_blocks`` cache."""
+def min_scratch_blocks(vllm_config: Any) -> int:
+    """Fewest manager blocks a pool needs so that one recomputed path always fits.
+
+    A path has at most ``num_speculative_tokens`` nodes (the tree's node budget) and needs
+    :func:`radar_vllm.vllm.tree_verify.max_scratch_blocks_per_job` kernel blocks. Whatever kernel
+    block size k divides the manager block size M, ``ceil((L - 2) / M) + 2`` manager blocks hold
+    at least ``(L - 2) / k + 2`` kernel blocks, which is that bound; the scheduler, which does
+    not know k, and the runner, which does, therefore decide alike.
+    """
+    max_path_len = int(getattr(vllm_config.speculative_config, "num_speculative_tokens", 1) or 1)
+    block_size = int(vllm_config.cache_config.block_size)
+    return -(-max(max_path_len - 2, 0) // block_size) + 2
+
+
+def scratch_block_count(vllm_config: Any, num_blocks: int, num_kv_cache_groups: int = 1) -> int:
+    """Blocks (in the KV manager's block size) reserved at the end of a ``num_blocks`` cache.
+
+    0 unless the tree runner and the RADAR scheduler are both in use and a pool was asked for; 0
+    too (with a warning) when the pool cannot serve the cache: more than one KV-cache group, or
+    fewer blocks than one path needs (:func:`min_scratch_blocks`). The scheduler and the runner
+    both call this with the same arguments, so blocks are hidden exactly when the runner uses them.
+    """
     if not uses_tree_runner(vllm_config) or not uses_radar_scheduler(vllm_config):
         return 0
-    return min(requested_scratch_blocks(), max(num_blocks // MAX_SCRATCH_FRACTION, 0))
+    count = min(requested_scratch_blocks(), max(num_blocks // MAX_SCRATCH_FRACTION, 0))
+    if count == 0:
+        return 0
+    needed = min_scratch_blocks(vllm_config)
+    if num_kv_cache_groups != 1 or count < needed:
+        logger.warning("RADAR tree verification: no scratch blocks (%d asked for, %d allowed by a %d-block "
+                       "cache, a path needs %d; %d KV-cache groups, 1 supported); recomputing one node per "
+                       "request per kernel call", requested_scratch_blocks(), count, num_blocks, needed,
+                       num_kv_cache_groups)
+        return 0
+    return count
 
 
 def scratch_block_ids(num_blocks: int, count: int, blocks_per_manager_block: int = 1) -> list[int]:
@@ -98,6 +131,7 @@ def scratch_block_ids(num_blocks: int, count: int, blocks_per_manager_block: int
 __all__ = [
     "DEFAULT_SCRATCH_BLOCKS",
     "SCRATCH_ENV",
+    "min_scratch_blocks",
     "requested_scratch_blocks",
     "scratch_block_count",
     "scratch_block_ids",

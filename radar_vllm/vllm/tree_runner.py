@@ -183,18 +183,16 @@ class RadarTreeCPUModelRunner(CPUModelRunner):
     def initialize_kv_cache(self, kv_cache_config: Any, *args: Any, **kwargs: Any) -> None:
         super().initialize_kv_cache(kv_cache_config, *args, **kwargs)
         num_blocks = int(self.kv_cache_config.num_blocks)
-        count = scratch_block_count(self.vllm_config, num_blocks)
+        # Same call as the scheduler's, so the blocks it hid are exactly the ones used here.
+        count = scratch_block_count(self.vllm_config, num_blocks, len(self.kv_cache_config.kv_cache_groups))
         kernel_block_sizes = getattr(self, "_kernel_block_sizes", None) or [self.cache_config.block_size]
         manager_block_size = int(self.cache_config.block_size)
         self._kernel_block_size = int(kernel_block_sizes[0])
         per_manager_block = manager_block_size // self._kernel_block_size
         blocks = scratch_block_ids(num_blocks, count, per_manager_block) if count else []
         needed = max_scratch_blocks_per_job(max(self.drafter.max_nodes, 1), self._kernel_block_size)
-        if blocks and (len(self.kv_cache_config.kv_cache_groups) != 1 or len(blocks) < needed):
-            logger.warning("RADAR tree verification: %d scratch blocks cannot serve this cache (%d groups, a path "
-                           "needs up to %d); recomputing one node per request per kernel call", len(blocks),
-                           len(self.kv_cache_config.kv_cache_groups), needed)
-            blocks = []
+        if blocks and len(blocks) < needed:  # excluded by scratch.min_scratch_blocks
+            raise RuntimeError(f"RADAR tree verification: {len(blocks)} scratch blocks, a path needs {needed}")
         self._scratch_blocks = blocks
         if blocks:
             logger.info("RADAR tree verification: %d scratch blocks of %d tokens", len(blocks), self._kernel_block_size)

@@ -319,9 +319,11 @@ def test_scratch_pool_size_is_agreed_from_the_config(monkeypatch):
 
     from radar_vllm.vllm import scratch
 
-    def config(worker, scheduler):
+    def config(worker, scheduler, nodes=59, block_size=16):
         return SimpleNamespace(parallel_config=SimpleNamespace(worker_cls=worker),
-                               scheduler_config=SimpleNamespace(scheduler_cls=scheduler))
+                               scheduler_config=SimpleNamespace(scheduler_cls=scheduler),
+                               speculative_config=SimpleNamespace(num_speculative_tokens=nodes),
+                               cache_config=SimpleNamespace(block_size=block_size))
 
     tree = config(scratch.TREE_WORKER, scratch.RADAR_SCHEDULER)
     monkeypatch.delenv(scratch.SCRATCH_ENV, raising=False)
@@ -329,6 +331,15 @@ def test_scratch_pool_size_is_agreed_from_the_config(monkeypatch):
     monkeypatch.setenv(scratch.SCRATCH_ENV, "64")
     assert scratch.scratch_block_count(tree, 1000) == 64
     assert scratch.scratch_block_count(tree, 80) == 10  # at most 1/8 of the cache
+    # A pool that cannot serve the cache is not reserved at all (scheduler and runner agree):
+    # more than one KV-cache group, or fewer blocks than a 59-node path needs (ceil(57/16) + 2).
+    assert scratch.min_scratch_blocks(tree) == 6
+    assert scratch.scratch_block_count(tree, 1000, num_kv_cache_groups=2) == 0
+    assert scratch.scratch_block_count(tree, 48) == 6 and scratch.scratch_block_count(tree, 40) == 0
+    # The bound holds for every kernel block size dividing the manager block size.
+    for kernel_block in (1, 2, 4, 8, 16):
+        blocks = scratch.scratch_block_ids(48, 6, blocks_per_manager_block=16 // kernel_block)
+        assert len(blocks) >= max_scratch_blocks_per_job(59, kernel_block)
     assert scratch.scratch_block_count(config(scratch.TREE_WORKER, "my.Scheduler"), 1000) == 0
     assert scratch.scratch_block_count(config("vllm.v1.worker.cpu_worker.CPUWorker", scratch.RADAR_SCHEDULER), 1000) == 0
     assert scratch.scratch_block_ids(10, 3) == [7, 8, 9]
