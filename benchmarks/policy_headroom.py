@@ -38,13 +38,8 @@ import torch
 
 from radar_vllm.costs import describe_machine, load_cost_table
 from radar_vllm.policy import load_policy_checkpoint
-from radar_vllm.rl.rules import MODE_THRESHOLD, policy_stop_probs
-from radar_vllm.rl.simulate import (
-    best_fixed_depth,
-    evaluate_stop_probs,
-    oracle,
-    round_outcomes,
-)
+from radar_vllm.rl.rules import evaluate_policy
+from radar_vllm.rl.simulate import best_fixed_depth, oracle, round_outcomes
 from radar_vllm.rl.table import load_round_table
 from radar_vllm.rl.train import ExactConfig, train_exact
 
@@ -116,15 +111,10 @@ def headroom(label: str, table_path: str, policy_path: str | None, costs, seed: 
     if policy_path is not None:
         policy = load_policy_checkpoint(policy_path).policy
         rows.append(("ours, trained on the training split",
-                     evaluate_stop_probs("ours", outcomes,
-                                         policy_stop_probs(policy, table.states, MODE_THRESHOLD),
-                                         policy_cost=True)))
+                     evaluate_policy("ours", policy, table.states, outcomes)))
     fitted = train_exact(table, table, costs, ExactConfig(seed=seed))
     rows.append(("ours, fitted on these rounds (in-sample, optimistic)",
-                 evaluate_stop_probs("in-sample", outcomes,
-                                     policy_stop_probs(fitted.policy, table.states,
-                                                       MODE_THRESHOLD),
-                                     policy_cost=True)))
+                 evaluate_policy("in-sample", fitted.policy, table.states, outcomes)))
     rows.append(("oracle without depth 0", top_spec))
     # A policy that may also drop the first draft after seeing it still paid for the call.
     dropping = replace(outcomes, decode_seconds=outcomes.decode_seconds + costs.first_draft_seconds)

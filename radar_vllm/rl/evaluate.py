@@ -23,6 +23,7 @@ from radar_vllm.rl.rules import (
     MODE_SAMPLED,
     MODE_THRESHOLD,
     cost_rule_stop_probs,
+    evaluate_policy,
     policy_stop_probs,
     tune_cost_rule,
 )
@@ -71,8 +72,8 @@ def evaluate_rules(table: RoundTable, costs: CostTable,
     rows = [evaluate_fixed_depth(outcomes, d) for d in range(table.max_depth + 1)]
     for name, policy in (policies or {}).items():
         for mode in (MODE_THRESHOLD, MODE_SAMPLED):
-            stop = policy_stop_probs(policy, table.states, mode, threshold)
-            rows.append(evaluate_stop_probs(f"{name} ({mode})", outcomes, stop, policy_cost=True))
+            rows.append(evaluate_policy(f"{name} ({mode})", policy, table.states, outcomes, mode,
+                                        threshold))
     reference_outcomes = round_outcomes(train_table, costs) if train_table is not None \
         else outcomes
     reference_throughput = best_fixed_depth(reference_outcomes).tokens_per_second

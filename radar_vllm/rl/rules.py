@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 from radar_vllm.policy import ACTION_CONTINUE, StopPolicy
-from radar_vllm.rl.simulate import RoundOutcomes, evaluate_stop_probs, stop_distribution
+from radar_vllm.rl.simulate import RoundOutcomes, RuleResult, evaluate_stop_probs, stop_distribution
 
 MODE_THRESHOLD = "threshold"
 MODE_SAMPLED = "sampled"
@@ -53,6 +53,13 @@ def policy_stop_probs(policy: StopPolicy, states: torch.Tensor, mode: str,
     """P(stop after d) ``[R, D]`` of a policy (expected over its sampling in sampled mode)."""
     return stop_distribution(policy_continue_probs(policy, states, mode, threshold))
 
+
+
+def evaluate_policy(name: str, policy: StopPolicy, states: torch.Tensor, outcomes: RoundOutcomes,
+                    mode: str = MODE_THRESHOLD, threshold: float = 0.5) -> RuleResult:
+    """Expected throughput of ``policy`` on recorded ``states`` (policy decisions charged)."""
+    return evaluate_stop_probs(name, outcomes, policy_stop_probs(policy, states, mode, threshold),
+                               policy_cost=True)
 
 
 def expected_level_gain(states: torch.Tensor) -> torch.Tensor:

@@ -49,6 +49,7 @@ from radar_vllm.policy import ACTION_CONTINUE, ACTION_STOP, PolicyConfig, StopPo
 from radar_vllm.rl.rules import (
     MODE_SAMPLED,
     MODE_THRESHOLD,
+    evaluate_policy,
     policy_stop_probs,
     table_features,
 )
@@ -196,9 +197,8 @@ def evaluate_policy_modes(policy: StopPolicy, table: RoundTable, outcomes: Round
                           threshold: float = 0.5) -> dict[str, dict[str, Any]]:
     """Throughput results of a policy on a table in threshold and sampled mode."""
     return {
-        mode: evaluate_stop_probs(f"policy ({mode})", outcomes,
-                                  policy_stop_probs(policy, table.states, mode, threshold),
-                                  policy_cost=True).to_dict()
+        mode: evaluate_policy(f"policy ({mode})", policy, table.states, outcomes, mode,
+                              threshold).to_dict()
         for mode in (MODE_THRESHOLD, MODE_SAMPLED)
     }
 
@@ -282,10 +282,8 @@ def train_exact(train: RoundTable, validation: RoundTable, costs: CostTable,
                                                    logit_scale)
         lam = float(tok_sum / time_sum)
         current = deployed()
-        val = evaluate_stop_probs(
-            "policy", val_outcomes,
-            policy_stop_probs(current, validation.states, MODE_THRESHOLD, config.threshold),
-            policy_cost=True)
+        val = evaluate_policy("policy", current, validation.states, val_outcomes,
+                              threshold=config.threshold)
         entry = {"epoch": epoch, "lambda": lam, "logit_scale": logit_scale,
                  "val_tokens_per_second": val.tokens_per_second,
                  "val_mean_draft_calls": val.mean_draft_calls,
@@ -304,7 +302,7 @@ def train_exact(train: RoundTable, validation: RoundTable, costs: CostTable,
             key = (0.0, val.mean_acceptance_length)
         if key > best_key:
             best_key, best_val, best_epoch = key, val.tokens_per_second, epoch
-            best_state = copy.deepcopy(current.state_dict())
+            best_state = current.state_dict()  # current is a fresh copy, never trained on
     policy.load_state_dict(best_state)
     policy.eval()
     record = {
@@ -330,7 +328,7 @@ def acceptance_target(outcomes: RoundOutcomes, budget: float | None) -> float | 
     return (1.0 - budget) * float(outcomes.tokens[:, -1].mean())
 
 
-# Token weights tried by train_exact_with_budget before bisecting: 1 + 0.25 * 2^k.
+# Token weights tried by train_exact_with_budget before bisecting: 1, then 1 + 0.25 * 2^k.
 BUDGET_WEIGHT_GROWTH = (1.0, 1.25, 1.5, 2.0, 3.0, 5.0, 9.0, 17.0)
 BUDGET_BISECTIONS = 4
 
@@ -359,10 +357,8 @@ def train_exact_with_budget(train: RoundTable, validation: RoundTable, costs: Co
     def attempt(weight: float) -> bool:
         result = train_exact(train, validation, costs, replace(config, token_weight=weight),
                              policy_config, progress)
-        on_train = evaluate_stop_probs(
-            "policy", outcomes,
-            policy_stop_probs(result.policy, train.states, MODE_THRESHOLD, config.threshold),
-            policy_cost=True)
+        on_train = evaluate_policy("policy", result.policy, train.states, outcomes,
+                                   threshold=config.threshold)
         trial = {"token_weight": weight,
                  "train_mean_acceptance_length": on_train.mean_acceptance_length,
                  "train_tokens_per_second": on_train.tokens_per_second,

@@ -104,15 +104,15 @@ def scratch_block_count(vllm_config: Any, num_blocks: int, num_kv_cache_groups: 
     """
     if not uses_tree_runner(vllm_config) or not uses_radar_scheduler(vllm_config):
         return 0
-    count = min(requested_scratch_blocks(), max(num_blocks // MAX_SCRATCH_FRACTION, 0))
+    requested = requested_scratch_blocks()
+    count = min(requested, max(num_blocks // MAX_SCRATCH_FRACTION, 0))
     if count == 0:
         return 0
     needed = min_scratch_blocks(vllm_config)
     if num_kv_cache_groups != 1 or count < needed:
         logger.warning("RADAR tree verification: no scratch blocks (%d asked for, %d allowed by a %d-block "
                        "cache, a path needs %d; %d KV-cache groups, 1 supported); recomputing one node per "
-                       "request per kernel call", requested_scratch_blocks(), count, num_blocks, needed,
-                       num_kv_cache_groups)
+                       "request per kernel call", requested, count, num_blocks, needed, num_kv_cache_groups)
         return 0
     return count
 

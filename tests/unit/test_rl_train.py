@@ -7,11 +7,10 @@ import pytest
 import torch
 
 from radar_vllm.rl.evaluate import deterministic_rule_stop_depths, evaluate_rules
-from radar_vllm.rl.rules import MODE_THRESHOLD, policy_stop_probs
+from radar_vllm.rl.rules import evaluate_policy
 from radar_vllm.rl.simulate import (
     best_fixed_depth,
     evaluate_fixed_depth,
-    evaluate_stop_probs,
     round_outcomes,
 )
 from radar_vllm.rl.synthetic import make_synthetic_costs, make_synthetic_table
@@ -132,14 +131,9 @@ def test_acceptance_budget_keeps_acceptance_near_full_depth_with_fewer_calls() -
     config = ExactConfig(epochs=30, batch_size=64, lr=3e-3, min_steps=0)
     train_outcomes, val_outcomes = round_outcomes(train, costs), round_outcomes(validation, costs)
 
-    def measured(policy, rounds, outcomes):
-        return evaluate_stop_probs("policy", outcomes,
-                                   policy_stop_probs(policy, rounds.states, MODE_THRESHOLD),
-                                   policy_cost=True)
-
     full = evaluate_fixed_depth(val_outcomes, 5)
-    plain = measured(train_exact(train, validation, costs, config).policy, validation,
-                     val_outcomes)
+    plain = evaluate_policy("plain", train_exact(train, validation, costs, config).policy,
+                            validation.states, val_outcomes)
     assert plain.mean_acceptance_length < 0.98 * full.mean_acceptance_length
 
     budget = 0.01
@@ -147,10 +141,10 @@ def test_acceptance_budget_keeps_acceptance_near_full_depth_with_fewer_calls() -
                                      replace(config, acceptance_budget=budget))
     search = result.record["budget_search"]
     assert search["met_on_train"] and search["chosen_token_weight"] > 1.0
-    on_train = measured(result.policy, train, train_outcomes)
+    on_train = evaluate_policy("budget", result.policy, train.states, train_outcomes)
     assert on_train.mean_acceptance_length >= (1 - budget) * float(
         train_outcomes.tokens[:, -1].mean())
-    on_val = measured(result.policy, validation, val_outcomes)
+    on_val = evaluate_policy("budget", result.policy, validation.states, val_outcomes)
     assert on_val.mean_acceptance_length >= 0.98 * full.mean_acceptance_length
     assert on_val.mean_draft_calls <= 0.9 * 5
     # Cheaper than full depth, and the budget costs throughput against the unconstrained policy.
