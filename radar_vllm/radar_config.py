@@ -69,6 +69,7 @@ class RadarConfig:
     threshold: float | None = None  # continue when P(continue) >= threshold; None: the policy's
     decision: str | None = None  # "threshold" | "sampled"; None: the policy's
     tree_policy: str | None = None  # tree mode's policy, relative to the head directory; None: policy
+    fixed_depth: int | None = None  # chain diagnostic: no policy, every round drafts this many tokens
 
     def __post_init__(self) -> None:
         if not isinstance(self.policy, str) or not self.policy:
@@ -88,6 +89,12 @@ class RadarConfig:
                 or not 0.0 <= self.threshold <= 1.0
             ):
                 raise ValueError(f"radar.threshold must be a number in [0, 1], got {self.threshold!r}")
+        if self.fixed_depth is not None:
+            _require_int("fixed_depth", self.fixed_depth, 1)
+            if self.fixed_depth > self.max_depth:
+                raise ValueError(f"radar.fixed_depth={self.fixed_depth} exceeds radar.max_depth={self.max_depth}")
+            if self.mode != MODE_CHAIN:
+                raise ValueError(f"radar.fixed_depth is a chain-mode option, but radar.mode={self.mode!r}")
         if self.decision is not None and self.decision not in DECISION_MODES:
             raise ValueError(f"radar.decision must be one of {DECISION_MODES}, got {self.decision!r}")
         # The tree budget must be reachable with this top_k and depth (checked in chain mode too:

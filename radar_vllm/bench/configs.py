@@ -1,17 +1,25 @@
 """The configuration rows of a benchmark: what each engine is started with.
 
-=================  ==========================================================================
-row                speculative config (vLLM ``speculative_config``)
-=================  ==========================================================================
-no-spec            none
-eagle3-kK          stock EAGLE-3 chain, plain head (no radar section), K draft tokens
-radar-chain        the RADAR checkpoint as shipped (chain mode, the learned stop)
-radar-tree         the RADAR checkpoint with ``{"mode": "tree"}``
-static-tree        ``{"mode": "tree", "threshold": 0.0}``: the policy always continues, so every
-                   round drafts the full depth (a static full-depth tree; the policy still runs)
-confidence-chain   the same head with a hand-built policy that continues while the drafted
-                   chain's cumulative probability is >= the threshold (training-free peer)
-=================  ==========================================================================
+=====================  ======================================================================
+row                    speculative config (vLLM ``speculative_config``)
+=====================  ======================================================================
+no-spec                none
+eagle3-kK              stock EAGLE-3 chain, plain head (no radar section), K draft tokens
+eagle3-kK-uncorrected  the same, vLLM as shipped: ``VLLM_PLUGINS=""`` in its worker, so
+                       without radar_vllm's correction of the CPU build's sampled
+                       verification; T > 0 only
+radar-chain            the RADAR checkpoint as shipped (chain mode, the learned stop)
+radar-tree             the RADAR checkpoint with ``{"mode": "tree"}``
+static-tree            ``{"mode": "tree", "threshold": 0.0}``: the policy always continues, so
+                       every round drafts the full depth (a static full-depth tree; the policy
+                       still runs)
+confidence-chain       the same head with a hand-built policy that continues while the drafted
+                       chain's cumulative probability is >= the threshold (training-free peer)
+=====================  ======================================================================
+
+Every row except the ``-uncorrected`` ones runs with the radar_vllm plugin loaded, which corrects
+vLLM's CPU ``expand_kernel`` for every engine (:mod:`radar_vllm.vllm.cpu_sampling_fix`); an
+``-uncorrected`` row shows stock EAGLE-3 at T > 0 as shipped (greedy-only batches are not affected).
 
 Every RADAR-side row is the same head with a different policy or override, so adding a row is
 adding an entry here. Rows the installed plugin cannot run (tree mode before tree verification
@@ -45,10 +53,16 @@ STATIC_TREE = "static-tree"
 CONFIDENCE_CHAIN = "confidence-chain"
 ALWAYS_CONTINUE_THRESHOLD = 0.0  # P(continue) >= 0 holds always: full depth every round
 EAGLE3_METHOD = "eagle3"
+UNCORRECTED_SUFFIX = "-uncorrected"
 
 
 def eagle3_name(k: int) -> str:
     return f"eagle3-k{k}"
+
+
+def uncorrected_name(k: int) -> str:
+    """The stock EAGLE-3 row at K run without the plugin: ``eagle3-k1-uncorrected``."""
+    return eagle3_name(k) + UNCORRECTED_SUFFIX
 
 
 @dataclass(frozen=True)
@@ -64,6 +78,8 @@ class BenchConfig:
     radar_overrides: dict[str, Any] = field(default_factory=dict)
     skip_reason: str | None = None
     description: str = ""
+    plugin_disabled: bool = False  # worker (and server) with VLLM_PLUGINS="": vLLM as shipped
+    sampled_only: bool = False  # runs the T > 0 temperatures only
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -153,8 +169,10 @@ def build_configs(
     confidence_checkpoint: str | None = None,
     tree_supported: bool | None = None,
     only: Sequence[str] = (),
+    uncorrected_k: Sequence[int] = (),
 ) -> list[BenchConfig]:
-    """All rows in run order: no-spec first (the match reference), EAGLE-3 by K, then RADAR rows.
+    """All rows in run order: no-spec first (the match reference), EAGLE-3 by K, the uncorrected
+    stock rows (``uncorrected_k``), then RADAR rows.
 
     ``tree_supported`` defaults to what the installed plugin says; the reference decoder passes
     True. ``only`` keeps the named rows (no-spec always stays: every ratio needs it).
@@ -167,6 +185,12 @@ def build_configs(
             configs.append(BenchConfig(
                 name=eagle3_name(k), kind=KIND_EAGLE3, num_speculative_tokens=k, max_depth=k,
                 draft_model=head, description=f"stock EAGLE-3 chain, {k} draft tokens",
+            ))
+        for k in sorted(set(uncorrected_k)):
+            configs.append(BenchConfig(
+                name=uncorrected_name(k), kind=KIND_EAGLE3, num_speculative_tokens=k, max_depth=k,
+                draft_model=head, plugin_disabled=True, sampled_only=True,
+                description=f"stock EAGLE-3 chain, {k} draft tokens, vLLM as shipped (VLLM_PLUGINS=''), T > 0 only",
             ))
     if include_radar and radar_checkpoint is not None:
         configs.append(_radar_row(RADAR_CHAIN, KIND_RADAR, radar_checkpoint, {"mode": MODE_CHAIN},

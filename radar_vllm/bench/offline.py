@@ -4,7 +4,8 @@ For every workload x temperature x mode x repeat: read the engine's metrics, tim
 ``LLM.generate`` (batch 1: one call per prompt; batched: one call for all prompts), read the
 metrics again and keep the difference (:mod:`radar_vllm.bench.snapshots`). Greedy outputs of the
 first repeat are kept (token ids) for the match check against no speculation; later repeats are
-checked against the first.
+checked against the first. Sampled (T > 0) outputs of the first repeat are kept too
+(``sampled_outputs``): the harness scores them after the row (:mod:`radar_vllm.bench.sample_quality`).
 
 T > 0 requests get a per-prompt seed (``seed + prompt index``), identical for every row.
 vLLM is reached through :func:`radar_vllm.vllm.generate.make_llm` only; sampling parameters are
@@ -54,6 +55,11 @@ def keep_relevant(snapshot: MetricSnapshot) -> MetricSnapshot:
         vectors={k: v for k, v in snapshot.vectors.items() if kept(k)},
         histograms={k: v for k, v in snapshot.histograms.items() if kept(k)},
     )
+
+
+def sampled_entry(workload: str, temperature: float, mode: str, outputs: list[list[int]]) -> dict[str, Any]:
+    """One cell's sampled outputs (first repeat), in prompt order from the workload's first prompt."""
+    return {"workload": workload, "temperature": temperature, "mode": mode, "outputs": outputs}
 
 
 def turn2_source_mode(modes: Sequence[str], num_prompts: int, batch1_prompts: int | None) -> str:
@@ -142,6 +148,7 @@ def run_offline_job(job: dict[str, Any], llm: Any, progress: Callable[[], None])
     runs: list[dict[str, Any]] = []
     outputs: dict[str, list[list[int]]] = {}
     consistent: dict[str, bool] = {}
+    sampled: list[dict[str, Any]] = []
     derived: list[dict[str, Any]] = []
     radar_seen = False
     queue = list(workloads)
@@ -160,6 +167,8 @@ def run_offline_job(job: dict[str, Any], llm: Any, progress: Callable[[], None])
                             consistent[key] = True
                         elif ids != outputs[key]:
                             consistent[key] = False
+                    elif repeat == 0:
+                        sampled.append(sampled_entry(workload.name, temperature, mode, ids))
                     progress()
         turn2 = job.get("build_turn2")
         if turn2 and workload.name == MTBENCH and GREEDY in temperatures:
@@ -177,6 +186,7 @@ def run_offline_job(job: dict[str, Any], llm: Any, progress: Callable[[], None])
         "runs": runs,
         "outputs": outputs,
         "outputs_consistent": consistent,
+        "sampled_outputs": sampled,
         "derived_workloads": derived,
         "radar_metrics_seen": radar_seen,
         "turn2_source": MTBENCH_TURN2 if derived else None,

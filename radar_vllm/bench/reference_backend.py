@@ -31,7 +31,7 @@ from radar_vllm.bench.configs import (
     BenchConfig,
     radar_config_of,
 )
-from radar_vllm.bench.offline import output_key
+from radar_vllm.bench.offline import output_key, sampled_entry
 from radar_vllm.bench.settings import GREEDY, MODE_BATCH1, temperatures_for
 from radar_vllm.bench.snapshots import (
     GENERATION_TOKENS,
@@ -271,7 +271,7 @@ def run_reference_benchmark(
              f"{' (' + torch.cuda.get_device_name(torch_device) + ')' if torch_device.type == 'cuda' else ''}"]
     results: dict[str, dict[str, Any]] = {
         row.config.name: {"config": row.config.name, "runs": [], "outputs": {}, "outputs_consistent": {},
-                          "engine_start_seconds": load_seconds, "error": None}
+                          "sampled_outputs": [], "engine_start_seconds": load_seconds, "error": None}
         for row in rows
     }
     workloads = list(workloads)
@@ -288,6 +288,8 @@ def run_reference_benchmark(
                 entry["outputs_consistent"][key] = True
             elif outputs != entry["outputs"].get(key):
                 entry["outputs_consistent"][key] = False
+        elif repeat == 0:
+            entry["sampled_outputs"].append(sampled_entry(workload.name, temperature, MODE_BATCH1, outputs))
         done.add((row.config.name, workload.name, temperature, repeat))
         progress()
         return outputs

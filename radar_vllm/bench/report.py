@@ -5,11 +5,20 @@ repeats give the tokens/s spread, their pooled counters the acceptance length, d
 round, target passes per output token and the histograms. Ratios compare cells of the same
 workload, temperature and mode: against no speculation and against the best stock EAGLE-3 K of
 that cell (the strongest baseline a user could have tuned).
+
+Sampled (T > 0) cells carry the sample-quality check (:mod:`radar_vllm.bench.sample_quality`):
+per output of the first repeat, the target's mean log-prob per token at the cell's temperature,
+and for speculative rows the comparison with no speculation on the same prompts. A *flagged*
+cell (``sampling_broken``: outputs not distributed like no speculation's at
+:data:`SAMPLING_ALPHA`) has no speed ratios, is never the best stock EAGLE-3 K, and is marked in
+the tables: its speed is not a result. Rows run without the plugin (``-uncorrected``) are never
+the best-K baseline either.
 """
 from __future__ import annotations
 
 import datetime as _dt
 import importlib.metadata
+import math
 import platform
 import sys
 from dataclasses import asdict, dataclass, field
@@ -28,6 +37,7 @@ from radar_vllm.bench.metrics import (
     target_passes_per_token,
 )
 from radar_vllm.bench.offline import output_key
+from radar_vllm.bench.sample_quality import DEFAULT_ALPHA, compare_quality
 from radar_vllm.bench.settings import GREEDY
 from radar_vllm.bench.snapshots import (
     ACCEPTED_PER_POSITION,
@@ -49,6 +59,7 @@ STATUS_SKIPPED = "skipped"
 STATUS_FAILED = "failed"
 BYTES_PER_KIB = 1024
 KIB_PER_GIB = 1024 * 1024
+SAMPLING_ALPHA = DEFAULT_ALPHA  # a T > 0 row is flagged when the check's p-value is below this
 
 
 # ------------------------------------------------------------------------------ environment
@@ -108,13 +119,24 @@ class Cell:
     greedy_match: dict[str, Any] | None = None
     repeats_consistent: bool | None = None
     notes: list[str] = field(default_factory=list)
+    plugin_disabled: bool = False  # run without the radar_vllm plugin (an -uncorrected row)
+    # T > 0: per output of the first repeat, the target's mean log-prob per token (None: empty output)
+    sample_scores: list[float | None] | None = None
+    logprob_per_token: float | None = None  # mean of sample_scores
+    sampling_check: dict[str, Any] | None = None  # speculative T > 0: compare_quality against no-spec
 
     @property
     def key(self) -> tuple[str, float, str]:
         return (self.workload, self.temperature, self.mode)
 
+    @property
+    def sampling_broken(self) -> bool:
+        """Outputs not distributed like no speculation's: the speed is not a result."""
+        return bool(self.sampling_check and self.sampling_check["flagged"])
+
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
+        data["sampling_broken"] = self.sampling_broken
         data["tokens_per_s"] = self.tokens_per_s.to_dict()
         data["vs_no_spec"] = self.vs_no_spec.to_dict() if self.vs_no_spec else None
         data["vs_best_eagle3"] = self.vs_best_eagle3.to_dict() if self.vs_best_eagle3 else None
@@ -170,8 +192,9 @@ def build_cell(config: BenchConfig, runs: Sequence[Mapping[str, Any]]) -> Cell:
     )
 
 
-def build_cells(configs: Sequence[BenchConfig], results: Mapping[str, Mapping[str, Any]]) -> list[Cell]:
-    """Every cell, with ratios and greedy match checks filled in."""
+def build_cells(configs: Sequence[BenchConfig], results: Mapping[str, Mapping[str, Any]],
+                alpha: float = SAMPLING_ALPHA) -> list[Cell]:
+    """Every cell, with sampling checks (at ``alpha``), ratios and greedy match checks filled in."""
     by_name = {config.name: config for config in configs}
     cells: list[Cell] = []
     for name, result in results.items():
@@ -184,21 +207,54 @@ def build_cells(configs: Sequence[BenchConfig], results: Mapping[str, Mapping[st
             cell = build_cell(by_name[name], runs)
             consistent = result.get("outputs_consistent", {}).get(output_key(key[0], key[2]))
             cell.repeats_consistent = consistent if key[1] == GREEDY else None
+            cell.plugin_disabled = by_name[name].plugin_disabled
+            if key[1] > GREEDY:
+                cell.sample_scores = sample_scores_of(result, key)
+                finite = [v for v in cell.sample_scores or [] if v is not None]
+                cell.logprob_per_token = sum(finite) / len(finite) if finite else None
             cells.append(cell)
+    _fill_sampling_checks(cells, alpha)
     _fill_ratios(cells)
     _fill_matches(cells, results)
     return cells
 
 
+def sample_scores_of(result: Mapping[str, Any], key: tuple[str, float, str]) -> list[float | None] | None:
+    """The scores of a row's sampled outputs in cell ``key`` (workload, temperature, mode), if scored."""
+    for entry in result.get("sampled_outputs") or []:
+        if (entry["workload"], float(entry["temperature"]), entry["mode"]) == key and "scores" in entry:
+            return list(entry["scores"])
+    return None
+
+
+def _fill_sampling_checks(cells: list[Cell], alpha: float) -> None:
+    """Each speculative T > 0 cell against no speculation in the same workload, temperature and mode
+    (left None where either side has fewer than 2 scored outputs)."""
+    bases = {c.key: c for c in cells if c.kind == KIND_NONE and c.sample_scores is not None}
+    for cell in cells:
+        base = bases.get(cell.key)
+        if cell.kind == KIND_NONE or cell.sample_scores is None or base is None:
+            continue
+        as_floats = [[math.nan if v is None else v for v in c.sample_scores] for c in (base, cell)]
+        try:
+            cell.sampling_check = compare_quality(*as_floats, cell.temperature, alpha).to_dict()
+        except ValueError:
+            cell.sampling_check = None
+
+
 def _fill_ratios(cells: list[Cell]) -> None:
+    """Ratios against no speculation and the best stock EAGLE-3 K; flagged cells get none and are
+    never the best K, nor are rows run without the plugin."""
     by_key: dict[tuple[str, float, str], list[Cell]] = {}
     for cell in cells:
         by_key.setdefault(cell.key, []).append(cell)
     for group in by_key.values():
         base = next((c for c in group if c.kind == KIND_NONE), None)
-        eagles = [c for c in group if c.kind == KIND_EAGLE3]
+        eagles = [c for c in group if c.kind == KIND_EAGLE3 and not c.plugin_disabled and not c.sampling_broken]
         best = max(eagles, key=lambda c: c.tokens_per_s.median) if eagles else None
         for cell in group:
+            if cell.sampling_broken:
+                continue
             if base is not None:
                 cell.vs_no_spec = speedup(cell.tokens_per_s, base.tokens_per_s)
             if best is not None:
@@ -235,6 +291,8 @@ def config_status(configs: Sequence[BenchConfig], results: Mapping[str, Mapping[
             data["engine_start_seconds"] = result.get("engine_start_seconds")
             if result.get("radar_metrics_seen") is not None:
                 data["radar_metrics_seen"] = result["radar_metrics_seen"]
+            if result.get("radar_plugin_loaded") is not None:
+                data["radar_plugin_loaded"] = result["radar_plugin_loaded"]
         rows.append(data)
     return rows
 
@@ -275,6 +333,9 @@ def build_document(
             for w in workloads
         ],
         "cells": [cell.to_dict() for cell in cells],
+        "sampling": {"alpha": SAMPLING_ALPHA,
+                     "flagged": [dict(c.sampling_check, config=c.config, workload=c.workload, mode=c.mode)
+                                 for c in cells if c.sampling_broken]},
         "online": list(online),
         "runs": {name: result.get("runs", []) for name, result in results.items()},
     }
@@ -325,6 +386,49 @@ def sampling_lines(settings: Mapping[str, Any]) -> list[str]:
     return lines
 
 
+def _p(check: Mapping[str, Any]) -> str:
+    return f"p={check['p_value']:.2g}"
+
+
+def _sampling(cell: Mapping[str, Any]) -> str:
+    """The sampling-check column of a T > 0 row."""
+    check = cell.get("sampling_check")
+    if cell["kind"] == KIND_NONE:
+        return "reference" if cell.get("sample_scores") is not None else "not scored"
+    if cell.get("sampling_broken"):
+        return f"**sampling: BROKEN ({_p(check)})**"
+    if check:
+        return f"passed ({_p(check)}; {check['num_candidate']} and {check['num_baseline']} outputs)"
+    if cell.get("sample_scores") is None:
+        return "not scored"
+    return f"unchecked ({len(cell['sample_scores'])} output(s))"
+
+
+def _logprob(cell: Mapping[str, Any], base: Mapping[str, Any] | None) -> str:
+    """This row's mean log-prob per token and, in parentheses, no speculation's."""
+    mine = _fmt(cell.get("logprob_per_token"))
+    if cell["kind"] == KIND_NONE or base is None:
+        return mine
+    return f"{mine} ({_fmt(base.get('logprob_per_token'))})"
+
+
+def sampling_warning(document: Mapping[str, Any]) -> list[str]:
+    """Markdown lines listing the flagged cells (empty when none)."""
+    flagged = document.get("sampling", {}).get("flagged", [])
+    if not flagged:
+        return []
+    alpha = document["sampling"]["alpha"]
+    lines = ["## Sampling check FAILED", "",
+             f"**Sampled outputs of these rows are not distributed like no speculation's** (the target's mean "
+             f"log-prob per token of each output, Welch test at alpha {alpha:g}); their speeds are not results "
+             f"and are left out of every ratio and best-K choice:", ""]
+    for item in flagged:
+        lines.append(f"- {item['config']}: {item['workload']}, T={item['temperature']:g}, {item['mode']}: "
+                     f"{item['candidate_mean']:.2f} per token against {item['baseline_mean']:.2f} without "
+                     f"speculation ({_p(item)}, {item['num_candidate']} and {item['num_baseline']} outputs)")
+    return lines + [""]
+
+
 HEADLINE_ROWS = {RADAR_CHAIN: "RADAR chain", RADAR_TREE: "RADAR tree"}
 
 
@@ -332,6 +436,11 @@ def headline(document: Mapping[str, Any]) -> list[str]:
     """One sentence per RADAR row and (workload, T, mode) against the best stock EAGLE-3 K."""
     lines = []
     for cell in document["cells"]:
+        if cell["config"] in HEADLINE_ROWS and cell.get("sampling_broken"):
+            lines.append(f"- {cell['workload']}, T={cell['temperature']:g}, {cell['mode']}: "
+                         f"{HEADLINE_ROWS[cell['config']]} sampling BROKEN ({_p(cell['sampling_check'])}): "
+                         f"no speed result")
+            continue
         if cell["config"] not in HEADLINE_ROWS or not cell.get("vs_best_eagle3"):
             continue
         ratio = cell["vs_best_eagle3"]
@@ -366,10 +475,16 @@ def render_markdown(document: Mapping[str, Any], plot_files: Sequence[str] = ())
         "[min–max]; ratios: ratio of medians (range: min/max .. max/min). Acceptance length = "
         "1 + accepted / verified drafts (vLLM counters). Target passes per output token = engine "
         "steps (prefill included) / output tokens.",
+        "- T > 0 rows: log-prob/token = the target's mean log-prob per generated token at the sampling "
+        "temperature (float32, first repeat, mean over outputs), no speculation's in parentheses; sampling "
+        "check = Welch test of the per-output values against no speculation (same prompts and seeds), "
+        f"BROKEN below p={document.get('sampling', {}).get('alpha', SAMPLING_ALPHA):g}. `-uncorrected` rows: "
+        "vLLM as shipped (VLLM_PLUGINS=\"\", no radar_vllm correction of the CPU sampled verification).",
     ]
     for note in document.get("notes", []):
         out.append(f"- Note: {note}")
     out.append("")
+    out += sampling_warning(document)
     lines = headline(document)
     if lines:
         out += ["## RADAR against the best stock EAGLE-3", "", *lines, ""]
@@ -379,25 +494,37 @@ def render_markdown(document: Mapping[str, Any], plot_files: Sequence[str] = ())
     order = {c["name"]: i for i, c in enumerate(document["configs"])}
     out += ["## Offline", ""]
     for (workload, temperature, mode), cells in groups.items():
+        sampled = temperature > GREEDY
+        base = next((c for c in cells if c["kind"] == KIND_NONE), None)
+        last = "log-prob/token (no-spec) | sampling check |" if sampled else "greedy match |"
         out += [
             f"### {workload}, T={temperature:g}, {mode}",
             "",
             "| config | tok/s | vs no-spec | vs best EAGLE-3 | accept len | draft calls/round | "
-            "target passes/token | greedy match |",
-            "|---|---|---|---|---|---|---|---|",
+            "target passes/token | " + last,
+            "|---|---|---|---|---|---|---|---|" + ("---|" if sampled else ""),
         ]
         for cell in sorted(cells, key=lambda c: order.get(c["config"], 0)):
             spread = cell["tokens_per_s"]
+            speed = f"{spread['median']:.1f} [{spread['minimum']:.1f}–{spread['maximum']:.1f}]"
             consistent = "" if cell.get("repeats_consistent") in (None, True) else " (repeats differ)"
+            if cell.get("sampling_broken"):
+                speed, ratios = f"~~{speed}~~ not a result", "invalid | invalid"
+            else:
+                ratios = f"{_ratio(cell.get('vs_no_spec'))} | {_ratio(cell.get('vs_best_eagle3'))}"
+            tail = f"{_logprob(cell, base)} | {_sampling(cell)}" if sampled else f"{_match(cell)}{consistent}"
             out.append(
-                f"| {cell['config']} | {spread['median']:.1f} [{spread['minimum']:.1f}–{spread['maximum']:.1f}] | "
-                f"{_ratio(cell.get('vs_no_spec'))} | {_ratio(cell.get('vs_best_eagle3'))} | "
+                f"| {cell['config']} | {speed} | {ratios} | "
                 f"{_fmt(cell.get('acceptance_length'))} | {_fmt(cell.get('draft_calls_per_round'))} | "
-                f"{_fmt(cell.get('target_passes_per_token'), 3)} | {_match(cell)}{consistent} |"
+                f"{_fmt(cell.get('target_passes_per_token'), 3)} | {tail} |"
             )
         best = next((c.get("best_eagle3") for c in cells if c.get("best_eagle3")), None)
         if best:
             out.append(f"\nBest stock EAGLE-3 here: {best}.")
+        broken = [c["config"] for c in cells if c.get("sampling_broken")]
+        if broken:
+            out.append(f"\nSampling BROKEN (outputs not distributed like no speculation's; speed not a result): "
+                       f"{', '.join(broken)}.")
         out.append("")
     radar_cells = [c for c in document["cells"] if (c.get("stop_depths") or c.get("tree_sizes"))
                    and c["kind"] not in (KIND_NONE, KIND_EAGLE3)]

@@ -8,6 +8,10 @@ with the same sampling settings:
 - online: the OpenAI-compatible server on loopback, at each concurrency level, for no
   speculation, the best stock EAGLE-3 K (chosen offline) and the RADAR rows.
 
+Every T > 0 cell also scores its sampled outputs (first repeat) with the target and compares
+each speculative row with no speculation (:mod:`radar_vllm.bench.sample_quality`);
+``uncorrected_k`` adds stock EAGLE-3 rows run without the plugin (vLLM as shipped, T > 0 only).
+
 Narrowing knobs keep a full grid affordable: ``sampled_workloads`` (T > 0 only there),
 ``batch1_prompts`` (batch 1 times the first N prompts) and ``tree_modes`` / ``tree_repeats``
 (the slow tree rows measured less). Without a preset the run is the full grid.
@@ -68,6 +72,9 @@ class BenchSettings:
     include_static_tree: bool = True
     confidence_threshold: float | None = DEFAULT_CONFIDENCE_THRESHOLD
     only_configs: tuple[str, ...] = ()  # run only these rows (names), empty: all
+    # stock EAGLE-3 K values also run as shipped (VLLM_PLUGINS="", no CPU sampling correction), at
+    # T > 0 only: rows eagle3-kK-uncorrected (vLLM backend only; none without a temperature > 0)
+    uncorrected_k: tuple[int, ...] = ()
     # workloads and sampling
     workloads: tuple[str, ...] = DEFAULT_WORKLOADS
     num_prompts: int = 16
@@ -120,6 +127,8 @@ class BenchSettings:
             raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
         for k in self.k_list:
             _positive("k_list entries", k)
+        for k in self.uncorrected_k:
+            _positive("uncorrected_k entries", k)
         for name in ("num_prompts", "max_new_tokens", "max_prompt_tokens", "repeats", "online_repeats"):
             _positive(name, getattr(self, name))
         if self.tree_repeats is not None:
@@ -172,6 +181,12 @@ class BenchSettings:
         answer = max(self.max_new_tokens, self.online_max_new_tokens or 0)
         longest = self.turn2_max_prompt_tokens + answer + DRAFT_SLOT_MARGIN
         return ((longest + CONTEXT_ROUNDING - 1) // CONTEXT_ROUNDING) * CONTEXT_ROUNDING
+
+    @property
+    def uncorrected_rows_k(self) -> tuple[int, ...]:
+        """K values of the uncorrected rows that run: none without a temperature > 0 (greedy
+        decoding does not depend on the correction)."""
+        return self.uncorrected_k if any(t > GREEDY for t in self.temperatures) else ()
 
     def modes_for(self, tree: bool) -> tuple[str, ...]:
         """Offline modes of a row (``tree``: a tree row)."""
@@ -245,9 +260,13 @@ GPU_REFERENCE_PRESET: dict[str, Any] = {
 # - tree rows (59-node trees) at batch 1 only, one repeat: batched trees and more repeats do not
 #   fit before tree verification gets faster (then `--tree-modes batch1,batched --tree-repeats 3`);
 # - online: no-spec, the best stock EAGLE-3 K and RADAR chain at concurrency 1, 4, 16
-#   (8, 8 and 32 requests of 128 tokens); tree rows are too slow to serve at 16.
+#   (8, 8 and 32 requests of 128 tokens); tree rows are too slow to serve at 16;
+# - stock EAGLE-3 at its best K (1) also as shipped (eagle3-k1-uncorrected, VLLM_PLUGINS=""), at
+#   T = 1 only, for the sample-quality check to flag next to the corrected eagle3-k1 (~2 min);
+#   scoring every row's sampled outputs adds ~1.5 min (the estimate is now ~71 min, erring long).
 REPORT_PRESET: dict[str, Any] = {
     "k_list": DEFAULT_K_LIST,
+    "uncorrected_k": (1,),
     "include_tree": True,
     "include_static_tree": True,
     "confidence_threshold": DEFAULT_CONFIDENCE_THRESHOLD,

@@ -7,6 +7,10 @@ configuration and the workloads; the result holds the engine start time, every r
 the greedy outputs, or ``error`` with the traceback. One line is appended to the job's
 ``progress_file`` per finished run (the parent's progress bar reads it). A process per
 configuration frees all memory between rows and keeps a crash to its own row.
+
+The worker imports nothing of :mod:`radar_vllm.vllm` but ``generate`` (no hooks): whether the
+plugin (and its CPU sampling correction) is active is vLLM's choice from ``VLLM_PLUGINS``, and the
+result says what happened (``radar_plugin_loaded``).
 """
 from __future__ import annotations
 
@@ -21,6 +25,8 @@ from pathlib import Path
 from typing import Any
 
 logger = logging.getLogger(__name__)
+
+PLUGIN_MODULE = "radar_vllm.vllm.plugin"  # imported by vLLM when it loads the radar plugin
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
@@ -65,8 +71,10 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
         **engine_kwargs(engine, job["config"].get("speculative_config")),
     )
     start_seconds = time.perf_counter() - started
+    plugin_loaded = PLUGIN_MODULE in sys.modules  # vLLM loads general plugins while building the engine
     result = run_offline_job(job, llm, progress)
     result["engine_start_seconds"] = start_seconds
+    result["radar_plugin_loaded"] = plugin_loaded
     return result
 
 

@@ -91,6 +91,7 @@ def settings_from_args(args: argparse.Namespace) -> Any:
         "tiny": args.tiny or None,
         "backend": args.backend,
         "k_list": args.k,
+        "uncorrected_k": args.uncorrected_k,
         "include_tree": False if args.no_tree else None,
         "include_static_tree": False if args.no_static_tree else None,
         "only_configs": args.configs,
@@ -206,6 +207,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                         help="auto: vLLM when installed, else the reference decoder (GPU when present)")
     rows = parser.add_argument_group("configuration rows")
     rows.add_argument("--k", type=_list(int), default=None, help="stock EAGLE-3 K values (default 1..7)")
+    rows.add_argument("--uncorrected-k", type=_list(int), default=None,
+                      help="stock EAGLE-3 K values also run as shipped, without the radar_vllm plugin "
+                      "(VLLM_PLUGINS='', no CPU sampling correction), at T > 0 only: rows eagle3-kK-uncorrected "
+                      "(default none; 1 with --preset report; 'none' to leave out)")
     rows.add_argument("--configs", type=_list(str), default=None,
                       help="run only these rows (e.g. eagle3-k3,radar-chain); no-spec always runs")
     rows.add_argument("--no-tree", action="store_true", help="leave out the radar-tree row")

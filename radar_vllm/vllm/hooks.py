@@ -13,6 +13,10 @@ Installed once per process by :func:`radar_vllm.vllm.plugin.register`:
 3. ``VllmConfig.use_v2_model_runner`` (every process): RADAR runs on the V1 model runner; where
    vLLM would pick V2 the property answers False for RADAR configs and says so in the log.
 
+4. ``Platform.register_triton_kernel_overrides`` (every worker): afterwards, probes vLLM's
+   ``expand_kernel`` and installs a corrected one where it is wrong
+   (:mod:`radar_vllm.vllm.cpu_sampling_fix`; every engine of the process, RADAR or not).
+
 Everything else is vLLM's own extension points (``worker_cls``, ``scheduler_cls``, stat loggers).
 """
 from __future__ import annotations
@@ -59,6 +63,10 @@ def install() -> None:
     _wrap_method(EngineArgs, "create_speculative_config", _wrap_create_speculative_config)
     _wrap_method(EngineArgs, "create_engine_config", _wrap_create_engine_config)
     _install_v1_runner_property(VllmConfig)
+    # every worker: correct the CPU build's sampled-verification kernel where it is wrong
+    from radar_vllm.vllm import cpu_sampling_fix
+
+    cpu_sampling_fix.install()
     # before any engine of this process builds its output decoder (see the module's doc)
     install_stats_transport()
 

@@ -96,10 +96,14 @@ class RadarProposer(EagleProposer):
         self.stop_monitor = AllStoppedMonitor(torch.device(device), self.max_depth)
         # [max_batch] cumulative log-prob of each request's chain so far
         self.chain_logprob = torch.zeros(self.max_batch_size, dtype=torch.float32, device=device)
-        logger.info(
-            "RadarProposer: chain mode, max_depth=%d, top_k=%d, decision=%s, threshold=%.3f",
-            self.max_depth, self.top_k, radar.decision, radar.threshold,
-        )
+        if radar.config.fixed_depth is not None:
+            logger.info("RadarProposer: chain mode, fixed depth %d (diagnostic: the stop policy is not used)",
+                        radar.config.fixed_depth)
+        else:
+            logger.info(
+                "RadarProposer: chain mode, max_depth=%d, top_k=%d, decision=%s, threshold=%.3f",
+                self.max_depth, self.top_k, radar.decision, radar.threshold,
+            )
 
     # ---------------------------------------------------------------------------------------
     # one draft call's outputs
@@ -140,8 +144,9 @@ class RadarProposer(EagleProposer):
         num_rejected_tokens_gpu: torch.Tensor | None = None,
         slot_mappings: Any = None,
     ) -> torch.Tensor:
-        depth_limit = min(num_speculative_tokens, self.max_depth)
-        if depth_limit <= 1:
+        fixed_depth = self.radar.config.fixed_depth
+        depth_limit = min(num_speculative_tokens, self.max_depth, fixed_depth or self.max_depth)
+        if num_speculative_tokens <= 1:
             # Nothing to decide: at most one draft call.
             return super().propose(
                 num_speculative_tokens, target_token_ids, target_positions, target_hidden_states,
@@ -187,12 +192,15 @@ class RadarProposer(EagleProposer):
         draft_token_ids[:, 0] = tokens
         self.policy_runner.begin_round(batch_size)
         self.stop_monitor.begin_round()
-        active = self._decide(step_logprobs, batch_size, first=True)  # [batch] bool
+        if fixed_depth is None:
+            active = self._decide(step_logprobs, batch_size, first=True)  # [batch] bool
+        else:  # diagnostic mode: no policy, every request drafts depth_limit tokens
+            active = torch.ones(batch_size, dtype=torch.bool, device=tokens.device)
 
         cudagraph_mode, input_batch_size, batch_size_across_dp = begin_single_token_passes(
             self, cad, batch_size, num_rejected_tokens_gpu)
         for depth in range(2, depth_limit + 1):
-            if self.stop_monitor.all_stopped():
+            if fixed_depth is None and self.stop_monitor.all_stopped():
                 break
             positions = self._update_positions_dependent_metadata(
                 positions, cad, batch_size, input_batch_size, self.block_size
@@ -222,7 +230,7 @@ class RadarProposer(EagleProposer):
             hidden_states = hidden_states[:batch_size]
             tokens, step_logprobs = self._draft_tokens_and_logprobs(last_hidden_states[:batch_size])
             draft_token_ids[:, depth - 1] = torch.where(active, tokens, PADDING_TOKEN)
-            if depth < depth_limit:
+            if depth < depth_limit and fixed_depth is None:
                 active = self._decide(step_logprobs, batch_size, first=False)
         return draft_token_ids
 

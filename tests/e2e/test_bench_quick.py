@@ -1,10 +1,11 @@
 """``radar-vllm bench --quick`` end to end on tiny random models with the CPU build of vLLM.
 
-One run for the module: two rows (no speculation, RADAR chain), each in its own worker process
-with an in-process engine, MT-Bench turns 1 and 2 (T = 1 on turn 1 only), batch 1 (first prompt)
-and batched (both prompts), two repeats; then the RADAR row served on loopback at concurrency 1
-and 2. The same command run again reuses every finished row and server (seconds). About 3
-minutes on 2 cores.
+One run for the module: three rows (no speculation, RADAR chain, and stock EAGLE-3 K=1 as shipped:
+``VLLM_PLUGINS=""``, T = 1 only), each in its own worker process with an in-process engine,
+MT-Bench turns 1 and 2 (T = 1 on turn 1 only), batch 1 (first prompt) and batched (both prompts),
+two repeats; the T = 1 outputs scored by the target; then the RADAR row served on loopback at
+concurrency 1 and 2. The same command run again reuses every finished row, score and server
+(seconds). About 3 minutes on 2 cores.
 """
 from __future__ import annotations
 
@@ -20,11 +21,13 @@ from radar_vllm.cli import main  # noqa: E402
 
 ONLINE_REQUESTS = 3
 TINY_MAX_DEPTH = 4
+UNCORRECTED = "eagle3-k1-uncorrected"
 
 
 def quick_command(out: Path) -> list[str]:
     return [
-        "bench", "--quick", "--tiny", "--configs", "radar-chain", "--repeats", "2",
+        "bench", "--quick", "--tiny", "--configs", f"radar-chain,{UNCORRECTED}", "--uncorrected-k", "1",
+        "--repeats", "2",
         "--batch1-prompts", "1", "--sampled-workloads", "mtbench",
         "--online-concurrency", "1,2", "--online-configs", "radar-chain",
         "--online-requests", str(ONLINE_REQUESTS), "--online-max-new-tokens", "16",
@@ -49,8 +52,14 @@ def test_run_succeeds_with_both_rows(quick_run: tuple[int, Path, dict[str, Any]]
     assert code == 0
     assert document["backend"] == "vllm" and document["quick"] is True
     status = {c["name"]: c["status"] for c in document["configs"]}
-    assert status == {"no-spec": "ok", "radar-chain": "ok"}, [c.get("reason") for c in document["configs"]]
+    assert status == {"no-spec": "ok", UNCORRECTED: "ok", "radar-chain": "ok"}, [
+        c.get("reason") for c in document["configs"]]
     assert document["machine"]["num_cpus"] >= 1 and document["packages"]["torch"]
+    # vLLM loaded the plugin for every row but the uncorrected one
+    loaded = {c["name"]: c["radar_plugin_loaded"] for c in document["configs"]}
+    assert loaded == {"no-spec": True, UNCORRECTED: False, "radar-chain": True}
+    assert sorted((c["workload"], c["temperature"], c["mode"]) for c in _cells(document, UNCORRECTED)) == [
+        ("mtbench", 1.0, "batch1"), ("mtbench", 1.0, "batched")]
     # MT-Bench turn 2 was built from the no-speculation answers and run by both rows
     names = [w["name"] for w in document["workloads"]]
     assert names == ["mtbench", "mtbench-turn2"]
@@ -67,6 +76,21 @@ def test_run_succeeds_with_both_rows(quick_run: tuple[int, Path, dict[str, Any]]
         assert {r["num_prompts"] for r in document["runs"][config] if r["mode"] == "batch1"} == {1}
     assert {r["num_prompts"] for r in document["runs"]["no-spec"]
             if r["mode"] == "batched" and r["workload"] == "mtbench"} == {2}
+
+
+def test_sampled_cells_carry_the_target_scores(quick_run: tuple[int, Path, dict[str, Any]]) -> None:
+    _, out, document = quick_run
+    sampled = [cell for cell in document["cells"] if cell["temperature"] > 0]
+    assert len(sampled) == 6
+    for cell in sampled:
+        assert len(cell["sample_scores"]) == (1 if cell["mode"] == "batch1" else 2), cell["config"]
+        assert all(s is None or s <= 0.0 for s in cell["sample_scores"])
+        assert cell["logprob_per_token"] is not None
+        if cell["mode"] == "batched" and cell["kind"] != "none":  # 2 outputs a side: tested against no-spec
+            assert 0.0 <= cell["sampling_check"]["p_value"] <= 1.0
+            assert cell["sampling_check"]["baseline_mean"] == pytest.approx(next(
+                c["logprob_per_token"] for c in sampled if c["config"] == "no-spec" and c["mode"] == "batched"))
+    assert "| log-prob/token (no-spec) | sampling check |" in (out / "quick.md").read_text()
 
 
 def test_radar_greedy_outputs_match_no_speculation(quick_run: tuple[int, Path, dict[str, Any]]) -> None:
@@ -119,9 +143,10 @@ def test_same_command_again_reuses_finished_rows_and_servers(quick_run: tuple[in
     assert code == 0
     assert main(quick_command(out)) == 0
     again = json.loads((out / "quick.json").read_text())
-    assert [c["status"] for c in again["configs"]] == ["ok", "ok"]
-    # nothing was measured again: the same runs, cells and online levels
+    assert [c["status"] for c in again["configs"]] == ["ok", "ok", "ok"]
+    # nothing was measured again: the same runs, cells, scores and online levels
     assert again["runs"] == first["runs"]
+    assert [c["sample_scores"] for c in again["cells"]] == [c["sample_scores"] for c in first["cells"]]
     assert [c["tokens_per_s"] for c in again["cells"]] == [c["tokens_per_s"] for c in first["cells"]]
     assert [level.get("resumed") for level in again["online"]] == [True, True]
     assert [level["output_throughput"] for level in again["online"]] == \

@@ -117,18 +117,35 @@ def test_stop_depths_varied_and_metrics_consistent(radar_run):
     assert 1 <= calls / rounds <= MAX_DEPTH
 
 
-def test_sampled_requests_run(radar_run):
-    """Random sampling (temperature > 0) runs through RADAR drafts and vLLM's rejection sampler.
-
-    Greedy and random requests are not mixed in one batch here: on the vLLM 0.32 CPU build,
-    greedy outputs in a mixed batch already differ from greedy alone with stock EAGLE-3 (no
-    RADAR), so that comparison would test vLLM, not the plugin.
-    """
+def test_greedy_requests_exact_in_a_batch_with_sampled_ones(baseline_outputs, radar_run):
+    """Greedy and sampled (temperature, top-p, top-k) requests in one batch: the greedy ones still
+    equal no speculation, the sampled ones run. (Before the CPU expand kernel was corrected,
+    the sampled requests' settings reached the greedy rows as garbage and this failed.)"""
     llm, _, _ = radar_run
-    sampled = vllm.SamplingParams(temperature=0.8, top_p=0.9, max_tokens=MAX_TOKENS, ignore_eos=True, seed=3)
-    outputs = llm.generate(_prompts()[:6], sampled)
+    greedy = vllm.SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True)
+    params = [greedy if i % 2 == 0 else
+              vllm.SamplingParams(temperature=0.8, top_p=0.9, top_k=20, max_tokens=MAX_TOKENS, ignore_eos=True, seed=i)
+              for i in range(NUM_PROMPTS)]
+    outputs = [list(o.outputs[0].token_ids) for o in llm.generate(_prompts(), params)]
     vocab_size = llm.llm_engine.model_config.get_vocab_size()
-    for output in outputs:
-        tokens = list(output.outputs[0].token_ids)
-        assert len(tokens) == MAX_TOKENS
-        assert all(0 <= token < vocab_size for token in tokens)
+    assert all(len(tokens) == MAX_TOKENS and all(0 <= t < vocab_size for t in tokens) for tokens in outputs)
+    mismatched = [i for i in range(0, NUM_PROMPTS, 2) if outputs[i] != baseline_outputs[i]]
+    assert mismatched == []
+
+
+def test_fixed_depth_drafts_that_many_tokens_every_round(models, baseline_outputs, radar_run):
+    """``"radar": {"fixed_depth": 2}``: RADAR's path without the policy, two drafts per round."""
+    target, checkpoint = models
+    llm = vllm.LLM(**_engine_kwargs(target), speculative_config={
+        "method": "radar", "model": str(checkpoint), "radar": {"fixed_depth": 2}})
+    try:
+        params = vllm.SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True)
+        outputs = [list(o.outputs[0].token_ids) for o in llm.generate(_prompts(), params)]
+        metrics = {(m.name): m for m in llm.get_metrics()}
+    finally:
+        _shutdown(llm)
+    assert outputs == baseline_outputs
+    drafts = metrics["vllm:spec_decode_num_drafts"].value
+    assert drafts > 0
+    assert metrics["vllm:spec_decode_num_draft_tokens"].value == 2 * drafts
+    assert metrics["vllm:radar_draft_calls"].value == 2 * metrics["vllm:radar_rounds"].value

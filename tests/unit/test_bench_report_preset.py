@@ -49,7 +49,9 @@ from radar_vllm.bench.settings import (
 )
 from radar_vllm.bench.workloads import HUMANEVAL, MTBENCH, MTBENCH_TURN2, Workload
 
-REPORT_MINUTES_RANGE = (45.0, 70.0)  # "about an hour", hard limit 75 min
+# "about an hour", hard limit 75 min; the uncorrected stock row and the scoring of sampled outputs
+# add about 3.5 min to the estimate (which errs long: every answer at full length)
+REPORT_MINUTES_RANGE = (45.0, 72.0)
 SECONDS_PER_MINUTE = 60.0
 
 
@@ -69,15 +71,20 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
 # ------------------------------------------------------------------------------ preset content
 def test_report_preset_has_every_row_the_report_needs(tiny: tuple[Path, Path, Path]) -> None:
     settings = report_settings()
-    expected = [NO_SPEC] + [f"eagle3-k{k}" for k in range(1, 8)] + [RADAR_CHAIN, RADAR_TREE, STATIC_TREE,
-                                                                      CONFIDENCE_CHAIN]
+    # stock EAGLE-3 at its best K also as shipped (no plugin), T > 0 only
+    expected = [NO_SPEC] + [f"eagle3-k{k}" for k in range(1, 8)] + ["eagle3-k1-uncorrected", RADAR_CHAIN,
+                                                                      RADAR_TREE, STATIC_TREE, CONFIDENCE_CHAIN]
     assert planned_rows(settings) == expected
     # the names match what the harness builds from real checkpoints
     _, head, radar = tiny
     built = build_configs(head=str(head), radar_checkpoint=str(radar), k_list=settings.k_list,
                           include_tree=settings.include_tree, include_static_tree=settings.include_static_tree,
-                          confidence_checkpoint=str(radar), tree_supported=True)
+                          confidence_checkpoint=str(radar), tree_supported=True,
+                          uncorrected_k=settings.uncorrected_k)
     assert [c.name for c in built] == expected
+    assert [(c.name, c.sampled_only) for c in built if c.plugin_disabled] == [("eagle3-k1-uncorrected", True)]
+    corrected = next(c for c in built if c.name == "eagle3-k1")
+    assert not corrected.plugin_disabled and not corrected.sampled_only  # the existing rows are unchanged
 
 
 def test_report_preset_workloads_sampling_modes_and_online() -> None:
@@ -123,7 +130,8 @@ def test_estimate_by_hand() -> None:
     # 10 tok/s at batch 1, 20 tok/s at batch 2 (no batching penalty); no-spec and eagle3-k1 only
     costs = CostModel(engine_start_s=30.0, server_start_s=40.0, batch1_tokens_per_s=10.0, reference_batch=2,
                       reference_batch_tokens_per_s=20.0, run_overhead_s=1.0, warmup_s=2.0, sampled_factor=0.5,
-                      eagle3_batch1=(0.5,), eagle3_batched=(0.25,), rows={NO_SPEC: RowSpeed(1.0, 1.0)})
+                      score_s_per_output=0.5, eagle3_batch1=(0.5,), eagle3_batched=(0.25,),
+                      rows={NO_SPEC: RowSpeed(1.0, 1.0)})
     settings = BenchSettings(tiny=True, k_list=(1,), include_radar=False, confidence_threshold=None,
                              workloads=(MTBENCH, HUMANEVAL), num_prompts=2, batch1_prompts=1, max_new_tokens=10,
                              temperatures=(GREEDY, 1.0), sampled_workloads=(MTBENCH,), repeats=2,
@@ -136,7 +144,9 @@ def test_estimate_by_hand() -> None:
     # online no-spec at 2: 3 requests = 2 waves of 2 x 10 tokens at 20 tok/s + 1
     assert estimate.online_by_row_s == {NO_SPEC: pytest.approx(2 + 1.0)}
     assert estimate.engine_starts_s == pytest.approx(2 * (30.0 + 2.0) + (40.0 + 2.0))
-    assert estimate.total_s == pytest.approx(estimate.engine_starts_s + 24.0 + 60.0 + 3.0)
+    # scoring: mtbench T=1, first repeat: 1 batch-1 + 2 batched outputs per row, 2 rows, 0.5 s each
+    assert estimate.scoring_s == pytest.approx(2 * 3 * 0.5)
+    assert estimate.total_s == pytest.approx(estimate.engine_starts_s + 24.0 + 60.0 + 3.0 + 3.0)
     assert "estimated run time" in estimate.summary()
 
 

@@ -49,6 +49,9 @@ def test_defaults_and_round_trip():
         ({"decision": "vote"}, "radar.decision must be one of"),
         ({"top_k": 2, "max_depth": 2, "total_tokens": 60}, "total_tokens=60"),
         ({"colour": "red"}, "unknown RADAR option(s) ['colour']"),
+        ({"fixed_depth": 0}, "radar.fixed_depth must be >= 1"),
+        ({"fixed_depth": 8}, "radar.fixed_depth=8 exceeds radar.max_depth=7"),
+        ({"fixed_depth": 2, "mode": "tree"}, "radar.fixed_depth is a chain-mode option"),
     ],
 )
 def test_bad_options_name_the_option(options, fragment):
