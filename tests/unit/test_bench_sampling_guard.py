@@ -393,3 +393,16 @@ def test_harness_scores_sampled_outputs_and_runs_the_uncorrected_row_without_plu
     status = {c["name"]: (c["status"], c["reason"]) for c in again["configs"]}
     assert status[UNCORRECTED][0] == "failed" and "VLLM_PLUGINS" in status[UNCORRECTED][1]
     assert status["eagle3-k1"] == ("ok", None)
+
+
+def test_a_large_shift_is_flagged_with_few_outputs() -> None:
+    # the uncorrected CPU verification at T = 0.6: -3.0 against -0.7 per token, 16 outputs, p ~ 0.04
+    baseline = [-0.7 + 0.3 * ((i % 5) - 2) / 2 for i in range(16)]
+    broken = [-3.0 + 4.0 * ((i % 5) - 2) / 2 for i in range(16)]
+    comparison = compare_quality(baseline, broken, 0.6)
+    assert 1e-3 < comparison.p_value < 0.05
+    assert comparison.flagged
+    # a small shift is not flagged
+    small = compare_quality([-0.7 + 0.3 * ((i % 5) - 2) / 2 for i in range(16)],
+                            [-0.8 + 0.3 * ((i % 5) - 2) / 2 for i in range(16)], 0.6)
+    assert abs(small.difference) < 1.0 and not small.flagged
