@@ -3,12 +3,12 @@
 Modules, one concern each:
 
 - :mod:`~radar_vllm.bench.metrics`: pure metric arithmetic (median/spread, ratio of sums,
-  acceptance length from counters, greedy output matching);
+  acceptance length and rates from counters, greedy output matching);
 - :mod:`~radar_vllm.bench.snapshots`: Prometheus counters before/after a run and their difference;
-- :mod:`~radar_vllm.bench.settings`: the run's settings and the presets (quick, report, GPU);
+- :mod:`~radar_vllm.bench.settings`: the run's settings and the presets (quick, report, sampling, GPU);
 - :mod:`~radar_vllm.bench.estimate`: the run-time cost model printed before a run;
 - :mod:`~radar_vllm.bench.configs`: the configuration rows (no speculation, EAGLE-3 at each K,
-  RADAR chain/tree, static tree, confidence stop);
+  RADAR chain/tree, RADAR chain at a fixed depth, static tree, confidence stop);
 - :mod:`~radar_vllm.bench.workloads`: prompt sets as token ids (MT-Bench turns 1 and 2,
   HumanEval, ShareGPT held-out);
 - :mod:`~radar_vllm.bench.models` (plain-head view of a RADAR checkpoint, tiny and random-weight

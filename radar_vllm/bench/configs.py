@@ -9,6 +9,8 @@ eagle3-kK-uncorrected  the same, vLLM as shipped: ``VLLM_PLUGINS=""`` in its wor
                        without radar_vllm's correction of the CPU build's sampled
                        verification; T > 0 only
 radar-chain            the RADAR checkpoint as shipped (chain mode, the learned stop)
+radar-chain-dD         RADAR's chain path without the stop policy: ``{"mode": "chain",
+                       "fixed_depth": D}``, every round drafts exactly D tokens
 radar-tree             the RADAR checkpoint with ``{"mode": "tree"}``
 static-tree            ``{"mode": "tree", "threshold": 0.0}``: the policy always continues, so
                        every round drafts the full depth (a static full-depth tree; the policy
@@ -48,6 +50,7 @@ KINDS = (KIND_NONE, KIND_EAGLE3, KIND_RADAR, KIND_STATIC, KIND_CONFIDENCE)
 
 NO_SPEC = "no-spec"
 RADAR_CHAIN = "radar-chain"
+FIXED_DEPTH_PREFIX = RADAR_CHAIN + "-d"
 RADAR_TREE = "radar-tree"
 STATIC_TREE = "static-tree"
 CONFIDENCE_CHAIN = "confidence-chain"
@@ -63,6 +66,17 @@ def eagle3_name(k: int) -> str:
 def uncorrected_name(k: int) -> str:
     """The stock EAGLE-3 row at K run without the plugin: ``eagle3-k1-uncorrected``."""
     return eagle3_name(k) + UNCORRECTED_SUFFIX
+
+
+def fixed_depth_name(depth: int) -> str:
+    """The RADAR chain row at a fixed depth (no stop policy): ``radar-chain-d1``."""
+    return f"{FIXED_DEPTH_PREFIX}{depth}"
+
+
+def fixed_depth_of(name: str) -> int | None:
+    """D of a ``radar-chain-dD`` row name, None for any other name."""
+    digits = name.removeprefix(FIXED_DEPTH_PREFIX)
+    return int(digits) if name.startswith(FIXED_DEPTH_PREFIX) and digits.isdigit() else None
 
 
 @dataclass(frozen=True)
@@ -170,9 +184,11 @@ def build_configs(
     tree_supported: bool | None = None,
     only: Sequence[str] = (),
     uncorrected_k: Sequence[int] = (),
+    fixed_depths: Sequence[int] = (),
 ) -> list[BenchConfig]:
     """All rows in run order: no-spec first (the match reference), EAGLE-3 by K, the uncorrected
-    stock rows (``uncorrected_k``), then RADAR rows.
+    stock rows (``uncorrected_k``), then RADAR rows (radar-chain, the fixed-depth chains of
+    ``fixed_depths``, the tree rows).
 
     ``tree_supported`` defaults to what the installed plugin says; the reference decoder passes
     True. ``only`` keeps the named rows (no-spec always stays: every ratio needs it).
@@ -195,6 +211,10 @@ def build_configs(
     if include_radar and radar_checkpoint is not None:
         configs.append(_radar_row(RADAR_CHAIN, KIND_RADAR, radar_checkpoint, {"mode": MODE_CHAIN},
                                   tree_supported, "RADAR, chain, learned stop"))
+        for depth in sorted(set(fixed_depths)):
+            configs.append(_radar_row(fixed_depth_name(depth), KIND_RADAR, radar_checkpoint,
+                                      {"mode": MODE_CHAIN, "fixed_depth": depth}, tree_supported,
+                                      f"RADAR, chain, no stop policy: {depth} draft token(s) every round"))
         if include_tree:
             configs.append(_radar_row(RADAR_TREE, KIND_RADAR, radar_checkpoint, {"mode": MODE_TREE},
                                       tree_supported, "RADAR, dynamic tree, learned stop"))

@@ -23,6 +23,8 @@ from radar_vllm.bench.configs import (
     STATIC_TREE,
     UNCORRECTED_SUFFIX,
     eagle3_name,
+    fixed_depth_name,
+    fixed_depth_of,
     uncorrected_name,
 )
 from radar_vllm.bench.settings import (
@@ -87,8 +89,12 @@ class CostModel:
         return batch_size / (step_1 + per_request * (batch_size - 1))
 
     def speed(self, row: str, batch_size: int, temperature: float) -> float:
-        """Tokens/s of ``row`` relative to no speculation (an uncorrected row as its corrected peer)."""
+        """Tokens/s of ``row`` relative to no speculation (an uncorrected row as its corrected peer;
+        ``radar-chain-dD`` as stock EAGLE-3 at K = D: the same drafts and verification)."""
         row = row.removesuffix(UNCORRECTED_SUFFIX)
+        depth = fixed_depth_of(row)
+        if depth is not None:
+            row = eagle3_name(depth)
         if row.startswith(EAGLE3_PREFIX):
             k = int(row[len(EAGLE3_PREFIX):])
             table = self.eagle3_batch1 if batch_size <= 1 else self.eagle3_batched
@@ -96,7 +102,8 @@ class CostModel:
         elif row in self.rows:
             factor = self.rows[row].at(batch_size)
         else:
-            raise ValueError(f"row must be no-spec, eagle3-kK or one of {sorted(self.rows)}, got {row!r}")
+            raise ValueError(f"row must be no-spec, eagle3-kK, radar-chain-dD or one of {sorted(self.rows)}, "
+                             f"got {row!r}")
         if row != NO_SPEC and temperature > GREEDY:
             factor *= self.sampled_factor
         return factor
@@ -146,6 +153,7 @@ def planned_rows(settings: BenchSettings) -> list[str]:
     rows += [uncorrected_name(k) for k in sorted(set(settings.uncorrected_rows_k))]
     if settings.include_radar:
         rows.append(RADAR_CHAIN)
+        rows += [fixed_depth_name(depth) for depth in sorted(set(settings.radar_fixed_depths))]
         if settings.include_tree:
             rows.append(RADAR_TREE)
         if settings.include_static_tree:

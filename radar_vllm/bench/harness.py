@@ -557,6 +557,7 @@ def run_benchmark(settings: BenchSettings) -> BenchOutputs:
         tree_supported=True if backend == BACKEND_REFERENCE else None,
         only=settings.only_configs,
         uncorrected_k=settings.uncorrected_rows_k if backend == BACKEND_VLLM else (),
+        fixed_depths=settings.radar_fixed_depths,
     )
     if settings.uncorrected_rows_k and backend != BACKEND_VLLM:
         notes.append("uncorrected stock EAGLE-3 rows left out: they are vLLM without the plugin (vLLM backend only)")

@@ -10,6 +10,8 @@ Conventions, so that every number in the tables means one thing:
   pairing of repeats.
 - Mean acceptance length = 1 + accepted draft tokens / verified drafts (a "draft" is one request
   in one verification round; the 1 is the bonus token), from vLLM's counters summed over runs.
+- Draft acceptance rate = accepted draft tokens / drafted tokens; first-draft acceptance =
+  drafts whose first token was accepted (vLLM's per-position counter at position 1) / drafts.
 
 Worked example: runs of 100 tokens in 2.0 s and 300 tokens in 4.0 s give 400 / 6.0 = 66.7
 tokens/s (not the mean of 50 and 75).
@@ -120,6 +122,21 @@ def mean_acceptance_length(num_drafts: float, num_accepted_tokens: float) -> flo
     if num_drafts == 0:
         return None
     return 1.0 + num_accepted_tokens / num_drafts
+
+
+def draft_acceptance_rate(num_draft_tokens: float, num_accepted_tokens: float) -> float | None:
+    """Accepted / drafted tokens; None without drafted tokens."""
+    if num_draft_tokens < 0 or num_accepted_tokens < 0:
+        raise ValueError(f"counters must be >= 0, got num_draft_tokens={num_draft_tokens}, "
+                         f"num_accepted_tokens={num_accepted_tokens}")
+    return None if num_draft_tokens == 0 else num_accepted_tokens / num_draft_tokens
+
+
+def first_draft_acceptance(accepted_per_position: Sequence[float] | None, num_drafts: float) -> float | None:
+    """Accepted at draft position 1 / drafts; None without the per-position counts or drafts."""
+    if not accepted_per_position or num_drafts <= 0:
+        return None
+    return accepted_per_position[0] / num_drafts
 
 
 def per_round(total: float, rounds: float) -> float | None:

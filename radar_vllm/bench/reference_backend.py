@@ -5,6 +5,7 @@ Batch 1 only (the reference decoder's scope), offline only. The rows are the sam
 - no-spec: a plain KV-cache decode loop of the HF target;
 - eagle3-kK: chain of K drafted tokens per round (``FixedDepth(K)``);
 - radar-chain / confidence-chain: chain with the stop policy (``PolicyStop``);
+- radar-chain-dD: chain of D drafted tokens per round, no policy (``FixedDepth(D)``);
 - radar-tree: the dynamic tree (top_k, max_depth, total_tokens of the checkpoint) with the policy;
 - static-tree: the same tree at full depth (``FixedDepth(max_depth)``, no policy at all).
 
@@ -34,6 +35,7 @@ from radar_vllm.bench.configs import (
 from radar_vllm.bench.offline import output_key, sampled_entry
 from radar_vllm.bench.settings import GREEDY, MODE_BATCH1, temperatures_for
 from radar_vllm.bench.snapshots import (
+    ACCEPTED_PER_POSITION,
     GENERATION_TOKENS,
     ITERATION_TOKENS,
     NUM_ACCEPTED_TOKENS,
@@ -79,6 +81,8 @@ def round_counters(tokens: int, draft_calls: Sequence[int], accepted: Sequence[i
         snapshot.counters[NUM_ACCEPTED_TOKENS] = float(sum(accepted))
         snapshot.counters[RADAR_DRAFT_CALLS] = float(sum(draft_calls))
         snapshot.counters[RADAR_ROUNDS] = float(rounds)
+        # rounds that accepted at least i + 1 tokens, as vLLM counts them per draft position
+        snapshot.vectors[ACCEPTED_PER_POSITION] = [float(sum(1 for a in accepted if a > i)) for i in range(max_depth)]
         depth_bounds = list(range(1, max_depth + 1))
         snapshot.histograms[RADAR_STOP_DEPTH] = cumulative_histogram(draft_calls, depth_bounds)
         snapshot.histograms[RADAR_TREE_SIZE] = cumulative_histogram(tree_sizes, list(range(1, max_nodes + 1)))
@@ -165,8 +169,8 @@ def build_rows(configs: Sequence[BenchConfig], target: Any, head: Any, device: t
         else:
             def nodes(calls: int) -> int:
                 return calls
-        if config.kind == KIND_STATIC:
-            rule_factory = (lambda d=radar.max_depth: FixedDepth(d))
+        if config.kind == KIND_STATIC or radar.fixed_depth is not None:
+            rule_factory = (lambda d=radar.fixed_depth or radar.max_depth: FixedDepth(d))
         elif config.kind == KIND_CONFIDENCE:
             if confidence_threshold is None:
                 raise ValueError("the confidence row needs confidence_threshold")

@@ -29,6 +29,8 @@ from radar_vllm.bench.metrics import (
     Ratio,
     Spread,
     compare_outputs,
+    draft_acceptance_rate,
+    first_draft_acceptance,
     histogram_from_cumulative,
     mean_acceptance_length,
     per_round,
@@ -43,6 +45,7 @@ from radar_vllm.bench.snapshots import (
     ACCEPTED_PER_POSITION,
     ITERATION_TOKENS,
     NUM_ACCEPTED_TOKENS,
+    NUM_DRAFT_TOKENS,
     NUM_DRAFTS,
     RADAR_DRAFT_CALLS,
     RADAR_ROUNDS,
@@ -107,6 +110,8 @@ class Cell:
     output_tokens: int
     seconds: float
     acceptance_length: float | None = None
+    draft_acceptance: float | None = None  # accepted / drafted tokens
+    first_draft_acceptance: float | None = None  # accepted at position 1 / drafts (None: no per-position counts)
     draft_calls_per_round: float | None = None
     target_passes_per_token: float | None = None
     acceptance_per_position: list[float] | None = None
@@ -182,6 +187,8 @@ def build_cell(config: BenchConfig, runs: Sequence[Mapping[str, Any]]) -> Cell:
         output_tokens=output_tokens,
         seconds=float(sum(run["seconds"] for run in runs)),
         acceptance_length=mean_acceptance_length(drafts, pooled.counter(NUM_ACCEPTED_TOKENS)) if drafts else None,
+        draft_acceptance=draft_acceptance_rate(pooled.counter(NUM_DRAFT_TOKENS), pooled.counter(NUM_ACCEPTED_TOKENS)),
+        first_draft_acceptance=first_draft_acceptance(per_position, drafts),
         draft_calls_per_round=draft_calls_of(config, pooled),
         target_passes_per_token=(target_passes_per_token(iterations.count, output_tokens)
                                  if iterations is not None and iterations.count > 0 else None),
@@ -473,7 +480,9 @@ def render_markdown(document: Mapping[str, Any], plot_files: Sequence[str] = ())
         *sampling_lines(settings),
         "- tok/s: output tokens / wall seconds of a run (ratio of sums), median over repeats "
         "[min–max]; ratios: ratio of medians (range: min/max .. max/min). Acceptance length = "
-        "1 + accepted / verified drafts (vLLM counters). Target passes per output token = engine "
+        "1 + accepted / verified drafts (vLLM counters); accepted/drafted = accepted / drafted tokens; "
+        "1st-draft accept = drafts whose first token was accepted / drafts (– where the engine reports no "
+        "per-position counts). Target passes per output token = engine "
         "steps (prefill included) / output tokens.",
         "- T > 0 rows: log-prob/token = the target's mean log-prob per generated token at the sampling "
         "temperature (float32, first repeat, mean over outputs), no speculation's in parentheses; sampling "
@@ -500,9 +509,9 @@ def render_markdown(document: Mapping[str, Any], plot_files: Sequence[str] = ())
         out += [
             f"### {workload}, T={temperature:g}, {mode}",
             "",
-            "| config | tok/s | vs no-spec | vs best EAGLE-3 | accept len | draft calls/round | "
-            "target passes/token | " + last,
-            "|---|---|---|---|---|---|---|---|" + ("---|" if sampled else ""),
+            "| config | tok/s | vs no-spec | vs best EAGLE-3 | accept len | accepted/drafted | 1st-draft accept | "
+            "draft calls/round | target passes/token | " + last,
+            "|---|---|---|---|---|---|---|---|---|---|" + ("---|" if sampled else ""),
         ]
         for cell in sorted(cells, key=lambda c: order.get(c["config"], 0)):
             spread = cell["tokens_per_s"]
@@ -515,7 +524,8 @@ def render_markdown(document: Mapping[str, Any], plot_files: Sequence[str] = ())
             tail = f"{_logprob(cell, base)} | {_sampling(cell)}" if sampled else f"{_match(cell)}{consistent}"
             out.append(
                 f"| {cell['config']} | {speed} | {ratios} | "
-                f"{_fmt(cell.get('acceptance_length'))} | {_fmt(cell.get('draft_calls_per_round'))} | "
+                f"{_fmt(cell.get('acceptance_length'))} | {_fmt(cell.get('draft_acceptance'), 3)} | "
+                f"{_fmt(cell.get('first_draft_acceptance'), 3)} | {_fmt(cell.get('draft_calls_per_round'))} | "
                 f"{_fmt(cell.get('target_passes_per_token'), 3)} | {tail} |"
             )
         best = next((c.get("best_eagle3") for c in cells if c.get("best_eagle3")), None)

@@ -1,4 +1,4 @@
-"""Settings of one benchmark run and the presets (``quick``, ``report``, ``gpu-reference``).
+"""Settings of one benchmark run and the presets (``quick``, ``report``, ``sampling``, ``gpu-reference``).
 
 A run measures every configuration row (see :mod:`radar_vllm.bench.configs`) on the same prompts
 with the same sampling settings:
@@ -10,7 +10,8 @@ with the same sampling settings:
 
 Every T > 0 cell also scores its sampled outputs (first repeat) with the target and compares
 each speculative row with no speculation (:mod:`radar_vllm.bench.sample_quality`);
-``uncorrected_k`` adds stock EAGLE-3 rows run without the plugin (vLLM as shipped, T > 0 only).
+``uncorrected_k`` adds stock EAGLE-3 rows run without the plugin (vLLM as shipped, T > 0 only);
+``radar_fixed_depths`` adds RADAR chain rows without the stop policy (``radar-chain-dD``).
 
 Narrowing knobs keep a full grid affordable: ``sampled_workloads`` (T > 0 only there),
 ``batch1_prompts`` (batch 1 times the first N prompts) and ``tree_modes`` / ``tree_repeats``
@@ -75,6 +76,8 @@ class BenchSettings:
     # stock EAGLE-3 K values also run as shipped (VLLM_PLUGINS="", no CPU sampling correction), at
     # T > 0 only: rows eagle3-kK-uncorrected (vLLM backend only; none without a temperature > 0)
     uncorrected_k: tuple[int, ...] = ()
+    # RADAR chain rows at a fixed depth D (no stop policy, D draft tokens every round): radar-chain-dD
+    radar_fixed_depths: tuple[int, ...] = ()
     # workloads and sampling
     workloads: tuple[str, ...] = DEFAULT_WORKLOADS
     num_prompts: int = 16
@@ -129,6 +132,8 @@ class BenchSettings:
             _positive("k_list entries", k)
         for k in self.uncorrected_k:
             _positive("uncorrected_k entries", k)
+        for depth in self.radar_fixed_depths:
+            _positive("radar_fixed_depths entries", depth)
         for name in ("num_prompts", "max_new_tokens", "max_prompt_tokens", "repeats", "online_repeats"):
             _positive(name, getattr(self, name))
         if self.tree_repeats is not None:
@@ -288,12 +293,41 @@ REPORT_PRESET: dict[str, Any] = {
     "online_timeout_s": 600.0,
 }
 
+# Acceptance at T = 0, 0.6 and 1 for the shipped SmolLM2 checkpoint (`radar-vllm bench --preset
+# sampling`): how often drafts are accepted (accepted / drafted tokens, the first draft position,
+# mean acceptance length) and whether the sampled outputs are distributed like no speculation's.
+# MT-Bench, 16 prompts batched, one repeat, offline only, float32 (bfloat16 matmuls are very slow
+# on CPUs without AVX-512). Rows: no-spec, eagle3-k1 (corrected and as shipped, the latter T > 0
+# only), radar-chain, radar-chain-d1 (RADAR's path drafting one token, no policy) and radar-tree.
+# The cost model gives about 12 min on 2 cores (6 engine starts ~6 min, offline ~3 min, scoring ~2 min).
+SAMPLING_PRESET: dict[str, Any] = {
+    "k_list": (1,),
+    "uncorrected_k": (1,),
+    "radar_fixed_depths": (1,),
+    "include_tree": True,
+    "include_static_tree": False,
+    "confidence_threshold": None,
+    "workloads": (MTBENCH,),
+    "num_prompts": 16,
+    "max_new_tokens": 96,
+    "temperatures": (GREEDY, 0.6, 1.0),
+    "sampled_workloads": (),  # every temperature on every workload
+    "offline_modes": (MODE_BATCHED,),
+    "repeats": 1,
+    "online_concurrency": (),
+    "dtype": "float32",
+    "config_timeout_s": 900.0,
+}
+SAMPLING_TAG = "sampling_smollm2"  # default file name stem of the preset on the shipped SmolLM2 assets
+
 PRESET_QUICK = "quick"
 PRESET_REPORT = "report"
+PRESET_SAMPLING = "sampling"
 PRESET_GPU_REFERENCE = "gpu-reference"
 PRESETS: dict[str, dict[str, Any]] = {
     PRESET_QUICK: QUICK_PRESET,
     PRESET_REPORT: REPORT_PRESET,
+    PRESET_SAMPLING: SAMPLING_PRESET,
     PRESET_GPU_REFERENCE: GPU_REFERENCE_PRESET,
 }
 

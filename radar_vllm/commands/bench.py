@@ -2,8 +2,9 @@
 
 Without model options it runs on the shipped assets: the SmolLM2 target (converted on first use)
 and the shipped RADAR checkpoint. ``--quick`` is a few-minute smoke run; ``--preset report`` is
-the committed SmolLM2 report (about an hour on 2 CPU cores, resumable); ``--tiny`` uses tiny
-random models (tests). Library: :mod:`radar_vllm.bench`.
+the committed SmolLM2 report (about an hour on 2 CPU cores, resumable); ``--preset sampling`` the
+acceptance table at T = 0, 0.6 and 1; ``--tiny`` uses tiny random models (tests). Library:
+:mod:`radar_vllm.bench`.
 """
 from __future__ import annotations
 
@@ -16,7 +17,8 @@ from typing import Any, Callable
 logger = logging.getLogger(__name__)
 
 NONE_WORDS = ("", "none", "off")
-PRESET_NAMES = ("quick", "report", "gpu-reference")  # radar_vllm.bench.settings.PRESETS (not imported here)
+# radar_vllm.bench.settings.PRESETS (not imported here)
+PRESET_NAMES = ("quick", "report", "sampling", "gpu-reference")
 
 
 def _list(kind: Callable[[str], Any]) -> Callable[[str], tuple[Any, ...]]:
@@ -79,7 +81,9 @@ def settings_from_args(args: argparse.Namespace) -> Any:
         PRESET_GPU_REFERENCE,
         PRESET_QUICK,
         PRESET_REPORT,
+        PRESET_SAMPLING,
         PRESETS,
+        SAMPLING_TAG,
         BenchSettings,
         apply_preset,
     )
@@ -92,6 +96,7 @@ def settings_from_args(args: argparse.Namespace) -> Any:
         "backend": args.backend,
         "k_list": args.k,
         "uncorrected_k": args.uncorrected_k,
+        "radar_fixed_depths": args.radar_fixed_depth,
         "include_tree": False if args.no_tree else None,
         "include_static_tree": False if args.no_static_tree else None,
         "only_configs": args.configs,
@@ -145,9 +150,11 @@ def settings_from_args(args: argparse.Namespace) -> Any:
     elif not merged.get("target"):
         merged["target"], default_checkpoint = default_assets()
         merged.setdefault("radar_checkpoint", default_checkpoint)
-    named = [preset_name] if preset_name in (PRESET_QUICK, PRESET_REPORT) else []
+    named = [preset_name] if preset_name in (PRESET_QUICK, PRESET_REPORT, PRESET_SAMPLING) else []
+    # the sampling preset on the shipped SmolLM2 assets: sampling_smollm2[-reference]
+    smollm2 = preset_name == PRESET_SAMPLING and not merged.get("tiny") and not args.target
     tag = args.tag or "-".join(
-        ["bench"] + named + (["tiny"] if merged.get("tiny") else [])
+        ([SAMPLING_TAG] if smollm2 else ["bench"] + named + (["tiny"] if merged.get("tiny") else []))
         + (["reference"] if backend == BACKEND_REFERENCE else []))
     merged["tag"] = tag
     return BenchSettings(**merged)
@@ -195,7 +202,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     models.add_argument("--tiny", action="store_true", help="tiny random models (tests, smoke runs)")
     parser.add_argument("--preset", choices=tuple(PRESET_NAMES), default=None,
                         help="quick: a few minutes on 2 CPU cores (same as --quick); report: the committed "
-                        "SmolLM2 report, about an hour on 2 CPU cores (see --estimate); gpu-reference: the "
+                        "SmolLM2 report, about an hour on 2 CPU cores (see --estimate); sampling: draft "
+                        "acceptance and the sampling check at T = 0, 0.6, 1 (MT-Bench, 16 prompts batched, "
+                        "float32; written as sampling_smollm2.json/.md); gpu-reference: the "
                         "reference decoder on a GPU in under 8 minutes (default where vLLM is missing and a GPU "
                         "is present). Options given explicitly override the preset")
     parser.add_argument("--quick", action="store_true",
@@ -211,6 +220,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                       help="stock EAGLE-3 K values also run as shipped, without the radar_vllm plugin "
                       "(VLLM_PLUGINS='', no CPU sampling correction), at T > 0 only: rows eagle3-kK-uncorrected "
                       "(default none; 1 with --preset report; 'none' to leave out)")
+    rows.add_argument("--radar-fixed-depth", type=_list(int), default=None, metavar="D[,D...]",
+                      help="RADAR chain rows without the stop policy, drafting exactly D tokens every round: "
+                      "rows radar-chain-dD (default none; 1 with --preset sampling; 'none' to leave out)")
     rows.add_argument("--configs", type=_list(str), default=None,
                       help="run only these rows (e.g. eagle3-k3,radar-chain); no-spec always runs")
     rows.add_argument("--no-tree", action="store_true", help="leave out the radar-tree row")
@@ -246,7 +258,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     online.add_argument("--online-repeats", type=int, default=None)
     online.add_argument("--online-timeout", type=float, default=None, help="seconds per level (default 900)")
     engine = parser.add_argument_group("engine")
-    engine.add_argument("--dtype", default=None, help="default bfloat16 (float32 with --tiny)")
+    engine.add_argument("--dtype", default=None, help="default bfloat16 (float32 with --tiny and --preset sampling)")
     engine.add_argument("--seed", type=int, default=None)
     engine.add_argument("--kv-cache-gb", type=int, default=None, help="VLLM_CPU_KVCACHE_SPACE (default 4)")
     engine.add_argument("--engine-inline", action=argparse.BooleanOptionalAction, default=None,
