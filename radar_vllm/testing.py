@@ -461,3 +461,14 @@ def scoped_environment(values: Mapping[str, str], also_restore: Iterable[str] = 
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
+
+
+def shutdown_engine(llm: Any) -> None:
+    """Stop a ``vllm.LLM``'s engine core now (tests start several engines in one process)."""
+    import gc
+
+    engine_core = getattr(llm.llm_engine, "engine_core", None)
+    if engine_core is not None and hasattr(engine_core, "shutdown"):
+        engine_core.shutdown()
+    del llm
+    gc.collect()

@@ -5,12 +5,11 @@ models come from :mod:`radar_vllm.testing`; the random policy stops at depths 1.
 """
 from __future__ import annotations
 
-import gc
 import os
 
 import pytest
 
-from radar_vllm.testing import make_tiny_llama, make_tiny_radar_checkpoint
+from radar_vllm.testing import make_tiny_llama, make_tiny_radar_checkpoint, shutdown_engine
 
 vllm = pytest.importorskip("vllm")
 
@@ -28,13 +27,6 @@ def _prompts() -> list[str]:
         prompts.append(f"Q{i}: " + " ".join(words[(i + j) % len(words)] for j in range(length)))
     return prompts
 
-
-def _shutdown(llm) -> None:
-    engine_core = getattr(llm.llm_engine, "engine_core", None)
-    if engine_core is not None and hasattr(engine_core, "shutdown"):
-        engine_core.shutdown()
-    del llm
-    gc.collect()
 
 
 def _engine_kwargs(target) -> dict:
@@ -64,7 +56,7 @@ def baseline_outputs(models):
     llm = vllm.LLM(**_engine_kwargs(target))
     params = vllm.SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True)
     outputs = [list(o.outputs[0].token_ids) for o in llm.generate(_prompts(), params)]
-    _shutdown(llm)
+    shutdown_engine(llm)
     return outputs
 
 
@@ -81,7 +73,7 @@ def radar_run(models, baseline_outputs):
     outputs = [list(o.outputs[0].token_ids) for o in llm.generate(_prompts(), params)]
     metrics = {(m.name): m for m in llm.get_metrics()}
     yield llm, outputs, metrics
-    _shutdown(llm)
+    shutdown_engine(llm)
 
 
 def test_greedy_outputs_identical_to_no_speculation(baseline_outputs, radar_run):
@@ -143,7 +135,7 @@ def test_fixed_depth_drafts_that_many_tokens_every_round(models, baseline_output
         outputs = [list(o.outputs[0].token_ids) for o in llm.generate(_prompts(), params)]
         metrics = {(m.name): m for m in llm.get_metrics()}
     finally:
-        _shutdown(llm)
+        shutdown_engine(llm)
     assert outputs == baseline_outputs
     drafts = metrics["vllm:spec_decode_num_drafts"].value
     assert drafts > 0

@@ -17,7 +17,6 @@ comparisons (Bonferroni), so the module fails by chance with probability below a
 """
 from __future__ import annotations
 
-import gc
 from statistics import NormalDist
 
 import pytest
@@ -34,7 +33,7 @@ vllm = pytest.importorskip("vllm")
 from radar_vllm.assets import ensure_smollm2, shipped_checkpoints  # noqa: E402
 from radar_vllm.bench.sample_quality import compare_quality, load_scorer, logprob_per_token  # noqa: E402
 from radar_vllm.prompts import load_prompt_set, tokenize_prompts  # noqa: E402
-from radar_vllm.testing import scoped_environment  # noqa: E402
+from radar_vllm.testing import scoped_environment, shutdown_engine  # noqa: E402
 
 ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "1"}
 TEMPERATURES = (0.6, 1.0)
@@ -56,13 +55,6 @@ def _speculative_config(name: str) -> dict | None:
         return {"method": "radar", "model": checkpoint, "radar": {"mode": "tree"}}
     return None
 
-
-def _shutdown(llm) -> None:
-    engine_core = getattr(llm.llm_engine, "engine_core", None)
-    if engine_core is not None and hasattr(engine_core, "shutdown"):
-        engine_core.shutdown()
-    del llm
-    gc.collect()
 
 
 def _generate(llm, prompts: list[list[int]], temperature: float, max_tokens: int, seed0: int) -> list[list[int]]:
@@ -106,7 +98,7 @@ def runs():
                 else:
                     records = None
             finally:
-                _shutdown(llm)
+                shutdown_engine(llm)
             results[name] = dict(quality=quality, chi2=chi2, records=records)
         scorer = load_scorer(target)
         for name, result in results.items():

@@ -13,13 +13,18 @@
 """
 from __future__ import annotations
 
-import gc
 import random
 from statistics import NormalDist
 
 import pytest
 
-from radar_vllm.testing import make_tiny_eagle3_head, make_tiny_llama, make_tiny_radar_checkpoint, scoped_environment
+from radar_vllm.testing import (
+    make_tiny_eagle3_head,
+    make_tiny_llama,
+    make_tiny_radar_checkpoint,
+    scoped_environment,
+    shutdown_engine,
+)
 from sampling_stats import chain_law_by_position, first_tokens_p_values, install_chain_acceptance_recorder, tree_law_z
 
 vllm = pytest.importorskip("vllm")
@@ -62,13 +67,6 @@ def _prompt(index: int) -> list[int]:
     return [rng.randrange(3, 500) for _ in range(4 + index % 9)]
 
 
-def _shutdown(llm) -> None:
-    engine_core = getattr(llm.llm_engine, "engine_core", None)
-    if engine_core is not None and hasattr(engine_core, "shutdown"):
-        engine_core.shutdown()
-    del llm
-    gc.collect()
-
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
@@ -76,7 +74,7 @@ def runs(tmp_path_factory):
     target = make_tiny_llama(root / "target")
     llm = _engine(target)
     baseline = _sample(llm, seed_offset=0)
-    _shutdown(llm)
+    shutdown_engine(llm)
     results = {}
     # RADAR chain, as a user starts it; vLLM's rejection sampler verifies
     checkpoint = make_tiny_radar_checkpoint(root / "radar", target, max_depth=4)
@@ -86,7 +84,7 @@ def runs(tmp_path_factory):
         records = llm.collective_rpc(lambda worker: install_chain_acceptance_recorder(worker.model_runner))[0]
         results["chain"] = dict(samples=_sample(llm, seed_offset=10_000), records=records)  # independent seeds
     finally:
-        _shutdown(llm)
+        shutdown_engine(llm)
     # RADAR trees: the tree runner's own acceptance
     head = make_tiny_eagle3_head(root / "head", target)
     with scoped_environment(TREE_ENV):
@@ -102,7 +100,7 @@ def runs(tmp_path_factory):
             records = llm.collective_rpc(lambda worker: list(worker.model_runner.acceptance_records))[0]
             stats = llm.collective_rpc(lambda worker: dict(worker.model_runner.tree_stats))[0]
         finally:
-            _shutdown(llm)
+            shutdown_engine(llm)
     assert stats["trees"] > 200
     results["tree"] = dict(samples=samples, records=records)
     return baseline, results

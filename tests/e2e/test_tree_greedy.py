@@ -20,14 +20,13 @@ mid-batch, plus one prompt whose output reaches max_model_len (its trees are cut
 """
 from __future__ import annotations
 
-import gc
 import json
 import os
 import random
 
 import pytest
 
-from radar_vllm.testing import make_tiny_llama, make_tiny_radar_checkpoint, scoped_environment
+from radar_vllm.testing import make_tiny_llama, make_tiny_radar_checkpoint, scoped_environment, shutdown_engine
 from radar_vllm.vllm.scratch import SCRATCH_ENV
 
 vllm = pytest.importorskip("vllm")
@@ -109,13 +108,6 @@ def _tree_engine(target, head, **kwargs):
     )
 
 
-def _shutdown(llm) -> None:
-    engine_core = getattr(llm.llm_engine, "engine_core", None)
-    if engine_core is not None and hasattr(engine_core, "shutdown"):
-        engine_core.shutdown()
-    del llm
-    gc.collect()
-
 
 def _tree_stats(llm) -> dict:
     return llm.collective_rpc(lambda worker: dict(worker.model_runner.tree_stats))[0]
@@ -143,7 +135,7 @@ def baseline(models):
     turn2 = _second_turn(requests, outputs)
     outputs2 = _generate(llm, turn2)
     mixed = _mixed_batch(llm, requests)
-    _shutdown(llm)
+    shutdown_engine(llm)
     return requests, outputs, turn2, outputs2, mixed
 
 
@@ -170,7 +162,7 @@ def test_policy_trees_batch_sizes_1_4_16(models, baseline):
         stats = _tree_stats(llm)
         depths = llm.collective_rpc(lambda worker: list(worker.model_runner.drafter.stop_depth_counts))[0]
     finally:
-        _shutdown(llm)
+        shutdown_engine(llm)
     assert stats["trees"] > 100
     assert stats["path_rows"] > 0  # rows recomputed through the platform kernel
     # over scratch blocks many rows share a kernel call
@@ -192,7 +184,7 @@ def test_oracle_trees_without_prefix_caching_or_scratch_blocks(models, baseline,
             stats = _tree_stats(llm)
             scratch = llm.collective_rpc(lambda worker: list(worker.model_runner._scratch_blocks))[0]
         finally:
-            _shutdown(llm)
+            shutdown_engine(llm)
     finally:
         os.environ.pop("RADAR_TREE_ORACLE", None)
         os.environ.pop(SCRATCH_ENV, None)
@@ -217,7 +209,7 @@ def test_oracle_trees_chunked_prefill_prefix_cache_preemption(models, baseline, 
             stats = _tree_stats(llm)
             preemptions = _preemptions(llm)
         finally:
-            _shutdown(llm)
+            shutdown_engine(llm)
     finally:
         os.environ.pop("RADAR_TREE_ORACLE", None)
     assert stats["moved"] > 50
@@ -249,7 +241,7 @@ def test_radar_checkpoint_in_tree_mode(models, baseline):
         num_speculative_tokens = llm.llm_engine.vllm_config.speculative_config.num_speculative_tokens
         metrics = {m.name: m for m in llm.get_metrics()}
     finally:
-        _shutdown(llm)
+        shutdown_engine(llm)
     assert num_speculative_tokens == NUM_NODES  # defaulted to total_tokens - 1
     assert stats["trees"] > 50
     _check_tree_metrics(metrics, drafted_depths, max_depth=5)
@@ -298,7 +290,7 @@ def _recorded_trees(target, head, drafter: str, requests) -> tuple[list[list[int
         outputs = _generate(llm, requests, batch_size=4)
         trees = llm.collective_rpc(lambda worker: list(worker.model_runner.drafter.recorded_trees))[0]
     finally:
-        _shutdown(llm)
+        shutdown_engine(llm)
     return outputs, trees
 
 
