@@ -177,7 +177,7 @@ class Timer:
 
 def bench_policy_step(torch: Any, device: Any, sizes: Sizes, timer: Timer) -> list[Row]:
     from radar_vllm.kernels import force_backend, policy_step
-    from radar_vllm.policy import StopPolicy
+    from radar_vllm.core.policy import StopPolicy
 
     torch.manual_seed(0)
     policy = StopPolicy().eval()
@@ -267,7 +267,7 @@ def bench_tree_mask(torch: Any, device: Any, sizes: Sizes, timer: Timer) -> list
 
 def bench_tree_attention(torch: Any, device: Any, sizes: Sizes, timer: Timer) -> list[Row]:
     from radar_vllm.kernels import force_backend, tree_attention, tree_mask
-    from radar_vllm.kernels.testing import TOLERANCES
+    from radar_vllm.kernels.fixtures import TOLERANCES
 
     dtype = getattr(torch, sizes.dtype_name)
     n, heads, kv_heads = sizes.tree_nodes, sizes.num_heads, sizes.num_kv_heads

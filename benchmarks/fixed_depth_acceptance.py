@@ -5,8 +5,8 @@ import json, os, sys, time
 def main():
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
     import vllm
-    from radar_vllm.assets import ensure_smollm2, shipped_checkpoints
-    from radar_vllm.prompts import load_prompt_set, tokenize_prompts
+    from radar_vllm.offline.assets import ensure_smollm2, shipped_checkpoints
+    from radar_vllm.offline.prompts import load_prompt_set, tokenize_prompts
     target = ensure_smollm2(progress=False)
     ck = shipped_checkpoints()["smollm2-135m-radar"]
     overrides = json.loads(sys.argv[1])

@@ -27,8 +27,8 @@ def main() -> None:
 
     from vllm import LLM, SamplingParams
 
-    from radar_vllm.assets import ensure_smollm2
-    from radar_vllm.vllm.main_job import plain_head_view
+    from radar_vllm.offline.assets import ensure_smollm2
+    from radar_vllm.bench.main_job import plain_head_view
 
     spec = None
     if args.config == "eagle3":

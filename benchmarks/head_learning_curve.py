@@ -2,7 +2,7 @@
 
 Prepares once, in ``--eval-dir``, the target's greedy answers to the prompts (vLLM) and their
 features (HF), then replays greedy chain decoding for each head snapshot (see
-``radar_vllm.training.simulate``) and writes ``<out>.json`` / ``<out>.md``.
+``radar_vllm.offline.head.replay``) and writes ``<out>.json`` / ``<out>.md``.
 
     python benchmarks/head_learning_curve.py --snapshots /work/runs/head-smollm2/snapshots
 """
@@ -14,8 +14,8 @@ import json
 import logging
 from pathlib import Path
 
-from radar_vllm.assets import ensure_smollm2
-from radar_vllm.prompts import load_prompt_set, tokenize_prompts
+from radar_vllm.offline.assets import ensure_smollm2
+from radar_vllm.offline.prompts import load_prompt_set, tokenize_prompts
 
 
 @dataclasses.dataclass
@@ -29,8 +29,8 @@ def prepare(eval_dir: Path, target: str, prompt_set: str, num_prompts: int, max_
             aux_layers: list[int]) -> None:
     from transformers import AutoTokenizer
 
-    from radar_vllm.training.data import PromptRecord, generate_answers, save_prompts
-    from radar_vllm.training.features import extract_features
+    from radar_vllm.offline.head.data import PromptRecord, generate_answers, save_prompts
+    from radar_vllm.offline.head.feature_cache import extract_features
 
     eval_dir.mkdir(parents=True, exist_ok=True)
     if not (eval_dir / "prompts.jsonl").is_file():
@@ -54,8 +54,8 @@ def main() -> int:
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO)
 
-    from radar_vllm.training.simulate import load_head_with_target_embeddings, simulate_chain_acceptance
-    from radar_vllm.training.trainer import FeatureStore
+    from radar_vllm.offline.head.replay import load_head_with_target_embeddings, simulate_chain_acceptance
+    from radar_vllm.offline.head.trainer import FeatureStore
 
     target = str(ensure_smollm2()) if args.target == "smollm2" else args.target
     heads = sorted((p for p in Path(args.snapshots).iterdir() if (p / "config.json").is_file()),

@@ -18,14 +18,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-from radar_vllm.assets import CHECKPOINTS_DIR, SMOLLM2_HEAD_DIRNAME, ensure_smollm2
-from radar_vllm.prompts import load_prompt_set, tokenize_prompts
+from radar_vllm.offline.assets import CHECKPOINTS_DIR, SMOLLM2_HEAD_DIRNAME, ensure_smollm2
+from radar_vllm.offline.prompts import load_prompt_set, tokenize_prompts
 
 logger = logging.getLogger(__name__)
 
 
 def _engine(target: str, max_model_len: int, max_num_seqs: int, head: str | None, k: int) -> Any:
-    from radar_vllm.vllm.generate import make_llm
+    from radar_vllm.offline.generate import make_llm
 
     kwargs: dict[str, Any] = {"disable_log_stats": False}
     if head is not None:
@@ -36,7 +36,7 @@ def _engine(target: str, max_model_len: int, max_num_seqs: int, head: str | None
 def _measure(
     target: str, head: str | None, k: int, prompts: list[list[int]], args: argparse.Namespace
 ) -> dict[str, Any]:
-    from radar_vllm.vllm.generate import spec_decode_counters, timed_greedy_run
+    from radar_vllm.offline.generate import spec_decode_counters, timed_greedy_run
 
     max_model_len = max(len(p) for p in prompts) + args.max_new_tokens + 16
     started = time.perf_counter()

@@ -36,12 +36,12 @@ from typing import Any
 
 import torch
 
-from radar_vllm.costs import describe_machine, load_cost_table
-from radar_vllm.policy import load_policy_checkpoint
-from radar_vllm.rl.rules import evaluate_policy
-from radar_vllm.rl.simulate import best_fixed_depth, oracle, round_outcomes
-from radar_vllm.rl.table import load_round_table
-from radar_vllm.rl.train import ExactConfig, train_exact
+from radar_vllm.core.costs import describe_machine, load_cost_table
+from radar_vllm.core.policy import load_policy_checkpoint
+from radar_vllm.offline.rl.rules import evaluate_policy
+from radar_vllm.offline.rl.simulate import best_fixed_depth, oracle, round_outcomes
+from radar_vllm.offline.rl.table import load_round_table
+from radar_vllm.offline.rl.train import ExactConfig, train_exact
 
 
 def _pairs(items: list[str], flag: str) -> dict[str, str]:

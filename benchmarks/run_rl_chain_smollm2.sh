@@ -22,7 +22,7 @@
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 export LD_PRELOAD="${LD_PRELOAD:-$ROOT/.venv/lib/libiomp5.so}"
-TARGET="$(python -c 'from radar_vllm.assets import ensure_smollm2; print(ensure_smollm2(progress=False))')"
+TARGET="$(python -c 'from radar_vllm.offline.assets import ensure_smollm2; print(ensure_smollm2(progress=False))')"
 HEAD="${HEAD:-$ROOT/radar_vllm/checkpoints/smollm2-135m-eagle3}"
 WORK="${WORK:-/work/runs/rl-smollm2-chain}"
 D="${D:-7}"

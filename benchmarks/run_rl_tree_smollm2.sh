@@ -12,7 +12,7 @@
 # STEPS (space-separated subset of: collect calibrate train evaluate). Collection resumes.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-TARGET="$(python -c 'from radar_vllm.assets import ensure_smollm2; print(ensure_smollm2(progress=False))')"
+TARGET="$(python -c 'from radar_vllm.offline.assets import ensure_smollm2; print(ensure_smollm2(progress=False))')"
 HEAD="${HEAD:-$ROOT/radar_vllm/checkpoints/smollm2-135m-eagle3}"
 WORK="${WORK:-/work/runs/policy-tree}"
 TRAIN_PROMPTS="${TRAIN_PROMPTS:-16}"

@@ -120,7 +120,7 @@ def _variants() -> list[tuple[str, Callable[[], None], list[Any]]]:
     """(variant name, call of a Triton launcher on CPU tensors, the JIT functions it launches)."""
     from .policy_step import kernel as policy_kernel
     from .policy_step import pack_policy_weights
-    from .testing import random_paged_kv, random_parents
+    from .fixtures import random_paged_kv, random_parents
     from .tree_attention import kernel as attention_kernel
     from .tree_mask import kernel as mask_kernel
     from .tree_mask import naive as mask_naive

@@ -18,7 +18,7 @@ SUBCOMMAND_MODULES: tuple[str, ...] = (
     "radar_vllm.commands.evaluate_policy",
     "radar_vllm.commands.collect",
     "radar_vllm.commands.calibrate",
-    "radar_vllm.commands.assets",
+    "radar_vllm.commands.fetch_assets",
     "radar_vllm.commands.train_head",
     "radar_vllm.commands.pack",
     "radar_vllm.commands.bench",

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from radar_vllm.bench.models import random_radar_checkpoint
+from radar_vllm.bench.model_dirs import random_radar_checkpoint
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -22,7 +22,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     target = args.target
     if target is None:
-        from radar_vllm.assets import ensure_smollm2
+        from radar_vllm.offline.assets import ensure_smollm2
 
         target = str(ensure_smollm2())
     print(random_radar_checkpoint(target, args.out_dir, seed=args.seed, max_depth=args.max_depth))

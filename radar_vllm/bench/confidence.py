@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from radar_vllm.policy import ACTION_CONTINUE, ACTION_STOP, DECISION_THRESHOLD, PolicyConfig, StopPolicy, save_policy
+from radar_vllm.core.policy import ACTION_CONTINUE, ACTION_STOP, DECISION_THRESHOLD, PolicyConfig, StopPolicy, save_policy
 
 DECISION_THRESHOLD_P = 0.5  # P(continue) >= 0.5  <=>  continue logit >= stop logit
 GAIN = 50.0  # slope of the continue logit; only its sign matters in threshold mode
@@ -71,8 +71,8 @@ def build_confidence_checkpoint(radar_checkpoint: str | Path, out_dir: str | Pat
     """
     import json
 
-    from radar_vllm.radar_checkpoint import pack_radar_checkpoint
-    from radar_vllm.radar_config import RadarConfig, radar_section, read_head_config
+    from radar_vllm.offline.pack import pack_radar_checkpoint
+    from radar_vllm.core.config import RadarConfig, radar_section, read_head_config
 
     out_dir = Path(out_dir)
     marker = out_dir / "confidence.json"

@@ -32,7 +32,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any, Sequence
 
-from radar_vllm.radar_config import (
+from radar_vllm.core.config import (
     MODE_CHAIN,
     MODE_TREE,
     SUPPORTED_MODES,

@@ -1,6 +1,6 @@
 """One benchmark run, end to end: models -> workloads -> rows -> measurements -> results files.
 
-vLLM backend: each configuration row runs in its own subprocess (:mod:`radar_vllm.bench.worker`)
+vLLM backend: each configuration row runs in its own subprocess (:mod:`radar_vllm.bench.engine_process`)
 with a fresh engine, one after the other (no-speculation first: its greedy outputs are the match
 reference and its MT-Bench answers make the turn-2 prompts). Then the online part starts the
 server for no speculation, the best stock EAGLE-3 K (chosen on the first offline cell) and the
@@ -40,7 +40,7 @@ from radar_vllm.bench.configs import (
     BenchConfig,
     build_configs,
 )
-from radar_vllm.radar_config import MODE_TREE
+from radar_vllm.core.config import MODE_TREE
 from radar_vllm.bench.settings import (
     BACKEND_AUTO,
     BACKEND_REFERENCE,
@@ -60,7 +60,7 @@ from radar_vllm.bench.workloads import (
 
 logger = logging.getLogger(__name__)
 
-WORKER_MODULE = "radar_vllm.bench.worker"
+WORKER_MODULE = "radar_vllm.bench.engine_process"
 JOB_FILE = "job.json"
 RESULT_FILE = "result.json"
 SCORES_FILE = "sample_scores.json"  # per row: the target's scores of its sampled outputs
@@ -112,7 +112,7 @@ class BenchModels:
 
 def prepare_models(settings: BenchSettings, work_dir: Path) -> BenchModels:
     from radar_vllm.bench.confidence import build_confidence_checkpoint
-    from radar_vllm.bench.models import plain_head_view, tiny_models
+    from radar_vllm.bench.model_dirs import plain_head_view, tiny_models
 
     if settings.tiny:
         target, head, radar = tiny_models(work_dir / "models", seed=settings.seed)

@@ -8,7 +8,7 @@ checked against the first. Sampled (T > 0) outputs of the first repeat are kept 
 (``sampled_outputs``): the harness scores them after the row (:mod:`radar_vllm.bench.sample_quality`).
 
 T > 0 requests get a per-prompt seed (``seed + prompt index``), identical for every row.
-vLLM is reached through :func:`radar_vllm.vllm.generate.make_llm` only; sampling parameters are
+vLLM is reached through :func:`radar_vllm.offline.generate.make_llm` only; sampling parameters are
 built from the class of ``LLM.get_default_sampling_params()``, so this module imports no vLLM.
 """
 from __future__ import annotations

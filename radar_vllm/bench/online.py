@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from radar_vllm.bench.metrics import percentile, summarize
+from radar_vllm.bench.measures import percentile, summarize
 from radar_vllm.bench.offline import keep_relevant
 from radar_vllm.bench.settings import GREEDY
 from radar_vllm.bench.snapshots import MetricSnapshot, snapshot_delta, snapshot_from_prometheus_text

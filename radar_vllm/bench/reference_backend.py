@@ -50,7 +50,7 @@ from radar_vllm.bench.snapshots import (
     merge_snapshots,
 )
 from radar_vllm.bench.workloads import MTBENCH, Workload, build_second_turn
-from radar_vllm.radar_config import MODE_CHAIN, MODE_TREE
+from radar_vllm.core.config import MODE_CHAIN, MODE_TREE
 
 logger = logging.getLogger(__name__)
 
@@ -101,7 +101,7 @@ def autoregressive(model: Any, prompt_ids: Sequence[int], max_new_tokens: int, t
     """Target-only decoding with a KV cache (the no-speculation row)."""
     from transformers import DynamicCache
 
-    from radar_vllm.verify import shape_probs
+    from radar_vllm.core.verify import shape_probs
 
     device = next(model.parameters()).device
     cache = DynamicCache()
@@ -135,7 +135,7 @@ class ReferenceRow:
 
 def _tree_config(mode: str, top_k: int, max_depth: int, total_tokens: int) -> Any:
     """The reference decoder's tree shape: the checkpoint's tree, or a chain (top_k 1, depth nodes)."""
-    from radar_vllm.config import TreeConfig
+    from radar_vllm.core.config import TreeConfig
 
     if mode == MODE_TREE:
         return TreeConfig(top_k=top_k, max_depth=max_depth, total_tokens=total_tokens)
@@ -145,8 +145,8 @@ def _tree_config(mode: str, top_k: int, max_depth: int, total_tokens: int) -> An
 def build_rows(configs: Sequence[BenchConfig], target: Any, head: Any, device: torch.device,
                confidence_threshold: float | None) -> list[ReferenceRow]:
     from radar_vllm.bench.confidence import make_confidence_policy
-    from radar_vllm.policy import load_policy
-    from radar_vllm.reference.decoder import FixedDepth, PolicyStop, ReferenceDecoder
+    from radar_vllm.core.policy import load_policy
+    from radar_vllm.offline.reference.decoder import FixedDepth, PolicyStop, ReferenceDecoder
 
     rows: list[ReferenceRow] = []
     for config in configs:
@@ -260,7 +260,7 @@ def run_reference_benchmark(
     sampled_workloads: Sequence[str] = (),
 ) -> tuple[dict[str, dict[str, Any]], list[Workload], list[str]]:
     """All rows on the reference decoder: (results by row name, workloads incl. turn 2, notes)."""
-    from radar_vllm.reference.models import load_head, load_target
+    from radar_vllm.offline.reference.runners import load_head, load_target
 
     torch_device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if dtype not in DTYPES:

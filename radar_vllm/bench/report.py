@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Iterable, Mapping, Sequence
 
 from radar_vllm.bench.configs import KIND_EAGLE3, KIND_NONE, NO_SPEC, RADAR_CHAIN, RADAR_TREE, BenchConfig
-from radar_vllm.bench.metrics import (
+from radar_vllm.bench.measures import (
     Ratio,
     Spread,
     compare_outputs,
@@ -89,7 +89,7 @@ def memory_gib() -> float | None:
 
 
 def describe_machine() -> dict[str, Any]:
-    from radar_vllm.costs import describe_machine as describe_cpu
+    from radar_vllm.core.costs import describe_machine as describe_cpu
 
     machine = dict(describe_cpu())
     machine["memory_gib"] = memory_gib()

@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any, Sequence
 
-from radar_vllm.prompts import Prompt, apply_chat_template, load_humaneval, load_mtbench, load_sharegpt
+from radar_vllm.offline.prompts import Prompt, apply_chat_template, load_humaneval, load_mtbench, load_sharegpt
 
 MTBENCH = "mtbench"
 MTBENCH_TURN2 = "mtbench-turn2"

@@ -52,8 +52,8 @@ def _engine_arg(text: str) -> tuple[str, Any]:
 
 def default_assets() -> tuple[str, str]:
     """(SmolLM2 folder, shipped RADAR checkpoint): what the benchmark runs without model options."""
-    from radar_vllm.assets import ensure_smollm2, shipped_checkpoints
-    from radar_vllm.radar_config import radar_section, read_head_config
+    from radar_vllm.offline.assets import ensure_smollm2, shipped_checkpoints
+    from radar_vllm.core.config import radar_section, read_head_config
 
     target = str(ensure_smollm2())
     for path in shipped_checkpoints().values():

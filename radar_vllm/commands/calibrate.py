@@ -3,7 +3,7 @@
 Engines: ``--engine reference`` (default) times the reference decoder (HF transformers, plain
 PyTorch) on CPU or CUDA at one real prompt (ShareGPT train split by default) cut or repeated to
 ``--context-tokens`` tokens. ``--engine vllm`` (chain mode only) times chain rounds inside vLLM at
-batch 1 for every stop depth d = 0..max_depth (:mod:`radar_vllm.vllm.calibrate`) on
+batch 1 for every stop depth d = 0..max_depth (:mod:`radar_vllm.offline.vllm_costs`) on
 ``--vllm-prompts`` prompts of the prompt set.
 """
 from __future__ import annotations
@@ -22,10 +22,10 @@ def run_vllm(args: argparse.Namespace) -> int:
 
     from transformers import AutoTokenizer
 
-    from radar_vllm.costs import save_cost_table
-    from radar_vllm.prompts import load_prompt_set, tokenize_prompts
-    from radar_vllm.reference.models import directory_identity
-    from radar_vllm.vllm.calibrate import calibrate_vllm_chain
+    from radar_vllm.core.costs import save_cost_table
+    from radar_vllm.offline.prompts import load_prompt_set, tokenize_prompts
+    from radar_vllm.offline.reference.runners import directory_identity
+    from radar_vllm.offline.vllm_costs import calibrate_vllm_chain
 
     if args.mode != "chain":
         raise ValueError(f"--engine vllm measures chain mode only, got --mode {args.mode!r}")
@@ -72,12 +72,12 @@ def run(args: argparse.Namespace) -> int:
     import torch
     from transformers import AutoTokenizer
 
-    from radar_vllm.config import TreeConfig
-    from radar_vllm.costs import save_cost_table
-    from radar_vllm.prompts import load_prompt_set, tokenize_prompts
-    from radar_vllm.reference.calibrate import calibrate_reference
-    from radar_vllm.reference.decoder import ReferenceDecoder
-    from radar_vllm.reference.models import directory_identity, load_head, load_target
+    from radar_vllm.core.config import TreeConfig
+    from radar_vllm.core.costs import save_cost_table
+    from radar_vllm.offline.prompts import load_prompt_set, tokenize_prompts
+    from radar_vllm.offline.reference.timing import calibrate_reference
+    from radar_vllm.offline.reference.decoder import ReferenceDecoder
+    from radar_vllm.offline.reference.runners import directory_identity, load_head, load_target
 
     if args.context_tokens < 2:
         raise ValueError(f"context_tokens must be >= 2, got {args.context_tokens}")

@@ -1,6 +1,6 @@
 """``radar-vllm collect``: record full-depth drafting rounds into round tables (offline RL data).
 
-For each temperature, writes shards into ``OUT/T<temperature>/`` (see radar_vllm.rl.table).
+For each temperature, writes shards into ``OUT/T<temperature>/`` (see radar_vllm.offline.rl.table).
 Prompts come from a prompt set and split (ShareGPT train by default; the held-out split is for
 evaluation tables only), in a seeded random order; ``prompt_index`` is the position in that
 order. Re-running the same command resumes: prompts already in complete shards are skipped.
@@ -27,12 +27,12 @@ def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
     from transformers import AutoTokenizer
 
-    from radar_vllm.config import TreeConfig
-    from radar_vllm.prompts import load_prompt_set, tokenize_prompts
-    from radar_vllm.reference.collect import collect_prompts, describe_versions
-    from radar_vllm.reference.decoder import ReferenceDecoder
-    from radar_vllm.reference.models import directory_identity, load_head, load_target
-    from radar_vllm.rl.table import (
+    from radar_vllm.core.config import TreeConfig
+    from radar_vllm.offline.prompts import load_prompt_set, tokenize_prompts
+    from radar_vllm.offline.reference.record import collect_prompts, describe_versions
+    from radar_vllm.offline.reference.decoder import ReferenceDecoder
+    from radar_vllm.offline.reference.runners import directory_identity, load_head, load_target
+    from radar_vllm.offline.rl.table import (
         COMPATIBILITY_KEYS,
         TableMetadata,
         check_compatible,

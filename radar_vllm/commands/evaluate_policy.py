@@ -21,9 +21,9 @@ def _parse_policy(text: str) -> tuple[str, str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from radar_vllm.policy import load_policy_checkpoint
-    from radar_vllm.rl.evaluate import evaluate_rules, markdown_table, write_report
-    from radar_vllm.rl.table import load_round_table
+    from radar_vllm.core.policy import load_policy_checkpoint
+    from radar_vllm.offline.rl.evaluate import evaluate_rules, markdown_table, write_report
+    from radar_vllm.offline.rl.table import load_round_table
 
     table, costs = load_checked(args, args.table)
     train_table = load_round_table(args.train_table) if args.train_table else None

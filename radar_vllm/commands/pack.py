@@ -6,8 +6,8 @@ import json
 
 
 def run(args: argparse.Namespace) -> int:
-    from radar_vllm.radar_checkpoint import pack_radar_checkpoint
-    from radar_vllm.radar_config import read_head_config
+    from radar_vllm.offline.pack import pack_radar_checkpoint
+    from radar_vllm.core.config import read_head_config
 
     out_dir = pack_radar_checkpoint(
         args.head_dir,
@@ -26,7 +26,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    from radar_vllm.radar_checkpoint import DEFAULT_MAX_DEPTH
+    from radar_vllm.offline.pack import DEFAULT_MAX_DEPTH
 
     parser = subparsers.add_parser(
         "pack",

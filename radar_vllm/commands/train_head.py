@@ -10,12 +10,12 @@ import logging
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from radar_vllm.training.pipeline import STAGES, HeadTrainingConfig, run_pipeline
+    from radar_vllm.offline.head.pipeline import STAGES, HeadTrainingConfig, run_pipeline
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     target = args.target
     if target == "smollm2":
-        from radar_vllm.assets import ensure_smollm2
+        from radar_vllm.offline.assets import ensure_smollm2
 
         target = str(ensure_smollm2())
     if args.threads:

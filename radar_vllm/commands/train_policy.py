@@ -1,7 +1,7 @@
 """``radar-vllm train-policy``: train the stop policy offline on recorded round tables.
 
 Writes, per algorithm, ``OUT/<algorithm>/policy.safetensors`` + ``policy.json`` (the stop-policy
-checkpoint format of radar_vllm.policy) and ``OUT/<algorithm>/training_record.json``.
+checkpoint format of radar_vllm.core.policy) and ``OUT/<algorithm>/training_record.json``.
 """
 from __future__ import annotations
 
@@ -34,8 +34,8 @@ def load_checked(args: argparse.Namespace, table_paths: list[str]):
     """Load the tables and the cost table, refusing mismatches; returns (table, costs)."""
     import torch
 
-    from radar_vllm.costs import check_cost_table, describe_machine, load_cost_table
-    from radar_vllm.rl.table import check_table_conditions, load_round_table
+    from radar_vllm.core.costs import check_cost_table, describe_machine, load_cost_table
+    from radar_vllm.offline.rl.table import check_table_conditions, load_round_table
 
     torch.set_num_threads(max(1, args.threads))
     table = load_round_table(table_paths)
@@ -52,8 +52,8 @@ def load_checked(args: argparse.Namespace, table_paths: list[str]):
 def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from radar_vllm.policy import DECISION_SAMPLED, DECISION_THRESHOLD, PolicyConfig, save_policy
-    from radar_vllm.rl.train import (
+    from radar_vllm.core.policy import DECISION_SAMPLED, DECISION_THRESHOLD, PolicyConfig, save_policy
+    from radar_vllm.offline.rl.train import (
         ALGORITHM_EXACT,
         ALGORITHM_REINFORCE,
         ExactConfig,
@@ -63,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
         train_exact_with_budget,
         train_reinforce,
     )
-    from radar_vllm.rl.simulate import round_outcomes
+    from radar_vllm.offline.rl.simulate import round_outcomes
 
     if args.acceptance_budget is not None and args.algorithm == ALGORITHM_REINFORCE:
         raise ValueError("--acceptance-budget applies to --algorithm exact (the paper's "

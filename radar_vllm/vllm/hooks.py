@@ -89,7 +89,7 @@ def _default_depth(model: str, overrides: dict[str, Any] | None = None) -> int |
     ``max_depth`` in chain mode, ``total_tokens - 1`` in tree mode."""
     import os
 
-    from radar_vllm.radar_config import RadarConfig, env_overrides, radar_section, read_head_config
+    from radar_vllm.core.config import RadarConfig, env_overrides, radar_section, read_head_config
 
     if not os.path.isdir(model):
         return None

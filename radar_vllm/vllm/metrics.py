@@ -39,7 +39,7 @@ from prometheus_client import REGISTRY
 
 from vllm.v1.metrics.loggers import AggregateStatLoggerBase
 
-from radar_vllm.radar_config import MODE_TREE
+from radar_vllm.core.config import MODE_TREE
 from radar_vllm.vllm.selection import radar_settings
 from radar_vllm.vllm.stats import RadarTotals, RoundSummary, summarize_step
 

@@ -16,9 +16,9 @@ and before each draft call the loop reads the newest flag whose event has comple
 (``Event.query()``); an unfinished copy just means one more (masked) draft call. Outputs do not
 depend on when the loop notices, only the time spent does.
 
-The policy state (:func:`radar_vllm.features.chain_frontier_scores`) is the top_k cumulative
+The policy state (:func:`radar_vllm.core.policy_state.chain_frontier_scores`) is the top_k cumulative
 log-probs of the chain's would-be children; decisions come from
-:class:`radar_vllm.policy.PolicyRunner` (fused Triton step on CUDA, torch elsewhere).
+:class:`radar_vllm.core.policy.PolicyRunner` (fused Triton step on CUDA, torch elsewhere).
 """
 from __future__ import annotations
 
@@ -33,9 +33,9 @@ from vllm.v1.attention.backend import CommonAttentionMetadata
 from vllm.v1.sample.metadata import SamplingMetadata
 from vllm.v1.spec_decode.eagle import EagleProposer
 
-from radar_vllm.features import chain_frontier_scores
-from radar_vllm.policy import PolicyRunner, load_policy
-from radar_vllm.radar_config import ValidatedRadar
+from radar_vllm.core.policy_state import chain_frontier_scores
+from radar_vllm.core.policy import PolicyRunner, load_policy
+from radar_vllm.core.config import ValidatedRadar
 from radar_vllm.vllm.stats import PADDING_TOKEN
 from radar_vllm.vllm.stop_monitor import AllStoppedMonitor
 

@@ -15,7 +15,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from radar_vllm.radar_config import (
+from radar_vllm.core.config import (
     RADAR_SECTION,
     RadarConfig,
     ValidatedRadar,
@@ -127,7 +127,7 @@ def resolve_and_validate(
 
 
 def _head_config_dict(directory: Path) -> dict[str, Any]:
-    from radar_vllm.radar_config import read_head_config
+    from radar_vllm.core.config import read_head_config
 
     return read_head_config(directory)
 

@@ -4,7 +4,7 @@ Both drafters start like vLLM's chain drafter: draft call 1 runs the EAGLE-3 lay
 verified tokens and gives, per request, the log-probs at the root. Per request the stop policy
 (state = the ``top_k`` frontier scores) decides after every call whether to draft one more level.
 
-**Frontier trees** (radar-algorithm.md section 1, :class:`radar_vllm.tree.DraftTreeBuilder`):
+**Frontier trees** (radar-algorithm.md section 1, :class:`radar_vllm.core.tree.DraftTreeBuilder`):
 calls 2..D run the ``top_k`` frontier nodes of every request as ``B * top_k`` rows in one forward
 of the EAGLE-3 layer. Each frontier row must attend to the draft layer's cached context and to its
 own draft ancestors, whose K/V have no slots reserved by vLLM's scheduler (it reserves
@@ -43,8 +43,8 @@ from typing import Any, Sequence
 
 import torch
 
-from radar_vllm.config import TreeConfig
-from radar_vllm.tree import NO_PARENT, PADDING_TOKEN
+from radar_vllm.core.config import TreeConfig
+from radar_vllm.core.tree import NO_PARENT, PADDING_TOKEN
 
 logger = logging.getLogger(__name__)
 
@@ -131,7 +131,7 @@ def _make_proposer_class() -> type:
     from vllm.forward_context import set_forward_context
     from vllm.v1.spec_decode.eagle import EagleProposer
 
-    from radar_vllm.features import chain_frontier_scores
+    from radar_vllm.core.policy_state import chain_frontier_scores
     from radar_vllm.vllm.proposer import begin_single_token_passes
 
     class TreeProposer(EagleProposer):
@@ -227,7 +227,7 @@ def _make_proposer_class() -> type:
                               base_positions: torch.Tensor, root_hidden: torch.Tensor, root_logprobs: torch.Tensor,
                               cad: Any, attn_metadata: Any) -> torch.Tensor:
             """EAGLE-2 style growth: every pass runs the top_k frontier nodes of every request."""
-            from radar_vllm.tree import DraftTreeBuilder
+            from radar_vllm.core.tree import DraftTreeBuilder
             from radar_vllm.vllm.attention import DraftFrontierPlan, active_draft_plan
 
             batch, top_k, hidden_size = root_hidden.shape[0], self.top_k, root_hidden.shape[-1]

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from radar_vllm.tree import NO_PARENT, PADDING_TOKEN
+from radar_vllm.core.tree import NO_PARENT, PADDING_TOKEN
 from radar_vllm.vllm.tree_drafter import DraftedTree, tree_proposer_class
 from radar_vllm.vllm.tree_verify import node_path
 

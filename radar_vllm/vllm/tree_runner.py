@@ -115,7 +115,7 @@ def make_policy_runner(settings: dict[str, Any], max_batch_size: int, device: to
     """The stop policy's batched runner, or None for fixed-depth trees."""
     if settings.get("policy") is None:
         return None
-    from radar_vllm.policy import PolicyRunner, load_policy
+    from radar_vllm.core.policy import PolicyRunner, load_policy
 
     policy = load_policy(settings["policy"], device=device)
     return PolicyRunner(policy, max_batch_size=max_batch_size, device=device,

@@ -45,8 +45,8 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from radar_vllm.tree import NO_PARENT, PADDING_TOKEN, DraftTree, build_tree_from_parents
-from radar_vllm.verify import (
+from radar_vllm.core.tree import NO_PARENT, PADDING_TOKEN, DraftTree, build_tree_from_parents
+from radar_vllm.core.verify import (
     SAMPLING_EPS,
     VerifyResult,
     acceptance_length_distribution,

@@ -24,7 +24,7 @@ from vllm.v1.worker.cpu_worker import CPUWorker
 from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 from vllm.v1.worker.gpu_worker import Worker
 
-from radar_vllm.radar_config import MODE_TREE
+from radar_vllm.core.config import MODE_TREE
 from radar_vllm.vllm.proposer import RadarProposer
 from radar_vllm.vllm.selection import radar_settings
 

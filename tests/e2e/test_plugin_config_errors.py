@@ -12,7 +12,7 @@ import time
 import pytest
 from safetensors.torch import load_file, save_file
 
-from radar_vllm.testing import make_random_policy, make_tiny_eagle3_head, make_tiny_llama, make_tiny_radar_checkpoint
+from tiny_models import make_random_policy, make_tiny_eagle3_head, make_tiny_llama, make_tiny_radar_checkpoint
 
 vllm = pytest.importorskip("vllm")
 from vllm.engine.arg_utils import EngineArgs  # noqa: E402

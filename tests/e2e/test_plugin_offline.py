@@ -1,7 +1,7 @@
 """RADAR inside stock vLLM (CPU build), offline ``LLM``: exact greedy outputs, varied depths, metrics.
 
 One baseline engine (no speculation) and one RADAR engine, shared by the whole module. The tiny
-models come from :mod:`radar_vllm.testing`; the random policy stops at depths 1..4.
+models come from :mod:`tiny_models`; the random policy stops at depths 1..4.
 """
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import os
 
 import pytest
 
-from radar_vllm.testing import make_tiny_llama, make_tiny_radar_checkpoint, shutdown_engine
+from tiny_models import make_tiny_llama, make_tiny_radar_checkpoint, shutdown_engine
 
 vllm = pytest.importorskip("vllm")
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from radar_vllm.testing import make_tiny_llama, make_tiny_radar_checkpoint
+from tiny_models import make_tiny_llama, make_tiny_radar_checkpoint
 
 pytest.importorskip("vllm")
 

@@ -30,10 +30,10 @@ from sampling_stats import (
 
 vllm = pytest.importorskip("vllm")
 
-from radar_vllm.assets import ensure_smollm2, shipped_checkpoints  # noqa: E402
+from radar_vllm.offline.assets import ensure_smollm2, shipped_checkpoints  # noqa: E402
 from radar_vllm.bench.sample_quality import compare_quality, load_scorer, logprob_per_token  # noqa: E402
-from radar_vllm.prompts import load_prompt_set, tokenize_prompts  # noqa: E402
-from radar_vllm.testing import scoped_environment, shutdown_engine  # noqa: E402
+from radar_vllm.offline.prompts import load_prompt_set, tokenize_prompts  # noqa: E402
+from tiny_models import scoped_environment, shutdown_engine  # noqa: E402
 
 ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "1"}
 TEMPERATURES = (0.6, 1.0)

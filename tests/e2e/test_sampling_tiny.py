@@ -18,7 +18,7 @@ from statistics import NormalDist
 
 import pytest
 
-from radar_vllm.testing import (
+from tiny_models import (
     make_tiny_eagle3_head,
     make_tiny_llama,
     make_tiny_radar_checkpoint,

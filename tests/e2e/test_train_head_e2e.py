@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from radar_vllm.testing import make_tiny_llama
-from radar_vllm.training.data import read_jsonl
-from radar_vllm.training.pipeline import HeadTrainingConfig, run_pipeline
+from tiny_models import make_tiny_llama
+from radar_vllm.offline.head.data import read_jsonl
+from radar_vllm.offline.head.pipeline import HeadTrainingConfig, run_pipeline
 
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 NUM_PROMPTS = 8
@@ -54,7 +54,7 @@ def test_rerun_resumes_without_redoing_data(trained) -> None:
 
 
 def test_stock_vllm_generates_with_the_trained_head(trained) -> None:
-    from radar_vllm.vllm.generate import greedy_generate_ids, make_llm, spec_decode_counters
+    from radar_vllm.offline.generate import greedy_generate_ids, make_llm, spec_decode_counters
 
     config, summary = trained
     answers = read_jsonl(Path(config.work_dir) / "answers" / "shard-00000.jsonl")

@@ -26,7 +26,7 @@ import random
 
 import pytest
 
-from radar_vllm.testing import make_tiny_llama, make_tiny_radar_checkpoint, scoped_environment, shutdown_engine
+from tiny_models import make_tiny_llama, make_tiny_radar_checkpoint, scoped_environment, shutdown_engine
 from radar_vllm.vllm.scratch import SCRATCH_ENV
 
 vllm = pytest.importorskip("vllm")

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from radar_vllm import assets
-from radar_vllm.testing import make_tiny_llama
+from radar_vllm.offline import assets
+from tiny_models import make_tiny_llama
 
 NUM_HEADS = 2
 NUM_KV_HEADS = 1

@@ -33,7 +33,7 @@ from radar_vllm.bench.estimate import (
     planned_rows,
     planned_workloads,
 )
-from radar_vllm.bench.metrics import draft_acceptance_rate, first_draft_acceptance
+from radar_vllm.bench.measures import draft_acceptance_rate, first_draft_acceptance
 from radar_vllm.bench.offline import OfflineRunner
 from radar_vllm.bench.report import build_cell, build_document, render_markdown
 from radar_vllm.bench.settings import (
@@ -61,7 +61,7 @@ SAMPLING_MAX_MINUTES = 30.0
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
-    from radar_vllm.bench.models import tiny_models
+    from radar_vllm.bench.model_dirs import tiny_models
 
     return tiny_models(tmp_path_factory.mktemp("acceptance-models"))
 
@@ -98,7 +98,7 @@ def test_fixed_depth_rows_follow_radar_chain_and_carry_the_override(tiny: tuple[
 
 def test_fixed_depth_override_reaches_the_engine(tiny: tuple[Path, Path, Path]) -> None:
     from radar_vllm.bench.harness import BenchModels, make_job
-    from radar_vllm.bench.worker import engine_kwargs
+    from radar_vllm.bench.engine_process import engine_kwargs
 
     target, head, radar = tiny
     config = next(c for c in build_configs(head=str(head), radar_checkpoint=str(radar), k_list=[1],
@@ -147,8 +147,8 @@ def test_reference_decoder_runs_the_fixed_depth_row(tiny: tuple[Path, Path, Path
     import torch
 
     from radar_vllm.bench.reference_backend import build_rows, round_counters
-    from radar_vllm.reference import decoder
-    from radar_vllm.reference.decoder import FixedDepth, PolicyStop
+    from radar_vllm.offline.reference import decoder
+    from radar_vllm.offline.reference.decoder import FixedDepth, PolicyStop
 
     monkeypatch.setattr(decoder, "ReferenceDecoder", lambda *args, **kwargs: None)  # no models needed here
     _, head, radar = tiny

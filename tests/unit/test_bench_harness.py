@@ -27,7 +27,7 @@ from radar_vllm.bench.configs import (
     build_configs,
 )
 from radar_vllm.bench.confidence import make_confidence_policy
-from radar_vllm.bench.metrics import mean_acceptance_length
+from radar_vllm.bench.measures import mean_acceptance_length
 from radar_vllm.bench.reference_backend import cumulative_histogram, round_counters
 from radar_vllm.bench.report import build_cells, build_document, render_markdown
 from radar_vllm.bench.settings import MODE_BATCH1, BenchSettings
@@ -43,12 +43,12 @@ from radar_vllm.bench.snapshots import (
     MetricSnapshot,
 )
 from radar_vllm.bench.workloads import MTBENCH, Workload, build_second_turn, select_evenly
-from radar_vllm.policy import PolicyRunner
+from radar_vllm.core.policy import PolicyRunner
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
-    from radar_vllm.bench.models import tiny_models
+    from radar_vllm.bench.model_dirs import tiny_models
 
     return tiny_models(tmp_path_factory.mktemp("bench-models"))
 

@@ -6,7 +6,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from radar_vllm.bench.metrics import (
+from radar_vllm.bench.measures import (
     Spread,
     compare_outputs,
     first_difference,

@@ -63,7 +63,7 @@ def report_settings(**overrides: Any) -> BenchSettings:
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
-    from radar_vllm.bench.models import tiny_models
+    from radar_vllm.bench.model_dirs import tiny_models
 
     return tiny_models(tmp_path_factory.mktemp("report-models"))
 

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from radar_vllm.config import TreeConfig
+from radar_vllm.core.config import TreeConfig
 
 
 def test_defaults_and_derived_sizes() -> None:

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from radar_vllm.training.eagle3 import NOT_IN_DRAFT_VOCAB, Eagle3Head, Eagle3HeadConfig
-from radar_vllm.training.trainer import check_output_dir, export_head, load_head, ttt_forward, ttt_hidden_states
+from radar_vllm.offline.head.eagle3 import NOT_IN_DRAFT_VOCAB, Eagle3Head, Eagle3HeadConfig
+from radar_vllm.offline.head.trainer import check_output_dir, export_head, load_head, ttt_forward, ttt_hidden_states
 
 VOCAB = 97
 DRAFT_VOCAB = 32
@@ -138,7 +138,7 @@ def test_config_validation() -> None:
 
 
 def test_walk_rounds_counts_accepted_prefixes() -> None:
-    from radar_vllm.training.simulate import walk_rounds
+    from radar_vllm.offline.head.replay import walk_rounds
 
     # 2 draft steps over 8 positions; base 0: both match -> 3 tokens; base 3: first fails -> 1;
     # base 4: first matches -> 2; base 6 cannot draft (6 + 2 == 8): stop.

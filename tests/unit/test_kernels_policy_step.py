@@ -6,8 +6,8 @@ import torch
 
 from radar_vllm.kernels.dispatch import force_backend, interpreter_enabled
 from radar_vllm.kernels.policy_step import PolicyStepWeights, pack_policy_weights, policy_step
-from radar_vllm.kernels.testing import TOLERANCES
-from radar_vllm.policy import PolicyConfig, StopPolicy, continue_probability
+from radar_vllm.kernels.fixtures import TOLERANCES
+from radar_vllm.core.policy import PolicyConfig, StopPolicy, continue_probability
 
 ATOL, RTOL = TOLERANCES[torch.float32]
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from radar_vllm.kernels.dispatch import force_backend, interpreter_enabled
-from radar_vllm.kernels.testing import (
+from radar_vllm.kernels.fixtures import (
     assert_close_for_dtype,
     chain_parents,
     random_paged_kv,

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from radar_vllm.kernels.dispatch import force_backend, interpreter_enabled
-from radar_vllm.kernels.testing import chain_parents, random_parents
+from radar_vllm.kernels.fixtures import chain_parents, random_parents
 from radar_vllm.kernels.tree_mask import (
     MAX_TREE_NODES,
     NO_PARENT,

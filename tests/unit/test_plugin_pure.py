@@ -7,8 +7,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from radar_vllm.features import chain_frontier_scores, chain_round_states
-from radar_vllm.testing import TINY_TARGET_RECORD, make_tiny_eagle3_head, make_tiny_llama
+from radar_vllm.core.policy_state import chain_frontier_scores, chain_round_states
+from tiny_models import TINY_TARGET_RECORD, make_tiny_eagle3_head, make_tiny_llama
 from radar_vllm.vllm.plugin import check_vllm_version
 from radar_vllm.vllm.stats import (
     PADDING_TOKEN,

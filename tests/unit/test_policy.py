@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from radar_vllm.kernels.dispatch import force_backend, interpreter_enabled
-from radar_vllm.policy import (
+from radar_vllm.core.policy import (
     CONFIG_FILENAME,
     DECISION_SAMPLED,
     DECISION_THRESHOLD,

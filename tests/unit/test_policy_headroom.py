@@ -6,9 +6,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from radar_vllm.costs import save_cost_table
-from radar_vllm.rl.synthetic import make_synthetic_costs, make_synthetic_table
-from radar_vllm.rl.table import write_shard
+from radar_vllm.core.costs import save_cost_table
+from radar_vllm.offline.rl.synthetic import make_synthetic_costs, make_synthetic_table
+from radar_vllm.offline.rl.table import write_shard
 
 ROOT = Path(__file__).resolve().parents[2]
 

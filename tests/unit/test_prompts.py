@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import pytest
 
-from radar_vllm import prompts
-from radar_vllm.testing import make_tiny_tokenizer
+from radar_vllm.offline import prompts
+from tiny_models import make_tiny_tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -9,8 +9,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from radar_vllm.cli import main as cli_main
-from radar_vllm.radar_checkpoint import pack_radar_checkpoint
-from radar_vllm.radar_config import (
+from radar_vllm.offline.pack import pack_radar_checkpoint
+from radar_vllm.core.config import (
     OVERRIDES_ENV,
     RadarConfig,
     parse_overrides,
@@ -19,7 +19,7 @@ from radar_vllm.radar_config import (
     resolve_radar_config,
     validate_radar_setup,
 )
-from radar_vllm.testing import make_random_policy, make_tiny_eagle3_head, make_tiny_llama
+from tiny_models import make_random_policy, make_tiny_eagle3_head, make_tiny_llama
 
 
 @pytest.fixture(scope="module")

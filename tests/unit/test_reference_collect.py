@@ -7,15 +7,15 @@ import pytest
 import torch
 
 from radar_vllm.cli import main
-from radar_vllm.config import TreeConfig
-from radar_vllm.costs import ENGINE_REFERENCE_CPU, load_cost_table
-from radar_vllm.reference.collect import collect_prompt
-from radar_vllm.reference.decoder import ReferenceDecoder
-from radar_vllm.features import chain_round_states
-from radar_vllm.reference.models import load_head, load_target
-from radar_vllm.reference.recompute import brute_force_acceptance_law, path_draft_logprobs
-from radar_vllm.rl.table import load_round_table, read_shard_records
-from radar_vllm.testing import make_tiny_eagle3_head, make_tiny_llama
+from radar_vllm.core.config import TreeConfig
+from radar_vllm.core.costs import ENGINE_REFERENCE_CPU, load_cost_table
+from radar_vllm.offline.reference.record import collect_prompt
+from radar_vllm.offline.reference.decoder import ReferenceDecoder
+from radar_vllm.core.policy_state import chain_round_states
+from radar_vllm.offline.reference.runners import load_head, load_target
+from radar_vllm.offline.reference.recompute import brute_force_acceptance_law, path_draft_logprobs
+from radar_vllm.offline.rl.table import load_round_table, read_shard_records
+from tiny_models import make_tiny_eagle3_head, make_tiny_llama
 
 PROMPT = list(range(7, 27))
 LAW_TOLERANCE = 2e-5

@@ -4,17 +4,17 @@ from __future__ import annotations
 import pytest
 import torch
 
-from radar_vllm.config import TreeConfig
-from radar_vllm.policy import PolicyConfig, StopPolicy
-from radar_vllm.reference.decoder import (
+from radar_vllm.core.config import TreeConfig
+from radar_vllm.core.policy import PolicyConfig, StopPolicy
+from radar_vllm.offline.reference.decoder import (
     FixedDepth,
     PolicyStop,
     ReferenceDecoder,
     target_greedy,
 )
-from radar_vllm.reference.models import load_head, load_target
-from radar_vllm.reference.recompute import path_draft_logprobs
-from radar_vllm.testing import make_tiny_eagle3_head, make_tiny_llama
+from radar_vllm.offline.reference.runners import load_head, load_target
+from radar_vllm.offline.reference.recompute import path_draft_logprobs
+from tiny_models import make_tiny_eagle3_head, make_tiny_llama
 
 PROMPT = list(range(5, 29))
 SCORE_TOLERANCE = 1e-3  # float32 log-probs through different attention paths

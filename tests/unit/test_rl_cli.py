@@ -6,10 +6,10 @@ import json
 import torch
 
 from radar_vllm.cli import main
-from radar_vllm.costs import save_cost_table
-from radar_vllm.policy import DECISION_SAMPLED, DECISION_THRESHOLD, load_policy_checkpoint
-from radar_vllm.rl.synthetic import make_synthetic_costs, make_synthetic_table
-from radar_vllm.rl.table import write_shard
+from radar_vllm.core.costs import save_cost_table
+from radar_vllm.core.policy import DECISION_SAMPLED, DECISION_THRESHOLD, load_policy_checkpoint
+from radar_vllm.offline.rl.synthetic import make_synthetic_costs, make_synthetic_table
+from radar_vllm.offline.rl.table import write_shard
 
 
 def test_train_and_evaluate_commands(tmp_path, capsys) -> None:

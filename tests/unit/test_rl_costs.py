@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from radar_vllm.costs import (
+from radar_vllm.core.costs import (
     CostTable,
     check_cost_table,
     load_cost_table,

@@ -8,8 +8,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from radar_vllm.costs import CostTable
-from radar_vllm.rl.simulate import (
+from radar_vllm.core.costs import CostTable
+from radar_vllm.offline.rl.simulate import (
     evaluate_fixed_depth,
     evaluate_stop_probs,
     log_stop_distribution,
@@ -17,7 +17,7 @@ from radar_vllm.rl.simulate import (
     round_outcomes,
     stop_distribution,
 )
-from radar_vllm.rl.table import RoundTable, TableMetadata
+from radar_vllm.offline.rl.table import RoundTable, TableMetadata
 
 
 def make_table(accept_probs: torch.Tensor, tree_sizes: torch.Tensor) -> RoundTable:

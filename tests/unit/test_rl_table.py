@@ -6,8 +6,8 @@ import json
 import pytest
 import torch
 
-from radar_vllm.rl.synthetic import make_synthetic_table
-from radar_vllm.rl.table import (
+from radar_vllm.offline.rl.synthetic import make_synthetic_table
+from radar_vllm.offline.rl.table import (
     RoundTable,
     check_table_conditions,
     load_round_table,

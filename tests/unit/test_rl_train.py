@@ -6,16 +6,16 @@ from dataclasses import replace
 import pytest
 import torch
 
-from radar_vllm.rl.evaluate import deterministic_rule_stop_depths, evaluate_rules
-from radar_vllm.rl.rules import evaluate_policy
-from radar_vllm.rl.simulate import (
+from radar_vllm.offline.rl.evaluate import deterministic_rule_stop_depths, evaluate_rules
+from radar_vllm.offline.rl.rules import evaluate_policy
+from radar_vllm.offline.rl.simulate import (
     best_fixed_depth,
     evaluate_fixed_depth,
     round_outcomes,
 )
-from radar_vllm.rl.synthetic import make_synthetic_costs, make_synthetic_table
-from radar_vllm.rl.table import RoundTable
-from radar_vllm.rl.train import (
+from radar_vllm.offline.rl.synthetic import make_synthetic_costs, make_synthetic_table
+from radar_vllm.offline.rl.table import RoundTable
+from radar_vllm.offline.rl.train import (
     ExactConfig,
     ReinforceConfig,
     expected_paper_return,

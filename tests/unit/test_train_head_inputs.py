@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from radar_vllm.testing import make_tiny_llama
-from radar_vllm.training.pipeline import HeadTrainingConfig, run_pipeline
+from tiny_models import make_tiny_llama
+from radar_vllm.offline.head.pipeline import HeadTrainingConfig, run_pipeline
 
 
 @pytest.fixture(scope="module")

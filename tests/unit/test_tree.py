@@ -7,8 +7,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from radar_vllm.config import TreeConfig
-from radar_vllm.tree import (
+from radar_vllm.core.config import TreeConfig
+from radar_vllm.core.tree import (
     NO_PARENT,
     PADDING_TOKEN,
     DraftTree,

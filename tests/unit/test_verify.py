@@ -6,9 +6,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from radar_vllm.config import TreeConfig
-from radar_vllm.tree import NO_PARENT, PADDING_TOKEN, DraftTree, DraftTreeBuilder, build_tree_from_parents
-from radar_vllm.verify import (
+from radar_vllm.core.config import TreeConfig
+from radar_vllm.core.tree import NO_PARENT, PADDING_TOKEN, DraftTree, DraftTreeBuilder, build_tree_from_parents
+from radar_vllm.core.verify import (
     acceptance_length_distribution,
     acceptance_length_distribution_from_token_probs,
     gather_node_token_probs,

@@ -5,8 +5,8 @@ import random
 
 import pytest
 
-from radar_vllm.costs import ENGINE_VLLM_CPU, CostTable
-from radar_vllm.vllm.calibrate import split_chain_round_times, time_policy_step
+from radar_vllm.core.costs import ENGINE_VLLM_CPU, CostTable
+from radar_vllm.offline.vllm_costs import split_chain_round_times, time_policy_step
 
 
 def _table(round_seconds: list[float], decode: float) -> CostTable:

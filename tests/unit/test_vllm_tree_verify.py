@@ -7,7 +7,7 @@ import random
 import pytest
 import torch
 
-from radar_vllm.tree import NO_PARENT
+from radar_vllm.core.tree import NO_PARENT
 from radar_vllm.vllm.tree_drafter import best_chain, caterpillar_tree, tree_eligible
 from radar_vllm.vllm.tree_oracle import plant, random_tree
 from radar_vllm.vllm.tree_verify import (

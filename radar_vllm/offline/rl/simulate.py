@@ -21,8 +21,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from radar_vllm.costs import CostTable, check_cost_table
-from radar_vllm.rl.table import RoundTable
+from radar_vllm.core.costs import CostTable, check_cost_table
+from radar_vllm.offline.rl.table import RoundTable
 
 logger = logging.getLogger(__name__)
 

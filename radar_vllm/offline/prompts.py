@@ -22,7 +22,7 @@ import logging
 from pathlib import Path
 from typing import Any, Iterable, Literal, Sequence
 
-from radar_vllm.assets import (
+from radar_vllm.offline.assets import (
     HUMANEVAL_PROBLEMS,
     MTBENCH_QUESTIONS,
     SHAREGPT_CONVERSATIONS,

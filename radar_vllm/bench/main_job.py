@@ -68,7 +68,7 @@ def plain_head_view(checkpoint: Path, directory: Path) -> Path:
 
 
 def find_shipped_checkpoint() -> Path:
-    from radar_vllm.assets import shipped_checkpoints
+    from radar_vllm.offline.assets import shipped_checkpoints
 
     for path in shipped_checkpoints().values():
         if "radar" in json.loads((Path(path) / "config.json").read_text()):
@@ -87,7 +87,7 @@ def load_prompts(target: Path, num_prompts: int, tiny: bool) -> list[str]:
         texts = [f"Question {i}: tell me about " + "the sea and the sky " * (i % 5) for i in range(num_prompts)]
         messages = [[{"role": "user", "content": text}] for text in texts]
     else:
-        from radar_vllm.prompts import load_mtbench
+        from radar_vllm.offline.prompts import load_mtbench
 
         messages = [list(prompt.messages) for prompt in load_mtbench()[:num_prompts]]
     return [tokenizer.apply_chat_template(m, tokenize=False, add_generation_prompt=True) for m in messages]
@@ -190,7 +190,7 @@ def format_table(results: list[MethodResult]) -> str:
 
 
 def build_tiny(root: Path) -> tuple[Path, Path]:
-    from radar_vllm.testing import make_tiny_llama, make_tiny_radar_checkpoint
+    from tiny_models import make_tiny_llama, make_tiny_radar_checkpoint
 
     target = make_tiny_llama(root / "target")
     return target, make_tiny_radar_checkpoint(root / "ckpt", target, max_depth=4)
@@ -240,10 +240,10 @@ def _run(args: argparse.Namespace, methods: list[str], workdir: Path) -> int:
         if args.target is not None:
             target = args.target
         else:
-            from radar_vllm.assets import ensure_smollm2
+            from radar_vllm.offline.assets import ensure_smollm2
 
             target = ensure_smollm2()
-    from radar_vllm.radar_config import RadarConfig, env_overrides, radar_section, read_head_config
+    from radar_vllm.core.config import RadarConfig, env_overrides, radar_section, read_head_config
 
     section = radar_section(read_head_config(checkpoint))
     if section is None:

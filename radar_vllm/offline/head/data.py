@@ -49,7 +49,7 @@ def select_training_prompts(
 ) -> list[PromptRecord]:
     """ShareGPT train-split first turns, chat-templated, at most ``max_prompt_tokens`` long,
     shuffled with ``seed``; the first ``num_prompts`` of them (all when fewer exist)."""
-    from radar_vllm.prompts import load_sharegpt, tokenize_prompts
+    from radar_vllm.offline.prompts import load_sharegpt, tokenize_prompts
 
     if num_prompts <= 0:
         raise ValueError(f"num_prompts={num_prompts}; must be positive")
@@ -110,7 +110,7 @@ def generate_answers(
     ]
     if not todo:
         return 0
-    from radar_vllm.vllm.generate import greedy_generate_ids, make_llm
+    from radar_vllm.offline.generate import greedy_generate_ids, make_llm
 
     longest = max(len(p.prompt_ids) for p in prompts)
     llm = make_llm(target_dir, max_model_len=longest + max_new_tokens, max_num_seqs=max_num_seqs, seed=seed)

@@ -29,8 +29,8 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor
 
-from radar_vllm.training.eagle3 import Eagle3Head, Eagle3HeadConfig
-from radar_vllm.tree import DraftTree
+from radar_vllm.offline.head.eagle3 import Eagle3Head, Eagle3HeadConfig
+from radar_vllm.core.tree import DraftTree
 
 logger = logging.getLogger(__name__)
 

@@ -35,8 +35,8 @@ from typing import Any, Iterator
 import torch
 import torch.nn.functional as F
 
-from radar_vllm.training.eagle3 import HEAD_ARCHITECTURE, NOT_IN_DRAFT_VOCAB, Eagle3Head, Eagle3HeadConfig
-from radar_vllm.training.features import FEATURES_DIR
+from radar_vllm.offline.head.eagle3 import HEAD_ARCHITECTURE, NOT_IN_DRAFT_VOCAB, Eagle3Head, Eagle3HeadConfig
+from radar_vllm.offline.head.feature_cache import FEATURES_DIR
 
 logger = logging.getLogger(__name__)
 

@@ -6,7 +6,7 @@ import json
 
 
 def run(args: argparse.Namespace) -> int:
-    from radar_vllm.assets import asset_paths
+    from radar_vllm.offline.assets import asset_paths
 
     paths = asset_paths(convert=True)
     if args.json:

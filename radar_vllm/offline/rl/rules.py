@@ -1,14 +1,14 @@
 """Stop rules evaluated on round tables: a learned StopPolicy and the training-free cost rule.
 
 Each function returns P(stop after d calls) ``[R, D]`` (float64, rows sum to 1), ready for
-:func:`radar_vllm.rl.simulate.evaluate_stop_probs`.
+:func:`radar_vllm.offline.rl.simulate.evaluate_stop_probs`.
 """
 from __future__ import annotations
 
 import torch
 
-from radar_vllm.policy import ACTION_CONTINUE, StopPolicy
-from radar_vllm.rl.simulate import RoundOutcomes, RuleResult, evaluate_stop_probs, stop_distribution
+from radar_vllm.core.policy import ACTION_CONTINUE, StopPolicy
+from radar_vllm.offline.rl.simulate import RoundOutcomes, RuleResult, evaluate_stop_probs, stop_distribution
 
 MODE_THRESHOLD = "threshold"
 MODE_SAMPLED = "sampled"

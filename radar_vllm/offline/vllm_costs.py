@@ -17,15 +17,15 @@ machine) or the CPU seconds of the engine's processes (``clock="cpu"``, steadier
 share the cores; with several OpenMP threads it sums their work, so it overstates wall time by
 the parallel fraction, about equally for every depth).
 
-Mapping to :meth:`radar_vllm.costs.CostTable.round_time` in chain mode (tree_size = d): only the
+Mapping to :meth:`radar_vllm.core.costs.CostTable.round_time` in chain mode (tree_size = d): only the
 sum R(d) = first_draft + (d - 1) * draft_step + verify(d) is measured. The table splits it with
 ``draft_step`` = the least-squares slope b of R(d) over d = 1..D, ``first_draft`` = b and
 ``verify(n) = R(n) - n * b``, which reproduces every measured R(d) exactly (the split is a
 convention recorded in the metadata; chain-mode rewards depend only on R(d)).
 
 The policy step cost is the time of what the plugin runs after a draft call at batch 1: the chain
-state (:func:`radar_vllm.features.chain_frontier_scores` over the draft vocabulary), one
-:class:`radar_vllm.policy.PolicyRunner` step on CPU and the host read of the stop flag.
+state (:func:`radar_vllm.core.policy_state.chain_frontier_scores` over the draft vocabulary), one
+:class:`radar_vllm.core.policy.PolicyRunner` step on CPU and the host read of the stop flag.
 
 vLLM is imported inside the functions only.
 """
@@ -41,7 +41,7 @@ from typing import Any, Sequence
 
 import torch
 
-from radar_vllm.costs import ENGINE_VLLM_CPU, CostTable, describe_machine
+from radar_vllm.core.costs import ENGINE_VLLM_CPU, CostTable, describe_machine
 
 logger = logging.getLogger(__name__)
 
@@ -91,8 +91,8 @@ def split_chain_round_times(round_seconds: Sequence[float]) -> tuple[float, floa
 def time_policy_step(state_size: int, draft_vocab_size: int, repeats: int = 200, warmup: int = 20,
                      seed: int = 0) -> float:
     """Median seconds of one chain-mode policy decision at batch 1 on CPU (state + step + read)."""
-    from radar_vllm.features import chain_frontier_scores
-    from radar_vllm.policy import PolicyConfig, PolicyRunner, StopPolicy
+    from radar_vllm.core.policy_state import chain_frontier_scores
+    from radar_vllm.core.policy import PolicyConfig, PolicyRunner, StopPolicy
 
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")

@@ -17,9 +17,9 @@ from typing import Any, Mapping
 
 import torch
 
-from radar_vllm.costs import CostTable
-from radar_vllm.policy import StopPolicy
-from radar_vllm.rl.rules import (
+from radar_vllm.core.costs import CostTable
+from radar_vllm.core.policy import StopPolicy
+from radar_vllm.offline.rl.rules import (
     MODE_SAMPLED,
     MODE_THRESHOLD,
     cost_rule_stop_probs,
@@ -27,7 +27,7 @@ from radar_vllm.rl.rules import (
     policy_stop_probs,
     tune_cost_rule,
 )
-from radar_vllm.rl.simulate import (
+from radar_vllm.offline.rl.simulate import (
     RuleResult,
     best_fixed_depth,
     evaluate_fixed_depth,
@@ -35,7 +35,7 @@ from radar_vllm.rl.simulate import (
     oracle,
     round_outcomes,
 )
-from radar_vllm.rl.table import RoundTable
+from radar_vllm.offline.rl.table import RoundTable
 
 logger = logging.getLogger(__name__)
 

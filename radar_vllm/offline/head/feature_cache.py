@@ -20,7 +20,7 @@ from typing import Any, Sequence
 
 import torch
 
-from radar_vllm.training.data import iter_answer_shards
+from radar_vllm.offline.head.data import iter_answer_shards
 
 logger = logging.getLogger(__name__)
 

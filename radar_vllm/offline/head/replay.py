@@ -16,8 +16,8 @@ from typing import Sequence
 
 import torch
 
-from radar_vllm.training.eagle3 import Eagle3Head
-from radar_vllm.training.trainer import FeatureStore, ttt_hidden_states
+from radar_vllm.offline.head.eagle3 import Eagle3Head
+from radar_vllm.offline.head.trainer import FeatureStore, ttt_hidden_states
 
 logger = logging.getLogger(__name__)
 
@@ -78,7 +78,7 @@ def load_head_with_target_embeddings(head_dir: str, target_dir: str) -> Eagle3He
 
     from safetensors import safe_open
 
-    from radar_vllm.training.trainer import copy_target_embedding, load_head
+    from radar_vllm.offline.head.trainer import copy_target_embedding, load_head
 
     head = load_head(Path(head_dir))
     with safe_open(str(Path(target_dir) / "model.safetensors"), framework="pt") as handle:

@@ -1,6 +1,6 @@
 """Subprocess entry: one configuration, one vLLM engine, every offline run of the job.
 
-``python -m radar_vllm.bench.worker --job JOB.json --result RESULT.json``
+``python -m radar_vllm.bench.engine_process --job JOB.json --result RESULT.json``
 
 The job (written by :mod:`radar_vllm.bench.harness`) holds the engine settings, the
 configuration and the workloads; the result holds the engine start time, every run record and
@@ -52,7 +52,7 @@ def engine_kwargs(engine: dict[str, Any], speculative_config: dict[str, Any] | N
 
 def run_job(job: dict[str, Any]) -> dict[str, Any]:
     from radar_vllm.bench.offline import run_offline_job
-    from radar_vllm.vllm.generate import make_llm
+    from radar_vllm.offline.generate import make_llm
 
     engine = job["engine"]
     progress_file = Path(job["progress_file"])

@@ -12,7 +12,7 @@ as target sampling (verify.py). Stop rules: a fixed depth, or a StopPolicy (thre
 sampled decisions) fed the frontier scores after every draft call.
 
 ``draft_round`` and ``commit`` are separate so that data collection can build every
-counterfactual tree of a round from the same draft forwards (see radar_vllm.reference.collect).
+counterfactual tree of a round from the same draft forwards (see radar_vllm.offline.reference.record).
 """
 from __future__ import annotations
 
@@ -24,17 +24,17 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import Tensor
 
-from radar_vllm.config import TreeConfig
-from radar_vllm.features import chain_frontier_scores
-from radar_vllm.policy import (
+from radar_vllm.core.config import TreeConfig
+from radar_vllm.core.policy_state import chain_frontier_scores
+from radar_vllm.core.policy import (
     DECISION_SAMPLED,
     DECISION_THRESHOLD,
     StopPolicy,
     continue_probability,
 )
-from radar_vllm.reference.models import HeadRunner, TargetRunner
-from radar_vllm.tree import NO_PARENT, DraftTree, DraftTreeBuilder
-from radar_vllm.verify import VerifyResult, greedy_verify, sample_verify, shape_probs
+from radar_vllm.offline.reference.runners import HeadRunner, TargetRunner
+from radar_vllm.core.tree import NO_PARENT, DraftTree, DraftTreeBuilder
+from radar_vllm.core.verify import VerifyResult, greedy_verify, sample_verify, shape_probs
 
 logger = logging.getLogger(__name__)
 
@@ -134,7 +134,7 @@ class ReferenceDecoder:
 
     Chain mode (``chain_state_size`` set, ``tree_config.top_k`` must be 1): each call drafts the
     argmax token, the round sends the chain of its ``d`` drafted tokens, and the policy state is
-    radar_vllm.features' chain state of width ``chain_state_size`` (what the vLLM chain path
+    radar_vllm.core.policy_state' chain state of width ``chain_state_size`` (what the vLLM chain path
     feeds the policy).
     """
 

@@ -3,7 +3,7 @@
 - :func:`plain_head_view`: the RADAR checkpoint seen as a plain EAGLE-3 head (config.json without
   the radar section, weights linked), for the stock EAGLE-3 rows: with the plugin installed, a
   directory with a radar section always runs as RADAR.
-- :func:`tiny_models`: a tiny random target + RADAR checkpoint (radar_vllm.testing), for tests and
+- :func:`tiny_models`: a tiny random target + RADAR checkpoint (tiny_models), for tests and
   smoke runs.
 - :func:`random_radar_checkpoint`: a random-weight EAGLE-3 head + random policy for a real target
   (timing smoke runs before a trained head exists; acceptance is near zero by construction).
@@ -15,7 +15,7 @@ import logging
 import os
 from pathlib import Path
 
-from radar_vllm.radar_config import HEAD_CONFIG_FILENAME, RADAR_SECTION, read_head_config
+from radar_vllm.core.config import HEAD_CONFIG_FILENAME, RADAR_SECTION, read_head_config
 
 logger = logging.getLogger(__name__)
 
@@ -45,7 +45,7 @@ def plain_head_view(radar_checkpoint: str | Path, out_dir: str | Path) -> Path:
 
 def tiny_models(directory: str | Path, seed: int = 0) -> tuple[Path, Path, Path]:
     """(target, plain head, RADAR checkpoint) of tiny random models, built once in ``directory``."""
-    from radar_vllm.testing import make_tiny_llama, make_tiny_radar_checkpoint
+    from tiny_models import make_tiny_llama, make_tiny_radar_checkpoint
 
     directory = Path(directory)
     target = directory / "tiny-target"
@@ -71,10 +71,10 @@ def random_radar_checkpoint(target_dir: str | Path, out_dir: str | Path, seed: i
     """
     import torch
 
-    from radar_vllm.testing import make_random_policy
-    from radar_vllm.radar_checkpoint import pack_radar_checkpoint
-    from radar_vllm.training.eagle3 import Eagle3Head, Eagle3HeadConfig
-    from radar_vllm.training.trainer import export_head
+    from tiny_models import make_random_policy
+    from radar_vllm.offline.pack import pack_radar_checkpoint
+    from radar_vllm.offline.head.eagle3 import Eagle3Head, Eagle3HeadConfig
+    from radar_vllm.offline.head.trainer import export_head
 
     out_dir = Path(out_dir)
     if (out_dir / "radar" / HEAD_CONFIG_FILENAME).is_file():

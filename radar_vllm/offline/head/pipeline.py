@@ -12,7 +12,7 @@ import logging
 from pathlib import Path
 from typing import Any, Sequence
 
-from radar_vllm.training.data import (
+from radar_vllm.offline.head.data import (
     PROMPTS_FILE,
     answer_shard_path,
     generate_answers,
@@ -103,14 +103,14 @@ def run_pipeline(config: HeadTrainingConfig, stages: Sequence[str] = STAGES) -> 
             raise ValueError(f"stage={stage!r}; expected one of {STAGES}")
     from transformers import AutoTokenizer
 
-    from radar_vllm.training.target import check_target
+    from radar_vllm.offline.head.target import check_target
 
     target_info = check_target(config.target)
     if config.aux_layers is None:
         config.aux_layers = target_info.default_aux_layers()
     target_info.check_aux_layers(config.aux_layers)
     if config.output is not None:
-        from radar_vllm.training.trainer import check_output_dir
+        from radar_vllm.offline.head.trainer import check_output_dir
 
         check_output_dir(Path(config.output))  # refuse before any work is done
     tokenizer = AutoTokenizer.from_pretrained(config.target)
@@ -127,15 +127,15 @@ def run_pipeline(config: HeadTrainingConfig, stages: Sequence[str] = STAGES) -> 
             seed=config.seed,
         )
     if "features" in stages:
-        from radar_vllm.training.features import extract_features
+        from radar_vllm.offline.head.feature_cache import extract_features
 
         summary["feature_tokens_made"] = extract_features(work_dir, config)
     if "train" in stages:
-        from radar_vllm.training.trainer import train
+        from radar_vllm.offline.head.trainer import train
 
         summary["train"] = train(work_dir, config)
     if "export" in stages:
-        from radar_vllm.training.trainer import export_latest
+        from radar_vllm.offline.head.trainer import export_latest
 
         if config.output is None:
             raise ValueError("output=None; --output is required for the export stage")

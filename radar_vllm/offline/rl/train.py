@@ -1,6 +1,6 @@
 """Offline training of the stop policy on round tables used as a simulator.
 
-Two trainers, both producing a :class:`radar_vllm.policy.StopPolicy`:
+Two trainers, both producing a :class:`radar_vllm.core.policy.StopPolicy`:
 
 ``reinforce`` — the RADAR paper's recipe, reproduced for comparison: Monte-Carlo REINFORCE with
 sampled stops, L sampled from the recorded distribution of the chosen stop, reward ``-alpha``
@@ -44,23 +44,23 @@ from typing import Any, Callable
 
 import torch
 
-from radar_vllm.costs import CostTable
-from radar_vllm.policy import ACTION_CONTINUE, ACTION_STOP, PolicyConfig, StopPolicy
-from radar_vllm.rl.rules import (
+from radar_vllm.core.costs import CostTable
+from radar_vllm.core.policy import ACTION_CONTINUE, ACTION_STOP, PolicyConfig, StopPolicy
+from radar_vllm.offline.rl.rules import (
     MODE_SAMPLED,
     MODE_THRESHOLD,
     evaluate_policy,
     policy_stop_probs,
     table_features,
 )
-from radar_vllm.rl.simulate import (
+from radar_vllm.offline.rl.simulate import (
     RoundOutcomes,
     best_fixed_depth,
     evaluate_stop_probs,
     log_stop_distribution,
     round_outcomes,
 )
-from radar_vllm.rl.table import RoundTable
+from radar_vllm.offline.rl.table import RoundTable
 
 logger = logging.getLogger(__name__)
 

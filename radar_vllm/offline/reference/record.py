@@ -1,4 +1,4 @@
-"""Recording drafting rounds for offline RL (the round tables of radar_vllm.rl.table).
+"""Recording drafting rounds for offline RL (the round tables of radar_vllm.offline.rl.table).
 
 Every round is drafted to the maximum depth D. After each draft call d = 1..D the policy state
 (frontier scores) is recorded and the tree that stopping there would have sent is built
@@ -21,10 +21,10 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import Tensor
 
-from radar_vllm.reference.decoder import FixedDepth, ReferenceDecoder
-from radar_vllm.rl.table import RoundTable, TableMetadata
-from radar_vllm.tree import NO_PARENT, DraftTree, build_tree_from_parents
-from radar_vllm.verify import (
+from radar_vllm.offline.reference.decoder import FixedDepth, ReferenceDecoder
+from radar_vllm.offline.rl.table import RoundTable, TableMetadata
+from radar_vllm.core.tree import NO_PARENT, DraftTree, build_tree_from_parents
+from radar_vllm.core.verify import (
     acceptance_length_distribution_from_token_probs,
     gather_node_token_probs,
     shape_probs,

@@ -46,7 +46,7 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor
 
-from radar_vllm.config import TreeConfig
+from radar_vllm.core.config import TreeConfig
 
 logger = logging.getLogger(__name__)
 

@@ -22,14 +22,14 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from radar_vllm.costs import (
+from radar_vllm.core.costs import (
     ENGINE_REFERENCE_CPU,
     ENGINE_REFERENCE_CUDA,
     CostTable,
     describe_machine,
 )
-from radar_vllm.policy import PolicyConfig, StopPolicy
-from radar_vllm.reference.decoder import FixedDepth, PolicyStop, ReferenceDecoder
+from radar_vllm.core.policy import PolicyConfig, StopPolicy
+from radar_vllm.offline.reference.decoder import FixedDepth, PolicyStop, ReferenceDecoder
 
 logger = logging.getLogger(__name__)
 

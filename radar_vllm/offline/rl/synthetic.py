@@ -11,8 +11,8 @@ from typing import Sequence
 
 import torch
 
-from radar_vllm.costs import CostTable
-from radar_vllm.rl.table import RoundTable, TableMetadata
+from radar_vllm.core.costs import CostTable
+from radar_vllm.offline.rl.table import RoundTable, TableMetadata
 
 SYNTHETIC_MODEL_ID = "synthetic-target"
 SYNTHETIC_HEAD_ID = "synthetic-head"

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from radar_vllm.tree import NO_PARENT, PADDING_TOKEN, DraftTree
+from radar_vllm.core.tree import NO_PARENT, PADDING_TOKEN, DraftTree
 
 logger = logging.getLogger(__name__)
 

@@ -362,8 +362,8 @@ def make_random_policy(
     ``threshold``: requests stop at varied depths. ``calibration_logprobs`` ``[N, steps, vocab]``
     are draft log-prob rows of ``N`` simulated rounds (random peaked distributions by default).
     """
-    from radar_vllm.features import chain_round_states
-    from radar_vllm.policy import PolicyConfig, StopPolicy, save_policy
+    from radar_vllm.core.policy_state import chain_round_states
+    from radar_vllm.core.policy import PolicyConfig, StopPolicy, save_policy
 
     if not 0.0 < continue_rate < 1.0:
         raise ValueError(f"continue_rate must be in (0, 1), got {continue_rate}")
@@ -431,7 +431,7 @@ def make_tiny_radar_checkpoint(
     the simulated rounds stop at every depth 1..4 (policy seed 7: about 41/4/29/25 % of the
     requests at depths 1/2/3/4).
     """
-    from radar_vllm.radar_checkpoint import pack_radar_checkpoint
+    from radar_vllm.offline.pack import pack_radar_checkpoint
 
     directory = Path(directory)
     head = make_tiny_eagle3_head(directory / "head", target_dir)

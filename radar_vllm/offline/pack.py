@@ -17,7 +17,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from radar_vllm.radar_config import (
+from radar_vllm.core.config import (
     DEFAULT_POLICY_PATH,
     DEFAULT_TREE_POLICY_PATH,
     HEAD_CONFIG_FILENAME,
@@ -60,7 +60,7 @@ def pack_radar_checkpoint(
     tree-mode rounds, copied to ``policy-tree/`` and used when the mode is tree. The result is
     validated (both policies) before it is moved in place.
     """
-    from radar_vllm.policy import CONFIG_FILENAME, WEIGHTS_FILENAME, load_policy_checkpoint
+    from radar_vllm.core.policy import CONFIG_FILENAME, WEIGHTS_FILENAME, load_policy_checkpoint
 
     head_dir, out_dir = Path(head_dir), Path(out_dir)
     head_config = read_head_config(head_dir)

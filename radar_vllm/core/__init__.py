@@ -1,0 +1,3 @@
+"""The RADAR algorithm: draft trees, verification, the stop policy and its state, costs, settings.
+
+Imports neither vLLM nor the offline tools."""

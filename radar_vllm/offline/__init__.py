@@ -1,0 +1,1 @@
+"""Offline tools: head training, the RL pipeline, the reference decoder, calibration, data."""
