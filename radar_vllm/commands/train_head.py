@@ -48,17 +48,43 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--shard-size", type=int)
     parser.add_argument("--gen-batch", type=int)
     parser.add_argument("--aux-layers", type=lambda s: [int(x) for x in s.split(",")])
+    parser.add_argument("--sampled-answers", type=int,
+                        help="answers sampled per prompt at --answer-temperature besides the greedy one (data setting)")
+    parser.add_argument("--answer-temperature", type=float)
+    parser.add_argument("--gen-dtype", choices=("bfloat16", "float32"), help="vLLM dtype of the target while generating")
+    parser.add_argument("--topk-logprobs", type=int,
+                        help="store the target's top-K next-token log-probs per position (needed by --soft-label-weight)")
+    parser.add_argument("--train-dir", help="checkpoints, draft vocabulary and head export go here (default: --work-dir)")
     parser.add_argument("--draft-vocab-size", type=int)
-    parser.add_argument("--ttt-steps", type=int)
-    parser.add_argument("--ttt-decay", type=float)
+    parser.add_argument("--ttt-steps", type=int, help="training-time-test draft steps")
+    parser.add_argument("--ttt-decay", type=float, help="loss weight of step j is decay**j")
+    parser.add_argument("--soft-label-weight", type=float,
+                        help="weight of the distillation loss against the target's top-K distribution (0 = argmax only)")
     parser.add_argument("--learning-rate", type=float)
+    parser.add_argument("--lr-schedule", choices=("cosine", "constant"))
+    parser.add_argument("--min-lr-ratio", type=float, help="cosine schedule ends at this fraction of the peak")
+    parser.add_argument("--adam-beta1", type=float)
+    parser.add_argument("--adam-beta2", type=float)
+    parser.add_argument("--grad-clip", type=float, help="max gradient norm (0 = no clipping)")
     parser.add_argument("--weight-decay", type=float)
     parser.add_argument("--warmup-steps", type=int)
+    parser.add_argument("--init-from-target", action="store_true", default=None,
+                        help="initialise the draft layer from the target's last decoder layer")
+    parser.add_argument("--train-dtype", choices=("float32", "bfloat16"))
     parser.add_argument("--batch-tokens", type=int)
     parser.add_argument("--max-seq-len", type=int)
     parser.add_argument("--epochs", type=float)
     parser.add_argument("--max-steps", type=int)
-    parser.add_argument("--checkpoint-every", type=int)
+    parser.add_argument("--budget-cpu-s", type=float,
+                        help="stop when training has used this many process CPU seconds (over all resumes); "
+                        "the lr schedule then follows the CPU time spent")
+    parser.add_argument("--stop-after-s", type=float,
+                        help="checkpoint and exit after this many wall seconds of training in this invocation; "
+                        "rerun the same command to continue")
+    parser.add_argument("--checkpoint-every", type=int, help="steps between checkpoints")
+    parser.add_argument("--checkpoint-every-s", type=float, help="also checkpoint after this many wall seconds")
+    parser.add_argument("--snapshot-every", type=int,
+                        help="keep an exported head under <train dir>/snapshots/step-N every N steps (0 = off)")
     parser.add_argument("--seed", type=int)
     parser.add_argument("--threads", type=int, help="torch CPU threads")
     parser.set_defaults(func=run)

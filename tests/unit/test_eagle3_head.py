@@ -149,3 +149,111 @@ def test_walk_rounds_counts_accepted_prefixes() -> None:
     assert walk_rounds(matches, 0, 1) == (4, 6)  # bases 0, 2, 3, 4
     with pytest.raises(ValueError, match="k=3"):
         walk_rounds(matches, 0, 3)
+
+
+# ----------------------------------------------------------------------------- recipe options
+
+
+def test_soft_label_loss_is_cross_entropy_against_renormalised_draft_vocab_distribution() -> None:
+    from radar_vllm.offline.head.trainer import soft_label_loss
+
+    head = make_head()
+    target_to_draft = head.target_to_draft_ids()
+    logits = torch.randn(2, DRAFT_VOCAB, generator=torch.Generator().manual_seed(4))
+    # Row 0: target ids 3 (draft 1), 6 (draft 2), 4 (not in the draft vocabulary: dropped).
+    # Row 1: only out-of-vocabulary tokens -> no contribution.
+    top_ids = torch.tensor([[3, 6, 4], [1, 2, 4]])
+    top_logprobs = torch.log(torch.tensor([[0.5, 0.2, 0.3], [0.6, 0.3, 0.1]]))
+    loss = soft_label_loss(logits, top_ids, top_logprobs, target_to_draft)
+    logq = torch.log_softmax(logits[0], -1)
+    expected = -(0.5 / 0.7 * logq[1] + 0.2 / 0.7 * logq[2])
+    assert torch.allclose(loss, expected, atol=1e-6)
+    # A one-hot distribution is the hard cross-entropy.
+    one_hot = soft_label_loss(logits[:1], torch.tensor([[6, 3]]), torch.tensor([[0.0, float("-inf")]]), target_to_draft)
+    assert torch.allclose(one_hot, torch.nn.functional.cross_entropy(logits[:1], torch.tensor([2])), atol=1e-6)
+
+
+def test_ttt_forward_mixes_soft_and_hard_losses() -> None:
+    head = make_head()
+    generator = torch.Generator().manual_seed(5)
+    ids = torch.randint(0, VOCAB, (1, 7), generator=generator)
+    labels = (torch.randint(0, DRAFT_VOCAB, (1, 7), generator=generator) * 3)
+    aux = torch.randn(1, 7, 96, generator=generator)
+    lengths = torch.tensor([7])
+    mapping = head.target_to_draft_ids()
+    # Soft distribution: half on the label, half on another draft token.
+    other = (labels + 3) % (3 * DRAFT_VOCAB)
+    top_ids = torch.stack([labels, other], dim=-1)  # [1, 7, 2]
+    top_logprobs = torch.log(torch.full((1, 7, 2), 0.5))
+    hard, _ = ttt_forward(head, ids, labels, aux, lengths, mapping, 2)
+    soft_only, _ = ttt_forward(head, ids, labels, aux, lengths, mapping, 2, (top_ids, top_logprobs), 1.0)
+    mixed, _ = ttt_forward(head, ids, labels, aux, lengths, mapping, 2, (top_ids, top_logprobs), 0.25)
+    for h, s, m in zip(hard, soft_only, mixed):
+        assert not torch.allclose(h, s)
+        assert torch.allclose(m, 0.75 * h + 0.25 * s, atol=1e-5)
+    with pytest.raises(ValueError, match="soft_weight"):
+        ttt_forward(head, ids, labels, aux, lengths, mapping, 2, None, 0.5)
+
+
+def test_ttt_loss_weights_decay() -> None:
+    from radar_vllm.offline.head.trainer import combine_step_losses, ttt_loss_weights
+
+    weights = ttt_loss_weights(7, 0.8)
+    assert len(weights) == 7 and weights[0] == 1.0 and abs(weights[6] - 0.8**6) < 1e-12
+    combined = combine_step_losses([torch.tensor(1.0), torch.tensor(3.0)], ttt_loss_weights(2, 0.5))
+    assert abs(float(combined) - (1.0 + 0.5 * 3.0) / 1.5) < 1e-6
+    with pytest.raises(ValueError, match="ttt_steps=0"):
+        ttt_loss_weights(0, 0.8)
+
+
+def test_draft_vocab_coverage_by_size() -> None:
+    from radar_vllm.offline.head.trainer import draft_vocab_coverage
+
+    counts = torch.tensor([0, 5, 1, 3, 1])
+    assert draft_vocab_coverage(counts, (1, 2, 4, 9)) == {"1": 0.5, "2": 0.8, "4": 1.0}
+
+
+def test_learning_rate_schedules() -> None:
+    from types import SimpleNamespace
+
+    from radar_vllm.offline.head.trainer import learning_rate, make_optimizer
+
+    config = SimpleNamespace(learning_rate=1e-3, warmup_steps=10, lr_schedule="cosine", min_lr_ratio=0.05,
+                             adam_beta1=0.8, adam_beta2=0.9, weight_decay=0.0)
+    assert learning_rate(config, 0, 110) == pytest.approx(1e-4)
+    assert learning_rate(config, 10, 110) == pytest.approx(1e-3)
+    assert learning_rate(config, 60, 110) == pytest.approx(1e-3 * (0.05 + 0.95 * 0.5))
+    assert learning_rate(config, 110, 110) == pytest.approx(5e-5)
+    # On a CPU budget the decay follows the fraction of the budget spent.
+    assert learning_rate(config, 20, 10**9, progress=1.0) == pytest.approx(5e-5)
+    config.lr_schedule = "constant"
+    assert learning_rate(config, 100, 110) == pytest.approx(1e-3)
+    optimizer = make_optimizer(config, [torch.nn.Parameter(torch.zeros(2))])
+    assert optimizer.param_groups[0]["betas"] == (0.8, 0.9)
+    config.lr_schedule = "linear"
+    with pytest.raises(ValueError, match="lr_schedule"):
+        learning_rate(config, 50, 110)
+
+
+def test_replay_on_sampled_answers_compares_with_the_sampled_tokens() -> None:
+    from radar_vllm.offline.head.replay import draft_matches
+
+    head = make_head()
+    generator = torch.Generator().manual_seed(6)
+    ids = torch.randint(0, VOCAB, (10,), generator=generator)
+    aux = torch.randn(10, 96, generator=generator)
+    with torch.no_grad():
+        prenorm = next(iter(ttt_hidden_states(head, ids[None], aux[None], 1)))
+        drafts = head.draft_to_target_ids(head.compute_logits(head.norm(prenorm[0])).argmax(-1))  # [10]
+    tokens = ids.clone()
+    tokens[2:] = drafts[:-2]  # the sampled token after t + 1 is the draft from base t for every t
+    labels = torch.full_like(ids, 1)  # greedy labels that never match (1 is not a draft token)
+    # The draft of step 0 depends on the token at t + 1, so recompute with the new tokens and
+    # check only that matching uses the tokens, not the labels.
+    matches_tokens = draft_matches(head, tokens, labels, aux, 1, against_tokens=True)
+    matches_labels = draft_matches(head, tokens, labels, aux, 1)
+    assert not matches_labels.any()
+    with torch.no_grad():
+        prenorm = next(iter(ttt_hidden_states(head, tokens[None], aux[None], 1)))
+        drafts = head.draft_to_target_ids(head.compute_logits(head.norm(prenorm[0])).argmax(-1))
+    assert torch.equal(matches_tokens[0, :8], drafts[:8] == tokens[2:])

@@ -4,7 +4,10 @@ Everything is written under a work directory in shards, each written atomically,
 interrupted run resumes by skipping finished shards:
 
 - ``prompts.jsonl``: the selected prompts (``prompt_id``, ``prompt_ids``), in training order.
-- ``answers/shard-NNNNN.jsonl``: per prompt ``prompt_id``, ``prompt_ids``, ``output_ids``.
+- ``answers/shard-NNNNN.jsonl``: per prompt ``prompt_id``, ``prompt_ids``, ``output_ids`` (the
+  target's greedy answer) and, when sampled answers are requested, ``sampled_output_ids`` (a list of
+  answers sampled from the target at ``temperature``, each request seeded from the run seed and the
+  prompt's index, so a regenerated shard is the same).
 """
 from __future__ import annotations
 
@@ -96,11 +99,20 @@ def generate_answers(
     max_new_tokens: int,
     max_num_seqs: int = 128,
     seed: int = 0,
+    sampled_answers: int = 0,
+    temperature: float = 1.0,
+    dtype: str = "bfloat16",
 ) -> int:
-    """Regenerate greedy answers for every prompt in ``prompts.jsonl``; returns answer tokens made.
+    """Regenerate greedy answers (plus ``sampled_answers`` answers sampled at ``temperature``) for
+    every prompt in ``prompts.jsonl``; returns answer tokens made.
 
-    Finished shards are skipped, so the call resumes an interrupted generation.
+    Finished shards are skipped, so the call resumes an interrupted generation. ``dtype`` is the
+    target's compute dtype in vLLM.
     """
+    if sampled_answers < 0:
+        raise ValueError(f"sampled_answers={sampled_answers}; must be >= 0")
+    if sampled_answers and temperature <= 0:
+        raise ValueError(f"temperature={temperature}; sampled answers need a positive temperature")
     prompts = load_prompts(work_dir)
     (work_dir / ANSWERS_DIR).mkdir(parents=True, exist_ok=True)
     todo = [
@@ -113,19 +125,55 @@ def generate_answers(
     from radar_vllm.offline.generate import greedy_generate_ids, make_llm
 
     longest = max(len(p.prompt_ids) for p in prompts)
-    llm = make_llm(target_dir, max_model_len=longest + max_new_tokens, max_num_seqs=max_num_seqs, seed=seed)
+    llm = make_llm(
+        target_dir, max_model_len=longest + max_new_tokens, max_num_seqs=max_num_seqs, seed=seed, dtype=dtype
+    )
     made = 0
     for index in todo:
-        shard = prompts[index * shard_size : (index + 1) * shard_size]
+        first = index * shard_size
+        shard = prompts[first : first + shard_size]
         outputs = greedy_generate_ids(llm, [p.prompt_ids for p in shard], max_new_tokens)
-        text = "".join(
-            json.dumps({"prompt_id": p.prompt_id, "prompt_ids": p.prompt_ids, "output_ids": out}) + "\n"
-            for p, out in zip(shard, outputs)
-        )
+        rows = [
+            {"prompt_id": p.prompt_id, "prompt_ids": p.prompt_ids, "output_ids": out} for p, out in zip(shard, outputs)
+        ]
+        if sampled_answers:
+            sampled = sample_generate_ids(
+                llm, [p.prompt_ids for p in shard], max_new_tokens, sampled_answers, temperature,
+                [seed * 1_000_003 + first + i for i in range(len(shard))],
+            )
+            for row, answers in zip(rows, sampled):
+                row["sampled_output_ids"] = answers
+                made += sum(len(a) for a in answers)
+        text = "".join(json.dumps(row) + "\n" for row in rows)
         write_text_atomic(answer_shard_path(work_dir, index), text)
         made += sum(len(out) for out in outputs)
         logger.info("answers shard %d: %d prompts, %d answer tokens", index, len(shard), made)
     return made
+
+
+def sample_generate_ids(
+    llm: Any,
+    prompt_token_ids: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    n: int,
+    temperature: float,
+    seeds: Sequence[int],
+) -> list[list[list[int]]]:
+    """``n`` answers sampled at ``temperature`` (full vocabulary) per prompt, each request seeded."""
+    from vllm import SamplingParams
+
+    params = [
+        SamplingParams(n=n, temperature=temperature, top_p=1.0, seed=s, max_tokens=max_new_tokens)
+        for s in seeds
+    ]
+    requests = [{"prompt_token_ids": list(ids)} for ids in prompt_token_ids]
+    outputs = llm.generate(requests, params, use_tqdm=True)
+    return [[list(choice.token_ids) for choice in output.outputs] for output in outputs]
+
+
+def record_sequences(record: dict[str, Any]) -> list[list[int]]:
+    """Answers of one answer record: the greedy one first, then the sampled ones."""
+    return [record["output_ids"]] + list(record.get("sampled_output_ids") or [])
 
 
 def iter_answer_shards(work_dir: Path) -> Iterator[tuple[int, list[dict[str, Any]]]]:

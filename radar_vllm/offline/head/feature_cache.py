@@ -1,13 +1,21 @@
-"""Target features for head training: aux hidden states and the target's greedy next tokens.
+"""Target features for head training: aux hidden states, the target's greedy next tokens and,
+optionally, its top-K next-token distribution (for soft-label distillation).
 
 For each answer shard, ``features/shard-NNNNN.safetensors`` holds, over the concatenated
-sequences (prompt + answer) of the shard:
+sequences (prompt + answer, the greedy answer first, then any sampled answers) of the shard:
 
 - ``input_ids``  int32 [N]           the tokens
 - ``labels``     int32 [N]           the target's argmax next token at each position
 - ``aux``        bf16  [N, A * H]    inputs of the aux layers (vLLM's aux hidden states)
 - ``offsets``    int64 [S + 1]       sequence boundaries
 - ``prompt_lens`` int32 [S]          prompt length of each sequence
+- ``answer_kinds`` int8 [S]          (only with sampled answers) 0 = greedy answer, 1 = sampled
+- ``topk_ids``   int32 [N, K]        (K > 0 only) the target's K most likely next tokens
+- ``topk_logprobs`` f32 [N, K]       (K > 0 only) their log-probabilities (softmax over the full
+                                     vocabulary, temperature 1), in decreasing order
+
+The target runs in float32 here (bf16 matmuls are very slow on CPUs without AVX-512 BF16); the
+aux hidden states are stored as bf16. Files are safetensors only.
 
 vLLM's aux layer id ``i`` is the residual stream entering decoder layer ``i``; with HF
 transformers that is the input of ``model.layers[i]``, captured here by forward pre-hooks.
@@ -20,7 +28,7 @@ from typing import Any, Sequence
 
 import torch
 
-from radar_vllm.offline.head.data import iter_answer_shards
+from radar_vllm.offline.head.data import iter_answer_shards, record_sequences
 
 logger = logging.getLogger(__name__)
 
@@ -63,7 +71,7 @@ class AuxHiddenCapture:
             handle.remove()
 
 
-def load_target(target_dir: str, dtype: torch.dtype = torch.bfloat16) -> Any:
+def load_target(target_dir: str, dtype: torch.dtype = torch.float32) -> Any:
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(target_dir, dtype=dtype)
@@ -75,10 +83,10 @@ def load_target(target_dir: str, dtype: torch.dtype = torch.bfloat16) -> Any:
 def target_features(
     model: Any, capture: AuxHiddenCapture, sequence: Sequence[int], prompt_len: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(aux [T, A*H], greedy next tokens [T]) of one sequence (prompt + the target's answer).
+    """(aux [T, A*H], greedy next tokens [T]) of one sequence (prompt + the target's greedy answer).
 
-    Inside the answer the target's greedy next token is the answer's next token itself, so the
-    lm_head runs only over the prompt positions and the last position.
+    Inside a greedy answer the target's greedy next token is the answer's next token itself, so
+    the lm_head runs only over the prompt positions and the last position.
     """
     ids = torch.tensor([list(sequence)], dtype=torch.long)  # [1, T]
     hidden = model.model(input_ids=ids).last_hidden_state[0]  # [T, H]
@@ -95,6 +103,30 @@ def target_features(
     return aux, labels
 
 
+@torch.no_grad()
+def target_topk_features(
+    model: Any, capture: AuxHiddenCapture, sequence: Sequence[int], k: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(aux [T, A*H], argmax next tokens [T], top-k ids [T, k], top-k log-probs [T, k]).
+
+    The lm_head runs over every position (the answer may be sampled, so its next token need not
+    be the target's argmax). Labels are the argmax of the float32 logits.
+    """
+    ids = torch.tensor([list(sequence)], dtype=torch.long)  # [1, T]
+    hidden = model.model(input_ids=ids).last_hidden_state[0]  # [T, H]
+    aux = capture.concatenated()[0]  # [T, A*H]
+    length = ids.shape[1]
+    top_ids = torch.empty(length, k, dtype=torch.long)  # [T, k]
+    top_logprobs = torch.empty(length, k, dtype=torch.float32)  # [T, k]
+    weight = model.lm_head.weight
+    for start in range(0, length, LOGITS_CHUNK):
+        logits = (hidden[start : start + LOGITS_CHUNK] @ weight.T).float()  # [C, vocab]
+        values, indices = torch.topk(logits, k, dim=-1)
+        top_logprobs[start : start + LOGITS_CHUNK] = values - torch.logsumexp(logits, dim=-1, keepdim=True)
+        top_ids[start : start + LOGITS_CHUNK] = indices
+    return aux, top_ids[:, 0].clone(), top_ids, top_logprobs
+
+
 def extract_features(work_dir: Path, config: Any) -> int:
     """Features for every answer shard that has none yet; returns the tokens processed."""
     from safetensors.torch import save_file
@@ -108,19 +140,27 @@ def extract_features(work_dir: Path, config: Any) -> int:
     ]
     if not pending:
         return 0
+    topk = int(getattr(config, "topk_logprobs", 0) or 0)
     model = load_target(config.target)
     capture = AuxHiddenCapture(model, config.aux_layers)
     made = 0
     try:
         for index, records in pending:
-            sequences = [
-                (r["prompt_ids"] + r["output_ids"])[: config.max_seq_len] for r in records
-            ]
+            pairs = [(r, answer) for r in records for answer in record_sequences(r)]
+            kinds = [kind for r in records for kind in [0] + [1] * (len(record_sequences(r)) - 1)]
+            sequences = [(r["prompt_ids"] + answer)[: config.max_seq_len] for r, answer in pairs]
             aux_rows: dict[int, torch.Tensor] = {}
             label_rows: dict[int, torch.Tensor] = {}
+            topk_id_rows: dict[int, torch.Tensor] = {}
+            topk_logprob_rows: dict[int, torch.Tensor] = {}
             bar = tqdm(total=sum(len(s) for s in sequences), desc=f"features shard {index}", unit="tok")
-            for i, (record, sequence) in enumerate(zip(records, sequences)):
-                aux, labels = target_features(model, capture, sequence, len(record["prompt_ids"]))
+            for i, ((record, _), sequence) in enumerate(zip(pairs, sequences)):
+                if topk:
+                    aux, labels, top_ids, top_logprobs = target_topk_features(model, capture, sequence, topk)
+                    topk_id_rows[i] = top_ids.to(torch.int32)
+                    topk_logprob_rows[i] = top_logprobs
+                else:
+                    aux, labels = target_features(model, capture, sequence, len(record["prompt_ids"]))
                 aux_rows[i] = aux.to(torch.bfloat16).clone()
                 label_rows[i] = labels.to(torch.int32)
                 bar.update(len(sequence))
@@ -134,9 +174,14 @@ def extract_features(work_dir: Path, config: Any) -> int:
                 "aux": torch.cat([aux_rows[i] for i in range(len(sequences))]).contiguous(),
                 "offsets": offsets,
                 "prompt_lens": torch.tensor(
-                    [min(len(r["prompt_ids"]), len(s)) for r, s in zip(records, sequences)], dtype=torch.int32
+                    [min(len(r["prompt_ids"]), len(s)) for (r, _), s in zip(pairs, sequences)], dtype=torch.int32
                 ),
             }
+            if any(kinds):
+                tensors["answer_kinds"] = torch.tensor(kinds, dtype=torch.int8)
+            if topk:
+                tensors["topk_ids"] = torch.cat([topk_id_rows[i] for i in range(len(sequences))]).contiguous()
+                tensors["topk_logprobs"] = torch.cat([topk_logprob_rows[i] for i in range(len(sequences))]).contiguous()
             path = feature_shard_path(work_dir, index)
             temp = path.with_name(f".{path.name}.tmp")
             save_file(tensors, str(temp))

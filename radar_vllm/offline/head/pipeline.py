@@ -29,7 +29,10 @@ logger = logging.getLogger(__name__)
 STAGES = ("generate", "features", "train", "export")
 RUN_CONFIG_FILE = "run_config.json"
 # Settings that define the data; changing them inside one work directory would mix datasets.
-DATA_KEYS = ("target", "max_prompt_tokens", "max_new_tokens", "seed", "shard_size", "aux_layers")
+DATA_KEYS = (
+    "target", "max_prompt_tokens", "max_new_tokens", "seed", "shard_size", "aux_layers",
+    "sampled_answers", "answer_temperature", "gen_dtype", "topk_logprobs",
+)
 
 
 @dataclasses.dataclass
@@ -43,19 +46,47 @@ class HeadTrainingConfig:
     shard_size: int = 256
     gen_batch: int = 128
     aux_layers: list[int] | None = None
+    # Data: answers sampled at answer_temperature per prompt besides the greedy one; vLLM dtype of
+    # the target while generating; top-K target log-probs stored per position (0 = labels only).
+    sampled_answers: int = 0
+    answer_temperature: float = 1.0
+    gen_dtype: str = "bfloat16"
+    topk_logprobs: int = 0
+    # Training recipe (see radar_vllm.offline.head.trainer).
+    train_dir: str | None = None
     draft_vocab_size: int = 8192
     ttt_steps: int = 3
     ttt_decay: float = 0.8
+    soft_label_weight: float = 0.0
     learning_rate: float = 6e-4
+    lr_schedule: str = "cosine"
+    min_lr_ratio: float = 0.1
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    grad_clip: float = 1.0
     weight_decay: float = 0.0
     warmup_steps: int = 50
+    init_from_target: bool = False
+    train_dtype: str = "float32"
     batch_tokens: int = 4096
     max_seq_len: int = 1024
     epochs: float = 2.0
     max_steps: int | None = None
+    budget_cpu_s: float | None = None
+    stop_after_s: float | None = None
     checkpoint_every: int = 100
+    checkpoint_every_s: float | None = None
+    snapshot_every: int = 0
     seed: int = 0
     threads: int | None = None
+
+
+# Values a work directory recorded before a data key existed had the key's default.
+_DATA_DEFAULTS = {
+    f.name: f.default
+    for f in dataclasses.fields(HeadTrainingConfig)
+    if f.name in DATA_KEYS and f.default is not dataclasses.MISSING
+}
 
 
 def _prepare_work_dir(config: HeadTrainingConfig, tokenizer: Any) -> None:
@@ -66,7 +97,7 @@ def _prepare_work_dir(config: HeadTrainingConfig, tokenizer: Any) -> None:
     if config_path.is_file():
         previous = json.loads(config_path.read_text())
         for key in DATA_KEYS:
-            if previous.get(key) != current.get(key):
+            if previous.get(key, _DATA_DEFAULTS.get(key)) != current.get(key):
                 raise ValueError(
                     f"{key}={current.get(key)!r} differs from {previous.get(key)!r} recorded in "
                     f"{config_path}; use a fresh --work-dir for different data settings"
@@ -125,6 +156,9 @@ def run_pipeline(config: HeadTrainingConfig, stages: Sequence[str] = STAGES) -> 
             max_new_tokens=config.max_new_tokens,
             max_num_seqs=config.gen_batch,
             seed=config.seed,
+            sampled_answers=config.sampled_answers,
+            temperature=config.answer_temperature,
+            dtype=config.gen_dtype,
         )
     if "features" in stages:
         from radar_vllm.offline.head.feature_cache import extract_features
@@ -133,11 +167,12 @@ def run_pipeline(config: HeadTrainingConfig, stages: Sequence[str] = STAGES) -> 
     if "train" in stages:
         from radar_vllm.offline.head.trainer import train
 
-        summary["train"] = train(work_dir, config)
+        summary["train"] = train(work_dir, config, Path(config.train_dir) if config.train_dir else None)
     if "export" in stages:
         from radar_vllm.offline.head.trainer import export_latest
 
         if config.output is None:
             raise ValueError("output=None; --output is required for the export stage")
-        summary["output"] = str(export_latest(work_dir, config, Path(config.output)))
+        train_dir = Path(config.train_dir) if config.train_dir else work_dir
+        summary["output"] = str(export_latest(train_dir, config, Path(config.output)))
     return summary

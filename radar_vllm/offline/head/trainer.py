@@ -1,13 +1,34 @@
 """EAGLE-3 head training with training-time test (several self-fed draft steps), resumable.
 
-Work directory layout (besides the data stages):
+Training directory layout (the work directory unless ``train_dir`` is given; the feature shards
+are always read from the work directory):
 
 - ``draft_vocab.safetensors``: target ids of the draft vocabulary (the most frequent target
   greedy tokens over the features present when training first started) and their counts.
 - ``checkpoints/state-SSSSSSS.safetensors`` + ``.json``: fp32 weights, AdamW moments, position.
   ``checkpoints/latest.json`` names the newest; the two newest are kept.
 - ``head/``: the newest checkpoint exported for vLLM (bf16), refreshed at every checkpoint.
-- ``training_record.json``: data size, steps, wall time, loss curve, command lines.
+- ``snapshots/step-NNNNNNN/``: exported heads kept every ``snapshot_every`` steps (if set).
+- ``training_record.json``: data size, steps, wall and CPU time, loss curve, command lines.
+
+Recipe options (``HeadTrainingConfig`` fields; the defaults are the original recipe):
+
+- ``ttt_steps`` / ``ttt_decay``: draft steps of the training-time test; step ``j``'s loss weighs
+  ``ttt_decay ** j``.
+- ``soft_label_weight``: mix of the distillation loss (cross-entropy against the target's stored
+  top-K next-token distribution, restricted to the draft vocabulary and renormalised) with the
+  argmax cross-entropy: ``(1 - w) * hard + w * soft``. Needs features with ``topk_logprobs``.
+- ``draft_vocab_size``: the most frequent target argmax tokens of the training data.
+- ``learning_rate``, ``warmup_steps``, ``lr_schedule`` (linear warm-up then ``cosine`` decay to
+  ``min_lr_ratio`` of the peak, or ``constant``), ``adam_beta1/2``, ``grad_clip``.
+- ``init_from_target``: the draft layer starts from the target's last decoder layer (the
+  hidden-state half of q/k/v, o_proj, the MLP and the norms); the embedding half stays random.
+- ``train_dtype``: float32 (default; bf16 matmuls are slow on CPUs without AVX-512 BF16) or
+  bfloat16 autocast (the original).
+- ``budget_cpu_s``: stop after this many process CPU seconds of training, summed over resumes;
+  the lr schedule then runs on the CPU time spent instead of the step count, so variants trained
+  at one budget all finish their schedule. ``stop_after_s``: leave (with a checkpoint) after
+  this many wall seconds of one invocation; running the command again continues.
 
 Training-time test: at step ``j`` the query at base position ``t`` reads the embedding of token
 ``t + 1 + j`` and the pre-norm hidden state produced at step ``j - 1`` (the fc output of the
@@ -44,6 +65,7 @@ CHECKPOINTS_DIR = "checkpoints"
 LATEST_FILE = "latest.json"
 DRAFT_VOCAB_FILE = "draft_vocab.safetensors"
 HEAD_EXPORT_DIR = "head"
+SNAPSHOTS_DIR = "snapshots"
 RECORD_FILE = "training_record.json"
 EXPORT_FILES = frozenset({"config.json", "model.safetensors", RECORD_FILE})
 KEEP_CHECKPOINTS = 2
@@ -60,6 +82,7 @@ class SequenceRef:
     start: int
     length: int
     prompt_len: int
+    sampled: bool = False  # the answer was sampled from the target (not its greedy answer)
 
 
 class FeatureStore:
@@ -79,13 +102,18 @@ class FeatureStore:
             self.handles[index] = handle
             offsets = handle.get_tensor("offsets")
             prompt_lens = handle.get_tensor("prompt_lens")
+            kinds = handle.get_tensor("answer_kinds") if "answer_kinds" in handle.keys() else None
             for row in range(offsets.numel() - 1):
                 start, end = int(offsets[row]), int(offsets[row + 1])
                 length = min(end - start, max_seq_len)
                 if length >= 3:
-                    self.sequences.append(SequenceRef(index, start, length, int(prompt_lens[row])))
+                    sampled = bool(kinds[row]) if kinds is not None else False
+                    self.sequences.append(SequenceRef(index, start, length, int(prompt_lens[row]), sampled))
         self.num_tokens = sum(s.length for s in self.sequences)
         self.num_answer_tokens = sum(max(0, s.length - s.prompt_len) for s in self.sequences)
+        self.topk = min(
+            (h.get_slice("topk_ids").get_shape()[1] if "topk_ids" in h.keys() else 0) for h in self.handles.values()
+        )
 
     def label_counts(self, vocab_size: int) -> torch.Tensor:
         counts = torch.zeros(vocab_size, dtype=torch.long)  # [vocab]
@@ -101,6 +129,17 @@ class FeatureStore:
             handle.get_slice("input_ids")[ref.start : end].long(),
             handle.get_slice("labels")[ref.start : end].long(),
             handle.get_slice("aux")[ref.start : end],
+        )
+
+    def load_topk(self, ref: SequenceRef) -> tuple[torch.Tensor, torch.Tensor]:
+        """(top-K ids [L, K], top-K log-probs [L, K]) of the target's next-token distribution."""
+        if not self.topk:
+            raise ValueError("the feature shards hold no top-K log-probs; extract features with topk_logprobs > 0")
+        handle = self.handles[ref.shard]
+        end = ref.start + ref.length
+        return (
+            handle.get_slice("topk_ids")[ref.start : end][:, : self.topk].long(),
+            handle.get_slice("topk_logprobs")[ref.start : end][:, : self.topk].float(),
         )
 
 
@@ -124,15 +163,15 @@ def epoch_batches(lengths: list[int], batch_tokens: int, seed: int, epoch: int) 
 
 
 def collate(
-    store: FeatureStore, refs: list[SequenceRef]
+    store: FeatureStore, refs: list[SequenceRef], dtype: torch.dtype = torch.bfloat16
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Right-padded (ids [B, T], labels [B, T], aux [B, T, A*H], lengths [B])."""
+    """Right-padded (ids [B, T], labels [B, T], aux [B, T, A*H] in ``dtype``, lengths [B])."""
     longest = max(r.length for r in refs)
     loaded = [store.load(r) for r in refs]
     width = loaded[0][2].shape[-1]
     ids = torch.full((len(refs), longest), PADDING_TOKEN, dtype=torch.long)  # [B, T]
     labels = torch.full((len(refs), longest), IGNORE_LABEL, dtype=torch.long)  # [B, T]
-    aux = torch.zeros(len(refs), longest, width, dtype=torch.bfloat16)  # [B, T, A*H]
+    aux = torch.zeros(len(refs), longest, width, dtype=dtype)  # [B, T, A*H]
     for row, (seq_ids, seq_labels, seq_aux) in enumerate(loaded):
         length = seq_ids.numel()
         ids[row, :length] = seq_ids
@@ -140,6 +179,18 @@ def collate(
         aux[row, :length] = seq_aux
     lengths = torch.tensor([r.length for r in refs], dtype=torch.long)  # [B]
     return ids, labels, aux, lengths
+
+
+def collate_topk(store: FeatureStore, refs: list[SequenceRef]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded (top-K ids [B, T, K], top-K log-probs [B, T, K]); padding has log-prob -inf."""
+    longest = max(r.length for r in refs)
+    ids = torch.zeros(len(refs), longest, store.topk, dtype=torch.long)  # [B, T, K]
+    logprobs = torch.full((len(refs), longest, store.topk), float("-inf"))  # [B, T, K]
+    for row, ref in enumerate(refs):
+        seq_ids, seq_logprobs = store.load_topk(ref)
+        ids[row, : ref.length] = seq_ids
+        logprobs[row, : ref.length] = seq_logprobs
+    return ids, logprobs
 
 
 # ----------------------------------------------------------------------------- model step
@@ -200,11 +251,18 @@ def ttt_forward(
     lengths: torch.Tensor,
     target_to_draft: torch.Tensor,
     steps: int,
+    soft: tuple[torch.Tensor, torch.Tensor] | None = None,
+    soft_weight: float = 0.0,
 ) -> tuple[list[torch.Tensor], list[tuple[int, int]]]:
-    """Per-step mean cross-entropy losses and (correct, counted) top-1 pairs for one batch.
+    """Per-step mean losses and (correct, counted) top-1 pairs for one batch.
 
-    labels: [B, T] the target's greedy next token at each position; lengths: [B].
+    labels: [B, T] the target's greedy next token at each position; lengths: [B]. The loss is
+    the cross-entropy against ``labels``, mixed when ``soft_weight`` > 0 with the cross-entropy
+    against the target's distribution ``soft`` = (top-K ids [B, T, K], log-probs [B, T, K]):
+    ``(1 - soft_weight) * hard + soft_weight * soft`` (see :func:`soft_label_loss`).
     """
+    if soft_weight and soft is None:
+        raise ValueError("soft_weight > 0 needs the target's top-K distribution (soft)")
     length = ids.shape[1]
     base = torch.arange(length)
     losses: list[torch.Tensor] = []
@@ -222,7 +280,15 @@ def ttt_forward(
         if flat_targets.numel():
             # Logits only for the N positions that count: [N, draft_vocab].
             flat_logits = head.compute_logits(head.norm(prenorm[valid])).float()
-            losses.append(F.cross_entropy(flat_logits, flat_targets))
+            loss = F.cross_entropy(flat_logits, flat_targets)
+            if soft_weight:
+                top_ids = torch.zeros_like(soft[0])  # [B, T, K]: distribution after t + 1 + step
+                top_logprobs = torch.full_like(soft[1], float("-inf"))
+                top_ids[:, : max(0, length - shift)] = soft[0][:, shift:]
+                top_logprobs[:, : max(0, length - shift)] = soft[1][:, shift:]
+                soft_loss = soft_label_loss(flat_logits, top_ids[valid], top_logprobs[valid], target_to_draft)
+                loss = (1.0 - soft_weight) * loss + soft_weight * soft_loss
+            losses.append(loss)
             with torch.no_grad():
                 correct = int((flat_logits.argmax(-1) == flat_targets).sum())
         else:
@@ -232,7 +298,50 @@ def ttt_forward(
     return losses, accuracy
 
 
+def ttt_loss_weights(steps: int, decay: float) -> list[float]:
+    """Loss weight of each training-time-test step: ``decay ** j`` for j in 0..steps-1."""
+    if steps < 1:
+        raise ValueError(f"ttt_steps={steps}; at least one draft step is needed")
+    if decay <= 0:
+        raise ValueError(f"ttt_decay={decay}; must be positive")
+    return [decay**j for j in range(steps)]
+
+
+def combine_step_losses(losses: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
+    """Weighted mean of the per-step losses (weights normalised to sum to 1)."""
+    return sum(w * l for w, l in zip(weights, losses)) / sum(weights)
+
+
+def soft_label_loss(
+    logits: torch.Tensor, top_ids: torch.Tensor, top_logprobs: torch.Tensor, target_to_draft: torch.Tensor
+) -> torch.Tensor:
+    """Mean cross-entropy of draft ``logits`` [N, draft_vocab] against the target's top-K
+    distribution (ids [N, K], log-probs [N, K]) restricted to the draft vocabulary, renormalised.
+
+    Rows whose top-K holds no draft-vocabulary token contribute nothing.
+    """
+    draft_ids = target_to_draft[top_ids]  # [N, K]
+    present = (draft_ids != NOT_IN_DRAFT_VOCAB) & torch.isfinite(top_logprobs)
+    weights = torch.where(present, top_logprobs.exp(), torch.zeros_like(top_logprobs))  # [N, K]
+    mass = weights.sum(-1, keepdim=True)  # [N, 1]
+    weights = weights / mass.clamp(min=1e-12)
+    logq = torch.log_softmax(logits.float(), dim=-1).gather(-1, draft_ids.clamp(min=0))  # [N, K]
+    per_row = -(weights * logq).sum(-1)  # [N]
+    rows = (mass.squeeze(-1) > 0).float()
+    return (per_row * rows).sum() / rows.sum().clamp(min=1.0)
+
+
 # ----------------------------------------------------------------------------- setup
+
+
+DRAFT_VOCAB_COVERAGE_SIZES = (8192, 16384, 32768)
+
+
+def draft_vocab_coverage(counts: torch.Tensor, sizes: tuple[int, ...] = DRAFT_VOCAB_COVERAGE_SIZES) -> dict[str, float]:
+    """Share of the target's argmax tokens (``counts`` [vocab]) covered by the ``size`` most frequent."""
+    ordered = torch.sort(counts, descending=True).values.double()
+    total = float(ordered.sum()) or 1.0
+    return {str(size): float(ordered[:size].sum()) / total for size in sizes if size <= counts.numel()}
 
 
 def build_draft_vocab(work_dir: Path, store: FeatureStore, vocab_size: int, draft_vocab_size: int) -> torch.Tensor:
@@ -267,8 +376,32 @@ def copy_target_embedding(head: Eagle3Head, embed: torch.Tensor) -> None:
         head.embed_tokens.weight.copy_(embed)
 
 
+def init_from_target_layer(head: Eagle3Head, tensors: dict[str, torch.Tensor], layer: int) -> None:
+    """Copy the target's decoder layer ``layer`` (``tensors``: its HF weights by name) into the
+    draft layer: q/k/v over the hidden-state half of the input (the second H columns), with the
+    target's input_layernorm as ``hidden_norm``; o_proj, the MLP and post_attention_layernorm
+    as they are. The token-embedding half of q/k/v and ``input_layernorm`` keep their values."""
+    prefix = f"model.layers.{layer}."
+    hidden = head.config.hidden_size
+    mid = head.midlayer
+    with torch.no_grad():
+        for name in ("q_proj", "k_proj", "v_proj"):
+            weight = tensors[f"{prefix}self_attn.{name}.weight"].float()
+            target = getattr(mid.self_attn, name).weight
+            if weight.shape != (target.shape[0], hidden):
+                raise ValueError(f"target {name} has shape {tuple(weight.shape)}; the draft layer expects "
+                                 f"{(target.shape[0], hidden)}")
+            target[:, hidden:] = weight
+        mid.self_attn.o_proj.weight.copy_(tensors[f"{prefix}self_attn.o_proj.weight"].float())
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            getattr(mid.mlp, name).weight.copy_(tensors[f"{prefix}mlp.{name}.weight"].float())
+        mid.hidden_norm.weight.copy_(tensors[f"{prefix}input_layernorm.weight"].float())
+        mid.post_attention_layernorm.weight.copy_(tensors[f"{prefix}post_attention_layernorm.weight"].float())
+
+
 def initial_head(config: Any, head_config: Eagle3HeadConfig, draft_to_target: torch.Tensor) -> Eagle3Head:
-    """A seeded head: target embeddings (frozen), lm_head rows and final norm from the target."""
+    """A seeded head: target embeddings (frozen), lm_head rows and final norm from the target
+    (and the draft layer from the target's last decoder layer with ``init_from_target``)."""
     from safetensors import safe_open
 
     torch.manual_seed(config.seed)
@@ -280,7 +413,13 @@ def initial_head(config: Any, head_config: Eagle3HeadConfig, draft_to_target: to
         embed = handle.get_tensor("model.embed_tokens.weight").float()
         lm_head = handle.get_tensor("lm_head.weight").float() if "lm_head.weight" in names else embed
         final_norm = handle.get_tensor("model.norm.weight").float()
+        last = None
+        if getattr(config, "init_from_target", False):
+            last = max(int(n.split(".")[2]) for n in names if n.startswith("model.layers."))
+            layer_tensors = {n: handle.get_tensor(n) for n in names if n.startswith(f"model.layers.{last}.")}
     copy_target_embedding(head, embed)
+    if last is not None:
+        init_from_target_layer(head, layer_tensors, last)
     with torch.no_grad():
         head.lm_head.weight.copy_(lm_head[draft_to_target])
         head.norm.weight.copy_(final_norm)
@@ -291,12 +430,22 @@ def _trainable(head: Eagle3Head) -> dict[str, torch.nn.Parameter]:
     return {name: p for name, p in head.named_parameters() if p.requires_grad}
 
 
-def learning_rate(config: Any, step: int, total_steps: int) -> float:
-    """Linear warmup, then cosine decay to 10% of the peak at ``total_steps``."""
+def learning_rate(config: Any, step: int, total_steps: int, progress: float | None = None) -> float:
+    """Linear warmup over ``warmup_steps``, then (``lr_schedule``) cosine decay to ``min_lr_ratio``
+    of the peak at ``total_steps``, or constant. ``progress`` in [0, 1], when given, replaces the
+    step-based position in the decay (training on a CPU-time budget)."""
     if step < config.warmup_steps:
         return config.learning_rate * (step + 1) / config.warmup_steps
-    progress = min(1.0, (step - config.warmup_steps) / max(1, total_steps - config.warmup_steps))
-    return config.learning_rate * (0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress)))
+    schedule = getattr(config, "lr_schedule", "cosine")
+    if schedule == "constant":
+        return config.learning_rate
+    if schedule != "cosine":
+        raise ValueError(f"lr_schedule={schedule!r}; expected 'cosine' or 'constant'")
+    if progress is None:
+        progress = (step - config.warmup_steps) / max(1, total_steps - config.warmup_steps)
+    progress = min(1.0, max(0.0, progress))
+    floor = getattr(config, "min_lr_ratio", 0.1)
+    return config.learning_rate * (floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress)))
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -458,7 +607,12 @@ def _head_config(config: Any) -> tuple[Eagle3HeadConfig, dict[str, Any]]:
     return head_config, target_config
 
 
-def _record(work_dir: Path, config: Any, store: FeatureStore, meta: dict[str, Any], coverage: float) -> dict[str, Any]:
+def _record(work_dir: Path, config: Any, store: FeatureStore, meta: dict[str, Any], coverage: float,
+            coverage_by_size: dict[str, float] | None = None) -> dict[str, Any]:
+    sampled = int(getattr(config, "sampled_answers", 0) or 0)
+    source = "ShareGPT train split first turns; answers regenerated greedily by the target"
+    if sampled:
+        source += f", plus {sampled} answer(s) per prompt sampled at T={getattr(config, 'answer_temperature', 1.0)}"
     return {
         "target": config.target,
         "data": {
@@ -467,89 +621,170 @@ def _record(work_dir: Path, config: Any, store: FeatureStore, meta: dict[str, An
             "tokens": store.num_tokens,
             "answer_tokens": store.num_answer_tokens,
             "feature_shards": len(store.handles),
-            "source": "ShareGPT train split first turns; answers regenerated greedily by the target",
+            "topk_logprobs": store.topk,
+            "source": source,
         },
         "draft_vocab_size": config.draft_vocab_size,
         "draft_vocab_coverage": coverage,
+        "draft_vocab_coverage_by_size": coverage_by_size or {},
         "aux_layer_ids": list(config.aux_layers),
         "ttt_steps": config.ttt_steps,
         "steps": meta["step"],
         "epochs_done": meta["epochs_done"],
         "tokens_seen": meta["tokens_seen"],
         "wall_time_s": meta["wall_time_s"],
+        "cpu_time_s": meta.get("cpu_time_s", 0.0),
         "loss_curve": meta["loss_curve"],
         "command_lines": meta["command_lines"],
         "config": dataclasses.asdict(config) if dataclasses.is_dataclass(config) else dict(vars(config)),
     }
 
 
-def train(work_dir: Path, config: Any) -> dict[str, Any]:
-    """Train (or resume training) the head; returns the training record."""
+TRAIN_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def make_optimizer(config: Any, params: list[torch.nn.Parameter]) -> torch.optim.AdamW:
+    betas = (getattr(config, "adam_beta1", 0.9), getattr(config, "adam_beta2", 0.95))
+    return torch.optim.AdamW(params, lr=config.learning_rate, betas=betas, weight_decay=config.weight_decay)
+
+
+def train(work_dir: Path, config: Any, train_dir: Path | None = None) -> dict[str, Any]:
+    """Train (or resume training) the head on the features of ``work_dir``; checkpoints, the draft
+    vocabulary and the export go to ``train_dir`` (default ``work_dir``). Returns the record."""
     from tqdm import tqdm
 
     work_dir = Path(work_dir)
+    train_dir = Path(train_dir) if train_dir is not None else work_dir
+    train_dir.mkdir(parents=True, exist_ok=True)
+    dtype_name = getattr(config, "train_dtype", "float32")
+    if dtype_name not in TRAIN_DTYPES:
+        raise ValueError(f"train_dtype={dtype_name!r}; expected one of {sorted(TRAIN_DTYPES)}")
+    compute_dtype = TRAIN_DTYPES[dtype_name]
+    soft_weight = float(getattr(config, "soft_label_weight", 0.0) or 0.0)
+    if not 0.0 <= soft_weight <= 1.0:
+        raise ValueError(f"soft_label_weight={soft_weight}; expected a value in [0, 1]")
     store = FeatureStore(work_dir, config.max_seq_len)
+    if soft_weight and not store.topk:
+        raise ValueError(
+            f"soft_label_weight={soft_weight} needs top-K log-probs in the features of {work_dir}; "
+            "extract them with topk_logprobs > 0 (a fresh work directory)"
+        )
     head_config, target_config = _head_config(config)
-    draft_to_target = build_draft_vocab(work_dir, store, head_config.vocab_size, head_config.draft_vocab_size)
+    draft_to_target = build_draft_vocab(train_dir, store, head_config.vocab_size, head_config.draft_vocab_size)
     counts = store.label_counts(head_config.vocab_size)
     coverage = float(counts[draft_to_target].sum()) / max(1, int(counts.sum()))
+    coverage_by_size = draft_vocab_coverage(counts)
     head = initial_head(config, head_config, draft_to_target)
-    head.embed_tokens.to(torch.bfloat16)  # frozen and never exported: keep it in the compute dtype
+    head.embed_tokens.to(compute_dtype)  # frozen and never exported: keep it in the compute dtype
     target_to_draft = head.target_to_draft_ids()
     params = list(_trainable(head).values())
-    optimizer = torch.optim.AdamW(params, lr=config.learning_rate, betas=(0.9, 0.95), weight_decay=config.weight_decay)
-    meta = load_checkpoint(work_dir, head, optimizer) or {
+    optimizer = make_optimizer(config, params)
+    meta = load_checkpoint(train_dir, head, optimizer) or {
         "step": 0,
         "epochs_done": 0.0,
         "tokens_seen": 0,
         "wall_time_s": 0.0,
+        "cpu_time_s": 0.0,
         "loss_curve": [],
         "command_lines": [],
     }
+    meta.setdefault("cpu_time_s", 0.0)
     meta["command_lines"].append(" ".join(sys.argv))
     lengths = [s.length for s in store.sequences]
     batches_per_epoch = len(epoch_batches(lengths, config.batch_tokens, config.seed, 0))
-    total_steps = config.max_steps or int(math.ceil(config.epochs * batches_per_epoch))
-    weights = [config.ttt_decay**j for j in range(config.ttt_steps)]
+    budget = getattr(config, "budget_cpu_s", None)
+    if config.max_steps:
+        total_steps = config.max_steps
+    elif budget:
+        total_steps = 1 << 40  # the CPU budget ends training
+    else:
+        total_steps = int(math.ceil(config.epochs * batches_per_epoch))
+    weights = ttt_loss_weights(config.ttt_steps, config.ttt_decay)
+    clip = float(getattr(config, "grad_clip", 1.0) or 0.0)
+    stop_after = getattr(config, "stop_after_s", None)
+    checkpoint_every_s = getattr(config, "checkpoint_every_s", None)
+    snapshot_every = int(getattr(config, "snapshot_every", 0) or 0)
     logger.info(
-        "training: %d sequences, %d tokens, %d batches/epoch, steps %d -> %d",
-        len(store.sequences), store.num_tokens, batches_per_epoch, meta["step"], total_steps,
+        "training: %d sequences, %d tokens, %d batches/epoch, steps %d -> %s, draft vocab coverage %s",
+        len(store.sequences), store.num_tokens, batches_per_epoch, meta["step"],
+        f"CPU budget {budget:.0f} s" if budget and not config.max_steps else total_steps,
+        {k: round(v, 4) for k, v in coverage_by_size.items()},
     )
     head.train()
     step = meta["step"]
     window_loss: list[float] = []
     window_acc = [[0, 0] for _ in range(config.ttt_steps)]
     started = time.time()
+    cpu_started = time.process_time()
     wall_before = meta["wall_time_s"]
-    bar = tqdm(total=total_steps, initial=step, desc="train-head", unit="step")
+    cpu_before = meta["cpu_time_s"]
+    last_checkpoint = started
+    bar = tqdm(total=None if total_steps >= 1 << 40 else total_steps, initial=step, desc="train-head", unit="step")
+
+    def cpu_spent() -> float:
+        return cpu_before + time.process_time() - cpu_started
+
+    def out_of_budget() -> bool:
+        if budget and cpu_spent() >= budget:
+            return True
+        return bool(stop_after) and time.time() - started >= stop_after
 
     def checkpoint() -> None:
         meta["step"] = step
         meta["wall_time_s"] = wall_before + time.time() - started
-        save_checkpoint(work_dir, head, optimizer, meta)
-        record = _record(work_dir, config, store, meta, coverage)
-        (work_dir / RECORD_FILE).write_text(json.dumps(record, indent=2) + "\n")
-        export_head(head, work_dir / HEAD_EXPORT_DIR, record, int(target_config["hidden_size"]))
+        meta["cpu_time_s"] = cpu_spent()
+        save_checkpoint(train_dir, head, optimizer, meta)
+        record = _record(work_dir, config, store, meta, coverage, coverage_by_size)
+        (train_dir / RECORD_FILE).write_text(json.dumps(record, indent=2) + "\n")
+        export_head(head, train_dir / HEAD_EXPORT_DIR, record, int(target_config["hidden_size"]))
+        if snapshot_every and step and step % snapshot_every == 0:
+            export_head(head, train_dir / SNAPSHOTS_DIR / f"step-{step:07d}", record, int(target_config["hidden_size"]))
+
+    def log_window() -> None:
+        nonlocal window_loss, window_acc
+        if not window_loss:
+            return
+        meta["loss_curve"].append(
+            {
+                "step": step,
+                "tokens_seen": meta["tokens_seen"],
+                "cpu_time_s": cpu_spent(),
+                "loss": sum(window_loss) / len(window_loss),
+                "top1_accuracy": [c / max(1, n) for c, n in window_acc],
+                "lr": optimizer.param_groups[0]["lr"],
+            }
+        )
+        window_loss = []
+        window_acc = [[0, 0] for _ in range(config.ttt_steps)]
 
     stop_requested: list[int] = []
     previous_handler = signal.signal(signal.SIGTERM, lambda signum, frame: stop_requested.append(signum))
-    while step < total_steps and not stop_requested:
+    while step < total_steps and not stop_requested and not out_of_budget():
         epoch, position = divmod(step, batches_per_epoch)
         batches = epoch_batches(lengths, config.batch_tokens, config.seed, epoch)
         for batch_indices in batches[position:]:
-            if step >= total_steps or stop_requested:
+            if step >= total_steps or stop_requested or out_of_budget():
                 break
-            ids, labels, aux, batch_lengths = collate(store, [store.sequences[i] for i in batch_indices])
+            refs = [store.sequences[i] for i in batch_indices]
+            ids, labels, aux, batch_lengths = collate(store, refs, compute_dtype)
+            soft = collate_topk(store, refs) if soft_weight else None
+            progress = None
+            if budget and not config.max_steps:
+                if step >= config.warmup_steps and "cpu_at_warmup_end" not in meta:
+                    meta["cpu_at_warmup_end"] = cpu_spent()
+                decay_start = meta.get("cpu_at_warmup_end", 0.0)
+                progress = (cpu_spent() - decay_start) / max(1e-9, budget - decay_start)
             for group in optimizer.param_groups:
-                group["lr"] = learning_rate(config, step, total_steps)
-            with torch.autocast("cpu", dtype=torch.bfloat16):
+                group["lr"] = learning_rate(config, step, total_steps, progress)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=compute_dtype == torch.bfloat16):
                 losses, accuracy = ttt_forward(
-                    head, ids, labels, aux, batch_lengths, target_to_draft, config.ttt_steps
+                    head, ids, labels, aux, batch_lengths, target_to_draft, config.ttt_steps, soft, soft_weight
                 )
-            loss = sum(w * l for w, l in zip(weights, losses)) / sum(weights)
+            loss = combine_step_losses(losses, weights)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            if clip > 0:
+                torch.nn.utils.clip_grad_norm_(params, clip)
             optimizer.step()
             step += 1
             meta["tokens_seen"] += int(batch_lengths.sum())
@@ -561,26 +796,21 @@ def train(work_dir: Path, config: Any) -> dict[str, Any]:
             acc = [c / max(1, n) for c, n in window_acc]
             bar.set_postfix(loss=f"{sum(window_loss) / len(window_loss):.3f}", acc0=f"{acc[0]:.3f}")
             bar.update(1)
-            if step % config.checkpoint_every == 0 or step == total_steps:
-                meta["loss_curve"].append(
-                    {
-                        "step": step,
-                        "tokens_seen": meta["tokens_seen"],
-                        "loss": sum(window_loss) / len(window_loss),
-                        "top1_accuracy": acc,
-                        "lr": optimizer.param_groups[0]["lr"],
-                    }
-                )
-                window_loss = []
-                window_acc = [[0, 0] for _ in range(config.ttt_steps)]
+            timed = checkpoint_every_s is not None and time.time() - last_checkpoint >= checkpoint_every_s
+            if step % config.checkpoint_every == 0 or step == total_steps or timed:
+                log_window()
                 checkpoint()
+                last_checkpoint = time.time()
     bar.close()
     signal.signal(signal.SIGTERM, previous_handler)
-    if meta["step"] != step or not (work_dir / HEAD_EXPORT_DIR).is_dir():
-        checkpoint()  # also on SIGTERM: stop cleanly with a checkpoint at the current step
+    log_window()
+    if meta["step"] != step or not (train_dir / HEAD_EXPORT_DIR).is_dir():
+        checkpoint()  # also on SIGTERM / budget / stop_after_s: stop cleanly at the current step
     if stop_requested:
         logger.info("stopped by SIGTERM at step %d (checkpoint saved)", step)
-    return _record(work_dir, config, store, meta, coverage)
+    elif step < total_steps and not (budget and cpu_spent() >= budget):
+        logger.info("stopped after %.0f s at step %d (checkpoint saved); rerun to continue", time.time() - started, step)
+    return _record(work_dir, config, store, meta, coverage, coverage_by_size)
 
 
 def export_latest(work_dir: Path, config: Any, output: Path) -> Path:
