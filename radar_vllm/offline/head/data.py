@@ -6,8 +6,7 @@ interrupted run resumes by skipping finished shards:
 - ``prompts.jsonl``: the selected prompts (``prompt_id``, ``prompt_ids``), in training order.
 - ``answers/shard-NNNNN.jsonl``: per prompt ``prompt_id``, ``prompt_ids``, ``output_ids`` (the
   target's greedy answer) and, when sampled answers are requested, ``sampled_output_ids`` (a list of
-  answers sampled from the target at ``temperature``, each request seeded from the run seed and the
-  prompt's index, so a regenerated shard is the same).
+  answers sampled from the target at ``temperature``; the engine is seeded with the run seed).
 """
 from __future__ import annotations
 
@@ -16,6 +15,7 @@ import json
 import logging
 import os
 import random
+import time
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -102,12 +102,13 @@ def generate_answers(
     sampled_answers: int = 0,
     temperature: float = 1.0,
     dtype: str = "bfloat16",
+    deadline: float | None = None,
 ) -> int:
     """Regenerate greedy answers (plus ``sampled_answers`` answers sampled at ``temperature``) for
     every prompt in ``prompts.jsonl``; returns answer tokens made.
 
     Finished shards are skipped, so the call resumes an interrupted generation. ``dtype`` is the
-    target's compute dtype in vLLM.
+    target's compute dtype in vLLM. Past ``deadline`` (a ``time.time()`` value) no new shard starts.
     """
     if sampled_answers < 0:
         raise ValueError(f"sampled_answers={sampled_answers}; must be >= 0")
@@ -130,6 +131,9 @@ def generate_answers(
     )
     made = 0
     for index in todo:
+        if deadline is not None and time.time() >= deadline:
+            logger.info("deadline reached: answers stop before shard %d", index)
+            break
         first = index * shard_size
         shard = prompts[first : first + shard_size]
         outputs = greedy_generate_ids(llm, [p.prompt_ids for p in shard], max_new_tokens)
@@ -137,10 +141,7 @@ def generate_answers(
             {"prompt_id": p.prompt_id, "prompt_ids": p.prompt_ids, "output_ids": out} for p, out in zip(shard, outputs)
         ]
         if sampled_answers:
-            sampled = sample_generate_ids(
-                llm, [p.prompt_ids for p in shard], max_new_tokens, sampled_answers, temperature,
-                [seed * 1_000_003 + first + i for i in range(len(shard))],
-            )
+            sampled = sample_generate_ids(llm, [p.prompt_ids for p in shard], max_new_tokens, sampled_answers, temperature)
             for row, answers in zip(rows, sampled):
                 row["sampled_output_ids"] = answers
                 made += sum(len(a) for a in answers)
@@ -157,15 +158,15 @@ def sample_generate_ids(
     max_new_tokens: int,
     n: int,
     temperature: float,
-    seeds: Sequence[int],
 ) -> list[list[list[int]]]:
-    """``n`` answers sampled at ``temperature`` (full vocabulary) per prompt, each request seeded."""
+    """``n`` answers sampled at ``temperature`` (full vocabulary) per prompt.
+
+    The randomness comes from the engine's seed: vLLM's CPU backend rejects per-request seeds
+    ("CPU Generator does not use offset").
+    """
     from vllm import SamplingParams
 
-    params = [
-        SamplingParams(n=n, temperature=temperature, top_p=1.0, seed=s, max_tokens=max_new_tokens)
-        for s in seeds
-    ]
+    params = SamplingParams(n=n, temperature=temperature, top_p=1.0, max_tokens=max_new_tokens)
     requests = [{"prompt_token_ids": list(ids)} for ids in prompt_token_ids]
     outputs = llm.generate(requests, params, use_tqdm=True)
     return [[list(choice.token_ids) for choice in output.outputs] for output in outputs]

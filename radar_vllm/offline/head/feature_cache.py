@@ -23,6 +23,7 @@ transformers that is the input of ``model.layers[i]``, captured here by forward 
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -127,8 +128,9 @@ def target_topk_features(
     return aux, top_ids[:, 0].clone(), top_ids, top_logprobs
 
 
-def extract_features(work_dir: Path, config: Any) -> int:
-    """Features for every answer shard that has none yet; returns the tokens processed."""
+def extract_features(work_dir: Path, config: Any, deadline: float | None = None) -> int:
+    """Features for every answer shard that has none yet; returns the tokens processed. Past
+    ``deadline`` (a ``time.time()`` value) no new shard starts."""
     from safetensors.torch import save_file
     from tqdm import tqdm
 
@@ -146,6 +148,9 @@ def extract_features(work_dir: Path, config: Any) -> int:
     made = 0
     try:
         for index, records in pending:
+            if deadline is not None and time.time() >= deadline:
+                logger.info("deadline reached: features stop before shard %d", index)
+                break
             pairs = [(r, answer) for r in records for answer in record_sequences(r)]
             kinds = [kind for r in records for kind in [0] + [1] * (len(record_sequences(r)) - 1)]
             sequences = [(r["prompt_ids"] + answer)[: config.max_seq_len] for r, answer in pairs]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import time
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -144,6 +145,9 @@ def run_pipeline(config: HeadTrainingConfig, stages: Sequence[str] = STAGES) -> 
         from radar_vllm.offline.head.trainer import check_output_dir
 
         check_output_dir(Path(config.output))  # refuse before any work is done
+    # stop_after_s bounds the whole invocation: the data stages stop between shards, training
+    # leaves with a checkpoint; running the same command again continues.
+    deadline = time.time() + config.stop_after_s if config.stop_after_s else None
     tokenizer = AutoTokenizer.from_pretrained(config.target)
     _prepare_work_dir(config, tokenizer)
     work_dir = Path(config.work_dir)
@@ -159,15 +163,24 @@ def run_pipeline(config: HeadTrainingConfig, stages: Sequence[str] = STAGES) -> 
             sampled_answers=config.sampled_answers,
             temperature=config.answer_temperature,
             dtype=config.gen_dtype,
+            deadline=deadline,
         )
     if "features" in stages:
         from radar_vllm.offline.head.feature_cache import extract_features
 
-        summary["feature_tokens_made"] = extract_features(work_dir, config)
+        summary["feature_tokens_made"] = extract_features(work_dir, config, deadline=deadline)
     if "train" in stages:
         from radar_vllm.offline.head.trainer import train
 
-        summary["train"] = train(work_dir, config, Path(config.train_dir) if config.train_dir else None)
+        if deadline is not None and time.time() >= deadline:
+            logger.info("stop_after_s=%s reached before training; rerun to continue", config.stop_after_s)
+            return summary
+        train_config = config
+        if deadline is not None:
+            train_config = dataclasses.replace(config, stop_after_s=max(1.0, deadline - time.time()))
+        summary["train"] = train(work_dir, train_config, Path(config.train_dir) if config.train_dir else None)
+    if deadline is not None and time.time() >= deadline and "train" not in summary:
+        return summary
     if "export" in stages:
         from radar_vllm.offline.head.trainer import export_latest
 
