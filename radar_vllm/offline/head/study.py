@@ -63,12 +63,12 @@ def variant_args(overrides: dict[str, object]) -> list[str]:
     return args
 
 
-def variant_command(name: str, data_dir: Path, study_dir: Path, budget: float) -> list[str]:
+def variant_command(name: str, data_dir: Path, study_dir: Path, budget: float, data_args: list[str]) -> list[str]:
     return [
         "nice", "-n", "19", "radar-vllm", "train-head", "--target", "smollm2", "--work-dir", str(data_dir),
         "--train-dir", str(study_dir / name), "--stages", "train", "--threads", "1",
         "--budget-cpu-s", str(budget), "--checkpoint-every", "100000", "--checkpoint-every-s", "300",
-        *variant_args(VARIANTS[name]),
+        *data_args, *variant_args(VARIANTS[name]),
     ]
 
 
@@ -77,7 +77,8 @@ def _spent(train_dir: Path) -> float:
     return json.loads(record.read_text()).get("cpu_time_s", 0.0) if record.is_file() else 0.0
 
 
-def train_variants(data_dir: Path, study_dir: Path, budget: float, names: list[str], parallel: int) -> None:
+def train_variants(data_dir: Path, study_dir: Path, budget: float, names: list[str], parallel: int,
+                   data_args: list[str]) -> None:
     study_dir.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     todo = [n for n in names if _spent(study_dir / n) < budget]
@@ -85,7 +86,7 @@ def train_variants(data_dir: Path, study_dir: Path, budget: float, names: list[s
     while todo or running:
         while todo and len(running) < parallel:
             name = todo.pop(0)
-            command = variant_command(name, data_dir, study_dir, budget)
+            command = variant_command(name, data_dir, study_dir, budget, data_args)
             (study_dir / name).mkdir(parents=True, exist_ok=True)
             (study_dir / name / "command.txt").write_text(shlex.join(command) + "\n")
             log = open(study_dir / f"{name}.log", "a")
@@ -186,6 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--budget-cpu-s", type=float, required=True)
     run.add_argument("--variants", default=",".join(VARIANTS))
     run.add_argument("--parallel", type=int, default=2)
+    run.add_argument("--data-args", default="", help="the data settings the data directory was made with")
     rep = sub.add_parser("report")
     rep.add_argument("--study-dir", required=True)
     rep.add_argument("--eval-dir", required=True)
@@ -196,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     if args.command == "train":
         train_variants(Path(args.data_dir), Path(args.study_dir), args.budget_cpu_s,
-                       [v for v in args.variants.split(",") if v], args.parallel)
+                       [v for v in args.variants.split(",") if v], args.parallel, shlex.split(args.data_args))
     else:
         import torch
 
