@@ -1,5 +1,6 @@
-"""train-head end to end on a tiny random target: vLLM regenerates the answers, the head trains a
-few steps, resumes, exports; then stock vLLM loads the head with "method": "eagle3"."""
+"""train-head end to end on a tiny random target: vLLM regenerates the answers (greedy and one
+sampled at T = 1 per prompt), the features keep the target's top-4 log-probs, the head trains a
+few steps with soft labels, resumes, exports; then stock vLLM loads the head with "method": "eagle3"."""
 from __future__ import annotations
 
 import json
@@ -25,6 +26,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[HeadTrainingConfi
         num_prompts=NUM_PROMPTS, shard_size=4, max_prompt_tokens=96, max_new_tokens=16, gen_batch=8,
         aux_layers=[1, 2, 3], draft_vocab_size=128, max_steps=4, checkpoint_every=2,
         batch_tokens=512, warmup_steps=2, learning_rate=1e-3,
+        sampled_answers=1, topk_logprobs=4, soft_label_weight=0.5,
     )
     summary = run_pipeline(config)
     return config, summary
@@ -36,9 +38,11 @@ def test_pipeline_writes_data_checkpoints_and_export(trained) -> None:
     assert summary["answer_tokens_made"] > 0 and summary["feature_tokens_made"] > 0
     answers = read_jsonl(work / "answers" / "shard-00000.jsonl") + read_jsonl(work / "answers" / "shard-00001.jsonl")
     assert len(answers) == NUM_PROMPTS and all(r["output_ids"] for r in answers)
+    assert all(len(r["sampled_output_ids"]) == 1 for r in answers)
+    assert any(r["sampled_output_ids"][0] != r["output_ids"] for r in answers)
     record = summary["train"]
     assert record["steps"] == 4 and [p["step"] for p in record["loss_curve"]] == [2, 4]
-    assert record["data"]["sequences"] == NUM_PROMPTS
+    assert record["data"]["sequences"] == 2 * NUM_PROMPTS and record["data"]["topk_logprobs"] == 4
     head = Path(summary["output"])
     assert {p.name for p in head.iterdir()} == {"config.json", "model.safetensors", "training_record.json"}
     assert json.loads((head / "config.json").read_text())["eagle_config"]["eagle_aux_hidden_state_layer_ids"] == [1, 2, 3]
