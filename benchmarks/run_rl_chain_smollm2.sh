@@ -5,7 +5,7 @@
 #   3. train the paper's REINFORCE, our exact expected-throughput policy, and ours under an
 #      acceptance budget (BUDGET, default 1% of full depth's acceptance length) per temperature;
 #   4. evaluate them on held-out rounds against fixed depths 0..D, the cost rule and the oracle,
-#      and measure the headroom any stop policy has with this state (benchmarks/policy_headroom.py);
+#      and measure the headroom any stop policy has with this state (radar-vllm policy-headroom);
 #   5. pack the head + our T = 0 policy (PACK_POLICY) into radar_vllm/checkpoints/smollm2-135m-radar/.
 # Results: benchmarks/results/policy_smollm2_chain_T{0,1}.{json,md,png},
 # policy_headroom_smollm2_chain.{json,md} and costs_smollm2_chain.json.
@@ -109,7 +109,7 @@ if has_step evaluate; then
     if [[ -n "${HEADROOM_NOTES:-}" ]]; then
         while IFS= read -r line; do [[ -n "$line" ]] && NOTES+=(--note "$line"); done < "$HEADROOM_NOTES"
     fi
-    python "$ROOT/benchmarks/policy_headroom.py" --costs "$COSTS" \
+    radar-vllm policy-headroom --costs "$COSTS" \
         --heldout "T0=$WORK/heldout/T0" --heldout "T1=$WORK/heldout/T1" \
         --policy "T0=$WORK/policies/T0/exact" --policy "T1=$WORK/policies/T1/exact" \
         --out "$RESULTS/policy_headroom_smollm2_chain" "${NOTES[@]}" \

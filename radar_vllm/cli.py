@@ -16,6 +16,7 @@ SUBCOMMAND_MODULES: tuple[str, ...] = (
     "radar_vllm.commands.info",
     "radar_vllm.commands.train_policy",
     "radar_vllm.commands.evaluate_policy",
+    "radar_vllm.commands.policy_headroom",
     "radar_vllm.commands.collect",
     "radar_vllm.commands.calibrate",
     "radar_vllm.commands.fetch_assets",

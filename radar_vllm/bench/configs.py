@@ -24,8 +24,8 @@ vLLM's CPU ``expand_kernel`` for every engine (:mod:`radar_vllm.vllm.cpu_samplin
 ``-uncorrected`` row shows stock EAGLE-3 at T > 0 as shipped (greedy-only batches are not affected).
 
 Every RADAR-side row is the same head with a different policy or override, so adding a row is
-adding an entry here. Rows the installed plugin cannot run (tree mode before tree verification
-exists) are kept with ``skip_reason`` and reported as skipped.
+adding an entry here. Rows the installed plugin cannot run (tree mode where it is not supported)
+are kept with ``skip_reason`` and reported as skipped.
 """
 from __future__ import annotations
 
@@ -135,14 +135,9 @@ class BenchConfig:
         return cls(**data)
 
 
-def tree_supported_by_plugin() -> bool:
-    """Whether the installed radar_vllm runs tree mode inside vLLM."""
-    return MODE_TREE in SUPPORTED_MODES
-
-
 TREE_UNSUPPORTED_REASON = (
-    "tree mode is not supported inside vLLM by this radar_vllm version (radar_config.SUPPORTED_MODES "
-    "lacks 'tree'); the row runs once tree verification lands"
+    "tree mode is not supported inside vLLM by this radar_vllm version (radar_vllm.core.config.SUPPORTED_MODES "
+    "lacks 'tree')"
 )
 
 
@@ -194,7 +189,7 @@ def build_configs(
     True. ``only`` keeps the named rows (no-spec always stays: every ratio needs it).
     """
     if tree_supported is None:
-        tree_supported = tree_supported_by_plugin()
+        tree_supported = MODE_TREE in SUPPORTED_MODES
     configs = [BenchConfig(name=NO_SPEC, kind=KIND_NONE, description="target only")]
     if head is not None:
         for k in sorted(set(k_list)):

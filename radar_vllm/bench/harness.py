@@ -40,7 +40,7 @@ from radar_vllm.bench.configs import (
     BenchConfig,
     build_configs,
 )
-from radar_vllm.core.config import MODE_TREE
+from radar_vllm.core.config import HEAD_CONFIG_FILENAME, MODE_TREE, RADAR_SECTION, read_head_config
 from radar_vllm.bench.settings import (
     BACKEND_AUTO,
     BACKEND_REFERENCE,
@@ -110,27 +110,37 @@ class BenchModels:
         return dict(self.__dict__)
 
 
+def plain_head_view(radar_checkpoint: str | Path, out_dir: str | Path) -> Path:
+    """The RADAR checkpoint seen as a plain EAGLE-3 head, for the stock EAGLE-3 rows (with the plugin
+    installed, a directory with a radar section always runs as RADAR): ``out_dir`` holds links to
+    the checkpoint's top-level files and its config.json without the radar section."""
+    radar_checkpoint, out_dir = Path(radar_checkpoint).resolve(), Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    config = read_head_config(radar_checkpoint)
+    config.pop(RADAR_SECTION, None)
+    for item in radar_checkpoint.iterdir():
+        if item.is_file() and item.name != HEAD_CONFIG_FILENAME:
+            link = out_dir / item.name
+            link.unlink(missing_ok=True)
+            os.symlink(item, link)
+    (out_dir / HEAD_CONFIG_FILENAME).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    return out_dir
+
+
 def prepare_models(settings: BenchSettings, work_dir: Path) -> BenchModels:
     from radar_vllm.bench.confidence import build_confidence_checkpoint
-    from radar_vllm.bench.model_dirs import plain_head_view, tiny_models
 
-    if settings.tiny:
-        target, head, radar = tiny_models(work_dir / "models", seed=settings.seed)
-        target_s, head_s, radar_s = str(target), str(head), str(radar)
+    target = str(Path(settings.target).resolve())
+    radar = str(Path(settings.radar_checkpoint).resolve()) if settings.radar_checkpoint else None
+    if settings.head:
+        head = str(Path(settings.head).resolve())
     else:
-        target_s = str(Path(settings.target).resolve())
-        radar_s = str(Path(settings.radar_checkpoint).resolve()) if settings.radar_checkpoint else None
-        if settings.head:
-            head_s = str(Path(settings.head).resolve())
-        elif radar_s:
-            head_s = str(plain_head_view(radar_s, work_dir / "plain-head").resolve())
-        else:
-            head_s = None
+        head = str(plain_head_view(radar, work_dir / "plain-head").resolve()) if radar else None
     confidence = None
-    if settings.confidence_threshold is not None and radar_s is not None and settings.include_radar:
-        confidence = str(build_confidence_checkpoint(radar_s, work_dir / "confidence-checkpoint",
+    if settings.confidence_threshold is not None and radar is not None and settings.include_radar:
+        confidence = str(build_confidence_checkpoint(radar, work_dir / "confidence-checkpoint",
                                                      settings.confidence_threshold).resolve())
-    return BenchModels(target=target_s, head=head_s, radar_checkpoint=radar_s, confidence_checkpoint=confidence)
+    return BenchModels(target=target, head=head, radar_checkpoint=radar, confidence_checkpoint=confidence)
 
 
 def prepare_workloads(settings: BenchSettings, tokenizer: Any) -> list[Workload]:
@@ -430,11 +440,11 @@ def finished_online(path: Path, request: dict[str, Any]) -> list[dict[str, Any]]
     return [dict(level, resumed=True) for level in stored.get("levels", [])]
 
 
-def write_json(path: Path, data: Any) -> None:
+def write_json(path: Path, data: Any, indent: int | None = None) -> None:
     """Write ``data`` as JSON through a temporary file (a killed run leaves no half-written file)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(json.dumps(data) + "\n", encoding="utf-8")
+    temporary.write_text(json.dumps(data, indent=indent) + "\n", encoding="utf-8")
     os.replace(temporary, path)
 
 
@@ -525,9 +535,7 @@ def write_outputs(document: dict[str, Any], settings: BenchSettings, plots: bool
     json_path = out_dir / f"{settings.tag}.json"
     markdown_path = out_dir / f"{settings.tag}.md"
     plot_paths = write_plots(document, out_dir, settings.tag) if plots else []
-    temporary = json_path.with_name(json_path.name + ".tmp")
-    temporary.write_text(json.dumps(document, indent=1) + "\n", encoding="utf-8")
-    os.replace(temporary, json_path)
+    write_json(json_path, document, indent=1)
     markdown_path.write_text(render_markdown(document, [p.name for p in plot_paths]) + "\n", encoding="utf-8")
     return BenchOutputs(json_path, markdown_path, plot_paths, document)
 
@@ -613,8 +621,7 @@ def run_benchmark(settings: BenchSettings) -> BenchOutputs:
     names = [w.name for w in workloads] + ([MTBENCH_TURN2] if turn2 else [])
     total = sum(units_per_row(settings, names, config.mode == MODE_TREE, config.sampled_only) for config in runnable)
     scorer = make_scorer(models.target)
-    if not settings.tiny:  # the cost model knows the real target's speed only
-        announce_estimate(settings, runnable, configs, work_dir, notes)
+    announce_estimate(settings, runnable, configs, work_dir, notes)
     with tqdm(total=total, desc="offline", unit="run") as bar:
         for config in runnable:
             bar.set_postfix_str(config.name)

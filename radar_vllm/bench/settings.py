@@ -1,4 +1,5 @@
-"""Settings of one benchmark run and the presets (``quick``, ``report``, ``sampling``, ``gpu-reference``).
+"""Settings of one benchmark run and the presets (``main``, ``quick``, ``report``, ``sampling``,
+``gpu-reference``).
 
 A run measures every configuration row (see :mod:`radar_vllm.bench.configs`) on the same prompts
 with the same sampling settings:
@@ -60,11 +61,10 @@ def _positive(name: str, value: Any) -> None:
 class BenchSettings:
     """Everything one ``radar-vllm bench`` run does; built by the CLI or a preset."""
 
-    # models: a target HF folder + a RADAR checkpoint, or tiny random models (tests, smoke runs)
+    # models: a target HF folder + a RADAR checkpoint
     target: str | None = None
     radar_checkpoint: str | None = None
     head: str | None = None  # plain EAGLE-3 head; default: the RADAR checkpoint without its radar section
-    tiny: bool = False
     backend: str = BACKEND_AUTO
     # configuration rows
     k_list: tuple[int, ...] = DEFAULT_K_LIST
@@ -163,9 +163,9 @@ class BenchSettings:
                 raise ValueError(f"temperatures must be numbers >= 0, got {temperature!r}")
         if self.confidence_threshold is not None and not 0.0 < self.confidence_threshold < 1.0:
             raise ValueError(f"confidence_threshold must be in (0, 1), got {self.confidence_threshold!r}")
-        if not self.tiny and not self.target:
-            raise ValueError("target is required (an HF model folder) unless tiny models are requested")
-        if not self.tiny and not self.radar_checkpoint and self.include_radar:
+        if not self.target:
+            raise ValueError("target is required (an HF model folder)")
+        if not self.radar_checkpoint and self.include_radar:
             raise ValueError(
                 "radar_checkpoint is required for the RADAR rows (a head directory with a radar section); "
                 "pass one, or leave the RADAR rows out"
@@ -254,21 +254,13 @@ GPU_REFERENCE_PRESET: dict[str, Any] = {
 
 
 # The committed report for the shipped SmolLM2 checkpoint on a 2-core CPU, sized for one run of
-# about an hour (`radar-vllm bench --preset report`; hard limit 75 min). The cost model
-# (radar_vllm.bench.estimate, 2-core CPU measurements) gives about 58 min: 12 engine starts
-# and 3 server starts (~15 min), offline ~40 min (9 chain rows x 3 repeats ~35 min, the tree rows
-# ~5 min at today's tree-verification speed), online ~3 min. Choices:
+# about an hour (`radar-vllm bench --preset report`; see `--estimate`):
 # - every K = 1..7: the best-K baseline is chosen per cell, so no K may be missing;
-# - MT-Bench and HumanEval (ShareGPT adds ~12 min; MT-Bench turn 2 as much, both left out);
-#   T = 1 on MT-Bench only (T > 0 drafts are hardly accepted on the CPU build: slow and flat);
+# - MT-Bench and HumanEval, T = 1 on MT-Bench only;
 # - batched = all 8 prompts of a workload in one call, batch 1 = its first 2 prompts;
-# - tree rows (59-node trees) at batch 1 only, one repeat: batched trees and more repeats do not
-#   fit before tree verification gets faster (then `--tree-modes batch1,batched --tree-repeats 3`);
-# - online: no-spec, the best stock EAGLE-3 K and RADAR chain at concurrency 1, 4, 16
-#   (8, 8 and 32 requests of 128 tokens); tree rows are too slow to serve at 16;
-# - stock EAGLE-3 at its best K (1) also as shipped (eagle3-k1-uncorrected, VLLM_PLUGINS=""), at
-#   T = 1 only, for the sample-quality check to flag next to the corrected eagle3-k1 (~2 min);
-#   scoring every row's sampled outputs adds ~1.5 min (the estimate is now ~71 min, erring long).
+# - online: no-spec, the best stock EAGLE-3 K and RADAR chain at concurrency 1, 4, 16;
+# - stock EAGLE-3 at K = 1 also as shipped (eagle3-k1-uncorrected, VLLM_PLUGINS=""), at T = 1
+#   only, for the sample-quality check to flag next to the corrected eagle3-k1.
 REPORT_PRESET: dict[str, Any] = {
     "k_list": DEFAULT_K_LIST,
     "uncorrected_k": (1,),
@@ -299,7 +291,6 @@ REPORT_PRESET: dict[str, Any] = {
 # MT-Bench, 16 prompts batched, one repeat, offline only, float32 (bfloat16 matmuls are very slow
 # on CPUs without AVX-512). Rows: no-spec, eagle3-k1 (corrected and as shipped, the latter T > 0
 # only), radar-chain, radar-chain-d1 (RADAR's path drafting one token, no policy) and radar-tree.
-# The cost model gives about 12 min on 2 cores (6 engine starts ~6 min, offline ~3 min, scoring ~2 min).
 SAMPLING_PRESET: dict[str, Any] = {
     "k_list": (1,),
     "uncorrected_k": (1,),
@@ -318,18 +309,42 @@ SAMPLING_PRESET: dict[str, Any] = {
     "dtype": "float32",
     "config_timeout_s": 900.0,
 }
-SAMPLING_TAG = "sampling_smollm2"  # default file name stem of the preset on the shipped SmolLM2 assets
+# The main job (`bash benchmarks/run_main.sh` = `radar-vllm bench --preset main`): RADAR chain and
+# tree against stock EAGLE-3 at its best K (K = 1, 2, 3) and no speculation on the shipped SmolLM2
+# checkpoint, greedy, every output compared with no speculation's; 16 MT-Bench first turns of up
+# to 128 tokens in one batch, float32, offline only; 3 repeats (tree: 2). Sized for 20-40 minutes
+# on 2 CPU cores; the console shows one summary table at the end.
+MAIN_PRESET: dict[str, Any] = {
+    "k_list": (1, 2, 3),
+    "include_tree": True,
+    "include_static_tree": False,
+    "confidence_threshold": None,
+    "workloads": (MTBENCH,),
+    "num_prompts": 16,
+    "max_new_tokens": 128,
+    "temperatures": (GREEDY,),
+    "offline_modes": (MODE_BATCHED,),
+    "repeats": 3,
+    "tree_repeats": 2,
+    "online_concurrency": (),
+    "dtype": "float32",
+    "config_timeout_s": 1200.0,
+}
 
+PRESET_MAIN = "main"
 PRESET_QUICK = "quick"
 PRESET_REPORT = "report"
 PRESET_SAMPLING = "sampling"
 PRESET_GPU_REFERENCE = "gpu-reference"
 PRESETS: dict[str, dict[str, Any]] = {
+    PRESET_MAIN: MAIN_PRESET,
     PRESET_QUICK: QUICK_PRESET,
     PRESET_REPORT: REPORT_PRESET,
     PRESET_SAMPLING: SAMPLING_PRESET,
     PRESET_GPU_REFERENCE: GPU_REFERENCE_PRESET,
 }
+# file name stems of presets run on the shipped SmolLM2 assets (other presets: bench-PRESET)
+SMOLLM2_TAGS = {PRESET_MAIN: "main_smollm2", PRESET_SAMPLING: "sampling_smollm2"}
 
 
 def apply_preset(base: dict[str, Any], preset: dict[str, Any]) -> dict[str, Any]:

@@ -27,8 +27,7 @@ GENERATION_TOKENS = "vllm:generation_tokens"
 RADAR_DRAFT_CALLS = "vllm:radar_draft_calls"
 RADAR_ROUNDS = "vllm:radar_rounds"
 RADAR_STOP_DEPTH = "vllm:radar_stop_depth"
-RADAR_ACCEPTANCE_LENGTH = "vllm:radar_acceptance_length"
-# tree mode: nodes verified per request and round (exported once tree verification lands)
+# tree mode: nodes verified per request and round
 RADAR_TREE_SIZE = "vllm:radar_tree_size"
 
 POSITION_LABEL = "position"
@@ -55,9 +54,6 @@ class MetricSnapshot:
 
     def counter(self, name: str) -> float:
         return self.counters.get(name, 0.0)
-
-    def has(self, name: str) -> bool:
-        return name in self.counters or name in self.vectors or name in self.histograms
 
     def to_dict(self) -> dict[str, Any]:
         return {

@@ -14,14 +14,20 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any, Sequence
 
-from radar_vllm.offline.prompts import Prompt, apply_chat_template, load_humaneval, load_mtbench, load_sharegpt
+from radar_vllm.offline.prompts import (
+    Prompt,
+    apply_chat_template,
+    load_humaneval,
+    load_mtbench,
+    load_sharegpt,
+    mtbench_second_turn_messages,
+)
 
 MTBENCH = "mtbench"
 MTBENCH_TURN2 = "mtbench-turn2"
 HUMANEVAL = "humaneval"
 SHAREGPT = "sharegpt"
 BASE_WORKLOADS = (MTBENCH, HUMANEVAL, SHAREGPT)
-WORKLOADS = (MTBENCH, MTBENCH_TURN2, HUMANEVAL, SHAREGPT)
 SHAREGPT_SPLIT = "heldout"
 
 
@@ -111,14 +117,6 @@ def load_workload(name: str, tokenizer: Any, num_prompts: int, max_prompt_tokens
     )
 
 
-def second_turn_messages(first_turn: str, answer: str, second_turn: str) -> list[dict[str, str]]:
-    return [
-        {"role": "user", "content": first_turn},
-        {"role": "assistant", "content": answer},
-        {"role": "user", "content": second_turn},
-    ]
-
-
 def build_second_turn(
     tokenizer: Any,
     first_turns: Workload,
@@ -139,7 +137,7 @@ def build_second_turn(
         if len(turns) < 2:
             continue
         text = tokenizer.decode(list(answer), skip_special_tokens=True)
-        ids = prompt_token_ids(tokenizer, second_turn_messages(turns[0], text, turns[1]))
+        ids = prompt_token_ids(tokenizer, mtbench_second_turn_messages(turns, text))
         if len(ids) <= max_prompt_tokens:
             prompt_ids.append(ids)
             keys.append(key)

@@ -13,10 +13,11 @@ from radar_vllm.commands.train_policy import add_common_data_arguments, load_che
 logger = logging.getLogger(__name__)
 
 
-def _parse_policy(text: str) -> tuple[str, str]:
+def parse_pair(text: str, flag: str = "--policy") -> tuple[str, str]:
+    """``NAME=PATH`` -> (NAME, PATH); ValueError naming ``flag`` otherwise."""
     name, sep, path = text.partition("=")
     if not sep or not name or not path:
-        raise ValueError(f"--policy must look like NAME=PATH, got {text!r}")
+        raise ValueError(f"{flag} must look like NAME=PATH, got {text!r}")
     return name, path
 
 
@@ -32,7 +33,7 @@ def run(args: argparse.Namespace) -> int:
                          f" the evaluation table with {table.metadata.head_id!r}")
     policies = {}
     for text in args.policy or []:
-        name, path = _parse_policy(text)
+        name, path = parse_pair(text)
         checkpoint = load_policy_checkpoint(path)
         meta = checkpoint.metadata
         for key in ("head_id", "temperature", "max_depth", "top_k"):

@@ -68,7 +68,7 @@ PROMPT_SET_FILES: dict[str, PackagedFile] = {
     "sharegpt": SHAREGPT_CONVERSATIONS,
 }
 
-CHECKPOINTS_DIR = Path(__file__).resolve().parent / "checkpoints"
+CHECKPOINTS_DIR = Path(__file__).resolve().parents[1] / "checkpoints"  # radar_vllm/checkpoints
 SMOLLM2_HEAD_DIRNAME = "smollm2-135m-eagle3"
 
 

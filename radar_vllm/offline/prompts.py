@@ -76,14 +76,15 @@ def load_mtbench() -> list[Prompt]:
     ]
 
 
-def mtbench_second_turn_messages(prompt: Prompt, first_answer: str) -> tuple[Message, ...]:
-    """Messages for MT-Bench turn 2: turn 1, the model's ``first_answer``, then turn 2."""
-    if len(prompt.turns) < 2:
-        raise ValueError(f"prompt {prompt.prompt_id!r} has {len(prompt.turns)} turn(s); need 2")
+def mtbench_second_turn_messages(turns: Sequence[str], first_answer: str) -> tuple[Message, ...]:
+    """Messages for MT-Bench turn 2 (``turns`` of a :class:`Prompt`): turn 1, the model's
+    ``first_answer``, then turn 2."""
+    if len(turns) < 2:
+        raise ValueError(f"MT-Bench turn 2 needs two turns, got {len(turns)}")
     return (
-        _user(prompt.turns[0]),
+        _user(turns[0]),
         {"role": "assistant", "content": first_answer},
-        _user(prompt.turns[1]),
+        _user(turns[1]),
     )
 
 

@@ -31,7 +31,6 @@ vLLM is imported inside the functions only.
 """
 from __future__ import annotations
 
-import gc
 import logging
 import os
 import statistics
@@ -42,6 +41,7 @@ from typing import Any, Sequence
 import torch
 
 from radar_vllm.core.costs import ENGINE_VLLM_CPU, CostTable, describe_machine
+from radar_vllm.offline.generate import shutdown_engine
 
 logger = logging.getLogger(__name__)
 
@@ -191,12 +191,6 @@ def _make_llm(target: str, head: str, depth: int, dtype: str, max_model_len: int
     return LLM(**kwargs)
 
 
-def _shutdown(llm: Any) -> None:
-    engine_core = getattr(llm.llm_engine, "engine_core", None)
-    if engine_core is not None and hasattr(engine_core, "shutdown"):
-        engine_core.shutdown()
-
-
 def calibrate_vllm_chain(
     target: str,
     head: str,
@@ -243,9 +237,7 @@ def calibrate_vllm_chain(
             try:
                 _measure_engine(llm, prompts, depth, max_tokens, measurements[depth], clock)
             finally:
-                _shutdown(llm)
-                del llm
-                gc.collect()
+                shutdown_engine(llm)
             logger.info("depth %d: %.2f ms per round (samples %s)", depth,
                         1e3 * measurements[depth].median,
                         [round(1e3 * s, 2) for s in measurements[depth].round_seconds])

@@ -1,4 +1,5 @@
-"""``radar-vllm bench --quick`` end to end on tiny random models with the CPU build of vLLM.
+"""``radar-vllm bench --quick`` end to end on tiny random models (passed as ``--target`` and
+``--radar-checkpoint``, float32) with the CPU build of vLLM.
 
 One run for the module: four rows (no speculation, RADAR chain, RADAR's chain at a fixed depth of 2
 without the stop policy, and stock EAGLE-3 K=1 as shipped: ``VLLM_PLUGINS=""``, T = 1 only), each
@@ -18,19 +19,20 @@ import pytest
 
 pytest.importorskip("vllm")
 
+from conftest import TINY_MAX_DEPTH, tiny_bench_args  # noqa: E402
 from radar_vllm.cli import main  # noqa: E402
 
 ONLINE_REQUESTS = 3
-TINY_MAX_DEPTH = 4
 UNCORRECTED = "eagle3-k1-uncorrected"
 RADAR_CHAIN = "radar-chain"
 FIXED_DEPTH = 2
 FIXED = f"radar-chain-d{FIXED_DEPTH}"
 
 
-def quick_command(out: Path) -> list[str]:
+def quick_command(out: Path, models: tuple[Path, Path, Path]) -> list[str]:
     return [
-        "bench", "--quick", "--tiny", "--configs", f"radar-chain,{FIXED},{UNCORRECTED}", "--uncorrected-k", "1",
+        "bench", "--quick", *tiny_bench_args(models), "--configs", f"radar-chain,{FIXED},{UNCORRECTED}",
+        "--uncorrected-k", "1",
         "--radar-fixed-depth", str(FIXED_DEPTH),
         "--repeats", "2",
         "--batch1-prompts", "1", "--sampled-workloads", "mtbench",
@@ -41,9 +43,10 @@ def quick_command(out: Path) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def quick_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[int, Path, dict[str, Any]]:
+def quick_run(tmp_path_factory: pytest.TempPathFactory,
+              tiny_bench_models: tuple[Path, Path, Path]) -> tuple[int, Path, dict[str, Any]]:
     out = tmp_path_factory.mktemp("bench-quick")
-    code = main(quick_command(out))
+    code = main(quick_command(out, tiny_bench_models))
     document = json.loads((out / "quick.json").read_text()) if (out / "quick.json").is_file() else {}
     return code, out, document
 
@@ -178,10 +181,11 @@ def test_online_levels_and_outputs(quick_run: tuple[int, Path, dict[str, Any]]) 
         assert (out / f"quick-{suffix}.png").stat().st_size > 0
 
 
-def test_same_command_again_reuses_finished_rows_and_servers(quick_run: tuple[int, Path, dict[str, Any]]) -> None:
+def test_same_command_again_reuses_finished_rows_and_servers(quick_run: tuple[int, Path, dict[str, Any]],
+                                                             tiny_bench_models: tuple[Path, Path, Path]) -> None:
     code, out, first = quick_run
     assert code == 0
-    assert main(quick_command(out)) == 0
+    assert main(quick_command(out, tiny_bench_models)) == 0
     again = json.loads((out / "quick.json").read_text())
     assert [c["status"] for c in again["configs"]] == ["ok", "ok", "ok", "ok"]
     # nothing was measured again: the same runs, cells, scores and online levels

@@ -58,7 +58,8 @@ def test_rerun_resumes_without_redoing_data(trained) -> None:
 
 
 def test_stock_vllm_generates_with_the_trained_head(trained) -> None:
-    from radar_vllm.offline.generate import greedy_generate_ids, make_llm, spec_decode_counters
+    from radar_vllm.bench.snapshots import NUM_DRAFT_TOKENS, NUM_DRAFTS, snapshot_from_metrics
+    from radar_vllm.offline.generate import greedy_generate_ids, make_llm
 
     config, summary = trained
     answers = read_jsonl(Path(config.work_dir) / "answers" / "shard-00000.jsonl")
@@ -69,6 +70,6 @@ def test_stock_vllm_generates_with_the_trained_head(trained) -> None:
     outputs = greedy_generate_ids(llm, [r["prompt_ids"] for r in answers], config.max_new_tokens, use_tqdm=False)
     # Greedy speculative decoding reproduces the target's own greedy answers.
     assert outputs == [r["output_ids"] for r in answers]
-    counters = spec_decode_counters(llm)
-    assert counters["num_drafts"] > 0
-    assert counters["num_draft_tokens"] == 2 * counters["num_drafts"]
+    counters = snapshot_from_metrics(llm.get_metrics())
+    assert counters.counter(NUM_DRAFTS) > 0
+    assert counters.counter(NUM_DRAFT_TOKENS) == 2 * counters.counter(NUM_DRAFTS)

@@ -204,3 +204,9 @@ def test_real_smollm2_conversion_when_cached() -> None:
     record = json.loads((folder / assets.CONVERSION_RECORD).read_text())
     assert record["source_sha256"] == assets.SMOLLM2_GGUF_SHA256
     assert assets.ensure_smollm2() == folder
+
+
+def test_shipped_checkpoints_are_found() -> None:
+    shipped = assets.shipped_checkpoints()
+    assert {"smollm2-135m-eagle3", "smollm2-135m-radar"} <= set(shipped)
+    assert all(Path(path, "config.json").is_file() for path in shipped.values())

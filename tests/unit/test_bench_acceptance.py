@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from conftest import BENCH_CLI, FakeLLM, bench_rows, bench_settings
 from radar_vllm.bench.configs import (
     KIND_EAGLE3,
     KIND_NONE,
@@ -42,7 +43,6 @@ from radar_vllm.bench.settings import (
     PRESETS,
     SAMPLING_PRESET,
     BenchSettings,
-    apply_preset,
     temperatures_for,
 )
 from radar_vllm.bench.snapshots import (
@@ -59,22 +59,14 @@ SAMPLING_ROWS = [NO_SPEC, "eagle3-k1", "eagle3-k1-uncorrected", RADAR_CHAIN, D1,
 SAMPLING_MAX_MINUTES = 30.0
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
-    from radar_vllm.bench.model_dirs import tiny_models
-
-    return tiny_models(tmp_path_factory.mktemp("acceptance-models"))
-
-
 def sampling_settings(**overrides: Any) -> BenchSettings:
-    """The sampling preset on placeholder model paths (nothing is loaded)."""
-    return BenchSettings(**apply_preset({"target": "target", "radar_checkpoint": "radar", **overrides},
-                                        SAMPLING_PRESET))
+    return bench_settings("sampling", **overrides)
 
 
 # ------------------------------------------------------------------------------ the fixed-depth row
-def test_fixed_depth_rows_follow_radar_chain_and_carry_the_override(tiny: tuple[Path, Path, Path]) -> None:
-    _, head, radar = tiny
+def test_fixed_depth_rows_follow_radar_chain_and_carry_the_override(
+        tiny_bench_models: tuple[Path, Path, Path]) -> None:
+    _, head, radar = tiny_bench_models
     plain = build_configs(head=str(head), radar_checkpoint=str(radar), k_list=[1], tree_supported=True)
     configs = build_configs(head=str(head), radar_checkpoint=str(radar), k_list=[1], tree_supported=True,
                             fixed_depths=[3, 1, 3])
@@ -96,15 +88,15 @@ def test_fixed_depth_rows_follow_radar_chain_and_carry_the_override(tiny: tuple[
         build_configs(head=str(head), radar_checkpoint=str(radar), k_list=[1], fixed_depths=[5])
 
 
-def test_fixed_depth_override_reaches_the_engine(tiny: tuple[Path, Path, Path]) -> None:
+def test_fixed_depth_override_reaches_the_engine(tiny_bench_models: tuple[Path, Path, Path]) -> None:
     from radar_vllm.bench.harness import BenchModels, make_job
     from radar_vllm.bench.engine_process import engine_kwargs
 
-    target, head, radar = tiny
+    target, head, radar = tiny_bench_models
     config = next(c for c in build_configs(head=str(head), radar_checkpoint=str(radar), k_list=[1],
                                            fixed_depths=[2]) if c.name == "radar-chain-d2")
     models = BenchModels(target=str(target), head=str(head), radar_checkpoint=str(radar), confidence_checkpoint=None)
-    job = make_job(BenchSettings(tiny=True), config, models, [], build_turn2=False)
+    job = make_job(bench_settings(), config, models, [], build_turn2=False)
     kwargs = engine_kwargs(job["engine"], job["config"]["speculative_config"])
     assert kwargs["speculative_config"]["radar"] == {"mode": "chain", "fixed_depth": 2}
     assert BenchConfig.from_dict(job["config"]) == config
@@ -121,9 +113,9 @@ def test_fixed_depth_rows_in_settings_estimate_and_cli() -> None:
     from radar_vllm.commands.bench import settings_from_args
 
     with pytest.raises(ValueError, match="radar_fixed_depths entries"):
-        BenchSettings(tiny=True, radar_fixed_depths=(0,))
-    settings = BenchSettings(tiny=True, k_list=(1, 3), radar_fixed_depths=(3, 1), include_static_tree=False,
-                             confidence_threshold=None)
+        bench_settings(radar_fixed_depths=(0,))
+    settings = bench_settings(k_list=(1, 3), radar_fixed_depths=(3, 1), include_static_tree=False,
+                              confidence_threshold=None)
     assert planned_rows(settings) == [NO_SPEC, "eagle3-k1", "eagle3-k3", RADAR_CHAIN, D1, "radar-chain-d3",
                                       RADAR_TREE]
     assert planned_rows(dataclasses.replace(settings, include_radar=False)) == [NO_SPEC, "eagle3-k1", "eagle3-k3"]
@@ -135,14 +127,14 @@ def test_fixed_depth_rows_in_settings_estimate_and_cli() -> None:
     with pytest.raises(ValueError, match="radar-chain-dD"):
         SMOLLM2_CPU_COSTS.speed("radar-chain-dx", 1, GREEDY)
     parser = build_parser()
-    base = ["bench", "--tiny", "--backend", "reference"]
+    base = BENCH_CLI
     assert settings_from_args(parser.parse_args(base)).radar_fixed_depths == ()
     assert settings_from_args(parser.parse_args(base + ["--radar-fixed-depth", "1,3"])).radar_fixed_depths == (1, 3)
     assert settings_from_args(parser.parse_args(base + ["--preset", "sampling", "--radar-fixed-depth", "none"])
                               ).radar_fixed_depths == ()
 
 
-def test_reference_decoder_runs_the_fixed_depth_row(tiny: tuple[Path, Path, Path],
+def test_reference_decoder_runs_the_fixed_depth_row(tiny_bench_models: tuple[Path, Path, Path],
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     import torch
 
@@ -151,7 +143,7 @@ def test_reference_decoder_runs_the_fixed_depth_row(tiny: tuple[Path, Path, Path
     from radar_vllm.offline.reference.decoder import FixedDepth, PolicyStop
 
     monkeypatch.setattr(decoder, "ReferenceDecoder", lambda *args, **kwargs: None)  # no models needed here
-    _, head, radar = tiny
+    _, head, radar = tiny_bench_models
     configs = build_configs(head=str(head), radar_checkpoint=str(radar), k_list=[], include_tree=False,
                             include_static_tree=False, fixed_depths=[2])
     rows = {row.config.name: row for row in build_rows(configs, None, None, torch.device("cpu"), None)
@@ -175,14 +167,6 @@ def test_draft_acceptance_arithmetic() -> None:
     assert first_draft_acceptance([3.0], 0) is None
 
 
-@dataclasses.dataclass
-class _Params:
-    temperature: float
-    max_tokens: int
-    top_p: float = 1.0
-    seed: int | None = None
-
-
 class Counter(SimpleNamespace):  # the class names snapshot_from_metrics reads, as vllm.v1.metrics.reader's
     pass
 
@@ -191,33 +175,24 @@ class Vector(SimpleNamespace):
     pass
 
 
-class _SpecLLM:
+def spec_llm(step: dict[str, float], per_position: list[float] | None) -> FakeLLM:
     """A stand-in engine whose spec-decode metrics grow by ``step`` per generate call (two engines'
     label sets, so the snapshot has to sum them); ``per_position`` None: no per-position vector."""
 
-    def __init__(self, step: dict[str, float], per_position: list[float] | None) -> None:
-        self.step, self.per_position, self.calls = step, per_position, 0
-
-    def get_default_sampling_params(self) -> _Params:
-        return _Params(temperature=GREEDY, max_tokens=4)
-
-    def get_metrics(self) -> list[Any]:
-        metrics: list[Any] = []
+    def metrics(calls: int) -> list[Any]:
+        found: list[Any] = []
         for engine in ("0", "1"):
-            metrics += [Counter(name=name, labels={"engine": engine}, value=self.calls * value / 2)
-                        for name, value in self.step.items()]
-            if self.per_position is not None:
-                metrics.append(Vector(name=ACCEPTED_PER_POSITION, labels={"engine": engine},
-                                      values=[self.calls * v / 2 for v in self.per_position]))
-        metrics.append(Counter(name="vllm:request_success", labels={}, value=self.calls))
-        return metrics
+            found += [Counter(name=name, labels={"engine": engine}, value=calls * value / 2)
+                      for name, value in step.items()]
+            if per_position is not None:
+                found.append(Vector(name=ACCEPTED_PER_POSITION, labels={"engine": engine},
+                                    values=[calls * v / 2 for v in per_position]))
+        return found + [Counter(name="vllm:request_success", labels={}, value=calls)]
 
-    def generate(self, requests: list[dict], params: list[_Params], use_tqdm: bool = False) -> list[Any]:
-        self.calls += 1
-        return [SimpleNamespace(outputs=[SimpleNamespace(token_ids=[5] * p.max_tokens)]) for p in params]
+    return FakeLLM(answer=lambda request, params: [5] * params.max_tokens, metrics=metrics)
 
 
-def _measured_cell(config: BenchConfig, llm: _SpecLLM, repeats: int) -> Any:
+def _measured_cell(config: BenchConfig, llm: FakeLLM, repeats: int) -> Any:
     workload = Workload(name=MTBENCH, prompt_ids=[[1, 2], [3]], prompt_keys=["a", "b"])
     runner = OfflineRunner(llm, max_new_tokens=4, seed=0)
     llm.generate([], [])  # counters do not start at zero: the cell holds the measured runs only
@@ -228,7 +203,7 @@ def _measured_cell(config: BenchConfig, llm: _SpecLLM, repeats: int) -> Any:
 def test_cells_carry_accepted_per_drafted_and_first_draft_acceptance() -> None:
     config = BenchConfig(name="eagle3-k2", kind=KIND_EAGLE3, num_speculative_tokens=2, max_depth=2, draft_model="h")
     # per run: 10 drafts of 2 tokens, 12 accepted: 7 at position 1, 5 at position 2
-    llm = _SpecLLM({NUM_DRAFTS: 10.0, NUM_DRAFT_TOKENS: 20.0, NUM_ACCEPTED_TOKENS: 12.0}, [7.0, 5.0])
+    llm = spec_llm({NUM_DRAFTS: 10.0, NUM_DRAFT_TOKENS: 20.0, NUM_ACCEPTED_TOKENS: 12.0}, [7.0, 5.0])
     cell = _measured_cell(config, llm, repeats=2)
     assert cell.draft_acceptance == pytest.approx(24 / 40)
     assert cell.first_draft_acceptance == pytest.approx(14 / 20)
@@ -241,24 +216,19 @@ def test_cells_carry_accepted_per_drafted_and_first_draft_acceptance() -> None:
 def test_rows_without_the_per_position_vector_or_drafts() -> None:
     tree = BenchConfig(name=RADAR_TREE, kind=KIND_RADAR, mode="tree", num_speculative_tokens=11, max_depth=4,
                        draft_model="r")
-    cell = _measured_cell(tree, _SpecLLM({NUM_DRAFTS: 4.0, NUM_DRAFT_TOKENS: 40.0, NUM_ACCEPTED_TOKENS: 6.0}, None),
+    cell = _measured_cell(tree, spec_llm({NUM_DRAFTS: 4.0, NUM_DRAFT_TOKENS: 40.0, NUM_ACCEPTED_TOKENS: 6.0}, None),
                           repeats=1)
     assert cell.draft_acceptance == pytest.approx(0.15)
     assert cell.first_draft_acceptance is None and cell.acceptance_length == pytest.approx(2.5)
-    base = _measured_cell(BenchConfig(name=NO_SPEC, kind=KIND_NONE), _SpecLLM({}, None), repeats=1)
+    base = _measured_cell(BenchConfig(name=NO_SPEC, kind=KIND_NONE), spec_llm({}, None), repeats=1)
     assert (base.draft_acceptance, base.first_draft_acceptance, base.acceptance_length) == (None, None, None)
 
 
 # ------------------------------------------------------------------------------ the sampling preset
-def test_sampling_preset_rows_workload_and_temperatures(tiny: tuple[Path, Path, Path]) -> None:
+def test_sampling_preset_rows_workload_and_temperatures(tiny_bench_models: tuple[Path, Path, Path]) -> None:
     settings = sampling_settings()
     assert planned_rows(settings) == SAMPLING_ROWS
-    _, head, radar = tiny
-    built = build_configs(head=str(head), radar_checkpoint=str(radar), k_list=settings.k_list,
-                          include_tree=settings.include_tree, include_static_tree=settings.include_static_tree,
-                          confidence_checkpoint=None, tree_supported=True,
-                          uncorrected_k=settings.uncorrected_rows_k, fixed_depths=settings.radar_fixed_depths)
-    assert [c.name for c in built] == SAMPLING_ROWS
+    assert [c.name for c in bench_rows(settings, tiny_bench_models)] == SAMPLING_ROWS
     assert planned_workloads(settings) == [MTBENCH]
     assert temperatures_for(settings.temperatures, settings.sampled_workloads, MTBENCH) == (0.0, 0.6, 1.0)
     assert settings.modes_for(tree=False) == settings.modes_for(tree=True) == (MODE_BATCHED,)
@@ -289,9 +259,6 @@ def test_cli_sampling_preset_and_its_file_name(monkeypatch: pytest.MonkeyPatch) 
     other = bench.settings_from_args(parser.parse_args(["bench", "--preset", "sampling", "--backend", "vllm",
                                                         "--target", "m", "--radar-checkpoint", "r"]))
     assert other.tag == "bench-sampling"  # not the shipped SmolLM2 assets: not named after them
-    tiny = bench.settings_from_args(parser.parse_args(["bench", "--preset", "sampling", "--tiny", "--backend",
-                                                       "vllm"]))
-    assert tiny.tag == "bench-sampling-tiny"
     assert bench.settings_from_args(parser.parse_args(["bench", "--preset", "sampling", "--backend", "vllm",
                                                        "--tag", "x"])).tag == "x"
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import BENCH_CLI, bench_settings, tiny_bench_args
 from radar_vllm.bench.configs import (
     CONFIDENCE_CHAIN,
     KIND_EAGLE3,
@@ -46,16 +47,9 @@ from radar_vllm.bench.workloads import MTBENCH, Workload, build_second_turn, sel
 from radar_vllm.core.policy import PolicyRunner
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
-    from radar_vllm.bench.model_dirs import tiny_models
-
-    return tiny_models(tmp_path_factory.mktemp("bench-models"))
-
-
 # ------------------------------------------------------------------------------ rows
-def test_rows_in_order_with_speculative_configs(tiny: tuple[Path, Path, Path]) -> None:
-    target, head, radar = tiny
+def test_rows_in_order_with_speculative_configs(tiny_bench_models: tuple[Path, Path, Path]) -> None:
+    target, head, radar = tiny_bench_models
     configs = build_configs(head=str(head), radar_checkpoint=str(radar), k_list=[3, 1, 3],
                             confidence_checkpoint=str(radar), tree_supported=True)
     names = [c.name for c in configs]
@@ -73,15 +67,15 @@ def test_rows_in_order_with_speculative_configs(tiny: tuple[Path, Path, Path]) -
     assert not any(c.skipped for c in configs)
 
 
-def test_tree_rows_skipped_with_reason_when_unsupported(tiny: tuple[Path, Path, Path]) -> None:
-    _, head, radar = tiny
+def test_tree_rows_skipped_with_reason_when_unsupported(tiny_bench_models: tuple[Path, Path, Path]) -> None:
+    _, head, radar = tiny_bench_models
     configs = build_configs(head=str(head), radar_checkpoint=str(radar), k_list=[1], tree_supported=False)
     skipped = {c.name: c.skip_reason for c in configs if c.skipped}
     assert skipped == {RADAR_TREE: TREE_UNSUPPORTED_REASON, STATIC_TREE: TREE_UNSUPPORTED_REASON}
 
 
-def test_only_keeps_no_spec_and_rejects_unknown(tiny: tuple[Path, Path, Path]) -> None:
-    _, head, radar = tiny
+def test_only_keeps_no_spec_and_rejects_unknown(tiny_bench_models: tuple[Path, Path, Path]) -> None:
+    _, head, radar = tiny_bench_models
     configs = build_configs(head=str(head), radar_checkpoint=str(radar), k_list=[1, 2], only=["eagle3-k2"])
     assert [c.name for c in configs] == [NO_SPEC, "eagle3-k2"]
     with pytest.raises(ValueError, match="unknown configuration"):
@@ -97,12 +91,12 @@ def test_config_requires_draft_model_for_speculation() -> None:
 
 def test_settings_validation_names_the_parameter() -> None:
     with pytest.raises(ValueError, match="repeats"):
-        BenchSettings(tiny=True, repeats=0)
+        bench_settings(repeats=0)
     with pytest.raises(ValueError, match="offline mode"):
-        BenchSettings(tiny=True, offline_modes=("streaming",))
+        bench_settings(offline_modes=("streaming",))
     with pytest.raises(ValueError, match="target is required"):
         BenchSettings()
-    settings = BenchSettings(tiny=True, max_prompt_tokens=256, max_new_tokens=32)
+    settings = bench_settings(max_prompt_tokens=256, max_new_tokens=32)
     # turn 2 holds turn 1 + its answer: 288 prompt tokens + 32 answer + 128 draft margin -> 512
     assert settings.turn2_max_prompt_tokens == 288
     assert settings.max_model_len() == 512
@@ -142,10 +136,10 @@ def test_select_evenly() -> None:
         select_evenly([1], 0)
 
 
-def test_second_turn_holds_first_turn_answer_and_second_turn(tiny: tuple[Path, Path, Path]) -> None:
+def test_second_turn_holds_first_turn_answer_and_second_turn(tiny_bench_models: tuple[Path, Path, Path]) -> None:
     from radar_vllm.bench.workloads import load_tokenizer
 
-    tokenizer = load_tokenizer(str(tiny[0]))
+    tokenizer = load_tokenizer(str(tiny_bench_models[0]))
     first = Workload(name=MTBENCH, prompt_ids=[[1], [2]], prompt_keys=["a", "b"],
                      turns=[["Who wrote Hamlet?", "And when?"], ["List five fruits.", "Now sort them."]])
     answers = [tokenizer("William Shakespeare wrote Hamlet.", add_special_tokens=False)["input_ids"],
@@ -313,11 +307,12 @@ def test_online_client_counts_tokens_ttft_and_respects_concurrency() -> None:
 
 
 # ------------------------------------------------------------------------------ reference run
-def test_reference_backend_end_to_end(tmp_path: Path) -> None:
+def test_reference_backend_end_to_end(tmp_path: Path, tiny_bench_models: tuple[Path, Path, Path]) -> None:
     from radar_vllm.bench.harness import run_benchmark
 
+    target, _, radar = tiny_bench_models
     settings = BenchSettings(
-        tiny=True, backend="reference", k_list=(2,), workloads=("mtbench", "mtbench-turn2"), num_prompts=2,
+        target=str(target), radar_checkpoint=str(radar), backend="reference", k_list=(2,), workloads=("mtbench", "mtbench-turn2"), num_prompts=2,
         max_new_tokens=10, max_prompt_tokens=256, temperatures=(0.0, 1.0), offline_modes=(MODE_BATCH1,),
         repeats=2, only_configs=("eagle3-k2", RADAR_CHAIN, RADAR_TREE), dtype="float32",
         output_dir=str(tmp_path / "results"), tag="ref", online_concurrency=(), torch_threads=1,
@@ -340,23 +335,24 @@ def test_reference_backend_end_to_end(tmp_path: Path) -> None:
 
 
 # ------------------------------------------------------------------------------ command line
-def test_cli_presets_and_explicit_options() -> None:
+def test_cli_presets_and_explicit_options(tiny_bench_models: tuple[Path, Path, Path]) -> None:
     from radar_vllm.cli import build_parser
     from radar_vllm.commands.bench import settings_from_args
 
     parser = build_parser()
-    quick = settings_from_args(parser.parse_args(["bench", "--quick", "--tiny", "--backend", "reference", "--k", "2"]))
-    assert quick.quick and quick.tiny and quick.engine_inline
+    tiny = ["bench", *tiny_bench_args(tiny_bench_models), "--backend", "reference"]
+    quick = settings_from_args(parser.parse_args(tiny + ["--quick", "--k", "2"]))
+    assert quick.quick and quick.engine_inline
+    assert quick.target == str(tiny_bench_models[0]) and quick.radar_checkpoint == str(tiny_bench_models[2])
     assert quick.k_list == (2,)  # explicit beats the preset's (1, 3)
     assert quick.num_prompts == 2 and quick.confidence_threshold is None
     assert quick.dtype == "float32" and quick.torch_threads == 1
-    assert quick.tag == "bench-quick-tiny-reference"
-    full = settings_from_args(parser.parse_args([
-        "bench", "--tiny", "--backend", "reference", "--online-concurrency", "none", "--engine-arg",
+    assert quick.tag == "bench-quick-reference"
+    full = settings_from_args(parser.parse_args(BENCH_CLI + [
+        "--online-concurrency", "none", "--engine-arg",
         "max_num_batched_tokens=512", "--confidence-threshold", "0.3", "--temperatures", "0"]))
     assert not full.quick and full.online_concurrency == () and full.temperatures == (0.0,)
     assert full.engine_args == {"max_num_batched_tokens": 512}
     assert full.confidence_threshold == 0.3 and full.k_list == (1, 2, 3, 4, 5, 6, 7)
-    no_confidence = settings_from_args(parser.parse_args(["bench", "--tiny", "--backend", "reference",
-                                                          "--no-confidence"]))
+    no_confidence = settings_from_args(parser.parse_args(BENCH_CLI + ["--no-confidence"]))
     assert no_confidence.confidence_threshold is None

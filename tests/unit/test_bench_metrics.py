@@ -11,16 +11,12 @@ from radar_vllm.bench.measures import (
     compare_outputs,
     first_difference,
     histogram_from_cumulative,
-    histogram_mean,
     mean_acceptance_length,
-    merge_histograms,
     per_round,
     percentile,
-    ratio_of_sums,
     speedup,
     summarize,
     target_passes_per_token,
-    tokens_per_second,
 )
 from radar_vllm.bench.snapshots import (
     ACCEPTED_PER_POSITION,
@@ -67,19 +63,6 @@ def test_percentile_p90() -> None:
 
 
 # ------------------------------------------------------------------------------ ratios
-def test_throughput_is_a_ratio_of_sums_not_a_mean_of_rates() -> None:
-    # 100 tokens in 2 s (50/s) and 300 tokens in 4 s (75/s): 400 / 6, not (50 + 75) / 2
-    assert tokens_per_second([100, 300], [2.0, 4.0]) == pytest.approx(400 / 6)
-    assert tokens_per_second([100, 300], [2.0, 4.0]) != pytest.approx(62.5)
-
-
-def test_ratio_of_sums_errors_name_the_problem() -> None:
-    with pytest.raises(ValueError, match="same length"):
-        ratio_of_sums([1.0], [1.0, 2.0])
-    with pytest.raises(ValueError, match="sum to zero"):
-        ratio_of_sums([1.0], [0.0])
-
-
 def test_speedup_is_ratio_of_medians_with_extreme_range() -> None:
     candidate = summarize([140.0, 150.0, 160.0])
     baseline = summarize([90.0, 100.0, 110.0])
@@ -113,14 +96,6 @@ def test_histogram_from_cumulative_buckets() -> None:
     assert histogram_from_cumulative(buckets) == {"1": 2, "2": 3, ">3": 1}
     with pytest.raises(ValueError, match="must not decrease"):
         histogram_from_cumulative({"1.0": 3.0, "2.0": 2.0, "+Inf": 3.0})
-
-
-def test_histogram_mean_and_merge() -> None:
-    assert histogram_mean({"1": 1, "3": 2}) == pytest.approx(7 / 3)
-    assert histogram_mean({}) is None
-    with pytest.raises(ValueError, match="non-integer"):
-        histogram_mean({">3": 1})
-    assert merge_histograms([{"2": 1, "1": 2}, {"10": 1, "2": 3}]) == {"1": 2, "2": 4, "10": 1}
 
 
 # ------------------------------------------------------------------------------ matching

@@ -6,14 +6,13 @@ the online part is fed a stored result. A few seconds in all.
 """
 from __future__ import annotations
 
-import dataclasses
-import json
 import textwrap
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from conftest import BENCH_CLI, FakeLLM, bench_rows, bench_settings
 from radar_vllm.bench.configs import (
     CONFIDENCE_CHAIN,
     KIND_EAGLE3,
@@ -24,7 +23,6 @@ from radar_vllm.bench.configs import (
     RADAR_TREE,
     STATIC_TREE,
     BenchConfig,
-    build_configs,
 )
 from radar_vllm.bench.estimate import (
     SMOLLM2_CPU_COSTS,
@@ -42,9 +40,7 @@ from radar_vllm.bench.settings import (
     MODE_BATCHED,
     ONLINE_BEST_EAGLE3,
     PRESETS,
-    REPORT_PRESET,
     BenchSettings,
-    apply_preset,
     temperatures_for,
 )
 from radar_vllm.bench.workloads import HUMANEVAL, MTBENCH, MTBENCH_TURN2, Workload
@@ -56,31 +52,18 @@ SECONDS_PER_MINUTE = 60.0
 
 
 def report_settings(**overrides: Any) -> BenchSettings:
-    """The report preset on placeholder model paths (nothing is loaded)."""
-    return BenchSettings(**apply_preset({"target": "target", "radar_checkpoint": "radar", **overrides},
-                                        REPORT_PRESET))
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
-    from radar_vllm.bench.model_dirs import tiny_models
-
-    return tiny_models(tmp_path_factory.mktemp("report-models"))
+    return bench_settings("report", **overrides)
 
 
 # ------------------------------------------------------------------------------ preset content
-def test_report_preset_has_every_row_the_report_needs(tiny: tuple[Path, Path, Path]) -> None:
+def test_report_preset_has_every_row_the_report_needs(tiny_bench_models: tuple[Path, Path, Path]) -> None:
     settings = report_settings()
     # stock EAGLE-3 at its best K also as shipped (no plugin), T > 0 only
     expected = [NO_SPEC] + [f"eagle3-k{k}" for k in range(1, 8)] + ["eagle3-k1-uncorrected", RADAR_CHAIN,
                                                                       RADAR_TREE, STATIC_TREE, CONFIDENCE_CHAIN]
     assert planned_rows(settings) == expected
     # the names match what the harness builds from real checkpoints
-    _, head, radar = tiny
-    built = build_configs(head=str(head), radar_checkpoint=str(radar), k_list=settings.k_list,
-                          include_tree=settings.include_tree, include_static_tree=settings.include_static_tree,
-                          confidence_checkpoint=str(radar), tree_supported=True,
-                          uncorrected_k=settings.uncorrected_k)
+    built = bench_rows(settings, tiny_bench_models)
     assert [c.name for c in built] == expected
     assert [(c.name, c.sampled_only) for c in built if c.plugin_disabled] == [("eagle3-k1-uncorrected", True)]
     corrected = next(c for c in built if c.name == "eagle3-k1")
@@ -108,8 +91,8 @@ def test_report_preset_estimate_is_about_an_hour() -> None:
 
 
 def test_every_preset_validates() -> None:
-    for name, preset in PRESETS.items():
-        settings = BenchSettings(**apply_preset({"target": "t", "radar_checkpoint": "r"}, preset))
+    for name in PRESETS:
+        settings = bench_settings(name)
         assert settings.repeats >= 1, name
 
 
@@ -132,10 +115,10 @@ def test_estimate_by_hand() -> None:
                       reference_batch_tokens_per_s=20.0, run_overhead_s=1.0, warmup_s=2.0, sampled_factor=0.5,
                       score_s_per_output=0.5, eagle3_batch1=(0.5,), eagle3_batched=(0.25,),
                       rows={NO_SPEC: RowSpeed(1.0, 1.0)})
-    settings = BenchSettings(tiny=True, k_list=(1,), include_radar=False, confidence_threshold=None,
-                             workloads=(MTBENCH, HUMANEVAL), num_prompts=2, batch1_prompts=1, max_new_tokens=10,
-                             temperatures=(GREEDY, 1.0), sampled_workloads=(MTBENCH,), repeats=2,
-                             online_concurrency=(2,), online_requests=3, online_configs=(NO_SPEC,))
+    settings = bench_settings(k_list=(1,), include_radar=False, confidence_threshold=None,
+                              workloads=(MTBENCH, HUMANEVAL), num_prompts=2, batch1_prompts=1, max_new_tokens=10,
+                              temperatures=(GREEDY, 1.0), sampled_workloads=(MTBENCH,), repeats=2,
+                              online_concurrency=(2,), online_requests=3, online_configs=(NO_SPEC,))
     estimate = estimate_run(settings, costs)
     # no-spec, per repeat: 3 cells (mtbench T0, T1, humaneval T0) x [batch1 10/10 + 1; batched 20/20 + 1] = 12
     assert estimate.offline_by_row_s[NO_SPEC] == pytest.approx(2 * 12.0)
@@ -179,15 +162,15 @@ def test_estimate_leaves_out_finished_rows() -> None:
 # ------------------------------------------------------------------------------ settings
 def test_new_settings_are_validated() -> None:
     with pytest.raises(ValueError, match="batch1_prompts"):
-        BenchSettings(tiny=True, batch1_prompts=0)
+        bench_settings(batch1_prompts=0)
     with pytest.raises(ValueError, match="tree_repeats"):
-        BenchSettings(tiny=True, tree_repeats=0)
+        bench_settings(tree_repeats=0)
     with pytest.raises(ValueError, match="tree_modes"):
-        BenchSettings(tiny=True, tree_modes=())
+        bench_settings(tree_modes=())
     with pytest.raises(ValueError, match="offline mode"):
-        BenchSettings(tiny=True, tree_modes=("streaming",))
+        bench_settings(tree_modes=("streaming",))
     with pytest.raises(ValueError, match="sampled_workloads"):
-        BenchSettings(tiny=True, workloads=(MTBENCH,), sampled_workloads=(HUMANEVAL,))
+        bench_settings(workloads=(MTBENCH,), sampled_workloads=(HUMANEVAL,))
 
 
 def test_temperatures_for() -> None:
@@ -203,14 +186,14 @@ def test_cli_report_preset_quick_and_conflicts() -> None:
 
     assert PRESET_NAMES == tuple(PRESETS)
     parser = build_parser()
-    base = ["bench", "--tiny", "--backend", "reference"]
+    base = BENCH_CLI
     report = settings_from_args(parser.parse_args(base + ["--preset", "report", "--tree-repeats", "2", "--tree-modes", "batch1"]))
-    assert report.tag == "bench-report-tiny-reference" and not report.quick
+    assert report.tag == "bench-report-reference" and not report.quick
     assert report.tree_repeats == 2 and report.tree_modes == (MODE_BATCH1,)  # explicit beats the preset
     assert report.sampled_workloads == (MTBENCH,) and report.batch1_prompts == 2 and report.resume
     quick = settings_from_args(parser.parse_args(base + ["--quick"]))
     assert quick == settings_from_args(parser.parse_args(base + ["--preset", "quick"]))
-    assert quick.quick and quick.tag == "bench-quick-tiny-reference"
+    assert quick.quick and quick.tag == "bench-quick-reference"
     fresh = settings_from_args(parser.parse_args(base + ["--preset", "report", "--no-resume",
                                                          "--sampled-workloads", "none"]))
     assert not fresh.resume and fresh.sampled_workloads == ()
@@ -221,59 +204,23 @@ def test_cli_report_preset_quick_and_conflicts() -> None:
 def test_cli_estimate_prints_and_runs_nothing(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     from radar_vllm.cli import main
 
-    code = main(["bench", "--tiny", "--backend", "reference", "--preset", "report", "--estimate",
-                 "--output-dir", str(tmp_path)])
+    code = main(BENCH_CLI + ["--preset", "report", "--estimate", "--output-dir", str(tmp_path)])
     assert code == 0
     assert "estimated run time" in capsys.readouterr().out
     assert list(tmp_path.iterdir()) == []
 
 
 # ------------------------------------------------------------------------------ offline job
-@dataclasses.dataclass
-class FakeParams:
-    temperature: float
-    max_tokens: int
-    top_p: float = 1.0
-    seed: int | None = None
-
-
-@dataclasses.dataclass
-class FakeCompletion:
-    token_ids: list[int]
-
-
-@dataclasses.dataclass
-class FakeOutput:
-    outputs: list[FakeCompletion]
-
-
-class FakeLLM:
-    """Answers every prompt with its own last token repeated; records each generate call."""
-
-    def __init__(self) -> None:
-        self.calls: list[tuple[int, float]] = []  # (requests in the call, temperature)
-
-    def get_default_sampling_params(self) -> FakeParams:
-        return FakeParams(temperature=GREEDY, max_tokens=16)
-
-    def get_metrics(self) -> list[Any]:
-        return []
-
-    def generate(self, requests: list[dict], params: list[FakeParams], use_tqdm: bool = False) -> list[FakeOutput]:
-        self.calls.append((len(requests), params[0].temperature))
-        return [FakeOutput([FakeCompletion([r["prompt_token_ids"][-1]] * p.max_tokens)])
-                for r, p in zip(requests, params)]
-
-
-def test_offline_job_samples_only_listed_workloads_and_times_a_batch1_subset(tiny: tuple[Path, Path, Path]) -> None:
+def test_offline_job_samples_only_listed_workloads_and_times_a_batch1_subset(
+        tiny_bench_models: tuple[Path, Path, Path]) -> None:
     mtbench = Workload(name=MTBENCH, prompt_ids=[[1, 2], [3], [4, 5, 6]], prompt_keys=["a", "b", "c"],
                        turns=[["Hi.", "More."], ["Why?", "Why not?"], ["Name a fruit.", "Another."]])
     humaneval = Workload(name=HUMANEVAL, prompt_ids=[[7], [8], [9]], prompt_keys=["h1", "h2", "h3"])
-    llm = FakeLLM()
+    llm = FakeLLM()  # answers every prompt with its own last token repeated
     job = {"workloads": [mtbench.to_dict(), humaneval.to_dict()], "temperatures": [0.0, 1.0],
            "sampled_workloads": [MTBENCH], "batch1_prompts": 2, "modes": [MODE_BATCH1, MODE_BATCHED],
            "repeats": 2, "max_new_tokens": 4, "seed": 0, "warmup": False,
-           "build_turn2": {"tokenizer": str(tiny[0]), "max_prompt_tokens": 4096}}
+           "build_turn2": {"tokenizer": str(tiny_bench_models[0]), "max_prompt_tokens": 4096}}
     result = run_offline_job(job, llm, lambda: None)
     cells = {(r["workload"], r["temperature"], r["mode"]) for r in result["runs"]}
     assert cells == {(MTBENCH, 0.0, MODE_BATCH1), (MTBENCH, 0.0, MODE_BATCHED), (MTBENCH, 1.0, MODE_BATCH1),
@@ -365,7 +312,7 @@ def test_rerun_reuses_finished_rows_and_reruns_changed_or_failed_ones(tmp_path: 
 def test_rerun_reuses_finished_online_rows(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from radar_vllm.bench import harness, online
 
-    settings = BenchSettings(tiny=True, online_concurrency=(1, 2), online_requests=2, online_max_new_tokens=8,
+    settings = bench_settings(online_concurrency=(1, 2), online_requests=2, online_max_new_tokens=8,
                              work_dir=str(tmp_path), output_dir=str(tmp_path))
     models = harness.BenchModels(target="t", head="h", radar_checkpoint="r", confidence_checkpoint=None)
     config = BenchConfig(name=RADAR_CHAIN, kind=KIND_RADAR, num_speculative_tokens=4, max_depth=4, draft_model="r")
@@ -426,7 +373,7 @@ def test_announced_estimate_leaves_out_rows_finished_in_the_work_dir(tmp_path: P
 def test_markdown_states_the_narrowed_grid() -> None:
     from radar_vllm.bench.report import sampling_lines
 
-    assert sampling_lines(BenchSettings(tiny=True).to_dict()) == []
+    assert sampling_lines(bench_settings().to_dict()) == []
     lines = sampling_lines(report_settings().to_dict())
     assert lines == [
         "- Batch 1 times the first 2 prompts of each workload (batched: all of them in one call)",
@@ -437,7 +384,7 @@ def test_markdown_states_the_narrowed_grid() -> None:
 
 def test_turn2_without_its_source_is_refused() -> None:
     with pytest.raises(ValueError, match="built from the greedy no-speculation answers"):
-        BenchSettings(tiny=True, workloads=("sharegpt", "mtbench-turn2"))
+        bench_settings(workloads=("sharegpt", "mtbench-turn2"))
     with pytest.raises(ValueError, match="add 'mtbench' to workloads and 0 to temperatures"):
-        BenchSettings(tiny=True, workloads=("mtbench", "mtbench-turn2"), temperatures=(1.0,))
-    assert BenchSettings(tiny=True, workloads=("mtbench", "mtbench-turn2")).workloads[1] == "mtbench-turn2"
+        bench_settings(workloads=("mtbench", "mtbench-turn2"), temperatures=(1.0,))
+    assert bench_settings(workloads=("mtbench", "mtbench-turn2")).workloads[1] == "mtbench-turn2"

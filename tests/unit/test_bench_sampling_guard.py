@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 import torch
 
+from conftest import BENCH_CLI, FakeLLM, bench_settings
 from radar_vllm.bench.configs import KIND_EAGLE3, KIND_NONE, KIND_RADAR, NO_SPEC, RADAR_CHAIN, BenchConfig
 from radar_vllm.bench.sample_quality import compare_quality, load_scorer, logprob_per_token, two_sided_p
 from radar_vllm.bench.settings import GREEDY, MODE_BATCHED, BenchSettings
@@ -69,15 +70,8 @@ def test_two_sided_p_of_student_t() -> None:
     assert two_sided_p(math.inf, 5) == 0.0
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
-    from radar_vllm.bench.model_dirs import tiny_models
-
-    return tiny_models(tmp_path_factory.mktemp("guard-models"))
-
-
-def test_logprob_per_token_is_the_mean_tempered_log_prob(tiny: tuple[Path, Path, Path]) -> None:
-    model = load_scorer(tiny[0])
+def test_logprob_per_token_is_the_mean_tempered_log_prob(tiny_bench_models: tuple[Path, Path, Path]) -> None:
+    model = load_scorer(tiny_bench_models[0])
     prompt, output = [3, 17, 42, 5], [9, 100, 7]
     (score, empty) = logprob_per_token(model, [prompt, prompt], [output, []], 0.5)
     with torch.no_grad():
@@ -88,8 +82,8 @@ def test_logprob_per_token_is_the_mean_tempered_log_prob(tiny: tuple[Path, Path,
     assert math.isnan(empty)
 
 
-def test_logprob_per_token_batched_equals_one_by_one(tiny: tuple[Path, Path, Path]) -> None:
-    model = load_scorer(tiny[0])
+def test_logprob_per_token_batched_equals_one_by_one(tiny_bench_models: tuple[Path, Path, Path]) -> None:
+    model = load_scorer(tiny_bench_models[0])
     prompts = [[3, 17, 42, 5], [8], [11, 12, 13, 14, 15, 16, 17], [4, 4]]
     outputs = [[9, 100, 7], [5, 6, 7, 8, 9, 10], [], [77]]
     batched = logprob_per_token(model, prompts, outputs, 0.7, batch_size=4)
@@ -199,27 +193,9 @@ def test_best_eagle3_row_skips_uncorrected_and_flagged_rows() -> None:
 
 
 # ------------------------------------------------------------------------------ offline job
-@dataclasses.dataclass
-class _Params:
-    temperature: float
-    max_tokens: int
-    top_p: float = 1.0
-    seed: int | None = None
-
-
-class _LLM:
-    """Answers each request with ``seed`` repeated (greedy: 0)."""
-
-    def get_default_sampling_params(self) -> _Params:
-        return _Params(temperature=GREEDY, max_tokens=4)
-
-    def get_metrics(self) -> list[Any]:
-        return []
-
-    def generate(self, requests: list[dict], params: list[_Params], use_tqdm: bool = False) -> list[Any]:
-        from types import SimpleNamespace
-
-        return [SimpleNamespace(outputs=[SimpleNamespace(token_ids=[p.seed or 0] * p.max_tokens)]) for p in params]
+def seed_llm() -> FakeLLM:
+    """Answers each request with its sampling seed repeated (greedy: 0)."""
+    return FakeLLM(answer=lambda request, params: [params.seed or 0] * params.max_tokens)
 
 
 def test_offline_job_keeps_the_sampled_outputs_of_the_first_repeat() -> None:
@@ -229,7 +205,7 @@ def test_offline_job_keeps_the_sampled_outputs_of_the_first_repeat() -> None:
     workload = Workload(name="mtbench", prompt_ids=[[1], [2], [3]], prompt_keys=["a", "b", "c"])
     job = {"workloads": [workload.to_dict()], "temperatures": [0.0, 0.7], "modes": ["batch1", "batched"],
            "repeats": 2, "max_new_tokens": 2, "seed": 10, "warmup": False, "batch1_prompts": 2}
-    result = run_offline_job(job, _LLM(), lambda: None)
+    result = run_offline_job(job, seed_llm(), lambda: None)
     assert result["sampled_outputs"] == [
         {"workload": "mtbench", "temperature": 0.7, "mode": "batch1", "outputs": [[10, 10], [11, 11]]},
         {"workload": "mtbench", "temperature": 0.7, "mode": "batched", "outputs": [[10, 10], [11, 11], [12, 12]]},
@@ -243,18 +219,18 @@ def test_uncorrected_rows_settings_cli_and_estimate() -> None:
     from radar_vllm.commands.bench import settings_from_args
 
     parser = build_parser()
-    base = ["bench", "--tiny", "--backend", "reference"]
+    base = BENCH_CLI
     assert settings_from_args(parser.parse_args(base + ["--uncorrected-k", "1,3"])).uncorrected_k == (1, 3)
     assert settings_from_args(parser.parse_args(base)).uncorrected_k == ()
     report = settings_from_args(parser.parse_args(base + ["--preset", "report"]))
     assert report.uncorrected_k == (1,)
     assert settings_from_args(parser.parse_args(base + ["--preset", "report", "--uncorrected-k", "none"])
                               ).uncorrected_k == ()
-    assert BenchSettings(tiny=True, uncorrected_k=(1,), temperatures=(0.0, 0.6)).uncorrected_rows_k == (1,)
+    assert bench_settings(uncorrected_k=(1,), temperatures=(0.0, 0.6)).uncorrected_rows_k == (1,)
     greedy_only = dataclasses.replace(report, temperatures=(0.0,))  # nothing to show without T > 0
     assert greedy_only.uncorrected_rows_k == () and UNCORRECTED not in planned_rows(greedy_only)
     with pytest.raises(ValueError, match="uncorrected_k entries"):
-        BenchSettings(tiny=True, uncorrected_k=(0,))
+        bench_settings(uncorrected_k=(0,))
     # the estimate runs it at T > 0 only and never serves it as the best K
     assert UNCORRECTED in planned_rows(report)
     assert offline_row_seconds(report, UNCORRECTED, SMOLLM2_CPU_COSTS) < 0.5 * offline_row_seconds(
@@ -279,12 +255,12 @@ def test_worker_reports_whether_vllm_loaded_the_plugin(monkeypatch: pytest.Monke
            "config": {"speculative_config": None}, "progress_file": str(tmp_path / "progress"),
            "workloads": [], "temperatures": [0.0], "modes": [MODE_BATCHED], "repeats": 1, "max_new_tokens": 2,
            "seed": 0, "warmup": False}
-    monkeypatch.setattr(generate, "make_llm", lambda *args, **kwargs: _LLM())
+    monkeypatch.setattr(generate, "make_llm", lambda *args, **kwargs: seed_llm())
     assert worker.run_job(job)["radar_plugin_loaded"] is False
 
-    def loading_llm(*args: Any, **kwargs: Any) -> _LLM:  # as vLLM does when it loads the plugin
+    def loading_llm(*args: Any, **kwargs: Any) -> FakeLLM:  # as vLLM does when it loads the plugin
         monkeypatch.setitem(sys.modules, "fake_radar_plugin_for_test", object())
-        return _LLM()
+        return seed_llm()
 
     monkeypatch.setattr(generate, "make_llm", loading_llm)
     assert worker.run_job(job)["radar_plugin_loaded"] is True
@@ -333,7 +309,7 @@ def _greedy(model: Any, prompt: list[int], count: int) -> list[int]:
 
 
 def test_harness_scores_sampled_outputs_and_runs_the_uncorrected_row_without_plugin(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tiny_bench_models: tuple[Path, Path, Path]) -> None:
     """run_benchmark with stand-in rows: the target's greedy answers for no-spec and eagle3-k1,
     unlikely tokens for the uncorrected row; the real scorer (tiny target) flags the latter."""
     from radar_vllm.bench import harness, sample_quality
@@ -364,7 +340,9 @@ def test_harness_scores_sampled_outputs_and_runs_the_uncorrected_row_without_plu
 
     monkeypatch.setattr(harness, "vllm_installed", lambda: True)
     monkeypatch.setattr(harness, "run_config_subprocess", fake_row)
-    settings = BenchSettings(tiny=True, backend="vllm", k_list=(1,), uncorrected_k=(1,), include_radar=False,
+    target, head, _ = tiny_bench_models
+    settings = BenchSettings(target=str(target), head=str(head), backend="vllm", k_list=(1,), uncorrected_k=(1,),
+                             include_radar=False,
                              confidence_threshold=None, workloads=("mtbench",), num_prompts=6, max_new_tokens=6,
                              temperatures=(0.0, 1.0), offline_modes=(MODE_BATCHED,), repeats=1,
                              online_concurrency=(), dtype="float32", output_dir=str(tmp_path), tag="g",

@@ -1,27 +1,18 @@
-"""benchmarks/policy_headroom.py on synthetic rounds: the ceilings it reports are ordered."""
+"""``radar-vllm policy-headroom`` on synthetic rounds: the ceilings it reports are ordered."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
-from radar_vllm.core.costs import save_cost_table
-from radar_vllm.offline.rl.synthetic import make_synthetic_costs, make_synthetic_table
-from radar_vllm.offline.rl.table import write_shard
-
-ROOT = Path(__file__).resolve().parents[2]
+from conftest import write_synthetic_costs, write_synthetic_rounds
+from radar_vllm.cli import main
 
 
-def test_headroom_rows_are_bounded_by_the_oracles(tmp_path) -> None:
-    table = make_synthetic_table(120, max_depth=4, state_size=4, rate_range=(0.05, 0.9), seed=4)
-    table.metadata.split = "heldout"
-    write_shard(table, tmp_path / "heldout")
-    costs = save_cost_table(make_synthetic_costs(), tmp_path / "costs.json")
+def test_headroom_rows_are_bounded_by_the_oracles(tmp_path, one_torch_thread) -> None:
+    heldout = write_synthetic_rounds(tmp_path / "heldout", 120, max_depth=4, state_size=4, seed=4,
+                                     rate_range=(0.05, 0.9), split="heldout")
+    costs = write_synthetic_costs(tmp_path / "costs.json")
     out = tmp_path / "headroom"
-    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "policy_headroom.py"),
-                    "--costs", str(costs), "--heldout", f"S={tmp_path / 'heldout'}",
-                    "--out", str(out)], check=True, capture_output=True)
+    assert main(["policy-headroom", "--costs", str(costs), "--heldout", f"S={heldout}", "--out", str(out)]) == 0
     result = json.loads(out.with_suffix(".json").read_text())["results"][0]
     rows = {row["name"]: row["tokens_per_second"] for row in result["rows"]}
     best = next(value for name, value in rows.items() if name.endswith("(best fixed)"))

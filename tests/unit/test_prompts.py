@@ -22,7 +22,7 @@ def test_mtbench_has_80_two_turn_questions() -> None:
         assert len(prompt.turns) == 2 and all(turn.strip() for turn in prompt.turns)
         assert prompt.messages == ({"role": "user", "content": prompt.turns[0]},)
     assert len({p.category for p in loaded}) == 8
-    second = prompts.mtbench_second_turn_messages(loaded[0], "An answer.")
+    second = prompts.mtbench_second_turn_messages(loaded[0].turns, "An answer.")
     assert [m["role"] for m in second] == ["user", "assistant", "user"]
     assert second[2]["content"] == loaded[0].turns[1]
 

@@ -22,14 +22,11 @@ LAW_TOLERANCE = 2e-5
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
+def tiny(tmp_path_factory, one_torch_thread):
     root = tmp_path_factory.mktemp("tiny-collect")
     make_tiny_llama(root / "target", context_scale=0.6)
     make_tiny_eagle3_head(root / "head", root / "target")
-    yield root
-    torch.set_num_threads(previous)
+    return root
 
 
 @pytest.fixture(scope="module")

@@ -21,15 +21,12 @@ SCORE_TOLERANCE = 1e-3  # float32 log-probs through different attention paths
 
 
 @pytest.fixture(scope="module")
-def tiny_models(tmp_path_factory):
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
+def tiny_models(tmp_path_factory, one_torch_thread):
     root = tmp_path_factory.mktemp("tiny")
     make_tiny_llama(root / "target")
     make_tiny_eagle3_head(root / "head", root / "target")
     target = load_target(root / "target")
-    yield target, load_head(root / "head", target), root
-    torch.set_num_threads(previous)
+    return target, load_head(root / "head", target), root
 
 
 @pytest.fixture(scope="module")

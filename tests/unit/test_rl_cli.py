@@ -3,24 +3,19 @@ from __future__ import annotations
 
 import json
 
-import torch
-
+from conftest import write_synthetic_costs, write_synthetic_rounds
 from radar_vllm.cli import main
 from radar_vllm.core.costs import save_cost_table
 from radar_vllm.core.policy import DECISION_SAMPLED, DECISION_THRESHOLD, load_policy_checkpoint
-from radar_vllm.offline.rl.synthetic import make_synthetic_costs, make_synthetic_table
-from radar_vllm.offline.rl.table import write_shard
+from radar_vllm.offline.rl.synthetic import make_synthetic_costs
 
 
-def test_train_and_evaluate_commands(tmp_path, capsys) -> None:
-    previous = torch.get_num_threads()
+def test_train_and_evaluate_commands(tmp_path, capsys, one_torch_thread) -> None:
     train_dir, heldout_dir = tmp_path / "train", tmp_path / "heldout"
-    write_shard(make_synthetic_table(60, max_depth=3, state_size=3, seed=0), train_dir)
-    write_shard(make_synthetic_table(60, max_depth=3, state_size=3, seed=5), train_dir)
-    heldout = make_synthetic_table(50, max_depth=3, state_size=3, seed=9)
-    heldout.metadata.split = "heldout"
-    write_shard(heldout, heldout_dir)
-    costs_path = save_cost_table(make_synthetic_costs(), tmp_path / "costs.json")
+    write_synthetic_rounds(train_dir, 60, max_depth=3, state_size=3, seed=0)
+    write_synthetic_rounds(train_dir, 60, max_depth=3, state_size=3, seed=5)
+    write_synthetic_rounds(heldout_dir, 50, max_depth=3, state_size=3, seed=9, split="heldout")
+    costs_path = write_synthetic_costs(tmp_path / "costs.json")
     out = tmp_path / "policies"
     code = main(["train-policy", "--table", str(train_dir), "--costs", str(costs_path),
                  "--out", str(out), "--epochs", "2", "--temperature", "1.0"])
@@ -78,4 +73,3 @@ def test_train_and_evaluate_commands(tmp_path, capsys) -> None:
     assert main(["evaluate-policy", "--table", str(heldout_dir), str(train_dir),
                  "--costs", str(costs_path), "--out", str(prefix)]) == 2
     assert "split" in capsys.readouterr().err
-    torch.set_num_threads(previous)

@@ -25,12 +25,7 @@ from radar_vllm.offline.rl.train import (
 )
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def step_table(num_rounds: int, max_depth: int, useful_depth: int) -> RoundTable:

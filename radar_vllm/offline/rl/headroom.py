@@ -1,57 +1,36 @@
 """How much of the gap to the oracle can a stop policy close with the state it sees?
 
-    python benchmarks/policy_headroom.py --costs benchmarks/results/costs_smollm2_chain.json \
-        --heldout T0=/work/runs/rl-smollm2-chain/heldout/T0 --heldout T1=.../heldout/T1 \
-        --policy T0=.../policies/T0/exact --policy T1=.../policies/T1/exact \
-        --out benchmarks/results/policy_headroom_smollm2_chain
-
 The oracle of the evaluation knows, per round, how many drafts the target will accept. A policy
 sees only the draft model's log-probs (the state) and decides after each draft call, so it can
 never choose depth 0 (no drafting) for one round and depth 3 for another on the strength of the
-outcome. This script measures, on the held-out rounds:
+outcome. :func:`headroom` measures, on held-out rounds:
 
 - the oracle, the oracle restricted to depths >= 1 (what is left once depth 0 is out of reach
   of a decision taken after the first draft call), and an oracle that may send nothing after
   the first draft call (a round costing one decode step plus that call): ceilings for any
   policy that decides after draft calls, however good its information;
 - the trained policy (held-out, the honest number);
-- an *in-sample fit*: our exact trainer run on the held-out rounds themselves and scored on
-  them. It overfits by construction (89,730 parameters on a few thousand rounds), so it is an
-  optimistic estimate of what any policy of this form could reach with this state;
+- an *in-sample fit*: the exact trainer run on the held-out rounds themselves and scored on
+  them. It overfits by construction, so it is an optimistic estimate of what any policy of
+  this form could reach with this state;
 - logistic prediction of "the first draft is accepted" from the state after call 1
   (cross-validated by prompt): how predictable the outcome the oracle knows is.
 
 Each throughput is reported with the share of the gap from the best fixed depth to the oracle
-that it closes. Writes ``<out>.json`` and ``<out>.md``.
+that it closes. ``radar-vllm policy-headroom`` writes the report.
 """
 from __future__ import annotations
 
-import argparse
-import json
 from dataclasses import replace
-import platform
-import sys
-from pathlib import Path
 from typing import Any
 
 import torch
 
-from radar_vllm.core.costs import describe_machine, load_cost_table
 from radar_vllm.core.policy import load_policy_checkpoint
 from radar_vllm.offline.rl.rules import evaluate_policy
 from radar_vllm.offline.rl.simulate import best_fixed_depth, oracle, round_outcomes
 from radar_vllm.offline.rl.table import load_round_table
 from radar_vllm.offline.rl.train import ExactConfig, train_exact
-
-
-def _pairs(items: list[str], flag: str) -> dict[str, str]:
-    pairs = {}
-    for item in items:
-        label, sep, path = item.partition("=")
-        if not sep or not label or not path:
-            raise SystemExit(f"{flag} must look like LABEL=PATH, got {item!r}")
-        pairs[label] = path
-    return pairs
 
 
 def first_draft_predictability(table, accepted_first: torch.Tensor, folds: int = 5
@@ -99,6 +78,7 @@ def first_draft_predictability(table, accepted_first: torch.Tensor, folds: int =
 
 def headroom(label: str, table_path: str, policy_path: str | None, costs, seed: int
              ) -> dict[str, Any]:
+    """Every row of the report for the held-out rounds in ``table_path`` (see the module doc)."""
     table = load_round_table(table_path)
     outcomes = round_outcomes(table, costs)
     best = best_fixed_depth(outcomes)
@@ -138,16 +118,8 @@ def headroom(label: str, table_path: str, policy_path: str | None, costs, seed: 
             "first_draft": first_draft_predictability(table, accepted_first)}
 
 
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def display_path(path: str) -> str:
-    """``path`` relative to the repository when it lies inside it."""
-    resolved = Path(path).resolve()
-    return str(resolved.relative_to(ROOT)) if resolved.is_relative_to(ROOT) else path
-
-
 def render(results: list[dict[str, Any]], costs_path: str, notes: list[str]) -> str:
+    """The markdown report of :func:`headroom` results."""
     lines = ["# Headroom of a stop policy: how much of the oracle gap the state can explain", "",
              f"Held-out rounds, costs `{costs_path}`. 'gap closed' = (x - best fixed) / "
              "(oracle - best fixed). The in-sample row trains our policy on the very rounds it is "
@@ -171,38 +143,3 @@ def render(results: list[dict[str, Any]], costs_path: str, notes: list[str]) -> 
     if notes:
         lines += ["## Notes", ""] + [f"- {note}" for note in notes] + [""]
     return "\n".join(lines) + "\n"
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--costs", required=True)
-    parser.add_argument("--heldout", action="append", required=True, metavar="LABEL=DIR")
-    parser.add_argument("--policy", action="append", default=[], metavar="LABEL=DIR")
-    parser.add_argument("--out", required=True, help="output prefix")
-    parser.add_argument("--note", action="append", default=[],
-                        help="a line for the report's notes (repeatable)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=1)
-    args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    costs = load_cost_table(args.costs)
-    tables = _pairs(args.heldout, "--heldout")
-    policies = _pairs(args.policy, "--policy")
-    results = [headroom(label, path, policies.get(label), costs, args.seed)
-               for label, path in tables.items()]
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    costs_label = display_path(args.costs)
-    record = {"command_line": [sys.executable] + sys.argv, "costs": costs_label,
-              "notes": args.note,
-              "machine": describe_machine(), "python": platform.python_version(),
-              "results": results}
-    out.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
-    text = render(results, costs_label, args.note)
-    out.with_suffix(".md").write_text(text, encoding="utf-8")
-    print(text)
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
