@@ -14,7 +14,8 @@ depth [1, 1, 2, 3], rows 0b0001, 0b0010, 0b0101, 0b1101.
 """
 from __future__ import annotations
 
-NO_PARENT = -1
+from radar_vllm.core.tree import NO_PARENT  # noqa: F401  (the draft tree's convention, re-exported)
+
 BITS_PER_WORD = 64
 MAX_TREE_NODES = 256  # four int64 words per row
 

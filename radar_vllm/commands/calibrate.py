@@ -13,6 +13,8 @@ import json
 import logging
 from pathlib import Path
 
+from radar_vllm.commands.collect import add_round_shape_arguments
+
 logger = logging.getLogger(__name__)
 
 
@@ -123,13 +125,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                         help="newly committed tokens the head's first call reads")
     parser.add_argument("--prompt-set", default="sharegpt",
                         choices=["sharegpt", "mtbench", "humaneval"])
-    parser.add_argument("--top-k", type=int, default=10)
-    parser.add_argument("--max-depth", type=int, default=7)
-    parser.add_argument("--total-tokens", type=int, default=60)
-    parser.add_argument("--mode", choices=["tree", "chain"], default="tree",
-                        help="chain: top_k 1, the round sends the drafted chain, chain state")
-    parser.add_argument("--chain-state-size", type=int, default=10,
-                        help="chain mode: width of the policy state")
+    add_round_shape_arguments(parser)
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
                         default="float32")
     parser.add_argument("--device", default="cpu")

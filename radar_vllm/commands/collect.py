@@ -150,6 +150,17 @@ def check_shard_prompts(shard: dict, chosen: list, out: Path) -> None:
                 "--exclude-prompts list); use another --out")
 
 
+
+def add_round_shape_arguments(parser: argparse.ArgumentParser) -> None:
+    """The drafting-round shape options shared by ``collect`` and ``calibrate``."""
+    parser.add_argument("--top-k", type=int, default=10)
+    parser.add_argument("--max-depth", type=int, default=7)
+    parser.add_argument("--total-tokens", type=int, default=60)
+    parser.add_argument("--mode", choices=["tree", "chain"], default="tree",
+                        help="chain: top_k 1, the round sends the drafted chain, chain state")
+    parser.add_argument("--chain-state-size", type=int, default=10,
+                        help="chain mode: width of the policy state")
+
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "collect", help="record full-depth drafting rounds (states + exact acceptance laws of "
@@ -165,13 +176,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--prompts-per-shard", type=int, default=10)
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--max-prompt-tokens", type=int, default=512)
-    parser.add_argument("--top-k", type=int, default=10)
-    parser.add_argument("--max-depth", type=int, default=7)
-    parser.add_argument("--total-tokens", type=int, default=60)
-    parser.add_argument("--mode", choices=["tree", "chain"], default="tree",
-                        help="chain: top_k 1, the round sends the drafted chain, chain state")
-    parser.add_argument("--chain-state-size", type=int, default=10,
-                        help="chain mode: width of the policy state")
+    add_round_shape_arguments(parser)
     parser.add_argument("--exclude-prompts", nargs="+", default=None, metavar="FILE",
                         help="skip these prompt ids (JSONL with 'prompt_id', or one id a line), "
                              "e.g. the prompts the EAGLE-3 head was trained on (train-head's "

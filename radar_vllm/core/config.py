@@ -49,7 +49,6 @@ MODE_TREE = "tree"
 MODES = (MODE_CHAIN, MODE_TREE)
 SUPPORTED_MODES = (MODE_CHAIN, MODE_TREE)
 
-DECISION_MODES = ("threshold", "sampled")
 EAGLE3_ARCHITECTURES = ("LlamaForCausalLMEagle3", "Eagle3LlamaForCausalLM")
 
 
@@ -72,7 +71,8 @@ class RadarConfig:
     threshold: float | None = None  # continue when P(continue) >= threshold; None: the policy's
     decision: str | None = None  # "threshold" | "sampled"; None: the policy's
     tree_policy: str | None = None  # tree mode's policy, relative to the head directory; None: policy
-    fixed_depth: int | None = None  # chain diagnostic: no policy, every round drafts this many tokens
+    fixed_depth: int | None = None  # diagnostic: no policy, every round makes this many draft calls
+    scratch_blocks: int | None = None  # tree mode: KV blocks reserved for recomputing tree rows (None: 0)
 
     def __post_init__(self) -> None:
         if not isinstance(self.policy, str) or not self.policy:
@@ -96,8 +96,10 @@ class RadarConfig:
             _require_int("fixed_depth", self.fixed_depth, 1)
             if self.fixed_depth > self.max_depth:
                 raise ValueError(f"radar.fixed_depth={self.fixed_depth} exceeds radar.max_depth={self.max_depth}")
-            if self.mode != MODE_CHAIN:
-                raise ValueError(f"radar.fixed_depth is a chain-mode option, but radar.mode={self.mode!r}")
+        if self.scratch_blocks is not None:
+            _require_int("scratch_blocks", self.scratch_blocks, 0)
+        from radar_vllm.core.policy import DECISION_MODES
+
         if self.decision is not None and self.decision not in DECISION_MODES:
             raise ValueError(f"radar.decision must be one of {DECISION_MODES}, got {self.decision!r}")
         # The tree budget must be reachable with this top_k and depth (checked in chain mode too:
@@ -326,7 +328,7 @@ def _check_policy(config: RadarConfig, checkpoint_dir: Path, key: str, policy_pa
         ) from error
     except ValueError as error:
         raise ValueError(f"RADAR stop policy {policy_path} (radar.{key}) is not usable: {error}") from error
-    if checkpoint.config.state_size != config.top_k:
+    if checkpoint.config.state_size != config.top_k and config.fixed_depth is None:  # fixed depth: policy unused
         raise ValueError(
             f"the stop policy {policy_path} (radar.{key}) takes states of size {checkpoint.config.state_size} "
             f"but radar.top_k={config.top_k}: set \"top_k\": {checkpoint.config.state_size} in the radar "

@@ -56,6 +56,60 @@ NO_PARENT = -1
 PADDING_TOKEN = -1
 
 
+# --------------------------------------------------------------------------------------------
+# one request's tree as a parent list (node i's parent, NO_PARENT at depth 1), topologically ordered
+
+
+def check_parents(parents: Sequence[int], name: str = "parents") -> None:
+    """Raise ValueError unless ``parents`` is a topologically ordered tree (NO_PARENT or < index)."""
+    for i, parent in enumerate(parents):
+        if not (parent == NO_PARENT or 0 <= parent < i):
+            raise ValueError(f"{name}[{i}]={parent} must be {NO_PARENT} or in [0, {i})")
+
+
+def chain_parents(num_nodes: int) -> list[int]:
+    """Parents of a chain of ``num_nodes`` drafts: ``[-1, 0, 1, ...]``."""
+    return [NO_PARENT] + list(range(num_nodes - 1)) if num_nodes > 0 else []
+
+
+def is_chain(parents: Sequence[int]) -> bool:
+    return all(parent == i - 1 for i, parent in enumerate(parents))
+
+
+def node_depths(parents: Sequence[int]) -> list[int]:
+    """1-based depth of every node of a topologically ordered tree."""
+    depths: list[int] = []
+    for parent in parents:
+        depths.append(1 if parent == NO_PARENT else depths[parent] + 1)
+    return depths
+
+
+def node_path(parents: Sequence[int], node: int) -> list[int]:
+    """Root-to-node node indices (depth 1 first, ``node`` last)."""
+    path = []
+    while node != NO_PARENT:
+        path.append(node)
+        node = parents[node]
+    return path[::-1]
+
+
+def cut_tree(parents: Sequence[int], num_nodes: int) -> list[int]:
+    """The first ``num_nodes`` nodes (the scheduler may cut drafts to a prefix): still a tree."""
+    if num_nodes < 0 or num_nodes > len(parents):
+        raise ValueError(f"num_nodes must be in [0, {len(parents)}], got {num_nodes}")
+    return list(parents[:num_nodes])
+
+
+def segment_positions(context_len: int, parents: Sequence[int]) -> list[int]:
+    """Positions of the verify segment: root at ``context_len``, node i at ``context_len + depth(i)``."""
+    return [context_len] + [context_len + depth for depth in node_depths(parents)]
+
+
+def causal_exact_nodes(parents: Sequence[int]) -> list[bool]:
+    """Per node: True when the causal kernel over the segment already gives its tree attention."""
+    return [depth == i + 1 for i, depth in enumerate(node_depths(parents))]
+
+
 def _gather_or(values: Tensor, index: Tensor, fill: Any) -> Tensor:
     """``values.gather(1, index)`` where ``index`` may hold NO_PARENT (-1): those entries get ``fill``."""
     present = index != NO_PARENT
@@ -214,6 +268,51 @@ class DraftTree:
             num_nodes=num_nodes,
             stop_depth=self.stop_depth.clone(),
         )
+
+    def select(self, rows: Tensor | Sequence[int]) -> "DraftTree":
+        """The trees of requests ``rows`` (indices into the batch), in that order."""
+        index = torch.as_tensor(rows, dtype=torch.long, device=self.device)
+        return replace(self, **{f.name: getattr(self, f.name)[index] for f in fields(self)
+                                if isinstance(getattr(self, f.name), Tensor)})
+
+    def narrow(self, max_nodes: int) -> "DraftTree":
+        """The same trees padded to ``max_nodes`` columns (at least every request's node count)."""
+        if self.batch_size and max_nodes < int(self.num_nodes.max()):
+            raise ValueError(f"max_nodes={max_nodes} is below a request's node count")
+        return replace(self, **{f.name: getattr(self, f.name)[:, :max_nodes] for f in fields(self)
+                                if isinstance(getattr(self, f.name), Tensor) and getattr(self, f.name).dim() == 2})
+
+    def best_chains(self, rows: Tensor) -> "DraftTree":
+        """A copy where requests with ``rows[b]`` True keep only their best-first chain: node 0,
+        its first child, that node's first child, ... (node order is by score, so each step takes
+        the best-scored child); ``stop_depth`` is kept."""
+        batch, depth_bound = self.batch_size, min(self.max_depth, self.max_nodes)
+        chain = torch.full((batch, max(depth_bound, 1)), NO_PARENT, dtype=torch.long, device=self.device)
+        current = torch.where(self.num_nodes > 0, 0, NO_PARENT)
+        for depth in range(depth_bound):
+            chain[:, depth] = current
+            children = (self.parents == current.unsqueeze(1)) & self.node_mask & (current >= 0).unsqueeze(1)
+            current = torch.where(children.any(dim=1), children.int().argmax(dim=1), NO_PARENT)
+        present = chain != NO_PARENT
+        count = present.sum(dim=1)
+        index = torch.arange(chain.shape[1], device=self.device).expand_as(chain)
+        pad = self.max_nodes - chain.shape[1]
+
+        def column(values: Tensor, fill: Any) -> Tensor:  # chain values padded to max_nodes columns
+            picked = torch.where(present, _gather_or(values, chain, fill), fill)
+            return torch.nn.functional.pad(picked, (0, pad), value=fill) if pad else picked
+
+        chains = replace(
+            self,
+            target_tokens=column(self.target_tokens, PADDING_TOKEN), draft_tokens=column(self.draft_tokens, PADDING_TOKEN),
+            parents=torch.nn.functional.pad(torch.where(present, index - 1, NO_PARENT), (0, pad), value=NO_PARENT),
+            depths=torch.nn.functional.pad(torch.where(present, index + 1, 0), (0, pad), value=0),
+            scores=column(self.scores, float("-inf")), num_nodes=count,
+        )
+        keep = rows.to(self.device).bool()
+        return replace(self, **{f.name: torch.where(keep.view(-1, *[1] * (getattr(self, f.name).dim() - 1)),
+                                                    getattr(chains, f.name), getattr(self, f.name))
+                                for f in fields(self) if isinstance(getattr(self, f.name), Tensor)})
 
     def to(self, device: torch.device | str) -> "DraftTree":
         moved = {f.name: getattr(self, f.name) for f in fields(self)}

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 from torch import Tensor
@@ -344,3 +345,78 @@ def mean_acceptance_length(distribution: Tensor) -> Tensor:
     """[...] expected accepted draft tokens of a ``[..., max_depth + 1]`` acceptance-length law."""
     lengths = torch.arange(distribution.shape[-1], device=distribution.device, dtype=distribution.dtype)
     return (distribution * lengths).sum(dim=-1)
+
+
+# --------------------------------------------------------------------------------------------
+# one request's tree inside a verify step of vLLM (rows: root, then node i at row 1 + i)
+
+# Output padding in vLLM's sampler contract (the rejection sampler's PLACEHOLDER_TOKEN_ID), which
+# is also the draft tree's padding token.
+OUTPUT_PADDING = PADDING_TOKEN
+
+
+def compaction_moves(first_row: int, accepted_nodes: Sequence[int]) -> list[tuple[int, int]]:
+    """``(source_row, destination_row)`` pairs moving the accepted path to rows after the root.
+
+    ``accepted_nodes`` are node indices, depth 1 first. Rows already in place are skipped.
+    """
+    moves = []
+    for depth, node in enumerate(accepted_nodes, start=1):
+        if node + 1 != depth:
+            moves.append((first_row + 1 + node, first_row + depth))
+    return moves
+
+
+def restart_order(num_nodes: int, accepted_nodes: Sequence[int]) -> list[int]:
+    """Permutation of a segment's ``1 + num_nodes`` rows: root, accepted path, then the rest."""
+    accepted_rows = [1 + node for node in accepted_nodes]
+    taken = set(accepted_rows)
+    rest = [row for row in range(1, num_nodes + 1) if row not in taken]
+    return [0] + accepted_rows + rest
+
+
+# --------------------------------------------------------------------------------------------
+# acceptance
+
+
+def accept_tree(
+    tree: DraftTree,  # one request's tree (batch of one), cut to the verified nodes
+    rows: Tensor,  # [num_nodes + 1, V] the target's logits at the root and after every node
+    temperature: float,
+    top_p: float | None,
+    top_k: int | None,
+    generator: torch.Generator | None,
+    with_law: bool = False,
+) -> tuple[VerifyResult, Tensor | None]:
+    """Greedy or lossless sampled acceptance of one request's tree.
+
+    Returns the result and, when ``with_law``, the exact law of the accepted length under the
+    shaped target rows (``[max_depth + 1]`` float32; a point mass for greedy requests).
+    """
+    if temperature < SAMPLING_EPS:
+        result = greedy_verify(tree, rows.argmax(dim=-1).unsqueeze(0))
+        law = None
+        if with_law:
+            law = torch.zeros(tree.max_depth + 1)
+            law[int(result.num_accepted[0])] = 1.0
+        return result, law
+    probs = shape_probs(rows.unsqueeze(0), temperature, top_p, top_k)  # [1, n + 1, V]
+    law = acceptance_length_distribution(tree, probs)[0] if with_law else None
+    return sample_verify(tree, probs, generator=generator), law
+
+
+def output_rows(results: Sequence[tuple[int, VerifyResult]], sampled: Tensor) -> None:
+    """Overwrite rows of vLLM's ``[batch, max_sampled]`` int32 sampler output in place.
+
+    ``results``: ``(batch_index, VerifyResult of a batch of one)``; the row becomes accepted
+    tokens + bonus, OUTPUT_PADDING after.
+    """
+    for batch_index, result in results:
+        count = int(result.num_accepted[0]) + 1
+        if count > sampled.shape[1]:
+            raise ValueError(f"output width {sampled.shape[1]} cannot hold {count} tokens")
+        sampled[batch_index].fill_(OUTPUT_PADDING)
+        tokens = result.output_tokens[0, :count]
+        if bool((tokens == PADDING_TOKEN).any()):
+            raise RuntimeError(f"accepted output contains padding: {tokens.tolist()}")
+        sampled[batch_index, :count] = tokens.to(sampled.dtype)

@@ -1,49 +1,220 @@
-"""Tree-aware attention for the target's verify pass on the CPU platform.
+"""Tree attention on vLLM's CPU platform, installed through vLLM's attention backend registry.
 
-:class:`RadarTreeCPUAttentionImpl` is vLLM's ``CPUAttentionBackendImpl`` with one addition: while
-a :class:`TreeVerifyPlan` is active (the tree runner switches it on only around the *target*
-forward of a step that verifies trees), each layer, after the platform kernel has attended the
-whole batch causally, recomputes the rows of tree nodes whose ancestors are not the contiguous
-rows before them. Everything else (prefill, chunked prefill, plain decode, chain drafts, the draft
-model, warm-up) is the platform's own code path, untouched.
+:class:`RadarCPUAttentionBackend` is vLLM's ``CPU_ATTN`` backend with two additions, registered
+for ``CPU_ATTN`` when the plugin loads (:func:`register_backend`): its metadata may carry a RADAR
+plan (``tree_plan``), and its impl applies that plan. Without a plan (every engine that is not a
+RADAR tree engine, and every pass of a RADAR engine except the two below) it is the platform's
+code path, untouched.
+
+- **Verify** (:class:`TreeVerifyPlan`, set by the tree runner on the target forward of a step
+  that verifies trees): after the platform kernel attended the whole batch causally, each layer
+  recomputes the rows of tree nodes whose ancestors are not the rows right before them.
+- **Frontier drafting** (:class:`DraftFrontierPlan`, set by the proposer on the draft layer's
+  metadata for calls 2..D of a tree round): every row is a frontier node that attends to the
+  draft layer's cached context and to its own path.
 
 Exactness. A torch re-implementation of attention differs from the C++ kernel by an ULP on some
-rows and flips greedy near-ties. So tree rows are computed by the same kernel: for node ``i``
-with root-to-node path ``p_1 .. p_d`` the layer writes the path's K/V (rows of this step's
-``key``/``value``) into the slots of segment rows ``1 .. d`` (right after the root), runs the
-kernel for that single query row as a one-token request with ``seq_len = context + 1 + d``, and
-after the last round rewrites every tree node's own K/V into its own slot. The query sees
-exactly what it would see when decoding the path token by token. See
-:mod:`radar_vllm.vllm.tree_verify` for the plan's construction and a worked example.
+rows and flips greedy near-ties, so tree rows are computed by the same kernel: for node ``i``
+with root-to-node path ``p_1 .. p_d`` the layer writes the path's K/V into the slots right after
+the root, runs the kernel for that single query row as a one-token request with
+``seq_len = context + 1 + d``, and afterwards rewrites every tree node's own K/V into its own
+slot. The query sees exactly what it would see when decoding the path token by token.
 
-With scratch blocks (:mod:`radar_vllm.vllm.scratch`, opt-in with ``RADAR_TREE_SCRATCH_BLOCKS``) the
-rows do not take turns in the request's own slots: each row gets private copies of the blocks where
-its path goes (the first one copied whole from the request's block, so it holds the context's last
-tokens and the root in the cache's own layout), its path K/V are written there, and its block table
-points at them. All rows of the step then share one kernel call per layer (more only when the
-pool runs out), and the request's own slots are never overwritten. The kernel sees the same K/V at
-the same positions either way, so the rows are the same bits.
+Rows take turns in the request's own slots (:class:`PathRound`: one node per request per kernel
+call, batched across requests) or, with scratch blocks (``radar.scratch_blocks``), each row gets
+private copies of the blocks its path goes through and all rows share one kernel call per layer
+(:class:`ScratchRound`); same K/V at the same positions, so the same bits.
 
-Per layer the plan also stashes the tree rows' K/V and slot mapping, so the runner can compact
-the accepted path after acceptance with the platform's own ``reshape_and_cache`` (layout-agnostic:
-the key layout inside a CPU cache block depends on the ISA).
+Per layer the verify plan also stashes the tree rows' K/V, so the runner can compact the accepted
+path after acceptance with the platform's own ``reshape_and_cache`` (the key layout inside a CPU
+cache block depends on the ISA).
 
-Installation: the tree runner swaps the impl class of each CPU attention layer after loading the
-model (:func:`install_tree_attention`); the class only adds a branch that is inert without a plan.
+Worked example of the verify segment (see :mod:`radar_vllm.core.verify`): context ``C = 10``,
+parents ``[-1, 0, -1, 1, 0]``: depths ``[1, 2, 1, 3, 2]``; nodes 0 and 1 are causal-exact
+(depth == index + 1); nodes 2, 3 and 4 are recomputed with paths ``[2]``, ``[0, 1, 3]``, ``[0, 4]``.
 """
 from __future__ import annotations
 
-import contextlib
+import dataclasses
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import torch
 from torch import Tensor
 
-from radar_vllm.vllm.tree_verify import PathRound, ScratchRound
+import vllm.envs as envs
+from vllm import _custom_ops as ops
+from vllm.v1.attention.backend import AttentionType
+from vllm.v1.attention.backends.cpu_attn import (
+    CPUAttentionBackend,
+    CPUAttentionBackendImpl,
+    CPUAttentionMetadata,
+    CPUAttentionMetadataBuilder,
+)
+
+from radar_vllm.core.tree import causal_exact_nodes, node_path
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass
+class PathRound:
+    """One kernel call recomputing at most one node row per request (rows are batch-global)."""
+
+    # [R] int64: query rows recomputed, one per request
+    query_rows: Tensor
+    # [R] int64: request index of each query row (its block table row)
+    request_indices: Tensor
+    # [R] int32: sequence length seen by each recomputed row (context + root + path)
+    seq_lens: Tensor
+    # [W] int64: rows whose K/V are written (the path nodes' own rows)
+    source_rows: Tensor
+    # [W] int64: rows whose slots receive them (rows 1..depth after the root)
+    destination_rows: Tensor
+
+
+def path_rounds(segments: Sequence[tuple[int, int, int, Sequence[int]]]) -> list[PathRound]:
+    """Rounds of path recomputation for a batch.
+
+    ``segments``: per tree request ``(request_index, first_row, context_len, parents)`` where
+    ``first_row`` is the batch row of its root. Only nodes that are not causal-exact are listed.
+    """
+    per_request: list[list[tuple[int, int, int, list[int], int]]] = []
+    for request_index, first_row, context_len, parents in segments:
+        jobs = []
+        for node, exact in enumerate(causal_exact_nodes(parents)):
+            if not exact:
+                jobs.append((request_index, first_row, context_len, node_path(parents, node), node))
+        per_request.append(jobs)
+    rounds = []
+    for step in range(max((len(jobs) for jobs in per_request), default=0)):
+        query_rows, request_indices, seq_lens, sources, destinations = [], [], [], [], []
+        for jobs in per_request:
+            if step >= len(jobs):
+                continue
+            request_index, first_row, context_len, path, node = jobs[step]
+            query_rows.append(first_row + 1 + node)
+            request_indices.append(request_index)
+            seq_lens.append(context_len + 1 + len(path))
+            sources += [first_row + 1 + p for p in path]
+            destinations += [first_row + 1 + d for d in range(len(path))]
+        rounds.append(
+            PathRound(
+                query_rows=torch.tensor(query_rows, dtype=torch.long),
+                request_indices=torch.tensor(request_indices, dtype=torch.long),
+                seq_lens=torch.tensor(seq_lens, dtype=torch.int32),
+                source_rows=torch.tensor(sources, dtype=torch.long),
+                destination_rows=torch.tensor(destinations, dtype=torch.long),
+            )
+        )
+    return rounds
+
+
+@dataclass
+class ScratchRound:
+    """One kernel call recomputing many node rows, each over private scratch blocks.
+
+    Job ``j`` (a node whose row is recomputed) sees its request's context and root through the
+    request's own block table, except that the columns from the one where its path starts are
+    swapped for scratch blocks: the first one a copy of the request's block at that column (it
+    holds the context's last tokens and the root), the path's K/V written after them.
+    """
+
+    # [J] int64: rows recomputed (batch-global)
+    query_rows: Tensor
+    # [J] int64: request index of each row (its block-table row)
+    request_indices: Tensor
+    # [J] int32: sequence length seen by each row (context + root + path)
+    seq_lens: Tensor
+    # [E] int64: block-table entries replaced: job, column, scratch block id
+    table_jobs: Tensor
+    table_columns: Tensor
+    table_blocks: Tensor
+    # [P] int64: blocks copied before the path is written: request, column (source), scratch block
+    copy_requests: Tensor
+    copy_columns: Tensor
+    copy_blocks: Tensor
+    # [W] int64: rows whose K/V are written (the path nodes' own rows) and the scratch slots
+    source_rows: Tensor
+    destination_slots: Tensor
+
+
+def scratch_blocks_per_job(context_len: int, path_len: int, block_size: int) -> int:
+    """Scratch blocks a path of ``path_len`` nodes after ``context_len`` tokens + root spans."""
+    start = context_len + 1
+    return (start + path_len - 1) // block_size - start // block_size + 1
+
+
+def max_scratch_blocks_per_job(max_path_len: int, block_size: int) -> int:
+    """The most blocks any job of a path of at most ``max_path_len`` nodes can need."""
+    return (block_size - 1 + max_path_len - 1) // block_size + 1
+
+
+def scratch_rounds(
+    segments: Sequence[tuple[int, int, int, Sequence[int]]], block_size: int, scratch_blocks: Sequence[int]
+) -> list[ScratchRound]:
+    """Rounds of path recomputation over scratch blocks (see :class:`ScratchRound`).
+
+    ``segments`` as for :func:`path_rounds`. Jobs are packed in order into rounds until the pool
+    ``scratch_blocks`` (kernel block ids) runs out; a job never needs more than
+    :func:`max_scratch_blocks_per_job` blocks.
+    """
+    if block_size < 1:
+        raise ValueError(f"block_size must be >= 1, got {block_size}")
+    pool = list(scratch_blocks)
+    rounds: list[ScratchRound] = []
+    current: dict[str, list[int]] = {}
+
+    def flush() -> None:
+        if current.get("query_rows"):
+            rounds.append(ScratchRound(**{
+                name: torch.tensor(values, dtype=torch.int32 if name == "seq_lens" else torch.long)
+                for name, values in current.items()
+            }))
+        current.clear()
+        for name in ScratchRound.__dataclass_fields__:
+            current[name] = []
+
+    flush()
+    used = 0
+    for request_index, first_row, context_len, parents in segments:
+        for node, exact in enumerate(causal_exact_nodes(parents)):
+            if exact:
+                continue
+            path = node_path(parents, node)
+            needed = scratch_blocks_per_job(context_len, len(path), block_size)
+            if needed > len(pool):
+                raise ValueError(
+                    f"a path of {len(path)} nodes needs {needed} scratch blocks of {block_size} tokens, "
+                    f"the pool has {len(pool)}")
+            if used + needed > len(pool):
+                flush()
+                used = 0
+            job = len(current["query_rows"])
+            start = context_len + 1  # position of the path's first node
+            first_column = start // block_size
+            blocks = pool[used : used + needed]
+            used += needed
+            current["query_rows"].append(first_row + 1 + node)
+            current["request_indices"].append(request_index)
+            current["seq_lens"].append(start + len(path))
+            for offset, block in enumerate(blocks):
+                current["table_jobs"].append(job)
+                current["table_columns"].append(first_column + offset)
+                current["table_blocks"].append(block)
+            if start % block_size:
+                current["copy_requests"].append(request_index)
+                current["copy_columns"].append(first_column)
+                current["copy_blocks"].append(blocks[0])
+            for k, path_node in enumerate(path):
+                position = start + k
+                current["source_rows"].append(first_row + 1 + path_node)
+                current["destination_slots"].append(
+                    blocks[position // block_size - first_column] * block_size + position % block_size)
+    flush()
+    return rounds
+
 
 
 @dataclass
@@ -63,12 +234,12 @@ class LayerStash:
 @dataclass
 class TreeVerifyPlan:
     # PathRounds (rows recomputed in the request's own slots, restored afterwards) or ScratchRounds
-    # (rows recomputed over scratch blocks, see radar_vllm.vllm.scratch); never mixed
+    # (rows recomputed over scratch blocks); never mixed
     rounds: list[PathRound] | list[ScratchRound]
     # [num_stashed] int64: rows of all tree nodes of the step (restored after path rounds, stashed)
     node_rows: Tensor
     stash: dict[str, LayerStash] = field(default_factory=dict)
-    _scheduler_metadata: dict[tuple[Any, ...], Tensor] = field(default_factory=dict)
+    kernel_metadata: dict[tuple[Any, ...], Tensor] = field(default_factory=dict)
     # round index -> (block table [J, max_blocks] int32, copy source blocks [P] int64), the same in every layer
     _scratch_tables: dict[int, tuple[Tensor, Tensor]] = field(default_factory=dict)
 
@@ -109,42 +280,63 @@ class FrontierRound:
 
 @dataclass
 class DraftFrontierPlan:
-    """A frontier draft pass of the EAGLE-3 layer (see :mod:`radar_vllm.vllm.tree_drafter`).
+    """A frontier draft pass of the EAGLE-3 layer (see :mod:`radar_vllm.vllm.proposer`).
 
     Every row attends to the draft layer's cached context and its own path of frontier nodes,
     whose K/V come from this plan's per-layer history of earlier passes (a private dense buffer
-    for the round: the frontier has no KV slots reserved by vLLM) plus the current pass.
+    for the round: the frontier has no KV slots reserved by vLLM) plus the current pass. For each
+    frontier slot ``f`` the layer writes the path into the request's lookahead slots right after
+    the context and runs the platform kernel for row ``f`` of every request as a one-token
+    request; the lookahead slots hold nothing of value during drafting (the next verify pass
+    rewrites them).
     """
 
     rounds: list[FrontierRound]
     # layer name -> [(key [R, kv_heads, head], value)] of earlier frontier passes of the round
     history: dict[str, list[tuple[Tensor, Tensor]]] = field(default_factory=dict)
-    _scheduler_metadata: dict[tuple[Any, ...], Tensor] = field(default_factory=dict)
+    kernel_metadata: dict[tuple[Any, ...], Tensor] = field(default_factory=dict)
 
 
-# the plans applied by every tree-aware attention layer right now: "verify" (TreeVerifyPlan) and
-# "draft" (DraftFrontierPlan), each None outside its block
-_active: dict[str, Any] = {"verify": None, "draft": None}
+def frontier_rounds(depth: int, base_positions: Tensor, block_table: Tensor, anc_pass: Tensor, anc_rows: Tensor,
+                    drafting: Tensor, block_size: int, max_model_len: int) -> list[FrontierRound]:
+    """Kernel calls of the pass that runs the depth-``depth - 1`` frontier, one per frontier slot.
+
+    ``base_positions`` [B]: position of the row before depth 1; ``anc_pass`` / ``anc_rows``
+    [B, top_k, >= depth - 2]: pass and row of every frontier node's ancestors; ``drafting`` [B]
+    bool: requests whose drafts are used (a partial prefill chunk writes nothing: its lookahead
+    slots may not be allocated).
+
+    Worked example, top_k = 2, context ending at position p: call 2 runs rows [a, b] at p + 1
+    (row a sees context + a, row b context + b); call 3 runs the best two children, say c (of a)
+    and e (of b), at p + 2: row c's path (a from call 2's history, then c) is written at p + 1,
+    p + 2 and the kernel runs with seq_len = p + 3; then row e with path (b, e).
+    """
+    batch, top_k = anc_pass.shape[:2]
+    level = depth - 1  # path length of a frontier node, itself included
+    current = torch.full((batch, 1), depth - 2, dtype=torch.long)
+    path_positions = base_positions.unsqueeze(1) + torch.arange(1, level + 1)  # [B, level]
+    inside = (path_positions < max_model_len) & drafting.unsqueeze(1)
+    block = block_table.gather(1, (path_positions.clamp(max=max_model_len - 1) // block_size).long())
+    slots = torch.where(inside, block.long() * block_size + path_positions % block_size, -1)
+    seq_lens = (base_positions + 1 + level).clamp(max=max_model_len).to(torch.int32)  # [B]
+    rounds = []
+    for f in range(top_k):
+        rows = torch.arange(batch) * top_k + f
+        source_pass = torch.cat([anc_pass[:, f, : level - 1], current], dim=1)  # [B, level]
+        source_rows = torch.cat([anc_rows[:, f, : level - 1], rows.unsqueeze(1)], dim=1)
+        rounds.append(FrontierRound(query_rows=rows, block_table=block_table, seq_lens=seq_lens,
+                                    source_pass=source_pass.reshape(-1), source_rows=source_rows.reshape(-1),
+                                    destination_slots=slots.reshape(-1)))
+    return rounds
 
 
-@contextlib.contextmanager
-def _activated(kind: str, plan: Any) -> Iterator[None]:
-    previous = _active[kind]
-    _active[kind] = plan
-    try:
-        yield
-    finally:
-        _active[kind] = previous
-
-
-def active_draft_plan(plan: DraftFrontierPlan | None) -> contextlib.AbstractContextManager[None]:
-    """Run every tree-aware attention layer inside the block as a frontier draft pass."""
-    return _activated("draft", plan)
-
-
-def active_plan(plan: TreeVerifyPlan | None) -> contextlib.AbstractContextManager[None]:
-    """Apply ``plan`` to every tree-aware attention layer run inside the block."""
-    return _activated("verify", plan)
+def with_plan(per_layer_metadata: dict[str, Any], plan: Any) -> dict[str, Any]:
+    """Copies of the layers' attention metadata carrying ``plan`` (one copy per distinct object)."""
+    copies: dict[int, Any] = {}
+    for metadata in per_layer_metadata.values():
+        if id(metadata) not in copies:
+            copies[id(metadata)] = dataclasses.replace(metadata, tree_plan=plan)
+    return {name: copies[id(metadata)] for name, metadata in per_layer_metadata.items()}
 
 
 def _split_cache(kv_cache: Tensor) -> tuple[Tensor, Tensor]:
@@ -157,7 +349,6 @@ def _split_cache(kv_cache: Tensor) -> tuple[Tensor, Tensor]:
 
 def write_kv(layer: Any, impl: Any, kv_cache: Tensor, key: Tensor, value: Tensor, slots: Tensor) -> None:
     """Write ``key``/``value`` ``[n, num_kv_heads, head_size]`` into ``slots`` with the platform op."""
-    from vllm import _custom_ops as ops
 
     key_cache, value_cache = _split_cache(kv_cache)
     ops.cpu_attn_reshape_and_cache(
@@ -173,128 +364,135 @@ def write_kv(layer: Any, impl: Any, kv_cache: Tensor, key: Tensor, value: Tensor
     )
 
 
-def _make_impl_class() -> type:
-    import vllm.envs as envs
-    from vllm import _custom_ops as ops
-    from vllm.v1.attention.backend import AttentionType
-    from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackendImpl
+@dataclass
+class RadarCPUAttentionMetadata(CPUAttentionMetadata):
+    """vLLM's CPU attention metadata plus the RADAR plan of this forward, if any."""
 
-    class RadarTreeCPUAttentionImpl(CPUAttentionBackendImpl):
-        """CPU attention that also applies the active :class:`TreeVerifyPlan` (see module doc)."""
+    tree_plan: TreeVerifyPlan | DraftFrontierPlan | None = None
 
-        def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, *args: Any, **kwargs: Any):
-            draft_plan = _active["draft"]
-            if draft_plan is not None and attn_metadata is not None and self.attn_type == AttentionType.DECODER:
-                self._apply_draft_plan(draft_plan, layer, query, key, value, kv_cache, output)
-                return output
-            result = super().forward(layer, query, key, value, kv_cache, attn_metadata, output, *args, **kwargs)
-            plan = _active["verify"]
-            if plan is None or attn_metadata is None or self.attn_type != AttentionType.DECODER:
-                return result
-            self._apply_plan(plan, layer, query, key, value, kv_cache, attn_metadata, output)
-            return result
 
-        def _run_rows(self, plan: Any, index: int, layer: Any, query: Tensor, kv_cache: Tensor, rows: Tensor,
-                      seq_lens: Tensor, block_table: Tensor) -> Tensor:
-            """The platform kernel for ``rows`` of ``query``, each a one-token request."""
-            key_cache, value_cache = _split_cache(kv_cache)
-            num_rows = int(rows.numel())
-            query_start = torch.arange(num_rows + 1, dtype=torch.int32)
-            cache_key = (index, self.num_heads, self.num_kv_heads, self.head_size, query.dtype, layer.isa,
-                         self.sliding_window)
-            metadata = plan._scheduler_metadata.get(cache_key)
-            if metadata is None:
-                metadata = ops.cpu_attn_get_scheduler_metadata(
-                    num_reqs=num_rows, num_heads=self.num_heads, num_kv_heads=self.num_kv_heads,
-                    head_dim=self.head_size, seq_lens=seq_lens, dtype=query.dtype, query_start_loc=query_start,
-                    causal=True, sliding_window_size=self.sliding_window, isa=layer.isa,
-                    enable_kv_split=envs.VLLM_CPU_ATTN_SPLIT_KV, kv_cache_dtype=self.kv_cache_dtype,
-                )
-                plan._scheduler_metadata[cache_key] = metadata
-            rows_query = query[rows].contiguous()
-            rows_output = torch.empty_like(rows_query)
-            ops.cpu_attention_with_kv_cache(
-                query=rows_query, key_cache=key_cache, value_cache=value_cache, output=rows_output,
-                query_start_loc=query_start, seq_lens=seq_lens, scale=self.scale, causal=True,
-                alibi_slopes=self.alibi_slopes, sliding_window=self.sliding_window,
-                block_table=block_table.contiguous(), softcap=self.logits_soft_cap, scheduler_metadata=metadata,
-                s_aux=self.sinks, dynamic_causal=None, k_scale=layer._k_scale_float, v_scale=layer._v_scale_float,
-                kv_cache_dtype=self.kv_cache_dtype,
+class RadarCPUAttentionMetadataBuilder(CPUAttentionMetadataBuilder):
+    def build(self, *args: Any, **kwargs: Any) -> RadarCPUAttentionMetadata:
+        return RadarCPUAttentionMetadata(**vars(super().build(*args, **kwargs)))
+
+
+class RadarTreeCPUAttentionImpl(CPUAttentionBackendImpl):
+    """CPU attention that also applies the plan in its metadata (see the module docstring)."""
+
+    def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, *args: Any, **kwargs: Any):
+        plan = getattr(attn_metadata, "tree_plan", None)
+        if plan is None or self.attn_type != AttentionType.DECODER:
+            return super().forward(layer, query, key, value, kv_cache, attn_metadata, output, *args, **kwargs)
+        if isinstance(plan, DraftFrontierPlan):
+            self._apply_draft_plan(plan, layer, query, key, value, kv_cache, output)
+            return output
+        result = super().forward(layer, query, key, value, kv_cache, attn_metadata, output, *args, **kwargs)
+        self._apply_plan(plan, layer, query, key, value, kv_cache, attn_metadata, output)
+        return result
+
+    def _run_rows(self, plan: Any, index: int, layer: Any, query: Tensor, kv_cache: Tensor, rows: Tensor,
+                  seq_lens: Tensor, block_table: Tensor) -> Tensor:
+        """The platform kernel for ``rows`` of ``query``, each a one-token request."""
+        key_cache, value_cache = _split_cache(kv_cache)
+        num_rows = int(rows.numel())
+        query_start = torch.arange(num_rows + 1, dtype=torch.int32)
+        cache_key = (index, self.num_heads, self.num_kv_heads, self.head_size, query.dtype, layer.isa,
+                     self.sliding_window)
+        metadata = plan.kernel_metadata.get(cache_key)
+        if metadata is None:
+            metadata = ops.cpu_attn_get_scheduler_metadata(
+                num_reqs=num_rows, num_heads=self.num_heads, num_kv_heads=self.num_kv_heads,
+                head_dim=self.head_size, seq_lens=seq_lens, dtype=query.dtype, query_start_loc=query_start,
+                causal=True, sliding_window_size=self.sliding_window, isa=layer.isa,
+                enable_kv_split=envs.VLLM_CPU_ATTN_SPLIT_KV, kv_cache_dtype=self.kv_cache_dtype,
             )
-            return rows_output
+            plan.kernel_metadata[cache_key] = metadata
+        rows_query = query[rows].contiguous()
+        rows_output = torch.empty_like(rows_query)
+        ops.cpu_attention_with_kv_cache(
+            query=rows_query, key_cache=key_cache, value_cache=value_cache, output=rows_output,
+            query_start_loc=query_start, seq_lens=seq_lens, scale=self.scale, causal=True,
+            alibi_slopes=self.alibi_slopes, sliding_window=self.sliding_window,
+            block_table=block_table.contiguous(), softcap=self.logits_soft_cap, scheduler_metadata=metadata,
+            s_aux=self.sinks, dynamic_causal=None, k_scale=layer._k_scale_float, v_scale=layer._v_scale_float,
+            kv_cache_dtype=self.kv_cache_dtype,
+        )
+        return rows_output
 
-        def _apply_draft_plan(self, plan: DraftFrontierPlan, layer, query, key, value, kv_cache, output) -> None:
-            num_rows = plan.rounds[0].query_rows.numel() * len(plan.rounds)
-            history = plan.history.setdefault(layer.layer_name, [])
-            current = (key[:num_rows].contiguous(), value[:num_rows].contiguous())
-            keys = torch.stack([k for k, _ in history] + [current[0]])  # [passes, R, kv_heads, head]
-            values = torch.stack([v for _, v in history] + [current[1]])
-            view = output.view(output.shape[0], self.num_heads, self.head_size) if output.dim() == 2 else output
-            for index, step in enumerate(plan.rounds):
-                write_kv(layer, self, kv_cache, keys[step.source_pass, step.source_rows],
-                         values[step.source_pass, step.source_rows], step.destination_slots)
-                rows_output = self._run_rows(plan, index, layer, query, kv_cache, step.query_rows, step.seq_lens,
-                                             step.block_table)
-                view[step.query_rows] = rows_output.view(-1, self.num_heads, self.head_size)
-            history.append(current)
+    def _apply_draft_plan(self, plan: DraftFrontierPlan, layer, query, key, value, kv_cache, output) -> None:
+        num_rows = plan.rounds[0].query_rows.numel() * len(plan.rounds)
+        history = plan.history.setdefault(layer.layer_name, [])
+        current = (key[:num_rows].contiguous(), value[:num_rows].contiguous())
+        keys = torch.stack([k for k, _ in history] + [current[0]])  # [passes, R, kv_heads, head]
+        values = torch.stack([v for _, v in history] + [current[1]])
+        view = output.view(output.shape[0], self.num_heads, self.head_size) if output.dim() == 2 else output
+        for index, step in enumerate(plan.rounds):
+            write_kv(layer, self, kv_cache, keys[step.source_pass, step.source_rows],
+                     values[step.source_pass, step.source_rows], step.destination_slots)
+            rows_output = self._run_rows(plan, index, layer, query, kv_cache, step.query_rows, step.seq_lens,
+                                         step.block_table)
+            view[step.query_rows] = rows_output.view(-1, self.num_heads, self.head_size)
+        history.append(current)
 
-        def _apply_plan(self, plan, layer, query, key, value, kv_cache, attn_metadata, output) -> None:
-            slot_mapping = attn_metadata.slot_mapping
-            for index, step in enumerate(plan.rounds):
-                if isinstance(step, ScratchRound):
-                    block_table, copy_sources = scratch_tables(plan, index, step, attn_metadata.block_table)
-                    if copy_sources.numel():
-                        kv_cache.index_copy_(0, step.copy_blocks, kv_cache.index_select(0, copy_sources))
-                    write_kv(layer, self, kv_cache, key[step.source_rows], value[step.source_rows],
-                             step.destination_slots)
-                else:
-                    block_table = attn_metadata.block_table[step.request_indices].contiguous()
-                    write_kv(layer, self, kv_cache, key[step.source_rows], value[step.source_rows],
-                             slot_mapping[step.destination_rows])
-                rows_output = self._run_rows(plan, index, layer, query, kv_cache, step.query_rows, step.seq_lens,
-                                             block_table)
-                output[step.query_rows] = rows_output.view(-1, *output.shape[1:])
-            rows = plan.node_rows
-            if rows.numel() == 0:
-                return
-            node_key, node_value = key[rows].contiguous(), value[rows].contiguous()
-            if plan.rounds and not plan.uses_scratch:  # path rounds overwrote the nodes' own slots
-                write_kv(layer, self, kv_cache, node_key, node_value, slot_mapping[rows])
-            plan.stash[layer.layer_name] = LayerStash(
-                key=node_key, value=node_value, slot_mapping=slot_mapping.clone(), kv_cache=kv_cache,
-                layer=layer, impl=self,
-            )
-
-    return RadarTreeCPUAttentionImpl
+    def _apply_plan(self, plan: TreeVerifyPlan, layer, query, key, value, kv_cache, attn_metadata, output) -> None:
+        slot_mapping = attn_metadata.slot_mapping
+        for index, step in enumerate(plan.rounds):
+            if isinstance(step, ScratchRound):
+                block_table, copy_sources = scratch_tables(plan, index, step, attn_metadata.block_table)
+                if copy_sources.numel():
+                    kv_cache.index_copy_(0, step.copy_blocks, kv_cache.index_select(0, copy_sources))
+                write_kv(layer, self, kv_cache, key[step.source_rows], value[step.source_rows],
+                         step.destination_slots)
+            else:
+                block_table = attn_metadata.block_table[step.request_indices].contiguous()
+                write_kv(layer, self, kv_cache, key[step.source_rows], value[step.source_rows],
+                         slot_mapping[step.destination_rows])
+            rows_output = self._run_rows(plan, index, layer, query, kv_cache, step.query_rows, step.seq_lens,
+                                         block_table)
+            output[step.query_rows] = rows_output.view(-1, *output.shape[1:])
+        rows = plan.node_rows
+        if rows.numel() == 0:
+            return
+        node_key, node_value = key[rows].contiguous(), value[rows].contiguous()
+        if plan.rounds and not plan.uses_scratch:  # path rounds overwrote the nodes' own slots
+            write_kv(layer, self, kv_cache, node_key, node_value, slot_mapping[rows])
+        plan.stash[layer.layer_name] = LayerStash(
+            key=node_key, value=node_value, slot_mapping=slot_mapping.clone(), kv_cache=kv_cache,
+            layer=layer, impl=self,
+        )
 
 
-_impl_class: type | None = None
+class RadarCPUAttentionBackend(CPUAttentionBackend):
+    """vLLM's CPU attention backend whose metadata can carry a RADAR plan (registered for CPU_ATTN)."""
+
+    @staticmethod
+    def get_impl_cls() -> type[RadarTreeCPUAttentionImpl]:
+        return RadarTreeCPUAttentionImpl
+
+    @staticmethod
+    def get_builder_cls() -> type[RadarCPUAttentionMetadataBuilder]:
+        return RadarCPUAttentionMetadataBuilder
 
 
-def tree_impl_class() -> type:
-    global _impl_class
-    if _impl_class is None:
-        _impl_class = _make_impl_class()
-    return _impl_class
+def register_backend() -> None:
+    """Register :class:`RadarCPUAttentionBackend` as the CPU platform's ``CPU_ATTN`` backend."""
+    from vllm.platforms import current_platform
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum
+    from vllm.v1.attention.backends.registry import register_backend as register
+
+    if current_platform.is_cpu():
+        register(AttentionBackendEnum.CPU_ATTN, f"{__name__}.{RadarCPUAttentionBackend.__qualname__}")
 
 
-def install_tree_attention(layers: Sequence[Any]) -> int:
-    """Swap the impl of every CPU attention layer in ``layers`` to the tree-aware one; returns the count."""
-    from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackendImpl
-
-    cls = tree_impl_class()
-    count = 0
+def check_backend(layers: Sequence[Any]) -> None:
+    """Raise unless every CPU attention layer runs RADAR's impl (e.g. another plugin replaced it)."""
     for layer in layers:
         impl = getattr(layer, "impl", None)
-        if type(impl) is CPUAttentionBackendImpl:
-            impl.__class__ = cls
-            count += 1
-        elif impl is not None and not isinstance(impl, cls):
+        if impl is not None and not isinstance(impl, RadarTreeCPUAttentionImpl):
             raise ValueError(
-                f"RADAR tree verification on CPU needs vLLM's CPU attention backend, layer "
-                f"{getattr(layer, 'layer_name', '?')} uses {type(impl).__name__}"
-            )
-    return count
+                f"RADAR tree mode on CPU needs its CPU attention backend (registered for CPU_ATTN when the "
+                f"plugin loads), but layer {getattr(layer, 'layer_name', '?')} uses {type(impl).__name__}; "
+                f"is another plugin overriding CPU_ATTN?")
 
 
 def compact(plan: TreeVerifyPlan, source_index: Tensor, destination_rows: Tensor) -> None:
@@ -305,7 +503,3 @@ def compact(plan: TreeVerifyPlan, source_index: Tensor, destination_rows: Tensor
     for stash in plan.stash.values():
         write_kv(stash.layer, stash.impl, stash.kv_cache, stash.key[source_index], stash.value[source_index],
                  stash.slot_mapping[destination_rows])
-
-
-__all__ = ["DraftFrontierPlan", "FrontierRound", "LayerStash", "TreeVerifyPlan", "active_draft_plan", "active_plan", "compact", "install_tree_attention", "tree_impl_class",
-           "write_kv"]

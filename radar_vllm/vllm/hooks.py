@@ -6,10 +6,9 @@ Installed once per process by :func:`radar_vllm.vllm.plugin.register`:
    to ``"eagle3"``, ``num_speculative_tokens`` defaulting to the checkpoint's depth) and a
    ``"radar"`` object of overrides; resolves and validates the RADAR settings before any engine
    process starts.
-2. ``EngineArgs.create_engine_config`` (front-end): for a RADAR config, selects RADAR's worker
-   class (which builds the runner with :class:`~radar_vllm.vllm.proposer.RadarProposer`) and, with
-   synchronous scheduling, RADAR's scheduler (drops the padding after each request's stop); hooks
-   the RADAR metrics into the front-end's stat loggers.
+2. ``EngineArgs.create_engine_config`` (front-end): for a RADAR config, decides the engine plan
+   (:func:`radar_vllm.vllm.engine_plan.plan_engine`: worker, scheduler, mode, scratch blocks) and
+   hooks the RADAR metrics into the front-end's stat loggers.
 3. ``VllmConfig.use_v2_model_runner`` (every process): RADAR runs on the V1 model runner; where
    vLLM would pick V2 the property answers False for RADAR configs and says so in the log.
 
@@ -17,7 +16,10 @@ Installed once per process by :func:`radar_vllm.vllm.plugin.register`:
    ``expand_kernel`` and installs a corrected one where it is wrong
    (:mod:`radar_vllm.vllm.cpu_sampling_fix`; every engine of the process, RADAR or not).
 
-Everything else is vLLM's own extension points (``worker_cls``, ``scheduler_cls``, stat loggers).
+Everything else is vLLM's own extension points: ``worker_cls``, ``scheduler_cls``, stat loggers,
+the kernel-override registry and, on CPU, the attention backend registry (``CPU_ATTN`` becomes
+:class:`radar_vllm.vllm.attention.RadarCPUAttentionBackend`, vLLM's backend whose metadata may
+carry a RADAR plan; without one it runs vLLM's code unchanged).
 """
 from __future__ import annotations
 
@@ -25,10 +27,11 @@ import functools
 import logging
 from typing import Any, Callable
 
-from radar_vllm.vllm.selection import (
+from radar_vllm.vllm.engine_plan import (
     EAGLE3_METHOD,
     RADAR_METHOD,
     is_radar,
+    plan_engine,
     raw_radar_section,
     resolve_and_validate,
 )
@@ -36,11 +39,6 @@ from radar_vllm.vllm.selection import (
 logger = logging.getLogger(__name__)
 
 RADAR_OVERRIDES_KEY = "radar"  # key of the overrides object inside the speculative config
-STOCK_TO_RADAR_WORKER = {
-    "vllm.v1.worker.cpu_worker.CPUWorker": "radar_vllm.vllm.worker.RadarCPUWorker",
-    "vllm.v1.worker.gpu_worker.Worker": "radar_vllm.vllm.worker.RadarGPUWorker",
-}
-RADAR_SCHEDULER = "radar_vllm.vllm.scheduler.RadarScheduler"
 _WRAPPED = "__radar_wrapped__"
 
 
@@ -67,6 +65,14 @@ def install() -> None:
     from radar_vllm.vllm import cpu_sampling_fix
 
     cpu_sampling_fix.install()
+    # CPU: RADAR's attention backend (inert unless a RADAR plan is in its metadata), registered before
+    # any engine of the process resolves its backend
+    from vllm.platforms import current_platform
+
+    if current_platform.is_cpu():
+        from radar_vllm.vllm.attention import register_backend
+
+        register_backend()
     # before any engine of this process builds its output decoder (see the module's doc)
     install_stats_transport()
 
@@ -187,39 +193,11 @@ def _wrap_create_engine_config(original: Callable[..., Any]) -> Callable[..., An
     def create_engine_config(self: Any, *args: Any, **kwargs: Any) -> Any:
         vllm_config = original(self, *args, **kwargs)
         if is_radar(vllm_config):
-            configure_engine_for_radar(vllm_config)
+            plan_engine(vllm_config)
+            install_metrics_hook()
         return vllm_config
 
     return create_engine_config
-
-
-def configure_engine_for_radar(vllm_config: Any) -> None:
-    """Select RADAR's worker and scheduler classes and hook its metrics into the front-end."""
-    parallel_config = vllm_config.parallel_config
-    worker_cls = parallel_config.worker_cls
-    if worker_cls in STOCK_TO_RADAR_WORKER:
-        parallel_config.worker_cls = STOCK_TO_RADAR_WORKER[worker_cls]
-    elif not str(worker_cls).startswith("radar_vllm."):
-        raise ValueError(
-            f"RADAR installs its own worker class on top of vLLM's CPU or CUDA worker, but worker_cls="
-            f"{worker_cls!r} is set; remove --worker-cls (supported: {sorted(STOCK_TO_RADAR_WORKER)})"
-        )
-    scheduler_config = vllm_config.scheduler_config
-    if scheduler_config.async_scheduling:
-        logger.warning(
-            "RADAR with async scheduling: drafts stay on the device, so padding after each request's "
-            "stop is verified (and always rejected) and the RADAR stop-depth metrics are not available; "
-            "use --no-async-scheduling for them"
-        )
-    elif scheduler_config.scheduler_cls in (None, RADAR_SCHEDULER):
-        scheduler_config.scheduler_cls = RADAR_SCHEDULER
-    else:
-        logger.warning(
-            "RADAR: a custom scheduler_cls=%r is set, so padded draft slots are verified and the RADAR "
-            "stop-depth metrics count them",
-            scheduler_config.scheduler_cls,
-        )
-    install_metrics_hook()
 
 
 def install_metrics_hook() -> None:

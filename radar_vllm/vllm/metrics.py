@@ -40,7 +40,7 @@ from prometheus_client import REGISTRY
 from vllm.v1.metrics.loggers import AggregateStatLoggerBase
 
 from radar_vllm.core.config import MODE_TREE
-from radar_vllm.vllm.selection import radar_settings
+from radar_vllm.vllm.engine_plan import engine_plan
 from radar_vllm.vllm.stats import RadarTotals, RoundSummary, summarize_step
 
 logger = logging.getLogger(__name__)
@@ -66,7 +66,7 @@ class RadarStatLogger(AggregateStatLoggerBase):
 
     def __init__(self, vllm_config: Any, engine_indexes: list[int]) -> None:
         self.engine_indexes = engine_indexes
-        radar = radar_settings(vllm_config)
+        radar = engine_plan(vllm_config).radar
         self.max_depth = radar.config.max_depth
         self.tree_mode = radar.config.mode == MODE_TREE
         speculative_config = getattr(vllm_config, "speculative_config", None)

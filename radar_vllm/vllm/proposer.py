@@ -1,24 +1,25 @@
-"""RadarProposer: vLLM's EAGLE proposer with a learned, per-request stop after every draft call.
+"""RadarProposer: vLLM's EAGLE-3 proposer, grown one level per draft call under the stop policy.
 
-Chain mode, one round for a batch of B requests (K = max depth):
+One round for a batch of B requests (D = max depth, W = the growth strategy's width):
 
-    call 1 (over the newly verified tokens) -> depth-1 draft token for every request
-    policy step on the device               -> which requests continue
-    call d = 2..K (one token per request)   -> depth-d tokens; the policy decides again after
-                                               every call but the last
-    output [B, K]: request b keeps its tokens up to its stop depth, PADDING_TOKEN (-1) after
+    call 1 over the newly verified tokens (vLLM's own first pass)  -> growth.start(logits)
+    policy step on the device                                       -> which requests continue
+    calls d = 2..D: B * W rows (growth.inputs()), one forward       -> growth.extend(logits, active)
+                    policy step after every call but the last
+    growth.finish() -> DraftTree; drafts [B, nodes], PADDING_TOKEN after each request's drafts
+
+Chain mode (W = 1) runs calls 2..D exactly like vLLM's loop (same metadata updates, same
+kernels), so with the policy always continuing its drafts are the stock drafter's. Tree mode
+(W = top_k) runs each call's frontier rows with a :class:`~radar_vllm.vllm.attention.DraftFrontierPlan`
+carried in the draft layers' attention metadata (see that module).
 
 Stopped requests stay in the draft batch (their rows are computed and masked): shrinking the batch
-would need the host to read the decisions. The batch's loop ends when every request has stopped
-or at depth K. On CPU the all-stopped check is a plain read. On CUDA it never blocks: after each
-policy step the flag "any request still active" is copied to pinned host memory with an event,
-and before each draft call the loop reads the newest flag whose event has completed
-(``Event.query()``); an unfinished copy just means one more (masked) draft call. Outputs do not
-depend on when the loop notices, only the time spent does.
+would need the host to read the decisions. The loop ends when every request has stopped or at
+depth D; the check never blocks on CUDA (:class:`~radar_vllm.vllm.stop_monitor.AllStoppedMonitor`).
 
-The policy state (:func:`radar_vllm.core.policy_state.chain_frontier_scores`) is the top_k cumulative
-log-probs of the chain's would-be children; decisions come from
-:class:`radar_vllm.core.policy.PolicyRunner` (fused Triton step on CUDA, torch elsewhere).
+The loop follows ``SpecDecodeBaseProposer.propose`` of vLLM 0.32; ``UPSTREAM_PROPOSE_SHA256``
+pins that method's source (tests/unit/test_plugin_pure.py), so an upgrade that changes it fails
+loudly and points here. Upstream branches RADAR does not follow are refused in ``__init__``.
 """
 from __future__ import annotations
 
@@ -27,116 +28,119 @@ from typing import Any
 
 import torch
 
-from vllm.config import VllmConfig
 from vllm.forward_context import set_forward_context
 from vllm.v1.attention.backend import CommonAttentionMetadata
 from vllm.v1.sample.metadata import SamplingMetadata
 from vllm.v1.spec_decode.eagle import EagleProposer
 
-from radar_vllm.core.policy_state import chain_frontier_scores
+from radar_vllm.core.config import TreeConfig
+from radar_vllm.core.growth import ChainGrowth, FrontierGrowth
 from radar_vllm.core.policy import PolicyRunner, load_policy
-from radar_vllm.core.config import ValidatedRadar
-from radar_vllm.vllm.stats import PADDING_TOKEN
+from radar_vllm.core.tree import PADDING_TOKEN, DraftTree
+from radar_vllm.vllm.attention import DraftFrontierPlan, frontier_rounds, with_plan
+from radar_vllm.vllm.engine_plan import EnginePlan
 from radar_vllm.vllm.stop_monitor import AllStoppedMonitor
 
 logger = logging.getLogger(__name__)
 
+# sha256 of inspect.getsource(SpecDecodeBaseProposer.propose) in the vLLM release this loop follows
+UPSTREAM_PROPOSE_SHA256 = "00017c139f27a3e7baa4a284b30c1d3782806b91f8adbe85bd7f58551a1eb1b3"
 
-def begin_single_token_passes(proposer: EagleProposer, cad: CommonAttentionMetadata, batch_size: int,
-                              num_rejected_tokens_gpu: torch.Tensor | None) -> tuple[Any, int, Any]:
-    """Switch the drafting metadata to one token per request for the draft passes after the first.
 
-    Returns the proposer's ``(cudagraph_mode, input_batch_size, batch_size_across_dp)`` for
-    ``batch_size`` tokens. A padded drafter batch (``num_rejected_tokens_gpu``) also drops the
-    rejected slots from the sequence lengths.
+def tree_eligible(params: Any, has_custom_logits_processors: bool = False) -> bool:
+    """True when a request's sampling can be verified exactly over a tree.
+
+    Penalties, logprobs, bad words, logit bias, allowed-token masks, min_tokens/min_p and
+    structured output depend on the chain position or need the stock sampler: those requests
+    draft chains instead (the best-first chain of their tree), verified by vLLM's sampler.
     """
-    padding = proposer._determine_batch_execution_and_padding(batch_size)
-    cad.num_actual_tokens = batch_size
-    cad.max_query_len = 1
-    cad.query_start_loc = proposer.arange[: batch_size + 1]
-    cad.query_start_loc_cpu = torch.from_numpy(proposer.token_arange_np[: batch_size + 1]).clone()
-    if num_rejected_tokens_gpu is not None:
-        cad.seq_lens -= num_rejected_tokens_gpu
-    return padding
+    if params is None or has_custom_logits_processors:
+        return False
+    return not (
+        getattr(params, "structured_outputs", None) is not None
+        or getattr(params, "logprobs", None) is not None
+        or getattr(params, "presence_penalty", 0.0) != 0.0
+        or getattr(params, "frequency_penalty", 0.0) != 0.0
+        or getattr(params, "repetition_penalty", 1.0) != 1.0
+        or bool(getattr(params, "bad_words", None))
+        or bool(getattr(params, "logit_bias", None))
+        or bool(getattr(params, "allowed_token_ids", None))
+        or getattr(params, "min_tokens", 0) > 0
+        or getattr(params, "min_p", 0.0) > 0.0
+    )
 
 
 class RadarProposer(EagleProposer):
-    """EAGLE-3 chain drafting with per-request depths chosen by the RADAR stop policy."""
+    """EAGLE-3 drafting with per-request depths chosen by the RADAR stop policy (chain or tree)."""
 
-    def __init__(
-        self,
-        vllm_config: VllmConfig,
-        device: torch.device,
-        runner: Any = None,
-        radar: ValidatedRadar | None = None,
-    ) -> None:
+    def __init__(self, vllm_config: Any, device: torch.device, runner: Any, plan: EnginePlan) -> None:
         super().__init__(vllm_config, device, runner)
-        if radar is None:
-            from radar_vllm.vllm.selection import radar_settings
-
-            radar = radar_settings(vllm_config)
-        self.radar = radar
-        self.max_depth = radar.config.max_depth
-        self.top_k = radar.config.top_k
-        if self.num_speculative_tokens != self.max_depth:
-            raise ValueError(
-                f"num_speculative_tokens={self.num_speculative_tokens} must equal RADAR max_depth={self.max_depth}"
-            )
-        if self.uses_mrope or self.parallel_drafting or self.use_local_argmax_reduction:
-            raise ValueError("RADAR supports plain EAGLE-3 chain drafting only (no M-RoPE, parallel drafting "
-                             "or local argmax reduction)")
-        policy = load_policy(radar.policy_path, device=device)
-        self.policy_runner = PolicyRunner(
-            policy,
-            max_batch_size=self.max_batch_size,
-            device=device,
-            decision=radar.decision,
-            threshold=radar.threshold,
-        )
+        self.model_runner = runner
+        config = plan.radar.config
+        self.plan = plan
+        self.max_depth = config.max_depth
+        self.fixed_depth = config.fixed_depth
+        if self.num_speculative_tokens != config.num_draft_tokens:
+            raise ValueError(f"num_speculative_tokens={self.num_speculative_tokens} must equal the RADAR "
+                             f"checkpoint's draft budget {config.num_draft_tokens} ({plan.mode} mode)")
+        unsupported = [name for name, used in (
+            ("M-RoPE", self.uses_mrope), ("parallel drafting", self.parallel_drafting),
+            ("local argmax reduction", self.use_local_argmax_reduction),
+            ("a heterogeneous draft vocabulary", self.use_heterogeneous_vocab),
+            ("constant draft positions", self.constant_draft_positions),
+            ("shared MTP indices", self._share_mtp_indices), ("multimodal inputs", self.supports_mm_inputs),
+            ("a draft model that does not take hidden states", not self.pass_hidden_states_to_model),
+        ) if used]
+        if unsupported or self.method != "eagle3":
+            raise ValueError(f"RADAR drafts with plain EAGLE-3 heads; this engine needs {unsupported or self.method}, "
+                             f"which RADAR's drafting loop does not support")
+        self.policy_runner = None
+        if config.fixed_depth is None:
+            self.policy_runner = PolicyRunner(load_policy(plan.radar.policy_path, device=device),
+                                              max_batch_size=self.max_batch_size, device=device,
+                                              decision=plan.radar.decision, threshold=plan.radar.threshold)
+        self.state_size = config.top_k
+        self.tree_config = TreeConfig(top_k=config.top_k, max_depth=config.max_depth,
+                                      total_tokens=config.total_tokens) if plan.tree else None
         self.stop_monitor = AllStoppedMonitor(torch.device(device), self.max_depth)
-        # [max_batch] cumulative log-prob of each request's chain so far
-        self.chain_logprob = torch.zeros(self.max_batch_size, dtype=torch.float32, device=device)
-        if radar.config.fixed_depth is not None:
-            logger.info("RadarProposer: chain mode, fixed depth %d (diagnostic: the stop policy is not used)",
-                        radar.config.fixed_depth)
-        else:
-            logger.info(
-                "RadarProposer: chain mode, max_depth=%d, top_k=%d, decision=%s, threshold=%.3f",
-                self.max_depth, self.top_k, radar.decision, radar.threshold,
-            )
+        self.last_tree: DraftTree | None = None  # the last round's drafts (tree mode: read by the runner)
+        logger.info("RadarProposer: %s mode, max_depth=%d, top_k=%d, %s", plan.mode, self.max_depth, config.top_k,
+                    f"fixed depth {config.fixed_depth} (no stop policy)" if config.fixed_depth else
+                    f"decision={plan.radar.decision}, threshold={plan.radar.threshold:.3f}")
 
-    # ---------------------------------------------------------------------------------------
-    # one draft call's outputs
+    def load_model(self, *args: Any, **kwargs: Any) -> None:
+        super().load_model(*args, **kwargs)
+        if not self.model_returns_tuple():
+            raise ValueError("RADAR needs an EAGLE-3 draft model that returns (last hidden, hidden) states")
 
-    def _draft_tokens_and_logprobs(self, sample_hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Greedy draft tokens ``[batch]`` (target ids) and log-probs ``[batch, vocab]``."""
-        logits = self.model.compute_logits(sample_hidden_states)  # [batch, vocab]
-        return logits.argmax(dim=-1), torch.log_softmax(logits.float(), dim=-1)
+    # ------------------------------------------------------------------------------------------
 
-    def _decide(self, step_logprobs: torch.Tensor, batch_size: int, first: bool) -> torch.Tensor:
+    def _growth(self, batch_size: int, device: torch.device) -> Any:
+        if self.tree_config is None:
+            return ChainGrowth(batch_size, self.max_depth, self.state_size, device)
+        return FrontierGrowth(self.tree_config, batch_size, self.state_size, device)
+
+    def _decide(self, growth: Any, active: torch.Tensor) -> torch.Tensor:
         """Policy step after a draft call; returns ``[batch]`` bool: still drafting."""
-        prefix = self.chain_logprob[:batch_size]
-        if first:
-            prefix.zero_()
-        frontier_scores, next_prefix = chain_frontier_scores(prefix, step_logprobs, self.top_k)
-        prefix.copy_(next_prefix)
-        active = self.policy_runner.step(frontier_scores)
+        if self.policy_runner is not None:
+            active = self.policy_runner.step(growth.policy_state()) & active
         self.stop_monitor.record(active)
         return active
 
-    # ---------------------------------------------------------------------------------------
+    def _eligible(self, batch_size: int) -> torch.Tensor:
+        """[batch] bool: requests whose sampling can be verified over a tree."""
+        runner = self.model_runner
+        custom = bool(getattr(self.vllm_config.model_config, "logits_processors", None))
+        return torch.tensor([tree_eligible(getattr(runner.requests.get(r), "sampling_params", None), custom)
+                             for r in runner.input_batch.req_ids[:batch_size]], dtype=torch.bool)
 
     def propose(
         self,
         num_speculative_tokens: int,
-        # [num_tokens]
-        target_token_ids: torch.Tensor,
-        # [num_tokens]
-        target_positions: torch.Tensor,
-        # [num_tokens, num_aux * target_hidden]
-        target_hidden_states: torch.Tensor,
-        # [batch_size]
-        next_token_ids: torch.Tensor,
+        target_token_ids: torch.Tensor,  # [num_tokens]
+        target_positions: torch.Tensor,  # [num_tokens]
+        target_hidden_states: torch.Tensor,  # [num_tokens, num_aux * target_hidden]
+        next_token_ids: torch.Tensor,  # [batch_size]
         token_indices_to_sample: torch.Tensor | None,
         common_attn_metadata: CommonAttentionMetadata,
         sampling_metadata: SamplingMetadata,
@@ -144,115 +148,169 @@ class RadarProposer(EagleProposer):
         num_rejected_tokens_gpu: torch.Tensor | None = None,
         slot_mappings: Any = None,
     ) -> torch.Tensor:
-        fixed_depth = self.radar.config.fixed_depth
-        depth_limit = min(num_speculative_tokens, self.max_depth, fixed_depth or self.max_depth)
-        if num_speculative_tokens <= 1:
-            # Nothing to decide: at most one draft call.
-            return super().propose(
-                num_speculative_tokens, target_token_ids, target_positions, target_hidden_states,
-                next_token_ids, token_indices_to_sample, common_attn_metadata, sampling_metadata,
-                mm_embed_inputs, num_rejected_tokens_gpu, slot_mappings,
-            )
+        tree = self.tree_config is not None
+        self.last_tree = None
+        if not tree and num_speculative_tokens <= 1:  # nothing to decide: vLLM's own loop
+            return super().propose(num_speculative_tokens, target_token_ids, target_positions, target_hidden_states,
+                                   next_token_ids, token_indices_to_sample, common_attn_metadata, sampling_metadata,
+                                   mm_embed_inputs, num_rejected_tokens_gpu, slot_mappings)
+        if self.eplb_state is not None:
+            raise ValueError("RADAR's drafting loop does not support expert-parallel load balancing (EPLB)")
         self.num_speculative_tokens = num_speculative_tokens
         self._last_draft_probs = None
         cad = common_attn_metadata
         batch_size = cad.batch_size()
+        depth_limit = min(self.fixed_depth or self.max_depth, self.max_depth, num_speculative_tokens)
 
-        # Draft call 1 over the newly verified tokens (same inputs as the stock proposer).
+        # Call 1, as vLLM's loop runs it.
         target_hidden_states = self.model.combine_hidden_states(target_hidden_states)
         num_tokens, token_indices_to_sample, cad = self.set_inputs_first_pass(
-            target_token_ids=target_token_ids,
-            next_token_ids=next_token_ids,
-            target_positions=target_positions,
-            target_hidden_states=target_hidden_states,
-            token_indices_to_sample=token_indices_to_sample,
-            cad=cad,
-            num_rejected_tokens_gpu=num_rejected_tokens_gpu,
-        )
-        _, per_layer_attn_metadata = self.build_per_group_and_layer_attn_metadata(cad)
+            target_token_ids=target_token_ids, next_token_ids=next_token_ids, target_positions=target_positions,
+            target_hidden_states=target_hidden_states, token_indices_to_sample=token_indices_to_sample, cad=cad,
+            num_rejected_tokens_gpu=num_rejected_tokens_gpu)
+        per_group_metadata, per_layer_metadata = self.build_per_group_and_layer_attn_metadata(cad)
         cudagraph_mode, num_input_tokens, num_tokens_across_dp = self._determine_batch_execution_and_padding(num_tokens)
-        model_kwargs, slot_mapping_size = self.build_model_inputs_first_pass(num_tokens, num_input_tokens, mm_embed_inputs)
-        with set_forward_context(
-            per_layer_attn_metadata,
-            self.vllm_config,
-            num_tokens=num_input_tokens,
-            num_tokens_across_dp=num_tokens_across_dp,
-            cudagraph_runtime_mode=cudagraph_mode,
-            slot_mapping=self._get_slot_mapping(slot_mapping_size, cad.slot_mapping),
-        ):
+        model_kwargs, slot_mapping_size = self.build_model_inputs_first_pass(num_tokens, num_input_tokens,
+                                                                            mm_embed_inputs)
+        with set_forward_context(per_layer_metadata, self.vllm_config, num_tokens=num_input_tokens,
+                                 num_tokens_across_dp=num_tokens_across_dp, cudagraph_runtime_mode=cudagraph_mode,
+                                 slot_mapping=self._get_slot_mapping(slot_mapping_size, cad.slot_mapping)):
             last_hidden_states, hidden_states = self.model(**model_kwargs)
         positions = self.positions[token_indices_to_sample]  # [batch]
         hidden_states = hidden_states[token_indices_to_sample]  # [batch, hidden]
-        tokens, step_logprobs = self._draft_tokens_and_logprobs(last_hidden_states[token_indices_to_sample])
+        logits = self.model.compute_logits(last_hidden_states[token_indices_to_sample])  # [batch, vocab]
 
-        # [batch, num_speculative_tokens] output, padded after each request's stop
-        draft_token_ids = torch.full(
-            (batch_size, num_speculative_tokens), PADDING_TOKEN, dtype=torch.int64, device=tokens.device
-        )
-        draft_token_ids[:, 0] = tokens
-        self.policy_runner.begin_round(batch_size)
+        growth = self._growth(batch_size, logits.device)
+        growth.start(logits)
+        if self.policy_runner is not None:
+            self.policy_runner.begin_round(batch_size)
         self.stop_monitor.begin_round()
-        if fixed_depth is None:
-            active = self._decide(step_logprobs, batch_size, first=True)  # [batch] bool
-        else:  # diagnostic mode: no policy, every request drafts depth_limit tokens
-            active = torch.ones(batch_size, dtype=torch.bool, device=tokens.device)
-
-        cudagraph_mode, input_batch_size, batch_size_across_dp = begin_single_token_passes(
-            self, cad, batch_size, num_rejected_tokens_gpu)
+        active = torch.ones(batch_size, dtype=torch.bool, device=logits.device)
+        if depth_limit > 1:
+            active = self._decide(growth, active)
+            if self.allowed_attn_types is not None and not all(
+                    isinstance(group, self.allowed_attn_types) for group in per_group_metadata):
+                raise ValueError(f"RADAR drafting needs attention metadata of types {self.allowed_attn_types}")
+        # Calls 2..D. vLLM's loop after call 1 (one token per request, metadata updated in place),
+        # with the padded drafter batch's rejected slots dropped from the sequence lengths.
+        cudagraph_mode, input_batch_size, batch_size_across_dp = self._determine_batch_execution_and_padding(
+            batch_size)
+        cad.num_actual_tokens = batch_size
+        cad.max_query_len = 1
+        cad.query_start_loc = self.arange[: batch_size + 1]
+        cad.query_start_loc_cpu = torch.from_numpy(self.token_arange_np[: batch_size + 1]).clone()
+        if num_rejected_tokens_gpu is not None:
+            cad.seq_lens -= num_rejected_tokens_gpu
+        frontier = _FrontierState(self, cad, positions, batch_size, depth_limit) if tree else None
+        parent_hidden = hidden_states.unsqueeze(1)  # [batch, rows of the last call, hidden]
         for depth in range(2, depth_limit + 1):
-            if fixed_depth is None and self.stop_monitor.all_stopped():
+            if self.fixed_depth is None and self.stop_monitor.all_stopped():
                 break
-            positions = self._update_positions_dependent_metadata(
-                positions, cad, batch_size, input_batch_size, self.block_size
-            )
-            _, per_layer_attn_metadata = self.build_per_group_and_layer_attn_metadata(cad, draft_index=depth - 1)
-            self.input_ids[:batch_size] = tokens.int()
-            self.hidden_states[:batch_size] = hidden_states
-            model_kwargs = {
-                "input_ids": self.input_ids[:input_batch_size],
-                "positions": self._get_positions(input_batch_size),
-                "inputs_embeds": None,
-                "hidden_states": self.hidden_states[:input_batch_size],
-            }
-            if self.supports_mm_inputs:
-                self.inputs_embeds[:batch_size] = self.model.embed_input_ids(tokens.int())
-                model_kwargs["input_ids"] = None
-                model_kwargs["inputs_embeds"] = self.inputs_embeds[:input_batch_size]
-            with set_forward_context(
-                per_layer_attn_metadata,
-                self.vllm_config,
-                num_tokens=input_batch_size,
-                num_tokens_across_dp=batch_size_across_dp,
-                cudagraph_runtime_mode=cudagraph_mode,
-                slot_mapping=self._get_slot_mapping(input_batch_size),
-            ):
-                last_hidden_states, hidden_states = self.model(**model_kwargs)
-            hidden_states = hidden_states[:batch_size]
-            tokens, step_logprobs = self._draft_tokens_and_logprobs(last_hidden_states[:batch_size])
-            draft_token_ids[:, depth - 1] = torch.where(active, tokens, PADDING_TOKEN)
-            if depth < depth_limit and fixed_depth is None:
-                active = self._decide(step_logprobs, batch_size, first=False)
-        return draft_token_ids
+            slots = growth.parent_slots()  # [batch, width]
+            parent_hidden = parent_hidden.gather(1, slots.unsqueeze(-1).expand(-1, -1, parent_hidden.shape[-1]))
+            tokens = growth.inputs()  # [batch, width]
+            if frontier is None:
+                positions = self._update_positions_dependent_metadata(positions, cad, batch_size, input_batch_size,
+                                                                      self.block_size)
+                _, per_layer_metadata = self.build_per_group_and_layer_attn_metadata(cad, draft_index=depth - 1)
+                self.input_ids[:batch_size] = tokens[:, 0].int()
+                self.hidden_states[:batch_size] = parent_hidden[:, 0]
+                model_kwargs = {"input_ids": self.input_ids[:input_batch_size],
+                                "positions": self._get_positions(input_batch_size), "inputs_embeds": None,
+                                "hidden_states": self.hidden_states[:input_batch_size]}
+                with set_forward_context(per_layer_metadata, self.vllm_config, num_tokens=input_batch_size,
+                                         num_tokens_across_dp=batch_size_across_dp,
+                                         cudagraph_runtime_mode=cudagraph_mode,
+                                         slot_mapping=self._get_slot_mapping(input_batch_size)):
+                    last_hidden_states, hidden_states = self.model(**model_kwargs)
+                rows = batch_size
+            else:  # one forward over the batch's frontier rows, attention from the frontier plan
+                last_hidden_states, hidden_states = frontier.run(depth, tokens, parent_hidden, per_layer_metadata,
+                                                                 growth.parent_slots())
+                rows = tokens.numel()
+            logits = self.model.compute_logits(last_hidden_states[:rows]).view(batch_size, rows // batch_size, -1)
+            parent_hidden = hidden_states[:rows].view(batch_size, -1, hidden_states.shape[-1])
+            growth.extend(logits, active)
+            if depth < depth_limit:
+                active = self._decide(growth, active)
+
+        drafts = growth.finish()
+        if tree:  # requests that cannot be verified over a tree keep their best-first chain
+            drafts = drafts.to("cpu").best_chains(~self._eligible(batch_size))
+            self.last_tree = drafts
+        output = torch.full((batch_size, num_speculative_tokens), PADDING_TOKEN, dtype=torch.int64,
+                            device=drafts.device)
+        width = min(drafts.max_nodes, num_speculative_tokens)
+        output[:, :width] = drafts.target_tokens[:, :width]
+        return output.to(positions.device)
 
     @torch.inference_mode()
-    def dummy_run(
-        self,
-        num_tokens: int,
-        use_cudagraphs: bool = True,
-        is_graph_capturing: bool = False,
-        slot_mappings: dict[str, torch.Tensor] | None = None,
-    ) -> None:
-        # The stock warm-up already runs num_speculative_tokens (= max depth) draft calls; add
-        # the policy steps of a full-depth round.
+    def dummy_run(self, num_tokens: int, use_cudagraphs: bool = True, is_graph_capturing: bool = False,
+                  slot_mappings: dict[str, torch.Tensor] | None = None) -> None:
+        # The stock warm-up runs the draft calls; add the policy steps of a full-depth round.
         super().dummy_run(num_tokens, use_cudagraphs, is_graph_capturing, slot_mappings)
+        if self.policy_runner is None:
+            return
         batch_size = max(1, min(num_tokens, self.max_batch_size))
+        device = self.positions.device
+        growth = ChainGrowth(batch_size, self.max_depth, self.state_size, device)
+        logits = torch.zeros(batch_size, max(self.state_size, 2), device=device)
+        growth.start(logits)
         self.policy_runner.begin_round(batch_size)
-        dummy_logprobs = torch.log_softmax(
-            torch.zeros(batch_size, max(self.top_k, 2), device=self.chain_logprob.device), dim=-1
-        )
-        for depth in range(1, self.max_depth):
-            self._decide(dummy_logprobs, batch_size, first=depth == 1)
+        active = torch.ones(batch_size, dtype=torch.bool, device=device)
+        for _ in range(1, self.max_depth):
+            active = self._decide(growth, active)
         self.stop_monitor.begin_round()
 
 
-__all__ = ["AllStoppedMonitor", "RadarProposer", "begin_single_token_passes"]
+class _FrontierState:
+    """Bookkeeping of one tree round's frontier passes: where every frontier node's path lives.
+
+    Row ``f`` of request ``b`` in call ``d`` attends to the draft layer's cached context and to its
+    own path (one node per earlier call). The path's K/V are kept by the attention layers per call
+    (:class:`DraftFrontierPlan` history); ``anc_pass`` / ``anc_rows`` [batch, top_k, depth] say,
+    for every frontier slot, which call and which row of it holds each path node.
+    """
+
+    def __init__(self, proposer: RadarProposer, cad: Any, positions: torch.Tensor, batch_size: int,
+                 depth_limit: int) -> None:
+        self.proposer = proposer
+        self.batch_size = batch_size
+        self.top_k = proposer.tree_config.top_k
+        self.base_positions = positions.long().cpu()  # [batch] position of the row before depth 1
+        self.block_table = cad.block_table_tensor[:batch_size].cpu()
+        self.anc_pass = torch.zeros(batch_size, self.top_k, max(depth_limit - 1, 1), dtype=torch.long)
+        self.anc_rows = torch.zeros_like(self.anc_pass)
+        self.plan = DraftFrontierPlan(rounds=[])
+        runner = proposer.model_runner
+        mask = getattr(runner, "discard_request_mask", None)  # partial prefill chunks draft nothing
+        self.drafting = (torch.ones(batch_size, dtype=torch.bool) if mask is None
+                         else ~torch.from_numpy(mask.np[:batch_size].copy()).bool())
+        self.no_slots = {name: torch.full((batch_size * self.top_k,), -1, dtype=torch.long)
+                         for name in proposer._draft_attn_layer_names}
+
+    def run(self, depth: int, tokens: torch.Tensor, parent_hidden: torch.Tensor, per_layer_metadata: dict,
+            parent_slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        proposer, batch, top_k = self.proposer, self.batch_size, self.top_k
+        if depth > 2:  # the frontier slots of the last call grew from these rows of the call before
+            slots = parent_slots.cpu()
+            gather = slots.unsqueeze(-1).expand_as(self.anc_pass)
+            self.anc_pass = self.anc_pass.gather(1, gather)
+            self.anc_rows = self.anc_rows.gather(1, gather)
+            self.anc_pass[:, :, depth - 3] = depth - 3
+            self.anc_rows[:, :, depth - 3] = torch.arange(batch).unsqueeze(1) * top_k + slots
+        self.plan.rounds = frontier_rounds(depth, self.base_positions, self.block_table, self.anc_pass,
+                                           self.anc_rows, self.drafting, proposer.block_size, proposer.max_model_len)
+        self.plan.kernel_metadata = {}
+        num_rows = batch * top_k
+        model_kwargs = {"input_ids": tokens.reshape(num_rows).int(),
+                        "positions": (self.base_positions + depth - 1).repeat_interleave(top_k).to(
+                            proposer.positions.dtype),
+                        "inputs_embeds": None,
+                        "hidden_states": parent_hidden.reshape(num_rows, -1).contiguous()}
+        with set_forward_context(with_plan(per_layer_metadata, self.plan), proposer.vllm_config, num_tokens=num_rows,
+                                 slot_mapping=self.no_slots):
+            return proposer.model(**model_kwargs)
+
+
+__all__ = ["RadarProposer", "tree_eligible"]

@@ -8,7 +8,7 @@ the stop-depth histogram (:mod:`radar_vllm.vllm.stats`). Per-request draft lengt
 sizes are a regular case for this scheduler (structured outputs truncate drafts the same way).
 
 Tree mode: the scheduler hides the tree runner's scratch KV blocks from vLLM's block pool
-(:mod:`radar_vllm.vllm.scratch`). The tree runner's drafts also carry each request's stop depth
+(``radar.scratch_blocks``, :func:`radar_vllm.vllm.engine_plan.scratch_block_count`). The tree runner's drafts also carry each request's stop depth
 (:class:`radar_vllm.vllm.stats.RadarDraftTokenIds`); the scheduler keeps it until the drafts are
 verified and counts it, per step, in :class:`radar_vllm.vllm.spec_stats.RadarSpecDecodingStats`
 (vLLM's spec-decoding stats plus ``stop_depth_counts``), which reach the front-end's stat loggers with vLLM's own counters.
@@ -23,7 +23,7 @@ from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.outputs import DraftTokenIds
 from vllm.v1.spec_decode.metrics import SpecDecodingStats
 
-from radar_vllm.vllm.scratch import scratch_block_count
+from radar_vllm.vllm.engine_plan import engine_plan, scratch_block_count
 from radar_vllm.vllm.spec_stats import RadarSpecDecodingStats
 from radar_vllm.vllm.stats import count_stop_depth, strip_padding
 
@@ -52,15 +52,7 @@ class RadarScheduler(Scheduler):
         args, kwargs = _reserve_scratch_blocks(args, kwargs)
         super().__init__(*args, **kwargs)
         self._stop_depths: dict[str, int] = {}  # request id -> stop depth of its pending drafts
-        self._max_stop_depth = self._radar_max_depth()
-
-    def _radar_max_depth(self) -> int:
-        """The deepest stop a tree round can report: RADAR's max_depth, else the node budget."""
-        from radar_vllm.vllm.selection import is_radar, radar_settings
-
-        if is_radar(self.vllm_config):
-            return radar_settings(self.vllm_config).config.max_depth
-        return max(int(self.num_spec_tokens or 0), 1)
+        self._max_stop_depth = engine_plan(self.vllm_config).radar.config.max_depth  # the deepest stop
 
     def update_draft_token_ids(self, draft_token_ids: Any) -> None:
         stop_depths = getattr(draft_token_ids, "stop_depths", None)

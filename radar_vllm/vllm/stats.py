@@ -26,7 +26,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Sequence
 
-PADDING_TOKEN = -1  # a draft slot after the request's stop; vLLM always rejects it
+from radar_vllm.core.tree import PADDING_TOKEN  # a draft slot after the request's drafts; never verified
 
 
 def strip_padding(draft_token_ids: Sequence[int]) -> list[int]:

@@ -1,14 +1,13 @@
 """RADAR's worker and model-runner classes: vLLM's own, with the drafter swapped for RadarProposer.
 
-Selected through vLLM's ``worker_cls`` setting by :mod:`radar_vllm.vllm.hooks` for RADAR configs
-only. In chain mode the runner subclasses only install the proposer (before the model is loaded,
-so ``load_model`` loads the head into it and warm-up runs through it). In tree mode the CPU worker
-builds :class:`radar_vllm.vllm.tree_runner.RadarTreeCPUModelRunner` instead (tree drafts, tree
-attention, tree acceptance, KV compaction); tree mode on CUDA is refused at start-up.
+Selected through vLLM's ``worker_cls`` setting by the engine plan
+(:func:`radar_vllm.vllm.engine_plan.plan_engine`). The runner subclasses install the proposer
+before the model is loaded, so ``load_model`` loads the head into it and warm-up runs through it.
+In tree mode the CPU worker builds :class:`radar_vllm.vllm.tree_runner.RadarTreeCPUModelRunner`
+(tree verification, KV compaction) instead.
 
 - CPU: ``CPUWorker.init_device`` constructs its runner from the module-level name
-  ``CPUModelRunner``; :class:`RadarCPUWorker` rebinds that name to :class:`RadarCPUModelRunner`
-  around the call.
+  ``CPUModelRunner``; :class:`RadarCPUWorker` rebinds that name around the call.
 - CUDA: :class:`RadarGPUWorker` overrides ``Worker._make_model_runner``, vLLM's own hook.
 """
 from __future__ import annotations
@@ -24,9 +23,8 @@ from vllm.v1.worker.cpu_worker import CPUWorker
 from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 from vllm.v1.worker.gpu_worker import Worker
 
-from radar_vllm.core.config import MODE_TREE
+from radar_vllm.vllm.engine_plan import engine_plan
 from radar_vllm.vllm.proposer import RadarProposer
-from radar_vllm.vllm.selection import radar_settings
 
 logger = logging.getLogger(__name__)
 
@@ -35,8 +33,7 @@ def install_radar_drafter(runner: Any) -> None:
     """Replace the runner's stock EAGLE proposer by a RadarProposer (before ``load_model``)."""
     if not hasattr(runner, "drafter"):
         return  # not the last pipeline stage: no drafter here
-    radar = radar_settings(runner.vllm_config)
-    runner.drafter = RadarProposer(runner.vllm_config, runner.device, runner, radar=radar)
+    runner.drafter = RadarProposer(runner.vllm_config, runner.device, runner, engine_plan(runner.vllm_config))
     logger.info("RADAR proposer installed in %s", type(runner).__name__)
 
 
@@ -53,14 +50,10 @@ class RadarGPUModelRunner(GPUModelRunner):
         install_radar_drafter(self)
 
 
-def tree_mode(vllm_config: Any) -> bool:
-    return radar_settings(vllm_config).config.mode == MODE_TREE
-
-
 class RadarCPUWorker(CPUWorker):
     def init_device(self) -> None:
         stock_runner = cpu_worker.CPUModelRunner
-        if tree_mode(self.vllm_config):
+        if engine_plan(self.vllm_config).tree:
             from radar_vllm.vllm.tree_runner import RadarTreeCPUModelRunner
 
             cpu_worker.CPUModelRunner = RadarTreeCPUModelRunner
@@ -76,10 +69,4 @@ class RadarGPUWorker(Worker):
     def _make_model_runner(self) -> GPUModelRunner:
         if self.use_v2_model_runner:
             raise ValueError("RADAR runs on vLLM's V1 model runner; unset VLLM_USE_V2_MODEL_RUNNER")
-        if tree_mode(self.vllm_config):
-            raise ValueError(
-                "RADAR tree mode is implemented for vLLM's CPU platform only in this version (the CUDA "
-                "verify path is not wired yet); run \"mode\": \"chain\" on GPU, e.g. "
-                "RADAR_OVERRIDES='{\"mode\": \"chain\"}' with num_speculative_tokens = max_depth"
-            )
         return RadarGPUModelRunner(self.vllm_config, self.device)

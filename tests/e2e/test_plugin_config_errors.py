@@ -28,6 +28,12 @@ def tiny(tmp_path_factory):
     return root, target, checkpoint
 
 
+def engine_plan(config):
+    from radar_vllm.vllm.engine_plan import engine_plan as read_plan
+
+    return read_plan(config)
+
+
 def _engine_config(target, speculative_config):
     args = EngineArgs(model=str(target), dtype="float32", max_model_len=512, enforce_eager=True,
                       speculative_config=speculative_config)
@@ -56,8 +62,9 @@ def test_good_config_selects_radar_worker_and_scheduler(tiny):
     assert config.parallel_config.worker_cls == "radar_vllm.vllm.worker.RadarCPUWorker"
     assert config.scheduler_config.scheduler_cls == "radar_vllm.vllm.scheduler.RadarScheduler"
     assert config.use_v2_model_runner is False
-    section = config.speculative_config.draft_model_config.hf_config.radar
-    assert section["max_depth"] == MAX_DEPTH and section["policy"].startswith("/")
+    plan = engine_plan(config)  # what every process of the engine reads
+    assert plan.worker_cls == config.parallel_config.worker_cls and plan.radar_scheduler and not plan.tree
+    assert plan.radar.config.max_depth == MAX_DEPTH and plan.radar.policy_path.is_absolute()
 
 
 def test_method_radar_defaults_depth_and_takes_overrides(tiny, monkeypatch):
@@ -67,7 +74,8 @@ def test_method_radar_defaults_depth_and_takes_overrides(tiny, monkeypatch):
     speculative = config.speculative_config
     assert speculative.method == "eagle3"
     assert speculative.num_speculative_tokens == MAX_DEPTH
-    assert speculative.draft_model_config.hf_config.radar["threshold"] == 0.4
+    assert engine_plan(config).radar.config.threshold == 0.4
+    assert engine_plan(config).radar.config.top_k == 4
 
 
 def test_plain_eagle3_head_is_untouched(tiny):
@@ -133,3 +141,14 @@ def test_inconsistent_num_speculative_tokens(tiny):
     _, target, checkpoint = tiny
     with pytest.raises(ValueError, match=r"num_speculative_tokens=3 but the RADAR checkpoint's max_depth=4.*Set num_speculative_tokens to 4"):
         _engine_config(target, {"method": "eagle3", "model": str(checkpoint), "num_speculative_tokens": 3})
+
+
+def test_engine_plan_records_tree_options_and_refuses_a_custom_worker(tiny):
+    _, target, checkpoint = tiny
+    spec = {"method": "radar", "model": str(checkpoint), "radar": {"mode": "tree", "total_tokens": 6}}
+    args = EngineArgs(model=str(target), dtype="float32", max_model_len=512, enforce_eager=True,
+                      speculative_config=spec, worker_cls="my.Worker")
+    with pytest.raises(ValueError, match="remove --worker-cls"):
+        args.create_engine_config()
+    plan = engine_plan(_engine_config(target, dict(spec, radar=dict(spec["radar"], scratch_blocks=16))))
+    assert plan.tree and plan.scratch_blocks == 16 and plan.radar.config.total_tokens == 6

@@ -19,7 +19,6 @@ from statistics import NormalDist
 import pytest
 
 from tiny_models import (
-    make_tiny_eagle3_head,
     make_tiny_llama,
     make_tiny_radar_checkpoint,
     scoped_environment,
@@ -35,7 +34,6 @@ NUM_PROMPTS = 50  # requests cycle through them; both engines see the same list
 GROUPS = {"t1": dict(temperature=1.0), "t2": dict(temperature=2.0), "shaped": dict(temperature=0.7, top_p=0.9),
           "topk": dict(temperature=1.0, top_k=20)}
 ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "1"}
-TREE_ENV = {"RADAR_TREE": '{"top_k": 3, "max_depth": 4}'}
 NUM_TESTS = len(GROUPS) * NUM_TOKENS
 ALPHA = 0.001 / NUM_TESTS
 ENGINES = ("chain", "tree")
@@ -86,21 +84,16 @@ def runs(tmp_path_factory):
     finally:
         shutdown_engine(llm)
     # RADAR trees: the tree runner's own acceptance
-    head = make_tiny_eagle3_head(root / "head", target)
-    with scoped_environment(TREE_ENV):
-        llm = _engine(
-            target,
-            speculative_config={"method": "eagle3", "model": str(head), "num_speculative_tokens": 7},
-            worker_cls="radar_vllm.vllm.tree_runner.RadarTreeCPUWorker",
-            scheduler_cls="radar_vllm.vllm.scheduler.RadarScheduler",
-        )
-        try:
-            llm.collective_rpc(lambda worker: setattr(worker.model_runner, "record_acceptance", True))
-            samples = _sample(llm, seed_offset=20_000)
-            records = llm.collective_rpc(lambda worker: list(worker.model_runner.acceptance_records))[0]
-            stats = llm.collective_rpc(lambda worker: dict(worker.model_runner.tree_stats))[0]
-        finally:
-            shutdown_engine(llm)
+    tree_checkpoint = make_tiny_radar_checkpoint(root / "radar-tree", target, top_k=3, max_depth=4)
+    llm = _engine(target, speculative_config={"method": "radar", "model": str(tree_checkpoint), "radar": {
+        "mode": "tree", "total_tokens": 8, "fixed_depth": 4}})  # full-depth 7-node trees
+    try:
+        llm.collective_rpc(lambda worker: setattr(worker.model_runner, "record_acceptance", True))
+        samples = _sample(llm, seed_offset=20_000)
+        records = llm.collective_rpc(lambda worker: list(worker.model_runner.acceptance_records))[0]
+        stats = llm.collective_rpc(lambda worker: dict(worker.model_runner.tree_stats))[0]
+    finally:
+        shutdown_engine(llm)
     assert stats["trees"] > 200
     results["tree"] = dict(samples=samples, records=records)
     return baseline, results

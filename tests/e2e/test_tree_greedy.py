@@ -1,17 +1,19 @@
 """RADAR draft trees verified inside stock vLLM (CPU build): greedy outputs equal no speculation.
 
-bf16 tiny models (near-ties are likely, which is what exactness is about). Engines run in-process
-(``VLLM_ENABLE_V1_MULTIPROCESSING=0``) so the tests can read the runner's tree counters and make
-sure trees, path recomputation and compaction really ran. Four engines per module:
+bf16 tiny models (near-ties are likely, which is what exactness is about). Every engine is started
+as a user starts it (a tiny RADAR checkpoint, options in the speculative config's ``"radar"``
+object) and runs in-process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``) so the tests can read the
+runner's tree counters and make sure trees, path recomputation and compaction really ran:
 
 - baseline, no speculation (block size 32, max_model_len 256);
-- the tree drafter of the tiny EAGLE-3 head with a random stop policy (varied depths), batch
-  sizes 1, 4 and 16, rows recomputed over scratch KV blocks (``RADAR_TREE_SCRATCH_BLOCKS``);
-- the test oracle drafter (random tree shapes with the true tokens planted, see
-  ``radar_vllm.vllm.tree_oracle``) with prefix caching off (like every other engine here, rows
-  recomputed in the requests' own slots, the default);
-- a RADAR checkpoint run through the plugin with ``"mode": "tree"`` set at launch;
-- EAGLE-2 frontier drafting with top_k = 1 against the one-row spine drafter (identical drafts);
+- the tiny head's trees with a random stop policy (varied depths), batch sizes 1, 4 and 16, rows
+  recomputed over scratch KV blocks (``"scratch_blocks": 64``);
+- the test oracle drafter (random tree shapes with the true tokens planted, ``tests/oracle_drafter.py``)
+  with prefix caching off (like every other engine here, rows recomputed in the requests' own
+  slots, the default);
+- the checkpoint with ``"mode": "tree"`` only, trees mixed with chain fallbacks, RADAR's metrics;
+- tree mode with top_k = 1 against chain mode (the frontier passes must draft what vLLM's chain
+  passes draft);
 - the oracle with chunked prefill (64-token budget), prefix caching on with a second turn reusing
   blocks written by tree steps, and a KV cache small enough to preempt and resume requests.
 
@@ -20,33 +22,24 @@ mid-batch, plus one prompt whose output reaches max_model_len (its trees are cut
 """
 from __future__ import annotations
 
-import json
-import os
 import random
 
 import pytest
-
+from oracle_drafter import install_oracle, install_recorder
 from tiny_models import make_tiny_llama, make_tiny_radar_checkpoint, scoped_environment, shutdown_engine
-from radar_vllm.vllm.scratch import SCRATCH_ENV
 
 vllm = pytest.importorskip("vllm")
 
 MAX_MODEL_LEN = 256
 NUM_PROMPTS = 24
 NUM_NODES = 9  # num_speculative_tokens: the tree's node budget
-TREE = '{"top_k": 3, "max_depth": 5}'
-TREE_WORKER = "radar_vllm.vllm.tree_runner.RadarTreeCPUWorker"
-RADAR_SCHEDULER = "radar_vllm.vllm.scheduler.RadarScheduler"
-ENV = {
-    "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
-    "VLLM_CPU_KVCACHE_SPACE": "1",
-    "RADAR_TREE": TREE,
-}
+TREE = {"mode": "tree", "top_k": 3, "max_depth": 5, "total_tokens": NUM_NODES + 1}
+ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "1"}
 
 
 @pytest.fixture(scope="module", autouse=True)
 def engine_environment():
-    with scoped_environment(ENV, also_restore=("RADAR_TREE_ORACLE", SCRATCH_ENV)):
+    with scoped_environment(ENV):
         yield
 
 
@@ -98,14 +91,26 @@ def _engine(target, **kwargs):
     )
 
 
-def _tree_engine(target, head, **kwargs):
-    return _engine(
-        target,
-        speculative_config={"method": "eagle3", "model": str(head), "num_speculative_tokens": NUM_NODES},
-        worker_cls=TREE_WORKER,
-        scheduler_cls=RADAR_SCHEDULER,
-        **kwargs,
-    )
+def _tree_engine(target, checkpoint, radar=None, **kwargs):
+    """A RADAR engine in tree mode (``radar``: more options for the speculative config)."""
+    return _engine(target, speculative_config={"method": "radar", "model": str(checkpoint),
+                                               "radar": dict(TREE, **(radar or {}))}, **kwargs)
+
+
+def _oracle_engine(target, checkpoint, requests, outputs, **kwargs):
+    """Tree mode with every request drafting full-depth trees, replaced by oracle trees."""
+    llm = _tree_engine(target, checkpoint, {"fixed_depth": 5}, **kwargs)
+    llm.collective_rpc(lambda worker: install_oracle(worker.model_runner.drafter, requests, outputs))
+    return llm
+
+
+def _stop_depths(rounds, max_depth: int) -> list[int]:
+    """Requests per stop depth 0..max_depth over recorded rounds."""
+    counts = [0] * (max_depth + 1)
+    for tree in rounds:
+        for depth in tree.stop_depth.tolist():
+            counts[depth] += 1
+    return counts
 
 
 
@@ -123,7 +128,7 @@ def models(tmp_path_factory):
     target = make_tiny_llama(root / "target")
     # head + a random stop policy calibrated on the head's draft distributions (varied depths)
     checkpoint = make_tiny_radar_checkpoint(root / "ckpt", target, top_k=3, max_depth=5)
-    return target, root / "ckpt" / "head", root / "ckpt" / "policy", checkpoint
+    return target, checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -147,85 +152,64 @@ def _assert_same(expected, actual, label):
 
 def test_policy_trees_batch_sizes_1_4_16(models, baseline):
     """The tiny head's trees, depth per request chosen by a random stop policy."""
-    target, head, policy, _ = models
+    target, checkpoint = models
     requests, expected = baseline[:2]
-    os.environ["RADAR_TREE"] = json.dumps({"top_k": 3, "max_depth": 5, "policy": str(policy)})
-    os.environ[SCRATCH_ENV] = "64"  # rows recomputed over scratch blocks (opt-in)
+    llm = _tree_engine(target, checkpoint, {"scratch_blocks": 64}, max_num_seqs=16)  # rows over scratch blocks
     try:
-        llm = _tree_engine(target, head, max_num_seqs=16)
-    finally:
-        os.environ["RADAR_TREE"] = TREE
-        os.environ.pop(SCRATCH_ENV, None)
-    try:
+        rounds = llm.collective_rpc(lambda worker: install_recorder(worker.model_runner.drafter))[0]
         for batch_size in (1, 4, 16):
             _assert_same(expected, _generate(llm, requests, batch_size), f"batch size {batch_size}")
         stats = _tree_stats(llm)
-        depths = llm.collective_rpc(lambda worker: list(worker.model_runner.drafter.stop_depth_counts))[0]
     finally:
         shutdown_engine(llm)
     assert stats["trees"] > 100
     assert stats["path_rows"] > 0  # rows recomputed through the platform kernel
     # over scratch blocks many rows share a kernel call
     assert stats["path_rounds"] < stats["path_rows"] / 2
+    depths = _stop_depths(rounds, 5)
     assert sum(1 for count in depths[1:] if count > 0) >= 3, f"stop depths should vary: {depths}"
 
 
-def test_oracle_trees_without_prefix_caching_or_scratch_blocks(models, baseline, tmp_path):
+def test_oracle_trees_without_prefix_caching_or_scratch_blocks(models, baseline):
     """Also the path without scratch blocks: rows recomputed one per request per kernel call in the
     request's own slots, restored afterwards."""
-    target, head, _, _ = models
+    target, checkpoint = models
     requests, expected = baseline[:2]
-    os.environ["RADAR_TREE_ORACLE"] = _write_oracle(tmp_path, requests, expected)
-    os.environ[SCRATCH_ENV] = "0"
+    llm = _oracle_engine(target, checkpoint, requests, expected, max_num_seqs=16, enable_prefix_caching=False)
     try:
-        llm = _tree_engine(target, head, max_num_seqs=16, enable_prefix_caching=False)
-        try:
-            _assert_same(expected, _generate(llm, requests), "oracle, no prefix caching, no scratch blocks")
-            stats = _tree_stats(llm)
-            scratch = llm.collective_rpc(lambda worker: list(worker.model_runner._scratch_blocks))[0]
-        finally:
-            shutdown_engine(llm)
+        _assert_same(expected, _generate(llm, requests), "oracle, no prefix caching, no scratch blocks")
+        stats = _tree_stats(llm)
+        scratch = llm.collective_rpc(lambda worker: list(worker.model_runner._scratch_blocks))[0]
     finally:
-        os.environ.pop("RADAR_TREE_ORACLE", None)
-        os.environ.pop(SCRATCH_ENV, None)
+        shutdown_engine(llm)
     assert scratch == []
     # the planted paths are accepted deep and off the first branch: compaction ran many times
     assert stats["accepted"] > stats["trees"]
     assert stats["moved"] > 50 and stats["off_spine"] > 20
 
 
-def test_oracle_trees_chunked_prefill_prefix_cache_preemption(models, baseline, tmp_path):
-    target, head, _, _ = models
+def test_oracle_trees_chunked_prefill_prefix_cache_preemption(models, baseline):
+    target, checkpoint = models
     requests, expected, turn2, expected2 = baseline[:4]
-    os.environ["RADAR_TREE_ORACLE"] = _write_oracle(tmp_path, requests + turn2, expected + expected2)
+    llm = _oracle_engine(
+        target, checkpoint, requests + turn2, expected + expected2, max_num_seqs=16, enable_chunked_prefill=True,
+        max_num_batched_tokens=64, enable_prefix_caching=True, num_gpu_blocks_override=24, disable_log_stats=False,
+    )
     try:
-        llm = _tree_engine(
-            target, head, max_num_seqs=16, enable_chunked_prefill=True, max_num_batched_tokens=64,
-            enable_prefix_caching=True, num_gpu_blocks_override=24, disable_log_stats=False,
-        )
-        try:
-            _assert_same(expected, _generate(llm, requests), "oracle, chunked prefill, small cache")
-            _assert_same(expected2, _generate(llm, turn2), "second turn on prefix-cached tree blocks")
-            stats = _tree_stats(llm)
-            preemptions = _preemptions(llm)
-        finally:
-            shutdown_engine(llm)
+        _assert_same(expected, _generate(llm, requests), "oracle, chunked prefill, small cache")
+        _assert_same(expected2, _generate(llm, turn2), "second turn on prefix-cached tree blocks")
+        stats = _tree_stats(llm)
+        preemptions = _preemptions(llm)
     finally:
-        os.environ.pop("RADAR_TREE_ORACLE", None)
+        shutdown_engine(llm)
     assert stats["moved"] > 50
     assert preemptions > 0, "the small KV cache should have preempted a request"
-
-
-def _write_oracle(directory, requests, outputs) -> str:
-    path = directory / "oracle.json"
-    path.write_text(json.dumps([{"prompt": ids, "output": out} for (ids, _), out in zip(requests, outputs)]))
-    return str(path)
 
 
 def test_radar_checkpoint_in_tree_mode(models, baseline):
     """The product path: a RADAR checkpoint selected by the plugin, tree mode set at launch; RADAR's
     metrics (stop depths from the worker, tree sizes, acceptance lengths) reach LLM.get_metrics()."""
-    target, _, _, checkpoint = models
+    target, checkpoint = models
     requests, expected = baseline[:2]
     llm = _engine(
         target, max_num_seqs=16, disable_log_stats=False,
@@ -233,11 +217,12 @@ def test_radar_checkpoint_in_tree_mode(models, baseline):
                             "radar": {"mode": "tree", "total_tokens": NUM_NODES + 1}},
     )
     try:
+        rounds = llm.collective_rpc(lambda worker: install_recorder(worker.model_runner.drafter))[0]
         _assert_same(expected, _generate(llm, requests), "RADAR checkpoint, tree mode")
         # requests with a penalty or logprobs fall back to chains in the same batch as trees
         _assert_same(baseline[4], _mixed_batch(llm, requests), "trees mixed with chain fallbacks")
         stats = _tree_stats(llm)
-        drafted_depths = llm.collective_rpc(lambda worker: list(worker.model_runner.drafter.stop_depth_counts))[0]
+        drafted_depths = _stop_depths(rounds, 5)
         num_speculative_tokens = llm.llm_engine.vllm_config.speculative_config.num_speculative_tokens
         metrics = {m.name: m for m in llm.get_metrics()}
     finally:
@@ -279,29 +264,27 @@ def _check_tree_metrics(metrics, drafted_depths: list[int], max_depth: int) -> N
     assert depth.sum / depth.count <= calls / rounds <= max_depth  # a round runs its deepest request's calls
 
 
-def _recorded_trees(target, head, drafter: str, requests) -> tuple[list[list[int]], list]:
-    os.environ["RADAR_TREE"] = json.dumps({"top_k": 1, "max_depth": 4, "drafter": drafter})
+def _recorded_drafts(target, checkpoint, radar, requests) -> tuple[list[list[int]], list[list[list[int]]]]:
+    llm = _engine(target, max_num_seqs=4, speculative_config={"method": "radar", "model": str(checkpoint),
+                                                             "radar": radar})
     try:
-        llm = _tree_engine(target, head, max_num_seqs=4)
-    finally:
-        os.environ["RADAR_TREE"] = TREE
-    try:
-        llm.collective_rpc(lambda worker: setattr(worker.model_runner.drafter, "recorded_trees", []))
+        rounds = llm.collective_rpc(lambda worker: install_recorder(worker.model_runner.drafter))[0]
         outputs = _generate(llm, requests, batch_size=4)
-        trees = llm.collective_rpc(lambda worker: list(worker.model_runner.drafter.recorded_trees))[0]
     finally:
         shutdown_engine(llm)
-    return outputs, trees
+    return outputs, [[row["target_tokens"] for row in tree.to_lists()] for tree in rounds]
 
 
 def test_frontier_passes_reproduce_stock_draft_passes(models, baseline):
     """With top_k = 1 a frontier tree is a chain: the frontier passes (platform kernel over the
     cached context plus the round's private K/V history) must propose exactly what vLLM's own
-    chain passes propose."""
-    target, head, _, _ = models
+    chain passes propose (chain mode, same depth, no policy)."""
+    target, checkpoint = models
     requests = baseline[0][:8]
-    frontier_outputs, frontier_trees = _recorded_trees(target, head, "frontier", requests)
-    spine_outputs, spine_trees = _recorded_trees(target, head, "spine", requests)
-    assert frontier_outputs == spine_outputs == baseline[1][:8]
-    assert len(frontier_trees) > 50
-    assert frontier_trees == spine_trees
+    tree_outputs, tree_drafts = _recorded_drafts(
+        target, checkpoint, {"mode": "tree", "top_k": 1, "max_depth": 4, "total_tokens": 5, "fixed_depth": 4}, requests)
+    chain_outputs, chain_drafts = _recorded_drafts(
+        target, checkpoint, {"mode": "chain", "max_depth": 4, "total_tokens": 5, "fixed_depth": 4}, requests)
+    assert tree_outputs == chain_outputs == baseline[1][:8]
+    assert sum(len(drafts) for drafts in tree_drafts) > 50  # request-rounds
+    assert tree_drafts == chain_drafts

@@ -141,3 +141,20 @@ def test_all_stopped_monitor_cpu():
     assert monitor.all_stopped()
     monitor.begin_round()
     assert not monitor.all_stopped()
+
+
+def test_the_drafting_loop_follows_the_pinned_upstream_loop():
+    """RadarProposer.propose follows vLLM's SpecDecodeBaseProposer.propose of the pinned release.
+    If this fails after a vLLM upgrade, re-read the upstream method, port what changed into
+    radar_vllm/vllm/proposer.py (or refuse the new branch in RadarProposer.__init__), then pin
+    the new hash."""
+    import hashlib
+    import inspect
+
+    pytest.importorskip("vllm")
+    from vllm.v1.spec_decode.llm_base_proposer import SpecDecodeBaseProposer
+
+    from radar_vllm.vllm.proposer import UPSTREAM_PROPOSE_SHA256
+
+    source = inspect.getsource(SpecDecodeBaseProposer.propose)
+    assert hashlib.sha256(source.encode()).hexdigest() == UPSTREAM_PROPOSE_SHA256

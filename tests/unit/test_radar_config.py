@@ -51,7 +51,7 @@ def test_defaults_and_round_trip():
         ({"colour": "red"}, "unknown RADAR option(s) ['colour']"),
         ({"fixed_depth": 0}, "radar.fixed_depth must be >= 1"),
         ({"fixed_depth": 8}, "radar.fixed_depth=8 exceeds radar.max_depth=7"),
-        ({"fixed_depth": 2, "mode": "tree"}, "radar.fixed_depth is a chain-mode option"),
+        ({"scratch_blocks": -1}, "radar.scratch_blocks must be >= 0"),
     ],
 )
 def test_bad_options_name_the_option(options, fragment):

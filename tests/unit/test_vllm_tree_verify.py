@@ -7,29 +7,33 @@ import random
 import pytest
 import torch
 
-from radar_vllm.core.tree import NO_PARENT
-from radar_vllm.vllm.tree_drafter import best_chain, caterpillar_tree, tree_eligible
-from radar_vllm.vllm.tree_oracle import plant, random_tree
-from radar_vllm.vllm.tree_verify import (
-    OUTPUT_PADDING,
-    TreeRequest,
-    accept_tree,
+from oracle_drafter import plant, random_tree
+
+from radar_vllm.core.config import RadarConfig, ValidatedRadar
+from radar_vllm.core.growth import ChainGrowth, FrontierGrowth
+from radar_vllm.core.tree import (
+    NO_PARENT,
+    build_tree_from_parents,
     causal_exact_nodes,
     chain_parents,
     check_parents,
-    compaction_moves,
     cut_tree,
     is_chain,
     node_depths,
     node_path,
-    output_rows,
-    max_scratch_blocks_per_job,
-    path_rounds,
-    restart_order,
-    scratch_blocks_per_job,
-    scratch_rounds,
     segment_positions,
 )
+from radar_vllm.core.config import TreeConfig
+from radar_vllm.core.verify import OUTPUT_PADDING, accept_tree, compaction_moves, output_rows, restart_order
+from radar_vllm.vllm.attention import max_scratch_blocks_per_job, path_rounds, scratch_blocks_per_job, scratch_rounds
+from radar_vllm.vllm.proposer import tree_eligible
+
+
+def _tree(parents, tokens):
+    """One request's tree (batch of one) from a parent list."""
+    return build_tree_from_parents([parents], [tokens], max_nodes=max(len(parents), 1),
+                                   max_depth=max(node_depths(parents), default=1))
+
 
 EXAMPLE = [-1, 0, -1, 1, 0]  # the worked example of tree_verify's docstring
 
@@ -218,8 +222,8 @@ def test_greedy_acceptance_matches_a_brute_force_walk_and_fills_vllm_rows():
         for i, p in enumerate(parents):
             if rng.random() < 0.6:
                 tokens[i] = argmax_rows[0 if p == NO_PARENT else p + 1]
-        request = TreeRequest(batch_index=1, first_logit_row=offset, parents=parents, tokens=tokens)
-        result, law = accept_tree(request, logits, 0.0, None, None, None, with_law=True)
+        rows = logits[offset : offset + len(parents) + 1]
+        result, law = accept_tree(_tree(parents, tokens), rows, 0.0, None, None, None, with_law=True)
         assert float(law[len(_brute_force_greedy(parents, tokens, argmax_rows)[0])]) == 1.0
         expected_path, expected_bonus = _brute_force_greedy(parents, tokens, argmax_rows)
         assert int(result.num_accepted[0]) == len(expected_path)
@@ -236,7 +240,7 @@ def test_sampled_acceptance_first_token_follows_the_target():
     """The first emitted token of a flat tree is distributed as the shaped target row."""
     vocab = 5
     logits = torch.tensor([[2.0, 1.0, 0.5, 0.0, -1.0]] + [[0.0] * vocab] * 3)
-    request = TreeRequest(batch_index=0, first_logit_row=0, parents=[-1, -1, -1], tokens=[1, 0, 3])
+    tree = _tree([-1, -1, -1], [1, 0, 3])
     generator = torch.Generator().manual_seed(0)
     counts = torch.zeros(vocab)
     trials = 1000
@@ -244,7 +248,7 @@ def test_sampled_acceptance_first_token_follows_the_target():
     torch.set_num_threads(1)  # tiny ops: thread wake-ups would dominate
     try:
         for _ in range(trials):
-            result, _ = accept_tree(request, logits, 0.8, None, None, generator)
+            result, _ = accept_tree(tree, logits, 0.8, None, None, generator)
             counts[int(result.output_tokens[0, 0])] += 1
     finally:
         torch.set_num_threads(threads)
@@ -253,20 +257,29 @@ def test_sampled_acceptance_first_token_follows_the_target():
     assert chi2 < 18.47  # chi-square, 4 degrees of freedom, significance 0.001 (zero-mass tokens excluded)
 
 
-def test_spine_tree_worked_example_and_order():
-    tree = caterpillar_tree([[-0.1, -2.0], [-0.3, -1.0]], [[5, 6], [7, 8]], max_nodes=3)
-    assert tree.parents == (-1, 0, 0)
-    assert tree.tokens == (5, 7, 8)
-    chain = caterpillar_tree([[-0.1, -2.0], [-0.3, -1.0]], [[5, 6], [7, 8]], max_nodes=3, chain_only=True)
-    assert chain.parents == (-1, 0) and chain.tokens == (5, 7)
-    rng = random.Random(2)
-    for _ in range(30):
-        depth, width = rng.randint(1, 5), rng.randint(1, 4)
-        values = [sorted((-rng.random() * 3 for _ in range(width)), reverse=True) for _ in range(depth)]
-        tokens = [[rng.randrange(100) for _ in range(width)] for _ in range(depth)]
-        tree = caterpillar_tree(values, tokens, max_nodes=rng.randint(1, 12))
-        check_parents(list(tree.parents))
-        assert len(tree.parents) == min(depth * width, len(tree.parents))
+def test_growth_strategies_agree_at_width_one_and_chains_pad_after_the_stop():
+    """A frontier tree of width 1 is the chain; a chain stops where the policy said so."""
+    generator = torch.Generator().manual_seed(3)
+    batch, vocab, depth = 3, 11, 4
+    chain = ChainGrowth(batch, depth, state_size=2, device=torch.device("cpu"))
+    frontier = FrontierGrowth(TreeConfig(top_k=1, max_depth=depth, total_tokens=depth + 1), batch, 1, torch.device("cpu"))
+    calls = [torch.randn(batch, vocab, generator=generator) for _ in range(depth)]
+    chain.start(calls[0])
+    frontier.start(calls[0])
+    assert torch.equal(chain.inputs(), frontier.inputs())
+    # (a request stopping after the first call would get a flat tree of the root's best tokens)
+    actives = [torch.tensor([True, True, True]), torch.tensor([True, False, True]), torch.tensor([True, False, False])]
+    for logits, active in zip(calls[1:], actives):
+        assert torch.equal(chain.parent_slots(), frontier.parent_slots())
+        chain.extend(logits.unsqueeze(1), active)
+        frontier.extend(logits.unsqueeze(1), active)
+        assert chain.policy_state().shape == (batch, 2)
+    chain_tree, frontier_tree = chain.finish(), frontier.finish()
+    assert chain_tree.num_nodes.tolist() == [4, 2, 3] == frontier_tree.num_nodes.tolist()
+    assert chain_tree.stop_depth.tolist() == [4, 2, 3] == frontier_tree.stop_depth.tolist()
+    for mine, theirs in zip(chain_tree.to_lists(), frontier_tree.to_lists()):
+        assert mine["target_tokens"] == theirs["target_tokens"] and mine["parents"] == theirs["parents"]
+    assert chain_tree.target_tokens[0].tolist() == [int(c[0].argmax()) for c in calls]
 
 
 def test_tree_eligibility():
@@ -310,43 +323,42 @@ def test_oracle_plants_the_truth_along_a_path():
 def test_best_chain_follows_the_first_child():
     # node order is by score: node 0 is the best depth-1 node, node 1 its best child, ...
     parents, tokens = [-1, 0, -1, 1, 0, 3], [5, 6, 7, 8, 9, 10]
-    assert best_chain(parents, tokens) == ([-1, 0, 1, 2], [5, 6, 8, 10])
-    assert best_chain([], []) == ([], [])
+    trees = build_tree_from_parents([parents, [-1, -1]], [tokens, [1, 2]], max_nodes=6, max_depth=4)
+    chains = trees.best_chains(torch.tensor([True, False])).to_lists()
+    assert (chains[0]["parents"], chains[0]["target_tokens"]) == ([-1, 0, 1, 2], [5, 6, 8, 10])
+    assert (chains[1]["parents"], chains[1]["target_tokens"]) == ([-1, -1], [1, 2])  # kept as it was
+    assert trees.best_chains(torch.tensor([True, True])).num_nodes.tolist() == [4, 1]
 
 
-def test_scratch_pool_size_is_agreed_from_the_config(monkeypatch):
+def test_scratch_pool_size_is_agreed_from_the_engine_plan():
     from types import SimpleNamespace
 
-    from radar_vllm.vllm import scratch
+    from radar_vllm.vllm import engine_plan as plans
 
-    def config(worker, scheduler, nodes=59, block_size=16):
-        return SimpleNamespace(parallel_config=SimpleNamespace(worker_cls=worker),
-                               scheduler_config=SimpleNamespace(scheduler_cls=scheduler),
-                               speculative_config=SimpleNamespace(num_speculative_tokens=nodes),
-                               cache_config=SimpleNamespace(block_size=block_size))
+    def config(scratch_blocks, nodes=59, block_size=16):
+        radar = ValidatedRadar(config=RadarConfig(mode="tree", scratch_blocks=scratch_blocks), checkpoint_dir="c",
+                               policy_path="p", policy_threshold=0.5, policy_decision="threshold")
+        plan = plans.EnginePlan(radar=radar, worker_cls="w", radar_scheduler=True, scratch_blocks=scratch_blocks)
+        hf_config = SimpleNamespace(**{plans.PLAN_KEY: plan.to_dict()})
+        return SimpleNamespace(speculative_config=SimpleNamespace(
+            num_speculative_tokens=nodes, draft_model_config=SimpleNamespace(hf_config=hf_config)),
+            cache_config=SimpleNamespace(block_size=block_size))
 
-    tree = config(scratch.TREE_WORKER, scratch.RADAR_SCHEDULER)
-    monkeypatch.delenv(scratch.SCRATCH_ENV, raising=False)
-    assert scratch.scratch_block_count(tree, 1000) == 0  # opt-in
-    monkeypatch.setenv(scratch.SCRATCH_ENV, "64")
-    assert scratch.scratch_block_count(tree, 1000) == 64
-    assert scratch.scratch_block_count(tree, 80) == 10  # at most 1/8 of the cache
+    assert plans.scratch_block_count(config(0), 1000) == 0  # opt-in
+    tree = config(64)
+    assert plans.engine_plan(tree).scratch_blocks == 64
+    assert plans.scratch_block_count(tree, 1000) == 64
+    assert plans.scratch_block_count(tree, 80) == 10  # at most 1/8 of the cache
     # A pool that cannot serve the cache is not reserved at all (scheduler and runner agree):
     # more than one KV-cache group, or fewer blocks than a 59-node path needs (ceil(57/16) + 2).
-    assert scratch.min_scratch_blocks(tree) == 6
-    assert scratch.scratch_block_count(tree, 1000, num_kv_cache_groups=2) == 0
-    assert scratch.scratch_block_count(tree, 48) == 6 and scratch.scratch_block_count(tree, 40) == 0
+    assert plans.min_scratch_blocks(59, 16) == 6
+    assert plans.scratch_block_count(tree, 1000, num_kv_cache_groups=2) == 0
+    assert plans.scratch_block_count(tree, 48) == 6 and plans.scratch_block_count(tree, 40) == 0
     # The bound holds for every kernel block size dividing the manager block size.
     for kernel_block in (1, 2, 4, 8, 16):
-        blocks = scratch.scratch_block_ids(48, 6, blocks_per_manager_block=16 // kernel_block)
+        blocks = plans.scratch_block_ids(48, 6, blocks_per_manager_block=16 // kernel_block)
         assert len(blocks) >= max_scratch_blocks_per_job(59, kernel_block)
-    assert scratch.scratch_block_count(config(scratch.TREE_WORKER, "my.Scheduler"), 1000) == 0
-    assert scratch.scratch_block_count(config("vllm.v1.worker.cpu_worker.CPUWorker", scratch.RADAR_SCHEDULER), 1000) == 0
-    assert scratch.scratch_block_ids(10, 3) == [7, 8, 9]
-    assert scratch.scratch_block_ids(10, 2, blocks_per_manager_block=2) == [16, 17, 18, 19]
-    for bad in ("-1", "many"):
-        monkeypatch.setenv(scratch.SCRATCH_ENV, bad)
-        with pytest.raises(ValueError, match=scratch.SCRATCH_ENV):
-            scratch.requested_scratch_blocks()
+    assert plans.scratch_block_ids(10, 3) == [7, 8, 9]
+    assert plans.scratch_block_ids(10, 2, blocks_per_manager_block=2) == [16, 17, 18, 19]
     with pytest.raises(ValueError, match="scratch block count"):
-        scratch.scratch_block_ids(4, 5)
+        plans.scratch_block_ids(4, 5)
