@@ -23,6 +23,7 @@ SUBCOMMAND_MODULES: tuple[str, ...] = (
     "radar_vllm.commands.train_head",
     "radar_vllm.commands.pack",
     "radar_vllm.commands.bench",
+    "radar_vllm.commands.serve",
 )
 
 

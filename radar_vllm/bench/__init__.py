@@ -22,5 +22,5 @@ Modules, one concern each:
   checkpoint for the stock EAGLE-3 rows).
 
 Nothing here imports vLLM: engines are built through :mod:`radar_vllm.offline.generate` inside the
-worker subprocess, and the server is started as ``python -m vllm.entrypoints.openai.api_server``.
+worker subprocess, and the server is started with ``radar-vllm serve`` (``vllm serve``'s arguments).
 """

