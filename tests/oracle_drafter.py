@@ -7,6 +7,10 @@
   recomputation, compaction and drafter restart run far more often than with a tiny random head.
   Outputs must still equal the no-speculation outputs token for token.
 - :func:`install_recorder`: keeps every round's drafts (``DraftTree``) for the test to inspect.
+- :func:`install_gate`: replaces the depth-0 gate by a fixed draft/skip pattern.
+- :func:`install_draft_log`: every drafting round's drafts keyed by request prompt and context
+  length, so that two runs can be compared where they drafted from the same context.
+- :func:`count_calls`: counts calls of a module's ``forward`` (the drafter, the rejection sampler).
 
 Use through ``llm.collective_rpc(lambda worker: install_...(worker.model_runner.drafter, ...))``
 on engines run with ``VLLM_ENABLE_V1_MULTIPROCESSING=0``.
@@ -102,3 +106,69 @@ def install_recorder(drafter: Any) -> list[DraftTree]:
 
     drafter.propose = recording_propose
     return rounds
+
+
+class ScriptedGate:
+    """A depth-0 gate that follows ``pattern`` (True: draft) round after round, cyclically."""
+
+    def __init__(self, pattern: list[bool]) -> None:
+        self.pattern = pattern
+        self.rounds = 0
+
+    def decide(self, batch_size: int) -> bool:
+        choice = self.pattern[self.rounds % len(self.pattern)]
+        self.rounds += 1
+        return choice
+
+    def observe(self, *args: Any) -> None:
+        pass
+
+
+def install_gate(drafter: Any, pattern: list[bool]) -> None:
+    drafter.gate = ScriptedGate(pattern)
+
+
+def install_draft_log(drafter: Any) -> dict[tuple[tuple[int, ...], int], tuple[list[int], torch.Tensor]]:
+    """{(prompt token ids, context length): (drafted tokens, call 1's logits)} of every round that
+    drafted (the logits show differences that the drafted argmax may hide)."""
+    log: dict[tuple[tuple[int, ...], int], tuple[list[int], torch.Tensor]] = {}
+    propose = drafter.propose
+    compute_logits = drafter.model.compute_logits
+    first_logits: list[torch.Tensor] = []
+
+    def logging_compute_logits(*args: Any, **kwargs: Any):
+        logits = compute_logits(*args, **kwargs)
+        if not first_logits:
+            first_logits.append(logits.detach().float().clone())
+        return logits
+
+    def logging_propose(*args: Any, **kwargs: Any):
+        cad = kwargs["common_attn_metadata"]
+        rejected = kwargs.get("num_rejected_tokens_gpu")
+        lengths = cad.seq_lens.clone() - (rejected if rejected is not None else 0)
+        req_ids = list(drafter.model_runner.input_batch.req_ids[: cad.batch_size()])
+        first_logits.clear()
+        drafts = propose(*args, **kwargs)
+        for row, (req_id, length, drafted) in enumerate(zip(req_ids, lengths.tolist(), drafts.tolist())):
+            tokens = [t for t in drafted if t != PADDING_TOKEN]
+            if tokens:
+                log[(tuple(drafter.model_runner.requests[req_id].prompt_token_ids), int(length))] = (
+                    tokens, first_logits[0][row])
+        return drafts
+
+    drafter.model.compute_logits = logging_compute_logits
+    drafter.propose = logging_propose
+    return log
+
+
+def count_calls(module: Any) -> list[int]:
+    """A one-element list counting calls of ``module.forward`` from now on."""
+    counter = [0]
+    forward = module.forward
+
+    def counting_forward(*args: Any, **kwargs: Any):
+        counter[0] += 1
+        return forward(*args, **kwargs)
+
+    module.forward = counting_forward
+    return counter

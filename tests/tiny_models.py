@@ -424,8 +424,12 @@ def make_tiny_radar_checkpoint(
     threshold: float = 0.5,
     continue_rate: float = 0.6,
     policy_seed: int = 7,
+    skip_drafting: str = "never",
 ) -> Path:
     """Head (:func:`make_tiny_eagle3_head`) + random policy packed as a RADAR checkpoint.
+
+    ``skip_drafting`` defaults to "never" so that every round drafts (a random head would make the
+    depth-0 gate skip most rounds); tests of depth 0 pass "auto" or set the proposer's gate.
 
     Returns ``directory / "radar"``; the plain head is ``directory / "head"``. With the defaults
     the simulated rounds stop at every depth 1..4 (policy seed 7: about 41/4/29/25 % of the
@@ -443,7 +447,8 @@ def make_tiny_radar_checkpoint(
         continue_rate=continue_rate,
         calibration_logprobs=_simulated_draft_logprobs(head, target_dir, max_depth, seed=0),
     )
-    return pack_radar_checkpoint(head, policy, directory / "radar", top_k=top_k, max_depth=max_depth)
+    return pack_radar_checkpoint(head, policy, directory / "radar", top_k=top_k, max_depth=max_depth,
+                                 skip_drafting=skip_drafting)
 
 
 @contextlib.contextmanager

@@ -49,6 +49,10 @@ MODE_TREE = "tree"
 MODES = (MODE_CHAIN, MODE_TREE)
 SUPPORTED_MODES = (MODE_CHAIN, MODE_TREE)
 
+SKIP_AUTO = "auto"
+SKIP_NEVER = "never"
+SKIP_DRAFTING_MODES = (SKIP_AUTO, SKIP_NEVER)
+
 EAGLE3_ARCHITECTURES = ("LlamaForCausalLMEagle3", "Eagle3LlamaForCausalLM")
 
 
@@ -73,6 +77,7 @@ class RadarConfig:
     tree_policy: str | None = None  # tree mode's policy, relative to the head directory; None: policy
     fixed_depth: int | None = None  # diagnostic: no policy, every round makes this many draft calls
     scratch_blocks: int | None = None  # tree mode: KV blocks reserved for recomputing tree rows (None: 0)
+    skip_drafting: str = SKIP_AUTO  # "auto": depth 0 when drafting does not pay at this load; "never"
 
     def __post_init__(self) -> None:
         if not isinstance(self.policy, str) or not self.policy:
@@ -98,6 +103,8 @@ class RadarConfig:
                 raise ValueError(f"radar.fixed_depth={self.fixed_depth} exceeds radar.max_depth={self.max_depth}")
         if self.scratch_blocks is not None:
             _require_int("scratch_blocks", self.scratch_blocks, 0)
+        if self.skip_drafting not in SKIP_DRAFTING_MODES:
+            raise ValueError(f"radar.skip_drafting must be one of {SKIP_DRAFTING_MODES}, got {self.skip_drafting!r}")
         from radar_vllm.core.policy import DECISION_MODES
 
         if self.decision is not None and self.decision not in DECISION_MODES:

@@ -274,7 +274,6 @@ def convert_gguf_to_hf(
     non-Llama architecture. With ``verify`` the folder is loaded back with transformers and run
     on a few tokens before it is moved into place.
     """
-    import torch
     from tqdm import tqdm
 
     gguf_path = Path(gguf_path)

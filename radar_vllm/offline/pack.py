@@ -23,6 +23,7 @@ from radar_vllm.core.config import (
     HEAD_CONFIG_FILENAME,
     MODE_CHAIN,
     RADAR_SECTION,
+    SKIP_AUTO,
     RadarConfig,
     read_head_config,
     validate_radar_setup,
@@ -52,6 +53,7 @@ def pack_radar_checkpoint(
     decision: str | None = None,
     mode: str = MODE_CHAIN,
     tree_policy_path: str | Path | None = None,
+    skip_drafting: str = SKIP_AUTO,
 ) -> Path:
     """Write a RADAR checkpoint into ``out_dir`` (which must not exist or be empty); return it.
 
@@ -78,6 +80,7 @@ def pack_radar_checkpoint(
         threshold=threshold,
         decision=decision,
         tree_policy=None if tree_policy_path is None else DEFAULT_TREE_POLICY_PATH,
+        skip_drafting=skip_drafting,
     )
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise ValueError(f"output directory {out_dir} exists and is not empty; choose a new directory")

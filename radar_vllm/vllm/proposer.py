@@ -17,13 +17,21 @@ Stopped requests stay in the draft batch (their rows are computed and masked): s
 would need the host to read the decisions. The loop ends when every request has stopped or at
 depth D; the check never blocks on CUDA (:class:`~radar_vllm.vllm.stop_monitor.AllStoppedMonitor`).
 
-The loop follows ``SpecDecodeBaseProposer.propose`` of vLLM 0.32; ``UPSTREAM_PROPOSE_SHA256``
-pins that method's source (tests/unit/test_plugin_pure.py), so an upgrade that changes it fails
-loudly and points here. Upstream branches RADAR does not follow are refused in ``__init__``.
+Before call 1 the depth-0 gate (:class:`~radar_vllm.core.draft_gate.DraftGate`) may decide that
+the whole batch does not draft this round: the proposer then only keeps the rows call 1 would have
+read (:mod:`radar_vllm.vllm.catch_up`) and returns no drafts, so the next engine step is a plain
+decode step (no draft call, no multi-token verify, no rejection sampling); the next round that
+drafts brings those rows into its call 1.
+
+The loop follows ``SpecDecodeBaseProposer.propose`` of vLLM 0.32 and relies on what
+``set_inputs_first_pass`` writes; ``UPSTREAM_SHA256`` pins both methods' source
+(tests/unit/test_plugin_pure.py), so an upgrade that changes them fails loudly and points here.
+Upstream branches RADAR does not follow are refused in ``__init__``.
 """
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
 import torch
@@ -34,17 +42,27 @@ from vllm.v1.sample.metadata import SamplingMetadata
 from vllm.v1.spec_decode.eagle import EagleProposer
 
 from radar_vllm.core.config import TreeConfig
+from radar_vllm.core.draft_gate import DraftGate
 from radar_vllm.core.growth import ChainGrowth, FrontierGrowth
 from radar_vllm.core.policy import PolicyRunner, load_policy
 from radar_vllm.core.tree import PADDING_TOKEN, DraftTree
 from radar_vllm.vllm.attention import DraftFrontierPlan, frontier_rounds, with_plan
+from radar_vllm.vllm.catch_up import SkippedTokens
 from radar_vllm.vllm.engine_plan import EnginePlan
 from radar_vllm.vllm.stop_monitor import AllStoppedMonitor
 
 logger = logging.getLogger(__name__)
 
-# sha256 of inspect.getsource(SpecDecodeBaseProposer.propose) in the vLLM release this loop follows
-UPSTREAM_PROPOSE_SHA256 = "00017c139f27a3e7baa4a284b30c1d3782806b91f8adbe85bd7f58551a1eb1b3"
+# What a round does (the depth-0 gate decides between drafting and not; see _open_round)
+DRAFT_ROUND = "draft"  # call 1 and as many more as the policy wants; drafts go to the verifier
+SKIP_ROUND = "skip"  # no draft call; call 1's rows are kept for the catch-up; no drafts
+CATCH_UP_ROUND = "catch_up"  # call 1 only (the drafter's KV, incl. kept rows); no drafts
+
+# sha256 of inspect.getsource(SpecDecodeBaseProposer.<method>) in the vLLM release this loop follows
+UPSTREAM_SHA256 = {
+    "propose": "00017c139f27a3e7baa4a284b30c1d3782806b91f8adbe85bd7f58551a1eb1b3",
+    "set_inputs_first_pass": "00e470090b7c3a350b354ae97d9be7c2e7b07e6cbb51b329b5e6319d483ce2d1",
+}
 
 
 def tree_eligible(params: Any, has_custom_logits_processors: bool = False) -> bool:
@@ -104,6 +122,11 @@ class RadarProposer(EagleProposer):
                                       total_tokens=config.total_tokens) if plan.tree else None
         self.stop_monitor = AllStoppedMonitor(torch.device(device), self.max_depth)
         self.last_tree: DraftTree | None = None  # the last round's drafts (tree mode: read by the runner)
+        # Depth 0: the gate and the rows skipped rounds leave for the drafter to catch up on.
+        self.gate = DraftGate() if config.skip_drafting == "auto" and config.fixed_depth is None else None
+        self.skipped = SkippedTokens(capacity=self.max_num_tokens)
+        self.round_counts = {DRAFT_ROUND: 0, SKIP_ROUND: 0, CATCH_UP_ROUND: 0}
+        self._last_round: tuple[float, int, str] | None = None  # (start time, batch size, action)
         logger.info("RadarProposer: %s mode, max_depth=%d, top_k=%d, %s", plan.mode, self.max_depth, config.top_k,
                     f"fixed depth {config.fixed_depth} (no stop policy)" if config.fixed_depth else
                     f"decision={plan.radar.decision}, threshold={plan.radar.threshold:.3f}")
@@ -150,10 +173,19 @@ class RadarProposer(EagleProposer):
     ) -> torch.Tensor:
         tree = self.tree_config is not None
         self.last_tree = None
+        if self.skipped:
+            self.skipped.forget(self.model_runner.requests)
+        action = self._open_round(common_attn_metadata, token_indices_to_sample, num_speculative_tokens,
+                                  target_token_ids.shape[0])
+        if action == SKIP_ROUND:
+            return self._skip_round(num_speculative_tokens, target_token_ids, target_positions, target_hidden_states,
+                                    next_token_ids, token_indices_to_sample, common_attn_metadata,
+                                    num_rejected_tokens_gpu)
         if not tree and num_speculative_tokens <= 1:  # nothing to decide: vLLM's own loop
-            return super().propose(num_speculative_tokens, target_token_ids, target_positions, target_hidden_states,
-                                   next_token_ids, token_indices_to_sample, common_attn_metadata, sampling_metadata,
-                                   mm_embed_inputs, num_rejected_tokens_gpu, slot_mappings)
+            drafts = super().propose(num_speculative_tokens, target_token_ids, target_positions, target_hidden_states,
+                                     next_token_ids, token_indices_to_sample, common_attn_metadata,
+                                     sampling_metadata, mm_embed_inputs, num_rejected_tokens_gpu, slot_mappings)
+            return drafts if action == DRAFT_ROUND else drafts.fill_(PADDING_TOKEN)
         if self.eplb_state is not None:
             raise ValueError("RADAR's drafting loop does not support expert-parallel load balancing (EPLB)")
         self.num_speculative_tokens = num_speculative_tokens
@@ -161,6 +193,8 @@ class RadarProposer(EagleProposer):
         cad = common_attn_metadata
         batch_size = cad.batch_size()
         depth_limit = min(self.fixed_depth or self.max_depth, self.max_depth, num_speculative_tokens)
+        if action == CATCH_UP_ROUND:  # call 1 only, for the drafter's KV; no drafts
+            depth_limit = 1
 
         # Call 1, as vLLM's loop runs it.
         target_hidden_states = self.model.combine_hidden_states(target_hidden_states)
@@ -240,9 +274,74 @@ class RadarProposer(EagleProposer):
             self.last_tree = drafts
         output = torch.full((batch_size, num_speculative_tokens), PADDING_TOKEN, dtype=torch.int64,
                             device=drafts.device)
+        if action == CATCH_UP_ROUND:
+            self.last_tree = None
+            return output.to(positions.device)
         width = min(drafts.max_nodes, num_speculative_tokens)
         output[:, :width] = drafts.target_tokens[:, :width]
         return output.to(positions.device)
+
+    # -- depth 0 ---------------------------------------------------------------------------------
+
+    def _open_round(self, cad: CommonAttentionMetadata, token_indices_to_sample: torch.Tensor | None,
+                    num_speculative_tokens: int, num_rows: int) -> str:
+        """Report the engine step that just ended to the gate, then choose this round's action.
+
+        The step is measured from the previous round's start to this one's, and counted only when
+        it had the same requests, all in decode (a prefill chunk would charge its cost to an arm).
+        A round the gate skips still runs call 1 (``CATCH_UP_ROUND``: KV only, no drafts) when it
+        carries a prefill chunk, whose draft pass costs little next to the target's, or when the
+        rows kept for the catch-up would no longer fit the drafter's buffers."""
+        now = time.perf_counter()
+        batch_size = cad.batch_size()
+        action = DRAFT_ROUND
+        if self.gate is not None:
+            decode_only = cad.max_query_len <= num_speculative_tokens + 1
+            if self._last_round is not None:
+                start, last_batch_size, last_action = self._last_round
+                if last_batch_size == batch_size and decode_only and last_action != CATCH_UP_ROUND:
+                    if token_indices_to_sample is None:
+                        tokens = cad.num_actual_tokens / batch_size
+                    else:
+                        starts = cad.query_start_loc_cpu[:batch_size]
+                        tokens = float((token_indices_to_sample.to("cpu") - starts + 1).float().mean())
+                    self.gate.observe(batch_size, last_action == DRAFT_ROUND, now - start, tokens)
+            if not self.gate.decide(batch_size):
+                fits = self.skipped.rows() + num_rows <= self.skipped.capacity // 2
+                action = SKIP_ROUND if decode_only and fits else CATCH_UP_ROUND
+        self._last_round = (now, batch_size, action)
+        self.round_counts[action] += 1
+        return action
+
+    def _skip_round(self, num_speculative_tokens: int, target_token_ids: torch.Tensor,
+                    target_positions: torch.Tensor, target_hidden_states: torch.Tensor, next_token_ids: torch.Tensor,
+                    token_indices_to_sample: torch.Tensor | None, cad: CommonAttentionMetadata,
+                    num_rejected_tokens_gpu: torch.Tensor | None) -> torch.Tensor:
+        """A round without drafts: keep call 1's rows for the catch-up, return no draft tokens."""
+        hidden = self.model.combine_hidden_states(target_hidden_states)
+        _, sample_indices, cad = super().set_inputs_first_pass(  # the plain first pass: no catch-up here
+            target_token_ids=target_token_ids, next_token_ids=next_token_ids, target_positions=target_positions,
+            target_hidden_states=hidden, token_indices_to_sample=token_indices_to_sample, cad=cad,
+            num_rejected_tokens_gpu=num_rejected_tokens_gpu)
+        self.skipped.stash(self.model_runner.input_batch.req_ids, cad, sample_indices, self.input_ids,
+                           self.positions, self.hidden_states)
+        return torch.full((cad.batch_size(), num_speculative_tokens), PADDING_TOKEN, dtype=torch.int64,
+                          device=target_token_ids.device)
+
+    def set_inputs_first_pass(self, target_token_ids: torch.Tensor, next_token_ids: torch.Tensor,
+                              target_positions: torch.Tensor, target_hidden_states: torch.Tensor,
+                              token_indices_to_sample: torch.Tensor | None, cad: CommonAttentionMetadata,
+                              num_rejected_tokens_gpu: torch.Tensor | None) -> tuple[int, torch.Tensor, Any]:
+        # vLLM's first pass, then the rows of this batch's skipped rounds in front of each request's.
+        num_tokens, sample_indices, cad = super().set_inputs_first_pass(
+            target_token_ids=target_token_ids, next_token_ids=next_token_ids, target_positions=target_positions,
+            target_hidden_states=target_hidden_states, token_indices_to_sample=token_indices_to_sample, cad=cad,
+            num_rejected_tokens_gpu=num_rejected_tokens_gpu)
+        if self.skipped:
+            num_tokens, sample_indices, cad = self.skipped.splice(
+                self.model_runner.input_batch.req_ids, num_tokens, sample_indices, cad, self.input_ids,
+                self.positions, self.hidden_states)
+        return num_tokens, sample_indices, cad
 
     @torch.inference_mode()
     def dummy_run(self, num_tokens: int, use_cudagraphs: bool = True, is_graph_capturing: bool = False,

@@ -37,14 +37,25 @@ def install_radar_drafter(runner: Any) -> None:
     logger.info("RADAR proposer installed in %s", type(runner).__name__)
 
 
-class RadarCPUModelRunner(CPUModelRunner):
+class _PlainStepSampling:
+    """A step in which no request carries drafts (every round skipped: depth 0) samples exactly as
+    a step without speculation. vLLM's runner builds speculative metadata whenever speculation is
+    configured, which would run rejection sampling over zero drafts."""
+
+    def _sample(self, logits: torch.Tensor | None, spec_decode_metadata: Any) -> Any:
+        if spec_decode_metadata is not None and spec_decode_metadata.max_spec_len == 0:
+            spec_decode_metadata = None
+        return super()._sample(logits, spec_decode_metadata)
+
+
+class RadarCPUModelRunner(_PlainStepSampling, CPUModelRunner):
     def __init__(self, vllm_config: Any, device: torch.device) -> None:
         super().__init__(vllm_config, device)
         with _torch_cuda_wrapper():
             install_radar_drafter(self)
 
 
-class RadarGPUModelRunner(GPUModelRunner):
+class RadarGPUModelRunner(_PlainStepSampling, GPUModelRunner):
     def __init__(self, vllm_config: Any, device: torch.device) -> None:
         super().__init__(vllm_config, device)
         install_radar_drafter(self)

@@ -154,7 +154,9 @@ def test_the_drafting_loop_follows_the_pinned_upstream_loop():
     pytest.importorskip("vllm")
     from vllm.v1.spec_decode.llm_base_proposer import SpecDecodeBaseProposer
 
-    from radar_vllm.vllm.proposer import UPSTREAM_PROPOSE_SHA256
+    from radar_vllm.vllm.proposer import UPSTREAM_SHA256
 
-    source = inspect.getsource(SpecDecodeBaseProposer.propose)
-    assert hashlib.sha256(source.encode()).hexdigest() == UPSTREAM_PROPOSE_SHA256
+    for method, digest in UPSTREAM_SHA256.items():
+        source = inspect.getsource(getattr(SpecDecodeBaseProposer, method))
+        assert hashlib.sha256(source.encode()).hexdigest() == digest, (
+            f"vLLM's SpecDecodeBaseProposer.{method} changed: re-read it against radar_vllm/vllm/proposer.py")

@@ -52,6 +52,7 @@ def test_defaults_and_round_trip():
         ({"fixed_depth": 0}, "radar.fixed_depth must be >= 1"),
         ({"fixed_depth": 8}, "radar.fixed_depth=8 exceeds radar.max_depth=7"),
         ({"scratch_blocks": -1}, "radar.scratch_blocks must be >= 0"),
+        ({"skip_drafting": "sometimes"}, "radar.skip_drafting must be one of"),
     ],
 )
 def test_bad_options_name_the_option(options, fragment):
@@ -77,7 +78,8 @@ def test_pack_writes_a_valid_checkpoint(tiny):
     config = read_head_config(checkpoint)
     section = radar_section(config)
     # total_tokens defaults to min(60, 1 + the most candidates): 1 + 4 * (1 + 4 * 3) = 53.
-    assert section == {"policy": "policy", "mode": "chain", "top_k": 4, "max_depth": 4, "total_tokens": 53}
+    assert section == {"policy": "policy", "mode": "chain", "top_k": 4, "max_depth": 4, "total_tokens": 53,
+                       "skip_drafting": "auto"}
     head_config = read_head_config(head)
     assert {k: v for k, v in config.items() if k != "radar"} == head_config
     # Head weights copied unchanged, policy in a sub-directory (not a top-level *.safetensors).

@@ -1,0 +1,147 @@
+"""The drafter's catch-up after rounds that did not draft (depth 0).
+
+EAGLE-3's first draft call of a round reads every token the target processed in that step (one
+row per token: the next token id, the target's hidden state, the position) and writes the
+drafter's own KV cache at those positions. A round that does not draft skips that call, so the
+drafter would later attend over holes. Instead, a skipped round keeps its first-call rows (already
+shifted and combined by vLLM's own ``set_inputs_first_pass``) per request, and the next round that
+drafts puts them in front of that request's rows: one first call then writes the drafter KV of the
+skipped positions and of the new ones, so the drafts are those of a drafter that never skipped.
+
+The rows are small (one hidden vector per token). They are dropped when the request is gone, and
+when a request's positions restart (preemption recomputes it from its prompt), where they would
+no longer be contiguous with the new rows. A catch-up that would not fit the drafter's input
+buffers is dropped too (the drafter then reads stale KV there: fewer accepted drafts, same
+outputs, since verification does not trust the drafter).
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class SkippedRows:
+    """First-call rows of one request's skipped rounds, oldest first."""
+
+    input_ids: list[torch.Tensor]
+    positions: list[torch.Tensor]
+    hidden: list[torch.Tensor]
+    slots: list[torch.Tensor]
+    next_position: int  # position of the first row the next round must bring
+
+    def __len__(self) -> int:
+        return sum(part.shape[0] for part in self.input_ids)
+
+    def cat(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        return (torch.cat(self.input_ids), torch.cat(self.positions), torch.cat(self.hidden),
+                torch.cat(self.slots))
+
+
+class SkippedTokens:
+    """Per request id: the drafter rows its skipped rounds did not compute."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity  # rows the drafter's first call can take
+        self.pending: dict[str, SkippedRows] = {}
+        self.rows_caught_up = 0  # statistics (tests, logs)
+        self.rows_dropped = 0
+
+    def __bool__(self) -> bool:
+        return bool(self.pending)
+
+    def rows(self) -> int:
+        """Rows kept in all."""
+        return sum(len(entry) for entry in self.pending.values())
+
+    def forget(self, live_req_ids: Any) -> None:
+        """Drop the rows of requests that are no longer running."""
+        for req_id in [r for r in self.pending if r not in live_req_ids]:
+            self.rows_dropped += len(self.pending.pop(req_id))
+
+    def stash(self, req_ids: Sequence[str], cad: Any, sample_indices: torch.Tensor, input_ids: torch.Tensor,
+              positions: torch.Tensor, hidden: torch.Tensor) -> None:
+        """Keep the first-call rows of a skipped round: per request its rows up to and including its
+        sampled row (rows after it are rejected drafts, rewritten later)."""
+        starts = cad.query_start_loc_cpu.tolist()
+        ends = (sample_indices.to("cpu") + 1).tolist()
+        for row, req_id in enumerate(req_ids[: cad.batch_size()]):
+            start, end = starts[row], ends[row]
+            if end <= start:
+                continue
+            first = int(positions[start])
+            entry = self.pending.get(req_id)
+            if entry is not None and entry.next_position != first:  # positions restarted: stale
+                self.rows_dropped += len(self.pending.pop(req_id))
+                entry = None
+            if entry is None:
+                entry = self.pending[req_id] = SkippedRows([], [], [], [], first)
+            entry.input_ids.append(input_ids[start:end].clone())
+            entry.positions.append(positions[start:end].clone())
+            entry.hidden.append(hidden[start:end].clone())
+            entry.slots.append(cad.slot_mapping[start:end].clone())
+            entry.next_position = int(positions[end - 1]) + 1
+
+    def splice(self, req_ids: Sequence[str], num_tokens: int, sample_indices: torch.Tensor, cad: Any,
+               input_ids: torch.Tensor, positions: torch.Tensor, hidden: torch.Tensor
+               ) -> tuple[int, torch.Tensor, Any]:
+        """Put each request's kept rows in front of its rows of this round, in the drafter's input
+        buffers (``input_ids``, ``positions``, ``hidden`` are those buffers); returns the new row
+        count, sampled-row indices and attention metadata."""
+        batch_size = cad.batch_size()
+        starts = cad.query_start_loc_cpu.tolist()
+        entries: list[SkippedRows | None] = []
+        for row, req_id in enumerate(req_ids[:batch_size]):
+            entry = self.pending.pop(req_id, None)
+            if entry is not None and (starts[row + 1] <= starts[row]
+                                      or entry.next_position != int(positions[starts[row]])):
+                self.rows_dropped += len(entry)
+                entry = None
+            entries.append(entry)
+        extra = [len(entry) if entry is not None else 0 for entry in entries]
+        added = sum(extra)
+        if added == 0:
+            return num_tokens, sample_indices, cad
+        if num_tokens + added > self.capacity:
+            logger.warning("drafter catch-up of %d rows does not fit its %d-row buffers; dropped", added,
+                           self.capacity)
+            self.rows_dropped += added
+            return num_tokens, sample_indices, cad
+        old = (input_ids[:num_tokens].clone(), positions[:num_tokens].clone(), hidden[:num_tokens].clone(),
+               cad.slot_mapping[:num_tokens])
+        parts: list[list[torch.Tensor]] = [[], [], [], []]
+        for row, entry in enumerate(entries):
+            if entry is not None:
+                for part, kept in zip(parts, entry.cat()):
+                    part.append(kept)
+            for part, tensor in zip(parts, old):
+                part.append(tensor[starts[row]:starts[row + 1]])
+        for part, tensor in zip(parts, old):  # rows after the last request (padding), if any
+            part.append(tensor[starts[batch_size]:num_tokens])
+        total = num_tokens + added
+        input_ids[:total] = torch.cat(parts[0])
+        positions[:total] = torch.cat(parts[1])
+        hidden[:total] = torch.cat(parts[2])
+        slot_mapping = torch.cat(parts[3])
+
+        shift = torch.tensor([0, *extra], dtype=torch.int64).cumsum(0)  # rows added before request i
+        query_start_cpu = cad.query_start_loc_cpu + shift.to(cad.query_start_loc_cpu.dtype)
+        query_lens = query_start_cpu[1:] - query_start_cpu[:-1]
+        sample_indices = sample_indices + shift[1:].to(sample_indices.device, sample_indices.dtype)
+        cad = cad.replace(
+            query_start_loc=query_start_cpu.to(cad.query_start_loc.device, cad.query_start_loc.dtype),
+            query_start_loc_cpu=query_start_cpu,
+            num_actual_tokens=cad.num_actual_tokens + added,
+            max_query_len=int(query_lens.max()),
+            slot_mapping=slot_mapping,
+            positions=None,
+            _num_computed_tokens_cache=None,
+            _token_to_req_indices_cache=None,
+        )
+        self.rows_caught_up += added
+        return total, sample_indices, cad

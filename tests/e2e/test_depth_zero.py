@@ -1,0 +1,180 @@
+"""Depth 0 in vLLM: rounds that do not draft, the drafter's catch-up, the plain decode path.
+
+- Skipped rounds never change greedy outputs (chain mode, batch 1 and 4, with chunked prefill).
+- Catch-up: with a fixed draft/skip pattern, every draft made from a context that an
+  always-drafting run also drafted from is the same, token for token; without the catch-up some
+  differ (the check can fail).
+- A batch that skips every round runs vLLM's plain decode path: no draft forward (except call 1
+  of rounds that carry a prefill chunk, for the drafter's KV), no rejection sampling.
+- The measuring gate (``"skip_drafting": "auto"``): with a head that almost never matches the
+  target, drafting costs time and yields nothing, so the gate ends up skipping most rounds.
+"""
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from oracle_drafter import count_calls, install_draft_log, install_gate
+from tiny_models import make_tiny_llama, make_tiny_radar_checkpoint, scoped_environment, shutdown_engine
+
+vllm = pytest.importorskip("vllm")
+
+MAX_MODEL_LEN = 256
+ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "1"}
+PATTERN = [True, False, False, True, False, True, True, False, False, False]  # True: draft
+
+
+@pytest.fixture(scope="module", autouse=True)
+def engine_environment():
+    with scoped_environment(ENV):
+        yield
+
+
+def _requests(count: int = 8) -> list[tuple[list[int], int]]:
+    rng = random.Random(11)
+    return [([rng.randrange(3, 500) for _ in range(5 + (i * 17) % 60)], 24 + (i * 7) % 20) for i in range(count)]
+
+
+def _engine(target, speculative_config=None, **kwargs):
+    return vllm.LLM(model=str(target), dtype="float32", max_model_len=MAX_MODEL_LEN, block_size=32,
+                    enforce_eager=True, seed=0, max_num_seqs=4, speculative_config=speculative_config, **kwargs)
+
+
+def _generate(llm, requests, batch_size: int) -> list[list[int]]:
+    outputs: list[list[int]] = []
+    for start in range(0, len(requests), batch_size):
+        chunk = requests[start:start + batch_size]
+        params = [vllm.SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for _, n in chunk]
+        results = llm.generate([{"prompt_token_ids": ids} for ids, _ in chunk], params, use_tqdm=False)
+        outputs += [list(result.outputs[0].token_ids) for result in results]
+    return outputs
+
+
+def _drafter_call(llm, function):
+    return llm.collective_rpc(lambda worker: function(worker.model_runner.drafter))[0]
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("depth_zero")
+    target = make_tiny_llama(root / "target")
+    checkpoint = make_tiny_radar_checkpoint(root / "ckpt", target, top_k=3, max_depth=4)
+    auto = make_tiny_radar_checkpoint(root / "ckpt-auto", target, top_k=3, max_depth=4, skip_drafting="auto")
+    return target, checkpoint, auto
+
+
+@pytest.fixture(scope="module")
+def baseline(models):
+    llm = _engine(models[0])
+    requests = _requests()
+    outputs = _generate(llm, requests, batch_size=4)
+    shutdown_engine(llm)
+    return requests, outputs
+
+
+def _radar_run(target, checkpoint, requests, batch_size, pattern=None, catch_up=True, **kwargs):
+    """Outputs, the draft log and the drafter's round counters of one RADAR chain run."""
+    llm = _engine(target, {"method": "radar", "model": str(checkpoint), "radar": {"fixed_depth": 3}}, **kwargs)
+    try:
+        if pattern is not None:
+            _drafter_call(llm, lambda drafter: install_gate(drafter, pattern))
+        if not catch_up:
+            def no_catch_up(drafter):
+                drafter.skipped.splice = lambda req_ids, num_tokens, indices, cad, *buffers: (num_tokens, indices, cad)
+            _drafter_call(llm, no_catch_up)
+        log = _drafter_call(llm, install_draft_log)
+        outputs = _generate(llm, requests, batch_size)
+        counters = _drafter_call(llm, lambda drafter: {
+            "drafted": drafter.round_counts["draft"],
+            "skipped": drafter.round_counts["skip"] + drafter.round_counts["catch_up"],
+            "caught_up": drafter.skipped.rows_caught_up, "log": dict(log)})
+    finally:
+        shutdown_engine(llm)
+    return outputs, counters
+
+
+def _mismatches(reference: dict, other: dict) -> tuple[int, int, float]:
+    """(contexts both runs drafted from, drafts that differ there, largest call-1 logit difference)."""
+    common = [key for key in other if key in reference]
+    differing = sum(1 for key in common if reference[key][0] != other[key][0])
+    largest = max((_difference(reference[key][1], other[key][1]) for key in common), default=0.0)
+    return len(common), differing, largest
+
+
+def _difference(a, b) -> float:
+    finite = a.isfinite()
+    if not bool((finite == b.isfinite()).all()) or not bool((a[~finite] == b[~finite]).all()):
+        return float("inf")
+    return float((a[finite] - b[finite]).abs().max())
+
+
+def test_skipped_rounds_keep_greedy_outputs_and_catch_up_reproduces_the_drafts(models, baseline):
+    target, checkpoint, _ = models
+    requests, expected = baseline
+    always, always_counts = _radar_run(target, checkpoint, requests, batch_size=4)
+    assert always == expected
+    assert always_counts["skipped"] == 0
+    noise = 0.0  # call-1 logit differences left with the catch-up (float32, other row counts)
+    for batch_size in (1, 4):
+        outputs, counts = _radar_run(target, checkpoint, requests, batch_size, pattern=PATTERN,
+                                     enable_chunked_prefill=True, max_num_batched_tokens=32)
+        assert outputs == expected, f"batch {batch_size}: skipped rounds changed greedy outputs"
+        assert counts["skipped"] > counts["drafted"] > 0
+        assert counts["caught_up"] > 0
+        compared, differing, largest = _mismatches(always_counts["log"], counts["log"])
+        assert compared >= 20, f"batch {batch_size}: only {compared} drafts from contexts both runs drafted from"
+        assert differing == 0, f"batch {batch_size}: {differing} of {compared} drafts differ after catch-up"
+        assert largest < 1e-3, f"batch {batch_size}: call-1 logits differ by up to {largest} after catch-up"
+        noise = max(noise, largest)
+    # The same pattern without the catch-up: the drafter reads holes in its KV cache and its logits
+    # move clearly more than float noise (the tiny random head attends almost uniformly, so not by
+    # much); outputs do not change: verification does not trust the drafter.
+    outputs, counts = _radar_run(target, checkpoint, requests, 4, pattern=PATTERN, catch_up=False)
+    assert outputs == expected
+    compared, _, largest = _mismatches(always_counts["log"], counts["log"])
+    assert compared >= 20 and largest > 2 * noise, (compared, largest, noise)
+
+
+def test_a_batch_that_skips_every_round_runs_the_plain_decode_path(models, baseline):
+    target, checkpoint, _ = models
+    requests, expected = baseline
+    llm = _engine(target, {"method": "radar", "model": str(checkpoint)})
+    try:
+        _drafter_call(llm, lambda drafter: install_gate(drafter, [False]))
+        draft_forwards = _drafter_call(llm, lambda drafter: count_calls(drafter.model))
+        rejections = llm.collective_rpc(lambda worker: count_calls(worker.model_runner.rejection_sampler))[0]
+        outputs = _generate(llm, requests, batch_size=4)
+        counts = _drafter_call(llm, lambda drafter: (dict(drafter.round_counts), list(draft_forwards),
+                                                      list(rejections)))
+    finally:
+        shutdown_engine(llm)
+    assert outputs == expected
+    rounds, forwards, rejection_calls = counts
+    assert rounds["draft"] == 0
+    assert rounds["skip"] >= sum(n for _, n in requests) // 4 - len(requests)  # every decode step
+    # a round with a prefill chunk runs call 1 for the drafter's KV (and drafts nothing): one
+    # draft forward each; skipped rounds run none
+    assert forwards == [rounds["catch_up"]], (forwards, rounds)
+    assert rejection_calls == [0], "a step without drafts ran rejection sampling"
+
+
+def test_measuring_gate_skips_when_drafting_does_not_pay(models, baseline):
+    target, _, auto = models
+    requests, expected = baseline
+    long_requests = [(ids, 96) for ids, _ in requests[:4]]
+    llm = _engine(target, {"method": "radar", "model": str(auto)})
+    try:
+        _generate(llm, requests, batch_size=4)
+        assert _generate(llm, requests, batch_size=4) == expected
+        before = _drafter_call(llm, lambda drafter: (drafter.round_counts["draft"], drafter.round_counts["skip"]))
+        _generate(llm, long_requests, batch_size=4)
+        after = _drafter_call(llm, lambda drafter: (drafter.round_counts["draft"], drafter.round_counts["skip"],
+                                                     drafter.gate.summary()))
+    finally:
+        shutdown_engine(llm)
+    drafted, skipped = after[0] - before[0], after[1] - before[1]
+    summary = after[2]
+    assert any(bucket["draft_steps"] and bucket["skip_steps"] for bucket in summary.values()), summary
+    # a random head: about 1 token per request per step either way, drafting only adds time
+    assert skipped > 2 * drafted, (drafted, skipped, summary)
