@@ -65,7 +65,7 @@ def bench_rows(settings: Any, models: tuple[Path, Path, Path]) -> list[Any]:
                          include_tree=settings.include_tree, include_static_tree=settings.include_static_tree,
                          confidence_checkpoint=str(radar) if settings.confidence_threshold is not None else None,
                          tree_supported=True, uncorrected_k=settings.uncorrected_rows_k,
-                         fixed_depths=settings.radar_fixed_depths)
+                         fixed_depths=settings.radar_fixed_depths, dynamic_sd=settings.include_dynamic_sd)
 
 
 # ------------------------------------------------------------------------------ a stand-in vLLM engine

@@ -5,6 +5,9 @@ row                    speculative config (vLLM ``speculative_config``)
 =====================  ======================================================================
 no-spec                none
 eagle3-kK              stock EAGLE-3 chain, plain head (no radar section), K draft tokens
+eagle3-dynamic         stock EAGLE-3 + Dynamic SD (``num_speculative_tokens_per_batch_size``): a
+                       batch-size schedule of K (0 allowed), tuned by the harness from this
+                       run's no-spec and eagle3-kK cells (the best K per measured batch size)
 eagle3-kK-uncorrected  the same, vLLM as shipped: ``VLLM_PLUGINS=""`` in its worker, so
                        without radar_vllm's correction of the CPU build's sampled
                        verification; T > 0 only
@@ -57,6 +60,7 @@ CONFIDENCE_CHAIN = "confidence-chain"
 ALWAYS_CONTINUE_THRESHOLD = 0.0  # P(continue) >= 0 holds always: full depth every round
 EAGLE3_METHOD = "eagle3"
 UNCORRECTED_SUFFIX = "-uncorrected"
+EAGLE3_DYNAMIC = "eagle3-dynamic"
 
 
 def eagle3_name(k: int) -> str:
@@ -94,6 +98,7 @@ class BenchConfig:
     description: str = ""
     plugin_disabled: bool = False  # worker (and server) with VLLM_PLUGINS="": vLLM as shipped
     sampled_only: bool = False  # runs the T > 0 temperatures only
+    dynamic_schedule: list[list[int]] | None = None  # Dynamic SD: [[first batch size, last, K], ...]
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -124,6 +129,8 @@ class BenchConfig:
         }
         if self.radar_overrides:
             spec["radar"] = dict(self.radar_overrides)
+        if self.dynamic_schedule is not None:
+            spec["num_speculative_tokens_per_batch_size"] = [list(entry) for entry in self.dynamic_schedule]
         return spec
 
     def to_dict(self) -> dict[str, Any]:
@@ -180,6 +187,7 @@ def build_configs(
     only: Sequence[str] = (),
     uncorrected_k: Sequence[int] = (),
     fixed_depths: Sequence[int] = (),
+    dynamic_sd: bool = False,
 ) -> list[BenchConfig]:
     """All rows in run order: no-spec first (the match reference), EAGLE-3 by K, the uncorrected
     stock rows (``uncorrected_k``), then RADAR rows (radar-chain, the fixed-depth chains of
@@ -196,6 +204,11 @@ def build_configs(
             configs.append(BenchConfig(
                 name=eagle3_name(k), kind=KIND_EAGLE3, num_speculative_tokens=k, max_depth=k,
                 draft_model=head, description=f"stock EAGLE-3 chain, {k} draft tokens",
+            ))
+        if dynamic_sd and k_list:
+            configs.append(BenchConfig(
+                name=EAGLE3_DYNAMIC, kind=KIND_EAGLE3, num_speculative_tokens=max(k_list), max_depth=max(k_list),
+                draft_model=head, description="stock EAGLE-3 + Dynamic SD (schedule tuned from the K sweep)",
             ))
         for k in sorted(set(uncorrected_k)):
             configs.append(BenchConfig(
@@ -229,3 +242,28 @@ def build_configs(
             raise ValueError(f"unknown configuration name(s) {unknown}; available: {[c.name for c in configs]}")
         configs = [c for c in configs if c.name in wanted]
     return configs
+
+
+def tune_dynamic_schedule(cells: Sequence[dict[str, Any]], k_list: Sequence[int],
+                          batch_sizes: dict[str, int], max_batch_size: int) -> list[list[int]]:
+    """Dynamic SD's schedule from a K sweep: for each measured batch size (``batch_sizes``: offline
+    mode -> requests per batch), the K among 0 (no-spec) and ``k_list`` with the highest median
+    tokens/s summed over that mode's cells; batch sizes between two measured ones take the smaller
+    one's K, the largest measured one's K runs up to ``max_batch_size``."""
+    names = {NO_SPEC: 0, **{eagle3_name(k): k for k in k_list}}
+    totals: dict[int, dict[int, float]] = {}
+    for cell in cells:
+        if cell["config"] in names and cell["mode"] in batch_sizes and not cell.get("sampling_broken"):
+            per_k = totals.setdefault(batch_sizes[cell["mode"]], {})
+            k = names[cell["config"]]
+            per_k[k] = per_k.get(k, 0.0) + float(cell["tokens_per_s"]["median"])
+    if not totals:
+        raise ValueError("no no-spec or stock EAGLE-3 cells to tune a Dynamic SD schedule from")
+    measured = sorted(totals)
+    schedule = []
+    for index, size in enumerate(measured):
+        first = 1 if index == 0 else size
+        last = measured[index + 1] - 1 if index + 1 < len(measured) else max(max_batch_size, size)
+        best_k = max(totals[size], key=lambda k: (totals[size][k], -k))
+        schedule.append([first, last, best_k])
+    return schedule

@@ -18,6 +18,7 @@ from typing import Sequence
 
 from radar_vllm.bench.configs import (
     CONFIDENCE_CHAIN,
+    EAGLE3_DYNAMIC,
     NO_SPEC,
     RADAR_CHAIN,
     RADAR_TREE,
@@ -96,7 +97,9 @@ class CostModel:
         depth = fixed_depth_of(row)
         if depth is not None:
             row = eagle3_name(depth)
-        if row.startswith(EAGLE3_PREFIX):
+        if row == EAGLE3_DYNAMIC:  # the best K of the sweep (its K = 0 still runs the drafter)
+            factor = max(self.eagle3_batch1 if batch_size <= 1 else self.eagle3_batched)
+        elif row.startswith(EAGLE3_PREFIX):
             k = int(row[len(EAGLE3_PREFIX):])
             table = self.eagle3_batch1 if batch_size <= 1 else self.eagle3_batched
             factor = table[k - 1] if k <= len(table) else table[-1] * len(table) / k
@@ -151,6 +154,8 @@ class Estimate:
 def planned_rows(settings: BenchSettings) -> list[str]:
     """Row names a run of ``settings`` measures offline, in run order (as build_configs makes them)."""
     rows = [NO_SPEC] + [eagle3_name(k) for k in sorted(set(settings.k_list))]
+    if settings.include_dynamic_sd and settings.k_list:
+        rows.append(EAGLE3_DYNAMIC)
     rows += [uncorrected_name(k) for k in sorted(set(settings.uncorrected_rows_k))]
     if settings.include_radar:
         rows.append(RADAR_CHAIN)

@@ -18,6 +18,7 @@ Reference backend (vLLM not importable): everything in this process on the plain
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import importlib.util
@@ -29,16 +30,17 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from radar_vllm.bench.configs import (
+    EAGLE3_DYNAMIC,
     KIND_EAGLE3,
     KIND_NONE,
     NO_SPEC,
     BenchConfig,
     build_configs,
+    tune_dynamic_schedule,
 )
 from radar_vllm.core.config import HEAD_CONFIG_FILENAME, MODE_TREE, RADAR_SECTION, read_head_config
 from radar_vllm.bench.settings import (
@@ -46,6 +48,8 @@ from radar_vllm.bench.settings import (
     BACKEND_REFERENCE,
     BACKEND_VLLM,
     GREEDY,
+    MODE_BATCH1,
+    MODE_BATCHED,
     ONLINE_BEST_EAGLE3,
     BenchSettings,
     temperatures_for,
@@ -99,7 +103,7 @@ def resolve_backend(requested: str) -> tuple[str, str | None]:
                                f"PyTorch reference decoder ({where}, batch 1, offline only)")
 
 
-@dataclass
+@dataclasses.dataclass
 class BenchModels:
     target: str
     head: str | None
@@ -383,6 +387,17 @@ def score_rows(results: Mapping[str, dict[str, Any]], work_dir: Path, target: st
             notes.append(f"{name}: sampled outputs not scored ({type(error).__name__}: {error})")
 
 
+def dynamic_sd_row(config: BenchConfig, settings: BenchSettings, document: dict[str, Any],
+                   max_batch_size: int) -> BenchConfig:
+    """The eagle3-dynamic row with its schedule tuned from the finished no-spec and eagle3-kK cells."""
+    sizes = {MODE_BATCH1: 1, MODE_BATCHED: max_batch_size}
+    schedule = tune_dynamic_schedule(document.get("cells", []), settings.k_list,
+                                     {mode: sizes[mode] for mode in settings.offline_modes}, max_batch_size)
+    text = ", ".join(f"{first}-{last}: K={k}" for first, last, k in schedule)
+    return dataclasses.replace(config, dynamic_schedule=schedule,
+                               description=f"stock EAGLE-3 + Dynamic SD, batch sizes {text} (tuned from the K sweep)")
+
+
 # ------------------------------------------------------------------------------ online
 def _baseline_cell(cell: Mapping[str, Any]) -> bool:
     """A stock EAGLE-3 cell that may be the best-K baseline: run with the plugin, sampling not flagged."""
@@ -518,7 +533,7 @@ def announce_estimate(settings: BenchSettings, runnable: list[BenchConfig], conf
 
 
 # ------------------------------------------------------------------------------ main
-@dataclass
+@dataclasses.dataclass
 class BenchOutputs:
     json_path: Path
     markdown_path: Path
@@ -566,6 +581,7 @@ def run_benchmark(settings: BenchSettings) -> BenchOutputs:
         only=settings.only_configs,
         uncorrected_k=settings.uncorrected_rows_k if backend == BACKEND_VLLM else (),
         fixed_depths=settings.radar_fixed_depths,
+        dynamic_sd=settings.include_dynamic_sd and backend == BACKEND_VLLM,
     )
     if settings.uncorrected_rows_k and backend != BACKEND_VLLM:
         notes.append("uncorrected stock EAGLE-3 rows left out: they are vLLM without the plugin (vLLM backend only)")
@@ -623,7 +639,11 @@ def run_benchmark(settings: BenchSettings) -> BenchOutputs:
     scorer = make_scorer(models.target)
     announce_estimate(settings, runnable, configs, work_dir, notes)
     with tqdm(total=total, desc="offline", unit="run") as bar:
-        for config in runnable:
+        for index, config in enumerate(runnable):
+            if config.name == EAGLE3_DYNAMIC:  # tuned from the rows before it (no-spec, eagle3-kK)
+                config = runnable[index] = dynamic_sd_row(config, settings, document_of(results, all_workloads, []),
+                                                          max([w.num_prompts for w in all_workloads] + [1]))
+                configs[configs.index(next(c for c in configs if c.name == EAGLE3_DYNAMIC))] = config
             bar.set_postfix_str(config.name)
             is_reference = config.name == NO_SPEC
             tree = config.mode == MODE_TREE

@@ -78,6 +78,8 @@ class BenchSettings:
     uncorrected_k: tuple[int, ...] = ()
     # RADAR chain rows at a fixed depth D (no stop policy, D draft tokens every round): radar-chain-dD
     radar_fixed_depths: tuple[int, ...] = ()
+    # stock EAGLE-3 + Dynamic SD (row eagle3-dynamic), its schedule tuned from this run's K sweep
+    include_dynamic_sd: bool = True
     # workloads and sampling
     workloads: tuple[str, ...] = DEFAULT_WORKLOADS
     num_prompts: int = 16
@@ -237,6 +239,7 @@ QUICK_PRESET: dict[str, Any] = {
     "kv_cache_gb": 1,
     "config_timeout_s": 900.0,
     "include_tree": True,  # rows are listed, and skipped with the reason where unsupported
+    "include_dynamic_sd": False,
 }
 
 # Reference decoder on a GPU (vLLM not installed there): batch 1 only, sized for < 8 minutes.
@@ -295,6 +298,7 @@ SAMPLING_PRESET: dict[str, Any] = {
     "k_list": (1,),
     "uncorrected_k": (1,),
     "radar_fixed_depths": (1,),
+    "include_dynamic_sd": False,  # acceptance, not speed: the K = 1 row is the stock reference
     "include_tree": True,
     "include_static_tree": False,
     "confidence_threshold": None,

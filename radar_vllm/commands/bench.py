@@ -183,6 +183,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                       help="run only these rows (e.g. eagle3-k3,radar-chain); no-spec always runs")
     rows.add_argument("--no-tree", dest="include_tree", action="store_const", const=False, default=None,
                       help="leave out the radar-tree row")
+    rows.add_argument("--no-dynamic-sd", dest="include_dynamic_sd", action="store_const", const=False,
+                      default=None, help="leave out the eagle3-dynamic row (stock Dynamic SD tuned from the K sweep)")
     rows.add_argument("--no-static-tree", dest="include_static_tree", action="store_const", const=False,
                       default=None, help="leave out the static-tree row")
     rows.add_argument("--confidence-threshold", type=float, default=None,

@@ -116,9 +116,10 @@ def test_fixed_depth_rows_in_settings_estimate_and_cli() -> None:
         bench_settings(radar_fixed_depths=(0,))
     settings = bench_settings(k_list=(1, 3), radar_fixed_depths=(3, 1), include_static_tree=False,
                               confidence_threshold=None)
-    assert planned_rows(settings) == [NO_SPEC, "eagle3-k1", "eagle3-k3", RADAR_CHAIN, D1, "radar-chain-d3",
-                                      RADAR_TREE]
-    assert planned_rows(dataclasses.replace(settings, include_radar=False)) == [NO_SPEC, "eagle3-k1", "eagle3-k3"]
+    assert planned_rows(settings) == [NO_SPEC, "eagle3-k1", "eagle3-k3", "eagle3-dynamic", RADAR_CHAIN, D1,
+                                      "radar-chain-d3", RADAR_TREE]
+    assert planned_rows(dataclasses.replace(settings, include_radar=False, include_dynamic_sd=False)) == [
+        NO_SPEC, "eagle3-k1", "eagle3-k3"]
     # costed as stock EAGLE-3 at K = D (same drafts and verification)
     for batch, temperature in ((1, GREEDY), (16, 1.0)):
         assert SMOLLM2_CPU_COSTS.speed("radar-chain-d3", batch, temperature) == \

@@ -6,6 +6,7 @@ markdown, plots) on tiny random models in a few seconds.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -24,8 +25,10 @@ from radar_vllm.bench.configs import (
     RADAR_TREE,
     STATIC_TREE,
     TREE_UNSUPPORTED_REASON,
+    EAGLE3_DYNAMIC,
     BenchConfig,
     build_configs,
+    tune_dynamic_schedule,
 )
 from radar_vllm.bench.confidence import make_confidence_policy
 from radar_vllm.bench.measures import mean_acceptance_length
@@ -65,6 +68,34 @@ def test_rows_in_order_with_speculative_configs(tiny_bench_models: tuple[Path, P
     assert tree.num_speculative_tokens == 52 and tree.speculative_config()["radar"] == {"mode": "tree"}
     assert by_name[STATIC_TREE].radar_overrides == {"mode": "tree", "threshold": 0.0}
     assert not any(c.skipped for c in configs)
+
+
+def _cell(config: str, mode: str, median: float, **extra) -> dict:
+    return {"config": config, "mode": mode, "tokens_per_s": {"median": median}, **extra}
+
+
+def test_dynamic_sd_row_and_its_schedule_tuned_from_the_k_sweep(tiny_bench_models: tuple[Path, Path, Path]) -> None:
+    _, head, radar = tiny_bench_models
+    configs = build_configs(head=str(head), radar_checkpoint=str(radar), k_list=[1, 2], dynamic_sd=True,
+                            include_tree=False, include_static_tree=False)
+    assert [c.name for c in configs] == [NO_SPEC, "eagle3-k1", "eagle3-k2", EAGLE3_DYNAMIC, RADAR_CHAIN]
+    cells = [
+        _cell(NO_SPEC, "batch1", 30.0), _cell("eagle3-k1", "batch1", 33.0), _cell("eagle3-k2", "batch1", 31.0),
+        _cell(NO_SPEC, "batch1", 32.0), _cell("eagle3-k1", "batch1", 30.0),  # a second workload: sums decide
+        _cell(NO_SPEC, "batched", 290.0), _cell("eagle3-k1", "batched", 250.0), _cell("eagle3-k2", "batched", 200.0),
+        _cell("eagle3-k2", "batched", 999.0, sampling_broken=True),  # flagged cells never count
+        _cell(RADAR_CHAIN, "batched", 999.0),  # not a stock row
+    ]
+    schedule = tune_dynamic_schedule(cells, [1, 2], {"batch1": 1, "batched": 16}, 64)
+    assert schedule == [[1, 15, 1], [16, 64, 0]]
+    assert tune_dynamic_schedule(cells, [1, 2], {"batched": 16}, 16) == [[1, 16, 0]]
+    with pytest.raises(ValueError, match="no no-spec or stock EAGLE-3 cells"):
+        tune_dynamic_schedule([], [1], {"batch1": 1}, 8)
+    row = dataclasses.replace(configs[3], dynamic_schedule=schedule)
+    assert row.speculative_config() == {"method": "eagle3", "model": str(head), "num_speculative_tokens": 2,
+                                        "num_speculative_tokens_per_batch_size": [[1, 15, 1], [16, 64, 0]]}
+    dynamic = pytest.importorskip("vllm.v1.spec_decode.dynamic.utils")
+    assert dynamic.validate_and_normalize_dynamic_sd_schedule(schedule) == [(1, 15, 1), (16, 64, 0)]
 
 
 def test_tree_rows_skipped_with_reason_when_unsupported(tiny_bench_models: tuple[Path, Path, Path]) -> None:

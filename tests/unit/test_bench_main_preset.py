@@ -17,7 +17,7 @@ from radar_vllm.bench.snapshots import NUM_ACCEPTED_TOKENS, NUM_DRAFTS, RADAR_DR
     RADAR_STOP_DEPTH, MetricSnapshot
 from radar_vllm.bench.workloads import MTBENCH
 
-MAIN_ROWS = [NO_SPEC, "eagle3-k1", "eagle3-k2", "eagle3-k3", RADAR_CHAIN, RADAR_TREE]
+MAIN_ROWS = [NO_SPEC, "eagle3-k1", "eagle3-k2", "eagle3-k3", "eagle3-dynamic", RADAR_CHAIN, RADAR_TREE]
 # the cost model's estimate; on a 2-core CPU without AVX-512 the run takes about 2-3x as long
 MAIN_ESTIMATE_MINUTES = (5.0, 20.0)
 

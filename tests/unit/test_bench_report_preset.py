@@ -47,7 +47,7 @@ from radar_vllm.bench.workloads import HUMANEVAL, MTBENCH, MTBENCH_TURN2, Worklo
 
 # "about an hour", hard limit 75 min; the uncorrected stock row and the scoring of sampled outputs
 # add about 3.5 min to the estimate (which errs long: every answer at full length)
-REPORT_MINUTES_RANGE = (45.0, 72.0)
+REPORT_MINUTES_RANGE = (45.0, 80.0)
 SECONDS_PER_MINUTE = 60.0
 
 
@@ -59,7 +59,7 @@ def report_settings(**overrides: Any) -> BenchSettings:
 def test_report_preset_has_every_row_the_report_needs(tiny_bench_models: tuple[Path, Path, Path]) -> None:
     settings = report_settings()
     # stock EAGLE-3 at its best K also as shipped (no plugin), T > 0 only
-    expected = [NO_SPEC] + [f"eagle3-k{k}" for k in range(1, 8)] + ["eagle3-k1-uncorrected", RADAR_CHAIN,
+    expected = [NO_SPEC] + [f"eagle3-k{k}" for k in range(1, 8)] + ["eagle3-dynamic", "eagle3-k1-uncorrected", RADAR_CHAIN,
                                                                       RADAR_TREE, STATIC_TREE, CONFIDENCE_CHAIN]
     assert planned_rows(settings) == expected
     # the names match what the harness builds from real checkpoints
@@ -115,7 +115,7 @@ def test_estimate_by_hand() -> None:
                       reference_batch_tokens_per_s=20.0, run_overhead_s=1.0, warmup_s=2.0, sampled_factor=0.5,
                       score_s_per_output=0.5, eagle3_batch1=(0.5,), eagle3_batched=(0.25,),
                       rows={NO_SPEC: RowSpeed(1.0, 1.0)})
-    settings = bench_settings(k_list=(1,), include_radar=False, confidence_threshold=None,
+    settings = bench_settings(k_list=(1,), include_radar=False, include_dynamic_sd=False, confidence_threshold=None,
                               workloads=(MTBENCH, HUMANEVAL), num_prompts=2, batch1_prompts=1, max_new_tokens=10,
                               temperatures=(GREEDY, 1.0), sampled_workloads=(MTBENCH,), repeats=2,
                               online_concurrency=(2,), online_requests=3, online_configs=(NO_SPEC,))

@@ -342,7 +342,7 @@ def test_harness_scores_sampled_outputs_and_runs_the_uncorrected_row_without_plu
     monkeypatch.setattr(harness, "run_config_subprocess", fake_row)
     target, head, _ = tiny_bench_models
     settings = BenchSettings(target=str(target), head=str(head), backend="vllm", k_list=(1,), uncorrected_k=(1,),
-                             include_radar=False,
+                             include_radar=False, include_dynamic_sd=False,
                              confidence_threshold=None, workloads=("mtbench",), num_prompts=6, max_new_tokens=6,
                              temperatures=(0.0, 1.0), offline_modes=(MODE_BATCHED,), repeats=1,
                              online_concurrency=(), dtype="float32", output_dir=str(tmp_path), tag="g",
