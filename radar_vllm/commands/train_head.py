@@ -70,6 +70,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--warmup-steps", type=int)
     parser.add_argument("--init-from-target", action="store_true", default=None,
                         help="initialise the draft layer from the target's last decoder layer")
+    parser.add_argument("--init-from-head",
+                        help="start from this exported head (weights and draft vocabulary), e.g. the shipped one")
     parser.add_argument("--train-dtype", choices=("float32", "bfloat16"))
     parser.add_argument("--batch-tokens", type=int)
     parser.add_argument("--max-seq-len", type=int)

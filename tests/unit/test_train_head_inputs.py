@@ -188,3 +188,37 @@ def test_topk_features_are_the_target_distribution(target: Path) -> None:
     aux_plain, plain_labels = target_features(model, capture, sequence, prompt_len=20)  # all prompt positions
     assert torch.equal(aux, aux_plain) and torch.equal(plain_labels, labels)
     capture.remove()
+
+
+def test_init_from_exported_head(tmp_path: Path, target: Path) -> None:
+    """A run started from an exported head begins at its weights with its draft vocabulary
+    (whatever the new data's token counts), and a head of another vocabulary size is refused."""
+    import torch
+
+    from radar_vllm.offline.head.trainer import FeatureStore, _head_config, build_draft_vocab, initial_head, load_head, train
+
+    work = tmp_path / "w"
+    _write_features(work, target, topk=0)
+    train(work, _config(target, work, max_steps=3), tmp_path / "first")
+    exported = load_head(tmp_path / "first" / "head")
+    # A different seed and draft vocabulary file would give other weights; the export wins.
+    config = _config(target, work, train_dir=str(tmp_path / "second"), seed=7, init_from_head=str(tmp_path / "first" / "head"))
+    head_config, _ = _head_config(config)
+    store = FeatureStore(work, 64)
+    (tmp_path / "second").mkdir()
+    ids = build_draft_vocab(tmp_path / "second", store, head_config.vocab_size, 64, config.init_from_head)
+    assert torch.equal(ids, exported.draft_to_target_ids(torch.arange(64)))
+    head = initial_head(config, head_config, ids)
+    for name, tensor in exported.state_dict().items():
+        if not name.startswith("embed_tokens"):
+            assert torch.equal(head.state_dict()[name], tensor), name
+    record = train(work, dataclasses_replace(config, max_steps=2), Path(config.train_dir))
+    assert record["steps"] == 2
+    with pytest.raises(ValueError, match="draft vocabulary of 64"):
+        build_draft_vocab(tmp_path / "third", store, head_config.vocab_size, 32, config.init_from_head)
+
+
+def dataclasses_replace(config: HeadTrainingConfig, **changes) -> HeadTrainingConfig:
+    import dataclasses
+
+    return dataclasses.replace(config, **changes)

@@ -68,6 +68,7 @@ class HeadTrainingConfig:
     weight_decay: float = 0.0
     warmup_steps: int = 50
     init_from_target: bool = False
+    init_from_head: str | None = None
     train_dtype: str = "float32"
     batch_tokens: int = 4096
     max_seq_len: int = 1024

@@ -23,6 +23,10 @@ Recipe options (``HeadTrainingConfig`` fields; the defaults are the original rec
   ``min_lr_ratio`` of the peak, or ``constant``), ``adam_beta1/2``, ``grad_clip``.
 - ``init_from_target``: the draft layer starts from the target's last decoder layer (the
   hidden-state half of q/k/v, o_proj, the MLP and the norms); the embedding half stays random.
+- ``init_from_head``: start from an exported head (a folder ``export_head`` wrote, e.g. the
+  shipped one or a previous run's ``head/``): its weights and its draft vocabulary, which then
+  must have ``draft_vocab_size`` tokens. Continues a run across machines from the small export
+  alone (fresh optimiser moments; use a short warm-up).
 - ``train_dtype``: float32 (default; bf16 matmuls are slow on CPUs without AVX-512 BF16) or
   bfloat16 autocast (the original).
 - ``budget_cpu_s``: stop after this many process CPU seconds of training, summed over resumes;
@@ -344,11 +348,24 @@ def draft_vocab_coverage(counts: torch.Tensor, sizes: tuple[int, ...] = DRAFT_VO
     return {str(size): float(ordered[:size].sum()) / total for size in sizes if size <= counts.numel()}
 
 
-def build_draft_vocab(work_dir: Path, store: FeatureStore, vocab_size: int, draft_vocab_size: int) -> torch.Tensor:
-    """Target ids of the draft vocabulary (ascending); computed once, then read back."""
+def build_draft_vocab(work_dir: Path, store: FeatureStore, vocab_size: int, draft_vocab_size: int,
+                      init_from_head: str | None = None) -> torch.Tensor:
+    """Target ids of the draft vocabulary (ascending); computed once (or taken from the head
+    ``init_from_head``), then read back."""
     from safetensors.torch import load_file, save_file
 
     path = work_dir / DRAFT_VOCAB_FILE
+    if init_from_head and not path.is_file():
+        start = load_head(Path(init_from_head))
+        if start.config.draft_vocab_size != draft_vocab_size or start.config.vocab_size != vocab_size:
+            raise ValueError(
+                f"init_from_head={init_from_head} has a draft vocabulary of {start.config.draft_vocab_size} "
+                f"over {start.config.vocab_size} target tokens; this run expects {draft_vocab_size} over {vocab_size}"
+            )
+        ids = start.draft_to_target_ids(torch.arange(draft_vocab_size))
+        counts = store.label_counts(vocab_size)
+        save_file({"draft_to_target": ids, "counts": counts[ids]}, str(path))
+        return ids
     if path.is_file():
         ids = load_file(str(path))["draft_to_target"]
         if ids.numel() != draft_vocab_size:
@@ -423,6 +440,13 @@ def initial_head(config: Any, head_config: Eagle3HeadConfig, draft_to_target: to
     with torch.no_grad():
         head.lm_head.weight.copy_(lm_head[draft_to_target])
         head.norm.weight.copy_(final_norm)
+    start_from = getattr(config, "init_from_head", None)
+    if start_from:
+        start = load_head(Path(start_from))
+        if not torch.equal(start.d2t, head.d2t):
+            raise ValueError(f"init_from_head={start_from}: its draft vocabulary differs from this run's")
+        trained = {name: t for name, t in start.state_dict().items() if not name.startswith("embed_tokens")}
+        head.load_state_dict(trained, strict=False)
     return head
 
 
@@ -670,7 +694,8 @@ def train(work_dir: Path, config: Any, train_dir: Path | None = None) -> dict[st
             "extract them with topk_logprobs > 0 (a fresh work directory)"
         )
     head_config, target_config = _head_config(config)
-    draft_to_target = build_draft_vocab(train_dir, store, head_config.vocab_size, head_config.draft_vocab_size)
+    draft_to_target = build_draft_vocab(train_dir, store, head_config.vocab_size, head_config.draft_vocab_size,
+                                        getattr(config, "init_from_head", None))
     counts = store.label_counts(head_config.vocab_size)
     coverage = float(counts[draft_to_target].sum()) / max(1, int(counts.sum()))
     coverage_by_size = draft_vocab_coverage(counts)
