@@ -394,7 +394,10 @@ def dynamic_sd_row(config: BenchConfig, settings: BenchSettings, document: dict[
     schedule = tune_dynamic_schedule(document.get("cells", []), settings.k_list,
                                      {mode: sizes[mode] for mode in settings.offline_modes}, max_batch_size)
     text = ", ".join(f"{first}-{last}: K={k}" for first, last, k in schedule)
-    return dataclasses.replace(config, dynamic_schedule=schedule,
+    # num_speculative_tokens caps the schedule and sizes the drafter: set it to the schedule's
+    # largest K, as a user tuning Dynamic SD would (vLLM needs at least 1).
+    top = max(1, max(k for _, _, k in schedule))
+    return dataclasses.replace(config, dynamic_schedule=schedule, num_speculative_tokens=top, max_depth=top,
                                description=f"stock EAGLE-3 + Dynamic SD, batch sizes {text} (tuned from the K sweep)")
 
 

@@ -96,6 +96,13 @@ def test_dynamic_sd_row_and_its_schedule_tuned_from_the_k_sweep(tiny_bench_model
                                         "num_speculative_tokens_per_batch_size": [[1, 15, 1], [16, 64, 0]]}
     dynamic = pytest.importorskip("vllm.v1.spec_decode.dynamic.utils")
     assert dynamic.validate_and_normalize_dynamic_sd_schedule(schedule) == [(1, 15, 1), (16, 64, 0)]
+    # The harness's row: the schedule's largest K sizes the drafter (no drafting past what it verifies).
+    from radar_vllm.bench.harness import dynamic_sd_row
+
+    tuned = dynamic_sd_row(configs[3], bench_settings(k_list=(1, 2), offline_modes=("batch1", "batched")),
+                           {"cells": cells}, 64)
+    assert tuned.speculative_config()["num_speculative_tokens"] == 1 and tuned.max_depth == 1
+    assert tuned.speculative_config()["num_speculative_tokens_per_batch_size"] == [[1, 63, 1], [64, 64, 0]]
 
 
 def test_tree_rows_skipped_with_reason_when_unsupported(tiny_bench_models: tuple[Path, Path, Path]) -> None:
