@@ -111,21 +111,22 @@ def install_recorder(drafter: Any) -> list[DraftTree]:
 class ScriptedGate:
     """A depth-0 gate that follows ``pattern`` (True: draft) round after round, cyclically."""
 
-    def __init__(self, pattern: list[bool]) -> None:
+    def __init__(self, pattern: list[bool], max_depth: int) -> None:
         self.pattern = pattern
+        self.max_depth = max_depth
         self.rounds = 0
 
-    def decide(self, batch_size: int) -> bool:
+    def decide(self, batch_size: int) -> int:  # a depth cap: 0 skips, the checkpoint's depth drafts
         choice = self.pattern[self.rounds % len(self.pattern)]
         self.rounds += 1
-        return choice
+        return self.max_depth if choice else 0
 
     def observe(self, *args: Any) -> None:
         pass
 
 
 def install_gate(drafter: Any, pattern: list[bool]) -> None:
-    drafter.gate = ScriptedGate(pattern)
+    drafter.gate = ScriptedGate(pattern, drafter.max_depth)
 
 
 def install_draft_log(drafter: Any) -> dict[tuple[tuple[int, ...], int], tuple[list[int], torch.Tensor]]:

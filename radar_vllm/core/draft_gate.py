@@ -1,25 +1,26 @@
-"""Depth 0: whether an engine step drafts at all, from step costs the engine measures itself.
+"""How deep a batch may draft this engine step (0 = not at all), from step costs the engine measures.
 
 A speculative step pays only if the tokens it yields per request, divided by its wall time, beat
 one token per request in the time of a plain decode step. Both sides depend on the load (batch
 size), the machine, the temperature mix and how well the head fits the current text, so the gate
-does not read them from a table: it measures them. For each batch-size bucket it keeps two
-exponential moving averages, one per arm (the step drafted / the step did not):
-seconds per step and tokens emitted per request per step. A round drafts when the drafting arm's
-rate (tokens per request per second) is the higher one. Every ``probe_every`` rounds of a bucket
-it takes the other arm once, so that an arm that became better (a calmer batch, an easier text)
-is noticed; an arm with fewer than ``min_observations`` measurements is tried first.
+does not read them from a table: it measures them. It chooses among a few depth caps (the arms,
+by default 0, 1 and the checkpoint's maximum depth; the stop policy decides per request below the
+cap). For each batch-size bucket and arm it keeps exponential moving averages of seconds per step
+and tokens emitted per request per step, and takes the arm with the highest rate (tokens per
+request per second). Arms with fewer than ``min_observations`` measurements are tried first.
+Afterwards it probes the other arms, one at a time, every ``probe`` rounds of the bucket: the
+interval starts at ``probe_every`` and doubles (up to ``max_probe_every``) each time a probe leaves
+the choice unchanged, and falls back to ``probe_every`` when the choice changes, so a settled
+bucket spends little on probes while a change (a calmer batch, an easier text) is still noticed.
 
-Which requests skipped does not change any output: verification is lossless whatever was drafted,
+Which cap a round used does not change any output: verification is lossless whatever was drafted,
 and the drafter catches up on skipped tokens before it drafts again
 (:mod:`radar_vllm.vllm.catch_up`). No vLLM import.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-
-DRAFT = True
-SKIP = False
+from typing import Sequence
 
 
 def batch_bucket(batch_size: int) -> int:
@@ -53,61 +54,86 @@ class ArmEstimate:
 
 @dataclass
 class BucketState:
-    draft: ArmEstimate = field(default_factory=ArmEstimate)
-    skip: ArmEstimate = field(default_factory=ArmEstimate)
+    arms: dict[int, ArmEstimate]
+    probe_interval: int
     rounds_since_probe: int = 0
-
-    def arm(self, drafted: bool) -> ArmEstimate:
-        return self.draft if drafted else self.skip
+    next_probe: int = 0  # index into the other arms, round robin
+    probing: int | None = None  # the arm a probe is measuring (its observation ends the probe)
+    chosen_before_probe: int | None = None
 
 
 class DraftGate:
-    """Chooses per engine step whether to draft (see the module docstring)."""
+    """Chooses a depth cap per engine step (see the module docstring)."""
 
-    def __init__(self, probe_every: int = 40, min_observations: int = 3, smoothing: float = 0.15) -> None:
-        if probe_every < 2:
-            raise ValueError(f"probe_every must be >= 2, got {probe_every}")
+    def __init__(self, max_depth: int, arms: Sequence[int] | None = None, probe_every: int = 16,
+                 max_probe_every: int = 256, min_observations: int = 3, smoothing: float = 0.15) -> None:
+        if max_depth < 1:
+            raise ValueError(f"max_depth must be >= 1, got {max_depth}")
+        caps = sorted(set(arms if arms is not None else (0, 1, max_depth)))
+        if len(caps) < 2 or caps[0] < 0 or caps[-1] > max_depth:
+            raise ValueError(f"arms must hold at least two depth caps in [0, {max_depth}], got {list(caps)}")
+        if not 2 <= probe_every <= max_probe_every:
+            raise ValueError(f"need 2 <= probe_every <= max_probe_every, got {probe_every}, {max_probe_every}")
         if min_observations < 1:
             raise ValueError(f"min_observations must be >= 1, got {min_observations}")
         if not 0.0 < smoothing <= 1.0:
             raise ValueError(f"smoothing must be in (0, 1], got {smoothing}")
+        self.caps = caps
         self.probe_every = probe_every
+        self.max_probe_every = max_probe_every
         self.min_observations = min_observations
         self.smoothing = smoothing
         self.buckets: dict[int, BucketState] = {}
 
     def _bucket(self, batch_size: int) -> BucketState:
-        return self.buckets.setdefault(batch_bucket(batch_size), BucketState())
+        index = batch_bucket(batch_size)
+        if index not in self.buckets:
+            self.buckets[index] = BucketState({cap: ArmEstimate() for cap in self.caps}, self.probe_every)
+        return self.buckets[index]
 
-    def preferred(self, batch_size: int) -> bool:
-        """The arm with the higher measured rate (no exploration)."""
-        state = self._bucket(batch_size)
-        return state.draft.rate >= state.skip.rate
+    def preferred(self, batch_size: int) -> int:
+        """The arm with the highest measured rate (no exploration; ties go to the shallower cap)."""
+        arms = self._bucket(batch_size).arms
+        return max(self.caps, key=lambda cap: (arms[cap].rate, -cap))
 
-    def decide(self, batch_size: int) -> bool:
-        """``DRAFT`` or ``SKIP`` for a round of ``batch_size`` requests."""
+    def decide(self, batch_size: int) -> int:
+        """The depth cap (0: no drafting) for a round of ``batch_size`` requests."""
         state = self._bucket(batch_size)
-        if state.draft.count < self.min_observations:
-            return DRAFT
-        if state.skip.count < self.min_observations:
-            return SKIP
+        for cap in reversed(self.caps):  # untried arms first, the deepest first
+            if state.arms[cap].count < self.min_observations:
+                return cap
         choice = self.preferred(batch_size)
         state.rounds_since_probe += 1
-        if state.rounds_since_probe >= self.probe_every:
+        if state.rounds_since_probe >= state.probe_interval:  # (a probe never observed is replaced)
+            others = [cap for cap in self.caps if cap != choice]
+            state.probing = others[state.next_probe % len(others)]
+            state.next_probe += 1
+            state.chosen_before_probe = choice
             state.rounds_since_probe = 0
-            return not choice
+            return state.probing
         return choice
 
-    def observe(self, batch_size: int, drafted: bool, seconds: float, tokens_per_request: float) -> None:
+    def observe(self, batch_size: int, cap: int, seconds: float, tokens_per_request: float) -> None:
         """One measured step: ``seconds`` from the round's decision to the next one, and the tokens
         per request the step emitted (1 when it verified nothing)."""
-        if seconds <= 0 or tokens_per_request <= 0:
+        if cap not in self.caps or seconds <= 0 or tokens_per_request <= 0:
             return
-        self._bucket(batch_size).arm(drafted).update(seconds, tokens_per_request, self.smoothing)
+        state = self._bucket(batch_size)
+        state.arms[cap].update(seconds, tokens_per_request, self.smoothing)
+        if state.probing == cap:
+            same = self.preferred(batch_size) == state.chosen_before_probe
+            state.probe_interval = min(2 * state.probe_interval, self.max_probe_every) if same else self.probe_every
+            state.probing = None
 
     def summary(self) -> dict[str, dict[str, float]]:
-        """Per bucket (largest batch size in it): both arms' rates and counts (for logs and tests)."""
-        return {str(1 << index): {"draft_rate": state.draft.rate, "skip_rate": state.skip.rate,
-                                  "draft_tokens": state.draft.tokens, "draft_steps": state.draft.count,
-                                  "skip_steps": state.skip.count}
-                for index, state in sorted(self.buckets.items())}
+        """Per bucket (largest batch size in it): every arm's rate, tokens and step count, and the
+        probe interval (for logs and tests)."""
+        out: dict[str, dict[str, float]] = {}
+        for index, state in sorted(self.buckets.items()):
+            entry: dict[str, float] = {"probe_interval": state.probe_interval}
+            for cap, arm in state.arms.items():
+                entry[f"rate_d{cap}"] = arm.rate
+                entry[f"tokens_d{cap}"] = arm.tokens
+                entry[f"steps_d{cap}"] = arm.count
+            out[str(1 << index)] = entry
+        return out

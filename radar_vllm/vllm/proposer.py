@@ -123,10 +123,12 @@ class RadarProposer(EagleProposer):
         self.stop_monitor = AllStoppedMonitor(torch.device(device), self.max_depth)
         self.last_tree: DraftTree | None = None  # the last round's drafts (tree mode: read by the runner)
         # Depth 0: the gate and the rows skipped rounds leave for the drafter to catch up on.
-        self.gate = DraftGate() if config.skip_drafting == "auto" and config.fixed_depth is None else None
+        self.gate = (DraftGate(self.max_depth) if config.skip_drafting == "auto" and config.fixed_depth is None
+                     else None)
         self.skipped = SkippedTokens(capacity=self.max_num_tokens)
         self.round_counts = {DRAFT_ROUND: 0, SKIP_ROUND: 0, CATCH_UP_ROUND: 0}
-        self._last_round: tuple[float, int, str] | None = None  # (start time, batch size, action)
+        self._last_round: tuple[float, int, str, int] | None = None  # (start time, batch size, action, cap)
+        self._depth_cap = self.max_depth  # the gate's cap for the current round
         logger.info("RadarProposer: %s mode, max_depth=%d, top_k=%d, %s", plan.mode, self.max_depth, config.top_k,
                     f"fixed depth {config.fixed_depth} (no stop policy)" if config.fixed_depth else
                     f"decision={plan.radar.decision}, threshold={plan.radar.threshold:.3f}")
@@ -192,7 +194,7 @@ class RadarProposer(EagleProposer):
         self._last_draft_probs = None
         cad = common_attn_metadata
         batch_size = cad.batch_size()
-        depth_limit = min(self.fixed_depth or self.max_depth, self.max_depth, num_speculative_tokens)
+        depth_limit = min(self.fixed_depth or self.max_depth, self._depth_cap, num_speculative_tokens)
         if action == CATCH_UP_ROUND:  # call 1 only, for the drafter's KV; no drafts
             depth_limit = 1
 
@@ -294,22 +296,24 @@ class RadarProposer(EagleProposer):
         rows kept for the catch-up would no longer fit the drafter's buffers."""
         now = time.perf_counter()
         batch_size = cad.batch_size()
-        action = DRAFT_ROUND
+        action, cap = DRAFT_ROUND, self.max_depth
         if self.gate is not None:
             decode_only = cad.max_query_len <= num_speculative_tokens + 1
             if self._last_round is not None:
-                start, last_batch_size, last_action = self._last_round
+                start, last_batch_size, last_action, last_cap = self._last_round
                 if last_batch_size == batch_size and decode_only and last_action != CATCH_UP_ROUND:
                     if token_indices_to_sample is None:
                         tokens = cad.num_actual_tokens / batch_size
                     else:
                         starts = cad.query_start_loc_cpu[:batch_size]
                         tokens = float((token_indices_to_sample.to("cpu") - starts + 1).float().mean())
-                    self.gate.observe(batch_size, last_action == DRAFT_ROUND, now - start, tokens)
-            if not self.gate.decide(batch_size):
+                    self.gate.observe(batch_size, last_cap, now - start, tokens)
+            cap = self.gate.decide(batch_size)
+            if cap == 0:
                 fits = self.skipped.rows() + num_rows <= self.skipped.capacity // 2
                 action = SKIP_ROUND if decode_only and fits else CATCH_UP_ROUND
-        self._last_round = (now, batch_size, action)
+        self._depth_cap = max(cap, 1)
+        self._last_round = (now, batch_size, action, cap)
         self.round_counts[action] += 1
         return action
 

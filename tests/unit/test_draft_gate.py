@@ -1,19 +1,24 @@
-"""The depth-0 gate: explores both arms, follows the measured better one, probes the other."""
+"""The depth gate: explores every depth cap, follows the measured best, probes the others less and
+less often while the choice holds, and notices a change."""
 from __future__ import annotations
 
 import pytest
 
-from radar_vllm.core.draft_gate import DRAFT, SKIP, DraftGate, batch_bucket
+from radar_vllm.core.draft_gate import DraftGate, batch_bucket
 
 
-def _run(gate: DraftGate, batch_size: int, rounds: int, cost) -> list[bool]:
-    """Play ``rounds`` rounds; ``cost(drafted) -> (seconds, tokens per request)``."""
+def _run(gate: DraftGate, batch_size: int, rounds: int, cost) -> list[int]:
+    """Play ``rounds`` rounds; ``cost(cap) -> (seconds, tokens per request)``."""
     choices = []
     for _ in range(rounds):
-        drafted = gate.decide(batch_size)
-        gate.observe(batch_size, drafted, *cost(drafted))
-        choices.append(drafted)
+        cap = gate.decide(batch_size)
+        gate.observe(batch_size, cap, *cost(cap))
+        choices.append(cap)
     return choices
+
+
+def _costs(table: dict[int, tuple[float, float]]):
+    return lambda cap: table[cap]
 
 
 def test_buckets_are_powers_of_two():
@@ -22,33 +27,50 @@ def test_buckets_are_powers_of_two():
         batch_bucket(0)
 
 
-def test_skips_when_drafting_does_not_pay_and_drafts_when_it_does():
-    # drafting: 1.5x the step time for 1.3 tokens per request -> worse than plain decode
-    losing = _run(DraftGate(probe_every=20), 16, 400, lambda d: (0.015, 1.3) if d else (0.010, 1.0))
-    assert losing[:3] == [DRAFT] * 3 and losing[3:6] == [SKIP] * 3  # both arms tried first
-    assert losing[6:].count(DRAFT) == len(losing[6:]) // 20  # only the probes draft
-    # batch 1: drafting costs 1.2x and yields 1.6 tokens -> drafting wins
-    winning = _run(DraftGate(probe_every=20), 1, 400, lambda d: (0.012, 1.6) if d else (0.010, 1.0))
-    assert winning[6:].count(SKIP) == len(winning[6:]) // 20
+def test_follows_the_best_cap_and_probes_rarely_once_settled():
+    # batch 16: any drafting costs more than it yields -> depth 0
+    losing = _costs({0: (0.010, 1.0), 1: (0.015, 1.3), 7: (0.030, 1.5)})
+    choices = _run(DraftGate(7, probe_every=16, max_probe_every=256), 16, 1000, losing)
+    assert choices[:9] == [7, 7, 7, 1, 1, 1, 0, 0, 0]  # every arm measured first, deepest first
+    later = choices[9:]
+    assert later.count(0) > 0.98 * len(later)
+    # the probe interval doubles while probes confirm: far fewer probes than one per 16 rounds
+    assert len(later) - later.count(0) <= 7
+    # batch 1: one draft pays, deep drafts do not -> depth 1
+    winning = _costs({0: (0.010, 1.0), 1: (0.011, 1.3), 7: (0.020, 1.6)})
+    choices = _run(DraftGate(7), 1, 500, winning)[9:]
+    assert choices.count(1) > 0.97 * len(choices)
 
 
 def test_buckets_are_independent_and_the_gate_follows_a_change():
-    gate = DraftGate(probe_every=10, smoothing=0.3)
-    _run(gate, 1, 50, lambda d: (0.012, 1.6) if d else (0.010, 1.0))
-    _run(gate, 32, 50, lambda d: (0.030, 1.2) if d else (0.020, 1.0))
-    assert gate.preferred(1) == DRAFT and gate.preferred(32) == SKIP
-    # the text gets easy at batch 32: the probes see it and the gate switches
-    late = _run(gate, 32, 200, lambda d: (0.030, 2.5) if d else (0.020, 1.0))
-    assert gate.preferred(32) == DRAFT and late[-50:].count(DRAFT) >= 45
+    gate = DraftGate(4, arms=(0, 4), probe_every=8, max_probe_every=64, smoothing=0.3)
+    _run(gate, 1, 100, _costs({0: (0.010, 1.0), 4: (0.012, 1.6)}))
+    _run(gate, 32, 100, _costs({0: (0.020, 1.0), 4: (0.030, 1.2)}))
+    assert gate.preferred(1) == 4 and gate.preferred(32) == 0
+    # the text gets easy at batch 32: a probe sees it, the gate switches, probing speeds up again
+    late = _run(gate, 32, 400, _costs({0: (0.020, 1.0), 4: (0.030, 2.5)}))
+    assert gate.preferred(32) == 4 and late[-50:].count(4) >= 45
     summary = gate.summary()
-    assert summary["32"]["draft_steps"] > 0 and summary["1"]["skip_steps"] > 0
+    assert summary["32"]["steps_d4"] > 0 and summary["1"]["steps_d0"] > 0 and set(summary) == {"1", "32"}
+
+
+def test_a_probe_that_is_never_observed_does_not_stop_probing():
+    gate = DraftGate(2, arms=(0, 2), probe_every=4, max_probe_every=4, min_observations=1)
+    _run(gate, 8, 2, _costs({0: (0.01, 1.0), 2: (0.03, 1.2)}))
+    probes = 0
+    for _ in range(40):  # the rounds' outcomes are never reported (e.g. the batch kept changing)
+        probes += gate.decide(8) == 2
+    assert probes >= 9
 
 
 def test_bad_measurements_and_options():
-    gate = DraftGate()
-    gate.observe(4, DRAFT, 0.0, 1.0)
-    gate.observe(4, DRAFT, 0.01, 0.0)
-    assert gate.summary() == {}
-    for options in ({"probe_every": 1}, {"min_observations": 0}, {"smoothing": 0.0}, {"smoothing": 1.5}):
+    gate = DraftGate(3)
+    gate.observe(4, 3, 0.0, 1.0)
+    gate.observe(4, 3, 0.01, 0.0)
+    gate.observe(4, 2, 0.01, 1.0)  # not an arm
+    assert all(bucket[f"steps_d{cap}"] == 0 for bucket in gate.summary().values() for cap in (0, 1, 3))
+    for args, options in (((0,), {}), ((3,), {"arms": (1,)}), ((3,), {"arms": (0, 5)}), ((3,), {"probe_every": 1}),
+                          ((3,), {"probe_every": 32, "max_probe_every": 16}), ((3,), {"min_observations": 0}),
+                          ((3,), {"smoothing": 0.0}), ((3,), {"smoothing": 1.5})):
         with pytest.raises(ValueError):
-            DraftGate(**options)
+            DraftGate(*args, **options)
