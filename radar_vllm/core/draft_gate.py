@@ -7,11 +7,14 @@ does not read them from a table: it measures them. It chooses among a few depth 
 by default 0, 1 and the checkpoint's maximum depth; the stop policy decides per request below the
 cap). For each batch-size bucket and arm it keeps exponential moving averages of seconds per step
 and tokens emitted per request per step, and takes the arm with the highest rate (tokens per
-request per second). Arms with fewer than ``min_observations`` measurements are tried first.
-Afterwards it probes the other arms, one at a time, every ``probe`` rounds of the bucket: the
-interval starts at ``probe_every`` and doubles (up to ``max_probe_every``) each time a probe leaves
-the choice unchanged, and falls back to ``probe_every`` when the choice changes, so a settled
-bucket spends little on probes while a change (a calmer batch, an easier text) is still noticed.
+request per second). One step of a small batch says little (at batch 1 a step yields 1 or 2
+tokens), so every measurement of an arm spans about ``probe_requests`` request-steps: a probe of a
+bucket whose batches hold up to B requests lasts ``ceil(probe_requests / B)`` rounds, and arms with
+fewer measurements than that (and than ``min_observations``) are tried first. Afterwards it probes
+the other arms, one at a time, every ``probe`` rounds of the bucket: the interval starts at
+``probe_every`` and doubles (up to ``max_probe_every``) each time a probe leaves the choice
+unchanged, and falls back to ``probe_every`` when the choice changes, so a settled bucket spends
+little on probes while a change (a calmer batch, an easier text) is still noticed.
 
 Which cap a round used does not change any output: verification is lossless whatever was drafted,
 and the drafter catches up on skipped tokens before it drafts again
@@ -58,7 +61,8 @@ class BucketState:
     probe_interval: int
     rounds_since_probe: int = 0
     next_probe: int = 0  # index into the other arms, round robin
-    probing: int | None = None  # the arm a probe is measuring (its observation ends the probe)
+    probing: int | None = None  # the arm a probe is measuring (its last observation ends the probe)
+    probe_left: int = 0  # rounds of the probe still to run after the current one
     chosen_before_probe: int | None = None
 
 
@@ -66,7 +70,8 @@ class DraftGate:
     """Chooses a depth cap per engine step (see the module docstring)."""
 
     def __init__(self, max_depth: int, arms: Sequence[int] | None = None, probe_every: int = 16,
-                 max_probe_every: int = 256, min_observations: int = 3, smoothing: float = 0.15) -> None:
+                 max_probe_every: int = 256, min_observations: int = 3, smoothing: float = 0.15,
+                 probe_requests: int = 8) -> None:
         if max_depth < 1:
             raise ValueError(f"max_depth must be >= 1, got {max_depth}")
         caps = sorted(set(arms if arms is not None else (0, 1, max_depth)))
@@ -78,6 +83,9 @@ class DraftGate:
             raise ValueError(f"min_observations must be >= 1, got {min_observations}")
         if not 0.0 < smoothing <= 1.0:
             raise ValueError(f"smoothing must be in (0, 1], got {smoothing}")
+        if probe_requests < 1:
+            raise ValueError(f"probe_requests must be >= 1, got {probe_requests}")
+        self.probe_requests = probe_requests
         self.caps = caps
         self.probe_every = probe_every
         self.max_probe_every = max_probe_every
@@ -96,17 +104,27 @@ class DraftGate:
         arms = self._bucket(batch_size).arms
         return max(self.caps, key=lambda cap: (arms[cap].rate, -cap))
 
+    def probe_rounds(self, batch_size: int) -> int:
+        """Rounds one measurement of an arm lasts in ``batch_size``'s bucket."""
+        largest = 1 << batch_bucket(batch_size)
+        return -(-self.probe_requests // largest)
+
     def decide(self, batch_size: int) -> int:
         """The depth cap (0: no drafting) for a round of ``batch_size`` requests."""
         state = self._bucket(batch_size)
+        needed = max(self.min_observations, self.probe_rounds(batch_size))
         for cap in reversed(self.caps):  # untried arms first, the deepest first
-            if state.arms[cap].count < self.min_observations:
+            if state.arms[cap].count < needed:
                 return cap
+        if state.probing is not None and state.probe_left > 0:
+            state.probe_left -= 1
+            return state.probing
         choice = self.preferred(batch_size)
         state.rounds_since_probe += 1
         if state.rounds_since_probe >= state.probe_interval:  # (a probe never observed is replaced)
             others = [cap for cap in self.caps if cap != choice]
             state.probing = others[state.next_probe % len(others)]
+            state.probe_left = self.probe_rounds(batch_size) - 1
             state.next_probe += 1
             state.chosen_before_probe = choice
             state.rounds_since_probe = 0
@@ -120,7 +138,7 @@ class DraftGate:
             return
         state = self._bucket(batch_size)
         state.arms[cap].update(seconds, tokens_per_request, self.smoothing)
-        if state.probing == cap:
+        if state.probing == cap and state.probe_left == 0:
             same = self.preferred(batch_size) == state.chosen_before_probe
             state.probe_interval = min(2 * state.probe_interval, self.max_probe_every) if same else self.probe_every
             state.probing = None

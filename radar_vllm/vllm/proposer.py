@@ -183,11 +183,17 @@ class RadarProposer(EagleProposer):
             return self._skip_round(num_speculative_tokens, target_token_ids, target_positions, target_hidden_states,
                                     next_token_ids, token_indices_to_sample, common_attn_metadata,
                                     num_rejected_tokens_gpu)
-        if not tree and num_speculative_tokens <= 1:  # nothing to decide: vLLM's own loop
-            drafts = super().propose(num_speculative_tokens, target_token_ids, target_positions, target_hidden_states,
-                                     next_token_ids, token_indices_to_sample, common_attn_metadata,
-                                     sampling_metadata, mm_embed_inputs, num_rejected_tokens_gpu, slot_mappings)
-            return drafts if action == DRAFT_ROUND else drafts.fill_(PADDING_TOKEN)
+        one_call = min(self._depth_cap, self.fixed_depth or self.max_depth, num_speculative_tokens) <= 1
+        if action == CATCH_UP_ROUND or (one_call and not tree):  # nothing to decide: vLLM's own loop, one call
+            drafts = super().propose(1, target_token_ids, target_positions, target_hidden_states, next_token_ids,
+                                     token_indices_to_sample, common_attn_metadata, sampling_metadata,
+                                     mm_embed_inputs, num_rejected_tokens_gpu, slot_mappings)
+            self.num_speculative_tokens = num_speculative_tokens  # upstream stored the 1
+            output = torch.full((drafts.shape[0], num_speculative_tokens), PADDING_TOKEN, dtype=torch.int64,
+                                device=drafts.device)
+            if action == DRAFT_ROUND:
+                output[:, :1] = drafts
+            return output
         if self.eplb_state is not None:
             raise ValueError("RADAR's drafting loop does not support expert-parallel load balancing (EPLB)")
         self.num_speculative_tokens = num_speculative_tokens
@@ -195,8 +201,6 @@ class RadarProposer(EagleProposer):
         cad = common_attn_metadata
         batch_size = cad.batch_size()
         depth_limit = min(self.fixed_depth or self.max_depth, self._depth_cap, num_speculative_tokens)
-        if action == CATCH_UP_ROUND:  # call 1 only, for the drafter's KV; no drafts
-            depth_limit = 1
 
         # Call 1, as vLLM's loop runs it.
         target_hidden_states = self.model.combine_hidden_states(target_hidden_states)
@@ -276,9 +280,6 @@ class RadarProposer(EagleProposer):
             self.last_tree = drafts
         output = torch.full((batch_size, num_speculative_tokens), PADDING_TOKEN, dtype=torch.int64,
                             device=drafts.device)
-        if action == CATCH_UP_ROUND:
-            self.last_tree = None
-            return output.to(positions.device)
         width = min(drafts.max_nodes, num_speculative_tokens)
         output[:, :width] = drafts.target_tokens[:, :width]
         return output.to(positions.device)

@@ -32,14 +32,18 @@ def test_follows_the_best_cap_and_probes_rarely_once_settled():
     losing = _costs({0: (0.010, 1.0), 1: (0.015, 1.3), 7: (0.030, 1.5)})
     choices = _run(DraftGate(7, probe_every=16, max_probe_every=256), 16, 1000, losing)
     assert choices[:9] == [7, 7, 7, 1, 1, 1, 0, 0, 0]  # every arm measured first, deepest first
+    assert DraftGate(7).probe_rounds(16) == 1 and DraftGate(7).probe_rounds(3) == 2
     later = choices[9:]
     assert later.count(0) > 0.98 * len(later)
     # the probe interval doubles while probes confirm: far fewer probes than one per 16 rounds
     assert len(later) - later.count(0) <= 7
-    # batch 1: one draft pays, deep drafts do not -> depth 1
+    # batch 1: one draft pays, deep drafts do not -> depth 1; a measurement spans 8 rounds there
     winning = _costs({0: (0.010, 1.0), 1: (0.011, 1.3), 7: (0.020, 1.6)})
-    choices = _run(DraftGate(7), 1, 500, winning)[9:]
-    assert choices.count(1) > 0.97 * len(choices)
+    choices = _run(DraftGate(7), 1, 1000, winning)
+    assert choices[:24] == [7] * 8 + [1] * 8 + [0] * 8
+    assert choices[24:].count(1) > 0.95 * len(choices[24:]) and choices[-400:].count(1) >= 0.98 * 400
+    probes = [cap for index, cap in enumerate(choices[24:]) if cap != 1]
+    assert len(probes) % 8 == 0 and set(probes) == {0, 7}  # whole 8-round probes of both other arms
 
 
 def test_buckets_are_independent_and_the_gate_follows_a_change():
@@ -71,6 +75,6 @@ def test_bad_measurements_and_options():
     assert all(bucket[f"steps_d{cap}"] == 0 for bucket in gate.summary().values() for cap in (0, 1, 3))
     for args, options in (((0,), {}), ((3,), {"arms": (1,)}), ((3,), {"arms": (0, 5)}), ((3,), {"probe_every": 1}),
                           ((3,), {"probe_every": 32, "max_probe_every": 16}), ((3,), {"min_observations": 0}),
-                          ((3,), {"smoothing": 0.0}), ((3,), {"smoothing": 1.5})):
+                          ((3,), {"smoothing": 0.0}), ((3,), {"smoothing": 1.5}), ((3,), {"probe_requests": 0})):
         with pytest.raises(ValueError):
             DraftGate(*args, **options)
