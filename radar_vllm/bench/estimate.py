@@ -234,11 +234,12 @@ def online_row_seconds(settings: BenchSettings, row: str, costs: CostModel) -> f
     max_tokens = settings.online_max_new_tokens or settings.max_new_tokens
     seconds = 0.0
     for level in settings.online_concurrency:
-        requests = settings.online_requests_for(level)
         tokens_per_s = costs.tokens_per_s(row, level, settings.online_temperature)
         # the last wave of requests may not fill the batch: count whole waves at the level's rate
-        waves = -(-requests // level)
-        seconds += waves * level * max_tokens / tokens_per_s + costs.run_overhead_s
+        # (a level of a fixed duration: the duration, then the wave in flight finishes)
+        waves = 1 if settings.online_duration_s else -(-settings.online_requests_for(level) // level)
+        level_s = (settings.online_duration_s or 0.0) + waves * level * max_tokens / tokens_per_s
+        seconds += level_s + costs.run_overhead_s
     return seconds * settings.online_repeats
 
 

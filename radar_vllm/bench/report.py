@@ -40,7 +40,7 @@ from radar_vllm.bench.measures import (
 )
 from radar_vllm.bench.offline import output_key
 from radar_vllm.bench.sample_quality import DEFAULT_ALPHA, compare_quality
-from radar_vllm.bench.settings import GREEDY
+from radar_vllm.bench.settings import GREEDY, ONLINE_SAMPLING_MIXED
 from radar_vllm.bench.snapshots import (
     ACCEPTED_PER_POSITION,
     ITERATION_TOKENS,
@@ -397,6 +397,36 @@ def sampling_lines(settings: Mapping[str, Any]) -> list[str]:
     return lines
 
 
+def _table_row(cells: Sequence[str]) -> str:
+    return "|" + "|".join(f" {cell} " if cell else " " for cell in cells) + "|"
+
+
+ONLINE_HEADERS = ("config", "concurrency", "completed", "req/s", "output tok/s", "TTFT p50 ms", "TTFT p90 ms",
+                  "TPOT p50 ms", "accept len")
+ONLINE_LOAD_HEADERS = ("disconnected", "errors", "TTFT p99 ms", "TPOT p99 ms", "server RSS start MiB",
+                       "server RSS end MiB")
+
+
+def online_load_lines(levels: Sequence[Mapping[str, Any]]) -> list[str]:
+    """Markdown lines for the online load options the levels ran with (none for results without them)."""
+    level = next((level for level in levels if "disconnected" in level), None)
+    if level is None:
+        return []
+    lines = []
+    if level.get("sampling") == ONLINE_SAMPLING_MIXED:
+        lines.append("- Requests cycle through greedy, T = 0.7 and T = 1 with top-p 0.9 (a seed per request)")
+    if level.get("disconnect_fraction"):
+        lines.append(f"- {level['disconnect_fraction']:.0%} of the requests (seeded) close their stream after 2-5 "
+                     "chunks: counted as disconnected, neither completed nor errors")
+    if level.get("duration_s"):
+        lines.append(f"- Closed-loop levels of {level['duration_s']:g} s: each of the c clients sends its next "
+                     "request when the previous one ends; requests in flight at the end finish and count "
+                     "(completed: completed / sent requests)")
+    lines.append("- Server RSS: resident memory of the server's process group (server and engine processes) "
+                 "at the start and the end of each level")
+    return lines + [""]
+
+
 def _p(check: Mapping[str, Any]) -> str:
     return f"p={check['p_value']:.2g}"
 
@@ -586,23 +616,28 @@ def render_markdown(document: Mapping[str, Any], plot_files: Sequence[str] = ())
             )
         out.append("")
     if document.get("online"):
-        out += ["## Online (OpenAI-compatible server on loopback)", "",
-                "| config | concurrency | completed | req/s | output tok/s | TTFT p50 ms | TTFT p90 ms | "
-                "TPOT p50 ms | accept len |",
-                "|---|---|---|---|---|---|---|---|---|"]
-        for level in document["online"]:
+        levels = document["online"]
+        load = any("disconnected" in level for level in levels)  # results with the load columns
+        headers = [*ONLINE_HEADERS, *(ONLINE_LOAD_HEADERS if load else ())]
+        out += ["## Online (OpenAI-compatible server on loopback)", "", *online_load_lines(levels),
+                _table_row(headers), "|" + "---|" * len(headers)]
+        for level in levels:
             if level.get("error"):
-                out.append(f"| {level['config']} | – | failed: {level['error'][:80]} | | | | | | |")
-                continue
-            snapshot = MetricSnapshot.from_dict(level.get("metrics") or {})
-            drafts = snapshot.counter(NUM_DRAFTS)
-            accept = mean_acceptance_length(drafts, snapshot.counter(NUM_ACCEPTED_TOKENS)) if drafts else None
-            out.append(
-                f"| {level['config']} | {level['concurrency']} | {level['completed']}/{level['num_requests']} | "
-                f"{level['request_throughput']:.2f} | {level['output_throughput']:.1f} | "
-                f"{_fmt(level['ttft_ms'].get('median'), 0)} | {_fmt(level['ttft_ms'].get('p90'), 0)} | "
-                f"{_fmt(level['tpot_ms'].get('median'), 1)} | {_fmt(accept)} |"
-            )
+                row = [level["config"], "–", f"failed: {level['error'][:80]}"]
+            else:
+                snapshot = MetricSnapshot.from_dict(level.get("metrics") or {})
+                drafts = snapshot.counter(NUM_DRAFTS)
+                accept = mean_acceptance_length(drafts, snapshot.counter(NUM_ACCEPTED_TOKENS)) if drafts else None
+                ttft, tpot = level["ttft_ms"], level["tpot_ms"]
+                row = [level["config"], str(level["concurrency"]), f"{level['completed']}/{level['num_requests']}",
+                       f"{level['request_throughput']:.2f}", f"{level['output_throughput']:.1f}",
+                       _fmt(ttft.get("median"), 0), _fmt(ttft.get("p90"), 0), _fmt(tpot.get("median"), 1),
+                       _fmt(accept)]
+                if load:
+                    row += [str(level.get("disconnected", "–")), str(level.get("failed", "–")),
+                            _fmt(ttft.get("p99"), 0), _fmt(tpot.get("p99"), 1),
+                            _fmt(level.get("rss_start_mib"), 0), _fmt(level.get("rss_end_mib"), 0)]
+            out.append(_table_row(row + [""] * (len(headers) - len(row))))
         out.append("")
     out += ["## Configurations", "", "| config | status | description | speculative config |", "|---|---|---|---|"]
     for config in document["configs"]:

@@ -7,7 +7,8 @@ with the same sampling settings:
 - offline: ``LLM.generate`` at batch 1 (one prompt per call) and batched (all prompts at once),
   greedy and T = 1, ``repeats`` times each;
 - online: the OpenAI-compatible server on loopback, at each concurrency level, for no
-  speculation, the best stock EAGLE-3 K (chosen offline) and the RADAR rows.
+  speculation, the best stock EAGLE-3 K (chosen offline) and the RADAR rows; optionally under a
+  realistic load (``online_sampling``, ``online_disconnect_fraction``, ``online_duration_s``).
 
 Every T > 0 cell also scores its sampled outputs (first repeat) with the target and compares
 each speculative row with no speculation (:mod:`radar_vllm.bench.sample_quality`);
@@ -41,6 +42,11 @@ GREEDY = 0.0
 DEFAULT_K_LIST = (1, 2, 3, 4, 5, 6, 7)
 DEFAULT_WORKLOADS = ("mtbench", "mtbench-turn2", "humaneval", "sharegpt")
 DEFAULT_CONCURRENCY = (1, 4, 16, 64)
+ONLINE_SAMPLING_SINGLE = "single"  # every request at online_temperature
+ONLINE_SAMPLING_MIXED = "mixed"  # requests cycle through greedy, T = 0.7 and T = 1 with top-p 0.9
+ONLINE_SAMPLINGS = (ONLINE_SAMPLING_SINGLE, ONLINE_SAMPLING_MIXED)
+# online load options; a served row's stored result names those that differ from their defaults
+ONLINE_LOAD_FIELDS = ("online_sampling", "online_disconnect_fraction", "online_duration_s")
 # Continue drafting while the chain's (or best frontier node's) cumulative draft probability is at
 # least this; the training-free peer of the learned policy.
 DEFAULT_CONFIDENCE_THRESHOLD = 0.4
@@ -102,8 +108,11 @@ class BenchSettings:
     online_requests: int | None = None  # per level; None: max(2 * concurrency, num_prompts)
     online_max_new_tokens: int | None = None  # None: max_new_tokens
     online_temperature: float = GREEDY
+    online_sampling: str = ONLINE_SAMPLING_SINGLE  # ONLINE_SAMPLINGS
+    online_disconnect_fraction: float = 0.0  # requests (seeded) that close their stream after 2-5 chunks
+    online_duration_s: float | None = None  # closed-loop levels of this many seconds; None: online_requests
     online_repeats: int = 1
-    online_timeout_s: float = 900.0  # per concurrency level
+    online_timeout_s: float = 900.0  # per concurrency level (with online_duration_s: per request, beyond it)
     server_start_timeout_s: float = 600.0
     # engine
     dtype: str = "bfloat16"
@@ -163,6 +172,15 @@ class BenchSettings:
         for temperature in (*self.temperatures, self.online_temperature):
             if not isinstance(temperature, (int, float)) or temperature < 0:
                 raise ValueError(f"temperatures must be numbers >= 0, got {temperature!r}")
+        if self.online_sampling not in ONLINE_SAMPLINGS:
+            raise ValueError(f"online_sampling must be one of {ONLINE_SAMPLINGS}, got {self.online_sampling!r}")
+        fraction = self.online_disconnect_fraction
+        if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0.0 <= fraction < 1.0:
+            raise ValueError(f"online_disconnect_fraction must be a number in [0, 1), got {fraction!r}")
+        duration = self.online_duration_s
+        if duration is not None and (isinstance(duration, bool) or not isinstance(duration, (int, float))
+                                     or not duration > 0):
+            raise ValueError(f"online_duration_s must be a number of seconds > 0 (or None), got {duration!r}")
         if self.confidence_threshold is not None and not 0.0 < self.confidence_threshold < 1.0:
             raise ValueError(f"confidence_threshold must be in (0, 1), got {self.confidence_threshold!r}")
         if not self.target:
@@ -208,6 +226,11 @@ class BenchSettings:
 
     def online_requests_for(self, concurrency: int) -> int:
         return self.online_requests if self.online_requests is not None else max(2 * concurrency, self.num_prompts)
+
+    def online_load_options(self) -> dict[str, Any]:
+        """The online load options that differ from their defaults."""
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        return {name: getattr(self, name) for name in ONLINE_LOAD_FIELDS if getattr(self, name) != defaults[name]}
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -22,6 +22,7 @@ NONE_WORDS = ("", "none", "off")
 # radar_vllm.bench.settings.PRESETS (not imported here)
 PRESET_MAIN = "main"  # the main job: its console output is one summary table
 PRESET_NAMES = (PRESET_MAIN, "quick", "report", "sampling", "gpu-reference")
+ONLINE_SAMPLINGS = ("single", "mixed")  # radar_vllm.bench.settings.ONLINE_SAMPLINGS
 NOT_SETTINGS = ("quick", "tag")  # BenchSettings fields the preset or the CLI derives
 
 
@@ -215,10 +216,23 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     online.add_argument("--online-requests", type=int, default=None,
                         help="requests per level (default max(2 x concurrency, num prompts))")
     online.add_argument("--online-max-new-tokens", type=int, default=None)
-    online.add_argument("--online-temperature", type=float, default=None)
+    online.add_argument("--online-temperature", type=float, default=None,
+                        help="temperature of every request with --online-sampling single (default 0)")
+    online.add_argument("--online-sampling", choices=ONLINE_SAMPLINGS, default=None,
+                        help="single: every request at --online-temperature (default); mixed: requests cycle "
+                        "through greedy, T=0.7 and T=1 with top-p 0.9, each with its own seed")
+    online.add_argument("--online-disconnect-fraction", type=float, default=None, metavar="F",
+                        help="fraction in [0, 1) of the requests (chosen from --seed) that close their stream "
+                        "after 2-5 streamed chunks, counted as disconnected (default 0)")
+    online.add_argument("--online-duration", "--online-duration-s", dest="online_duration_s",
+                        type=_optional_float, default=None, metavar="SECONDS",
+                        help="closed-loop levels: the level's c clients each send their next request when the "
+                        "previous one ends, for this many seconds; requests in flight then finish and count "
+                        "(default: --online-requests requests per level)")
     online.add_argument("--online-repeats", type=int, default=None)
     online.add_argument("--online-timeout", dest="online_timeout_s", type=float, default=None,
-                        help="seconds per level (default 900)")
+                        help="seconds per level (default 900); with --online-duration: per request, and per "
+                        "level beyond the duration")
     engine = parser.add_argument_group("engine")
     engine.add_argument("--dtype", default=None,
                         help="default bfloat16 (float32 with --preset main and --preset sampling)")

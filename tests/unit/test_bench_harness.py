@@ -294,7 +294,7 @@ def test_round_counters_match_reference_rounds() -> None:
 def test_online_client_counts_tokens_ttft_and_respects_concurrency() -> None:
     from aiohttp import web
 
-    from radar_vllm.bench.online import parse_sse_line, run_level
+    from radar_vllm.bench.online import Load, parse_sse_line, run_level
 
     assert parse_sse_line(b"data: [DONE]") is None
     assert parse_sse_line(b": keep-alive") is None
@@ -329,8 +329,8 @@ def test_online_client_counts_tokens_ttft_and_respects_concurrency() -> None:
         await site.start()
         port = site._server.sockets[0].getsockname()[1]
         try:
-            return await run_level(f"http://127.0.0.1:{port}", [[1, 2], [3]], concurrency=2, num_requests=5,
-                                   max_tokens=5, temperature=0.0, seed=0, timeout_s=30.0)
+            return await run_level(f"http://127.0.0.1:{port}", [[1, 2], [3]], concurrency=2,
+                                   load=Load(max_tokens=5, timeout_s=30.0), num_requests=5)
         finally:
             await runner.cleanup()
 
