@@ -1,0 +1,214 @@
+"""Per-step time breakdown of one engine: target forward, drafter, sampling/verification, the rest.
+
+    python benchmarks/profile_steps.py --configs no-spec,eagle3-k1,radar-chain --batch-sizes 1,4,16 \
+        --out benchmarks/results/profile_steps_smollm2
+
+Runs every configuration in a fresh process of its own (the engine in-process,
+``VLLM_ENABLE_V1_MULTIPROCESSING=0``: a second engine in one process runs with other thread
+settings and times differently), one after the other, on the first ``batch_size`` MT-Bench prompts of the real SmolLM2 (greedy, ``--max-new-tokens``),
+``--repeats`` times, and times from inside the worker: the target model's forward calls, the
+drafter's ``propose`` (depth-0 rounds included), the runner's ``_sample`` (rejection sampling
+when drafts are verified, tree acceptance in tree mode), and the whole ``generate`` call; "other"
+is what is left (scheduler, input preparation, output processing). Per step = per engine step
+(target forward calls that are not warm-up). RADAR rows also report the drafter's round counts
+(draft / skip / catch-up) and the depth-0 gate's per-bucket estimates. Writes JSON and a
+Markdown table. Times are wall clock on a quiet machine; the machine is named in the output.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+
+ROOT = Path(__file__).resolve().parents[1]
+CHECKPOINTS = ROOT / "radar_vllm" / "checkpoints"
+CONFIGS = {
+    "no-spec": None,
+    "eagle3-k1": {"method": "eagle3", "model": str(CHECKPOINTS / "smollm2-135m-eagle3"), "num_speculative_tokens": 1},
+    "eagle3-k3": {"method": "eagle3", "model": str(CHECKPOINTS / "smollm2-135m-eagle3"), "num_speculative_tokens": 3},
+    "radar-chain": {"method": "radar", "model": str(CHECKPOINTS / "smollm2-135m-radar"), "radar": {"mode": "chain"}},
+    "radar-chain-skip": {"method": "radar", "model": str(CHECKPOINTS / "smollm2-135m-radar"),
+                         "radar": {"mode": "chain"}},  # the gate forced to skip every round
+    "radar-tree": {"method": "radar", "model": str(CHECKPOINTS / "smollm2-135m-radar"), "radar": {"mode": "tree"}},
+}
+FORCED_SKIP = {"radar-chain-skip"}
+
+
+class Timer:
+    """Wraps a bound method of an object, summing its wall time and counting calls."""
+
+    def __init__(self, owner: Any, name: str) -> None:
+        self.seconds = 0.0
+        self.calls = 0
+        inner = getattr(owner, name)
+
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            start = time.perf_counter()
+            try:
+                return inner(*args, **kwargs)
+            finally:
+                self.seconds += time.perf_counter() - start
+                self.calls += 1
+
+        setattr(owner, name, timed)
+
+    def reset(self) -> None:
+        self.seconds, self.calls = 0.0, 0
+
+
+def install_timers(worker: Any, forced_skip: bool) -> None:
+    runner = worker.model_runner
+    timers = {"target": Timer(runner.model, "forward"), "sample": Timer(runner, "_sample")}
+    drafter = getattr(runner, "drafter", None)
+    if drafter is not None:
+        timers["draft"] = Timer(drafter, "propose")
+        gate = getattr(drafter, "gate", None)
+        if forced_skip:
+            if gate is None:
+                raise ValueError("forced skip needs a RADAR checkpoint with skip_drafting='auto'")
+            gate.decide = lambda batch_size: 0
+    runner._profile_timers = timers
+
+
+def read_timers(worker: Any, reset: bool) -> dict[str, Any]:
+    runner = worker.model_runner
+    out = {name: {"seconds": t.seconds, "calls": t.calls} for name, t in runner._profile_timers.items()}
+    drafter = getattr(runner, "drafter", None)
+    if drafter is not None and hasattr(drafter, "round_counts"):
+        out["rounds"] = dict(drafter.round_counts)
+        out["gate"] = drafter.gate.summary() if getattr(drafter, "gate", None) is not None else None
+    if reset:
+        for timer in runner._profile_timers.values():
+            timer.reset()
+        if drafter is not None and hasattr(drafter, "round_counts"):
+            drafter.round_counts = {key: 0 for key in drafter.round_counts}
+    return out
+
+
+def profile_config(name: str, target: str, prompts: list[list[int]], batch_sizes: list[int], max_new_tokens: int,
+                   repeats: int, dtype: str) -> list[dict[str, Any]]:
+    from vllm import LLM, SamplingParams
+
+    from radar_vllm.offline.generate import shutdown_engine
+
+    llm = LLM(model=target, dtype=dtype, max_model_len=1024, max_num_seqs=max(batch_sizes), seed=0,
+              speculative_config=CONFIGS[name], generation_config="vllm")
+    forced = name in FORCED_SKIP
+    llm.collective_rpc(lambda worker: install_timers(worker, forced))
+    params = SamplingParams(temperature=0.0, max_tokens=max_new_tokens, ignore_eos=True)
+    rows = []
+    try:
+        llm.generate([{"prompt_token_ids": prompts[0]}], params, use_tqdm=False)  # warm-up
+        for batch_size in batch_sizes:
+            requests = [{"prompt_token_ids": ids} for ids in prompts[:batch_size]]
+            for repeat in range(repeats):
+                llm.collective_rpc(lambda worker: read_timers(worker, reset=True))
+                start = time.perf_counter()
+                outputs = llm.generate(requests, params, use_tqdm=False)
+                wall = time.perf_counter() - start
+                timers = llm.collective_rpc(lambda worker: read_timers(worker, reset=False))[0]
+                tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
+                steps = max(1, timers["target"]["calls"])
+                parts = {key: timers[key]["seconds"] for key in ("target", "draft", "sample") if key in timers}
+                rows.append({
+                    "config": name, "batch_size": batch_size, "repeat": repeat, "wall_s": wall,
+                    "output_tokens": tokens, "tokens_per_s": tokens / wall, "steps": steps,
+                    "ms_per_step": 1000 * wall / steps,
+                    "ms_per_step_parts": {**{k: 1000 * v / steps for k, v in parts.items()},
+                                          "other": 1000 * (wall - sum(parts.values())) / steps},
+                    "rounds": timers.get("rounds"), "gate": timers.get("gate"),
+                })
+                print(json.dumps({k: rows[-1][k] for k in ("config", "batch_size", "repeat", "tokens_per_s",
+                                                           "ms_per_step", "rounds")}), flush=True)
+    finally:
+        shutdown_engine(llm)
+    return rows
+
+
+def summarise(rows: list[dict[str, Any]], configs: list[str], batch_sizes: list[int]) -> str:
+    lines = ["| batch | config | tok/s (median [min-max]) | vs no-spec | steps | ms/step | target | draft | sample | other "
+             "| rounds draft/skip/catch-up |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for batch_size in batch_sizes:
+        base = None
+        for name in configs:
+            picked = [r for r in rows if r["config"] == name and r["batch_size"] == batch_size]
+            if not picked:
+                continue
+            rates = [r["tokens_per_s"] for r in picked]
+            median = statistics.median(rates)
+            if name == "no-spec":
+                base = median
+            mid = sorted(picked, key=lambda r: r["tokens_per_s"])[len(picked) // 2]
+            parts = mid["ms_per_step_parts"]
+            rounds = mid["rounds"] or {}
+            lines.append(
+                f"| {batch_size} | {name} | {median:.1f} [{min(rates):.1f}-{max(rates):.1f}] | "
+                f"{median / base:.2f}x | {mid['steps']} | {mid['ms_per_step']:.1f} | {parts.get('target', 0):.1f} | "
+                f"{parts.get('draft', 0):.1f} | {parts.get('sample', 0):.1f} | {parts['other']:.1f} | "
+                + ("/".join(str(rounds.get(k, 0)) for k in ("draft", "skip", "catch_up")) if rounds else "–") + " |"
+                if base else f"| {batch_size} | {name} | {median:.1f} | – | | | | | | | |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--configs", default="no-spec,radar-chain-skip,radar-chain,eagle3-k1")
+    parser.add_argument("--batch-sizes", default="1,4,16")
+    parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--out", type=Path, required=True, help="output path without suffix")
+    parser.add_argument("--one", action="store_true", help=argparse.SUPPRESS)  # child: one config
+    args = parser.parse_args()
+    from radar_vllm.bench.workloads import MTBENCH, load_tokenizer, load_workload
+    from radar_vllm.offline.assets import smollm2_dir
+
+    configs = args.configs.split(",")
+    unknown = [c for c in configs if c not in CONFIGS]
+    if unknown:
+        raise SystemExit(f"unknown configs {unknown}; choose from {sorted(CONFIGS)}")
+    batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
+    target = str(smollm2_dir())
+    workload = load_workload(MTBENCH, load_tokenizer(target), max(batch_sizes), 512)
+    if args.one:
+        rows = profile_config(configs[0], target, workload.prompt_ids, batch_sizes, args.max_new_tokens, args.repeats,
+                              args.dtype)
+        args.out.with_suffix(".json").write_text(json.dumps(rows))
+        return
+    rows = []
+    for name in configs:
+        part = args.out.parent / f".{args.out.name}-{name}"
+        command = [sys.executable, __file__, "--one", "--configs", name, "--batch-sizes", args.batch_sizes,
+                   "--max-new-tokens", str(args.max_new_tokens), "--repeats", str(args.repeats), "--dtype", args.dtype,
+                   "--out", str(part)]
+        subprocess.run(command, check=True)
+        rows += json.loads(part.with_suffix(".json").read_text())
+        part.with_suffix(".json").unlink()
+    table = summarise(rows, configs, batch_sizes)
+    machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} logical CPUs"
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.with_suffix(".json").write_text(json.dumps({"machine": machine, "args": vars(args) | {"out": str(args.out)},
+                                                         "rows": rows}, indent=1) + "\n")
+    header = (f"# Per-step profile ({args.dtype}, MT-Bench, greedy, {args.max_new_tokens} new tokens, ignore_eos, "
+              f"{args.repeats} repeats; {machine})\n\nCommand: `python benchmarks/profile_steps.py "
+              f"--configs {args.configs} --batch-sizes {args.batch_sizes} --max-new-tokens {args.max_new_tokens} "
+              f"--repeats {args.repeats} --dtype {args.dtype} --out {args.out}`\n\n"
+              "ms/step parts: target = the target model's forward, draft = the drafter's propose (depth-0 rounds "
+              "included), sample = the runner's _sample (rejection sampling / tree acceptance), other = the rest "
+              "(scheduler, input preparation, output processing). Row = the median-throughput repeat.\n\n")
+    args.out.with_suffix(".md").write_text(header + table + "\n")
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
