@@ -51,7 +51,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--sampled-answers", type=int,
                         help="answers sampled per prompt at --answer-temperature besides the greedy one (data setting)")
     parser.add_argument("--answer-temperature", type=float)
-    parser.add_argument("--gen-dtype", choices=("bfloat16", "float32"), help="vLLM dtype of the target while generating")
+    parser.add_argument("--gen-dtype", choices=("bfloat16", "float32"), help="dtype of the target while generating")
+    parser.add_argument("--gen-engine", choices=("vllm", "hf"),
+                        help="generate answers with vLLM (default) or transformers (machines without vLLM; data setting)")
+    parser.add_argument("--device", help="torch device for the hf engine, the features and training (default cpu; "
+                        "e.g. cuda)")
     parser.add_argument("--topk-logprobs", type=int,
                         help="store the target's top-K next-token log-probs per position (needed by --soft-label-weight)")
     parser.add_argument("--train-dir", help="checkpoints, draft vocabulary and head export go here (default: --work-dir)")
@@ -80,6 +84,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--budget-cpu-s", type=float,
                         help="stop when training has used this many process CPU seconds (over all resumes); "
                         "the lr schedule then follows the CPU time spent")
+    parser.add_argument("--budget-wall-s", type=float,
+                        help="like --budget-cpu-s in wall seconds (training on an accelerator)")
     parser.add_argument("--stop-after-s", type=float,
                         help="checkpoint and exit after this many wall seconds of training in this invocation; "
                         "rerun the same command to continue")

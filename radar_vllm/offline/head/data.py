@@ -24,6 +24,7 @@ logger = logging.getLogger(__name__)
 PROMPTS_FILE = "prompts.jsonl"
 ANSWERS_DIR = "answers"
 SHARD_PATTERN = "shard-{index:05d}"
+GEN_ENGINES = ("vllm", "hf")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,13 +104,19 @@ def generate_answers(
     temperature: float = 1.0,
     dtype: str = "bfloat16",
     deadline: float | None = None,
+    engine: str = "vllm",
+    device: str = "cpu",
 ) -> int:
     """Regenerate greedy answers (plus ``sampled_answers`` answers sampled at ``temperature``) for
     every prompt in ``prompts.jsonl``; returns answer tokens made.
 
     Finished shards are skipped, so the call resumes an interrupted generation. ``dtype`` is the
-    target's compute dtype in vLLM. Past ``deadline`` (a ``time.time()`` value) no new shard starts.
+    target's compute dtype. ``engine`` is ``vllm`` (the installed vLLM) or ``hf`` (transformers on
+    ``device``, for machines without vLLM, e.g. an accelerator used only for head training). Past
+    ``deadline`` (a ``time.time()`` value) no new shard starts.
     """
+    if engine not in GEN_ENGINES:
+        raise ValueError(f"gen_engine={engine!r}; expected one of {GEN_ENGINES}")
     if sampled_answers < 0:
         raise ValueError(f"sampled_answers={sampled_answers}; must be >= 0")
     if sampled_answers and temperature <= 0:
@@ -123,12 +130,20 @@ def generate_answers(
     ]
     if not todo:
         return 0
-    from radar_vllm.offline.generate import greedy_generate_ids, make_llm
+    if engine == "hf":
+        answerer = HFAnswerer(target_dir, device=device, dtype=dtype, batch_size=max_num_seqs, seed=seed)
+        greedy = lambda ids: answerer.answer(ids, max_new_tokens, 0.0)  # noqa: E731
+        sample = lambda ids: [list(a) for a in zip(*(  # noqa: E731
+            answerer.answer(ids, max_new_tokens, temperature) for _ in range(sampled_answers)))]
+    else:
+        from radar_vllm.offline.generate import greedy_generate_ids, make_llm
 
-    longest = max(len(p.prompt_ids) for p in prompts)
-    llm = make_llm(
-        target_dir, max_model_len=longest + max_new_tokens, max_num_seqs=max_num_seqs, seed=seed, dtype=dtype
-    )
+        longest = max(len(p.prompt_ids) for p in prompts)
+        llm = make_llm(
+            target_dir, max_model_len=longest + max_new_tokens, max_num_seqs=max_num_seqs, seed=seed, dtype=dtype
+        )
+        greedy = lambda ids: greedy_generate_ids(llm, ids, max_new_tokens)  # noqa: E731
+        sample = lambda ids: sample_generate_ids(llm, ids, max_new_tokens, sampled_answers, temperature)  # noqa: E731
     made = 0
     for index in todo:
         if deadline is not None and time.time() >= deadline:
@@ -136,12 +151,12 @@ def generate_answers(
             break
         first = index * shard_size
         shard = prompts[first : first + shard_size]
-        outputs = greedy_generate_ids(llm, [p.prompt_ids for p in shard], max_new_tokens)
+        outputs = greedy([p.prompt_ids for p in shard])
         rows = [
             {"prompt_id": p.prompt_id, "prompt_ids": p.prompt_ids, "output_ids": out} for p, out in zip(shard, outputs)
         ]
         if sampled_answers:
-            sampled = sample_generate_ids(llm, [p.prompt_ids for p in shard], max_new_tokens, sampled_answers, temperature)
+            sampled = sample([p.prompt_ids for p in shard])
             for row, answers in zip(rows, sampled):
                 row["sampled_output_ids"] = answers
                 made += sum(len(a) for a in answers)
@@ -170,6 +185,78 @@ def sample_generate_ids(
     requests = [{"prompt_token_ids": list(ids)} for ids in prompt_token_ids]
     outputs = llm.generate(requests, params, use_tqdm=True)
     return [[list(choice.token_ids) for choice in output.outputs] for output in outputs]
+
+
+class HFAnswerer:
+    """Batched answers from the target with transformers (greedy or sampled from the full
+    distribution at a temperature), for machines without vLLM.
+
+    Prompts are grouped by length and left-padded; each answer ends after the first end-of-sequence
+    token (kept, as vLLM keeps it) or at ``max_new_tokens``. Sampling draws from one seeded
+    generator, so a run is reproducible on one device.
+    """
+
+    def __init__(self, target_dir: str, device: str = "cpu", dtype: str = "float32", batch_size: int = 128,
+                 seed: int = 0) -> None:
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        self.device = torch.device(device)
+        self.model = AutoModelForCausalLM.from_pretrained(target_dir, dtype=getattr(torch, dtype)).to(self.device)
+        self.model.eval()
+        eos = self.model.config.eos_token_id
+        self.eos_ids = sorted({eos} if isinstance(eos, int) else set(eos or []))
+        if not self.eos_ids:
+            raise ValueError(f"target={target_dir!r} has no eos_token_id in its config")
+        self.batch_size = batch_size
+        self.generator = torch.Generator(device=self.device).manual_seed(seed)
+
+    def answer(self, prompt_ids: Sequence[Sequence[int]], max_new_tokens: int, temperature: float) -> list[list[int]]:
+        order = sorted(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]))
+        answers: list[list[int]] = [[] for _ in prompt_ids]
+        for start in range(0, len(order), self.batch_size):
+            chunk = order[start : start + self.batch_size]
+            for i, answer in zip(chunk, self._answer_batch([prompt_ids[i] for i in chunk], max_new_tokens, temperature)):
+                answers[i] = answer
+        return answers
+
+    def _answer_batch(self, prompts: list[Sequence[int]], max_new_tokens: int, temperature: float) -> list[list[int]]:
+        import torch
+
+        device = self.device
+        batch, longest = len(prompts), max(len(p) for p in prompts)
+        pad = 0  # any valid id: padded positions are masked out
+        ids = torch.full((batch, longest), pad, dtype=torch.long, device=device)  # [B, P]
+        mask = torch.zeros(batch, longest, dtype=torch.long, device=device)  # [B, P]
+        for row, prompt in enumerate(prompts):
+            ids[row, longest - len(prompt) :] = torch.tensor(list(prompt), device=device)
+            mask[row, longest - len(prompt) :] = 1
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)  # [B, P]
+        eos = torch.tensor(self.eos_ids, device=device)
+        finished = torch.zeros(batch, dtype=torch.bool, device=device)  # [B]
+        steps: list[torch.Tensor] = []
+        cache = None
+        with torch.no_grad():
+            for _ in range(max_new_tokens):
+                out = self.model.model(input_ids=ids, attention_mask=mask, position_ids=positions,
+                                       past_key_values=cache, use_cache=True)
+                cache = out.past_key_values
+                logits = self.model.lm_head(out.last_hidden_state[:, -1]).float()  # [B, vocab]
+                if temperature > 0:
+                    probs = torch.softmax(logits / temperature, dim=-1)
+                    token = torch.multinomial(probs, 1, generator=self.generator)[:, 0]  # [B]
+                else:
+                    token = logits.argmax(-1)  # [B]
+                token = torch.where(finished, torch.full_like(token, -1), token)
+                steps.append(token)
+                finished |= torch.isin(token, eos)
+                if bool(finished.all()):
+                    break
+                ids = token.clamp(min=0).view(-1, 1)
+                mask = torch.cat([mask, torch.ones(batch, 1, dtype=mask.dtype, device=device)], dim=1)
+                positions = positions[:, -1:] + 1
+        table = torch.stack(steps, dim=1).tolist()  # [B, steps]; -1 after the end
+        return [[t for t in row if t >= 0] for row in table]
 
 
 def record_sequences(record: dict[str, Any]) -> list[list[int]]:

@@ -35,6 +35,7 @@ logger = logging.getLogger(__name__)
 
 FEATURES_DIR = "features"
 LOGITS_CHUNK = 1024
+FEATURE_BATCH_TOKENS = 32768
 
 
 def feature_shard_path(work_dir: Path, index: int) -> Path:
@@ -72,12 +73,16 @@ class AuxHiddenCapture:
             handle.remove()
 
 
-def load_target(target_dir: str, dtype: torch.dtype = torch.float32) -> Any:
+def load_target(target_dir: str, dtype: torch.dtype = torch.float32, device: str = "cpu") -> Any:
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(target_dir, dtype=dtype)
+    model = AutoModelForCausalLM.from_pretrained(target_dir, dtype=dtype).to(torch.device(device))
     model.eval()
     return model
+
+
+def _device(model: Any) -> torch.device:
+    return next(model.parameters()).device
 
 
 @torch.no_grad()
@@ -89,22 +94,52 @@ def target_features(
     Inside a greedy answer the target's greedy next token is the answer's next token itself, so
     the lm_head runs only over the prompt positions and the last position.
     """
-    ids = torch.tensor([list(sequence)], dtype=torch.long)  # [1, T]
+    device = _device(model)
+    ids = torch.tensor([list(sequence)], dtype=torch.long, device=device)  # [1, T]
     hidden = model.model(input_ids=ids).last_hidden_state[0]  # [T, H]
-    aux = capture.concatenated()[0]  # [T, A*H]
+    aux = capture.concatenated()[0].cpu()  # [T, A*H]
     length = ids.shape[1]
-    labels = torch.empty(length, dtype=torch.long)  # [T]
+    labels = torch.empty(length, dtype=torch.long, device=device)  # [T]
     scored = min(max(prompt_len - 1, 0), length - 1)  # positions [0, scored) are prompt positions
     labels[scored : length - 1] = ids[0, scored + 1 :]
-    rows = torch.cat([torch.arange(scored), torch.tensor([length - 1])])
+    rows = torch.cat([torch.arange(scored, device=device), torch.tensor([length - 1], device=device)])
     weight = model.lm_head.weight
     for start in range(0, rows.numel(), LOGITS_CHUNK):
         chunk = rows[start : start + LOGITS_CHUNK]
         labels[chunk] = (hidden[chunk] @ weight.T).argmax(-1)
-    return aux, labels
+    return aux, labels.cpu()
 
 
 @torch.no_grad()
+def target_topk_features_batch(
+    model: Any, capture: AuxHiddenCapture, sequences: Sequence[Sequence[int]], k: int
+) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """:func:`target_topk_features` of several sequences in one right-padded forward pass (causal
+    attention keeps padding invisible to the real positions). Results are on the CPU."""
+    device = _device(model)
+    longest = max(len(s) for s in sequences)
+    ids = torch.zeros(len(sequences), longest, dtype=torch.long, device=device)  # [B, T]
+    for row, sequence in enumerate(sequences):
+        ids[row, : len(sequence)] = torch.tensor(list(sequence), device=device)
+    hidden = model.model(input_ids=ids).last_hidden_state  # [B, T, H]
+    aux = capture.concatenated()  # [B, T, A*H]
+    weight = model.lm_head.weight
+    results = []
+    for row, sequence in enumerate(sequences):
+        length = len(sequence)
+        top_ids = torch.empty(length, k, dtype=torch.long, device=device)  # [T, k]
+        top_logprobs = torch.empty(length, k, dtype=torch.float32, device=device)  # [T, k]
+        for start in range(0, length, LOGITS_CHUNK):
+            end = min(length, start + LOGITS_CHUNK)
+            logits = (hidden[row, start:end] @ weight.T).float()  # [C, vocab]
+            values, indices = torch.topk(logits, k, dim=-1)
+            top_logprobs[start:end] = values - torch.logsumexp(logits, dim=-1, keepdim=True)
+            top_ids[start:end] = indices
+        top_ids, top_logprobs = top_ids.cpu(), top_logprobs.cpu()
+        results.append((aux[row, :length].cpu(), top_ids[:, 0].clone(), top_ids, top_logprobs))
+    return results
+
+
 def target_topk_features(
     model: Any, capture: AuxHiddenCapture, sequence: Sequence[int], k: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -113,19 +148,20 @@ def target_topk_features(
     The lm_head runs over every position (the answer may be sampled, so its next token need not
     be the target's argmax). Labels are the argmax of the float32 logits.
     """
-    ids = torch.tensor([list(sequence)], dtype=torch.long)  # [1, T]
-    hidden = model.model(input_ids=ids).last_hidden_state[0]  # [T, H]
-    aux = capture.concatenated()[0]  # [T, A*H]
-    length = ids.shape[1]
-    top_ids = torch.empty(length, k, dtype=torch.long)  # [T, k]
-    top_logprobs = torch.empty(length, k, dtype=torch.float32)  # [T, k]
-    weight = model.lm_head.weight
-    for start in range(0, length, LOGITS_CHUNK):
-        logits = (hidden[start : start + LOGITS_CHUNK] @ weight.T).float()  # [C, vocab]
-        values, indices = torch.topk(logits, k, dim=-1)
-        top_logprobs[start : start + LOGITS_CHUNK] = values - torch.logsumexp(logits, dim=-1, keepdim=True)
-        top_ids[start : start + LOGITS_CHUNK] = indices
-    return aux, top_ids[:, 0].clone(), top_ids, top_logprobs
+    return target_topk_features_batch(model, capture, [sequence], k)[0]
+
+
+def _length_batches(lengths: Sequence[int], batch_tokens: int) -> list[list[int]]:
+    """Indices grouped by length so that each group's padded size stays within ``batch_tokens``
+    (one sequence per group when ``batch_tokens`` is 0)."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    groups: list[list[int]] = []
+    for index in order:
+        if groups and batch_tokens and (len(groups[-1]) + 1) * lengths[index] <= batch_tokens:
+            groups[-1].append(index)
+        else:
+            groups.append([index])
+    return groups
 
 
 def extract_features(work_dir: Path, config: Any, deadline: float | None = None) -> int:
@@ -143,7 +179,10 @@ def extract_features(work_dir: Path, config: Any, deadline: float | None = None)
     if not pending:
         return 0
     topk = int(getattr(config, "topk_logprobs", 0) or 0)
-    model = load_target(config.target)
+    device = getattr(config, "device", "cpu") or "cpu"
+    model = load_target(config.target, device=device)
+    # On an accelerator, sequences go through the target in padded batches of this many tokens.
+    batch_tokens = 0 if torch.device(device).type == "cpu" else FEATURE_BATCH_TOKENS
     capture = AuxHiddenCapture(model, config.aux_layers)
     made = 0
     try:
@@ -159,16 +198,21 @@ def extract_features(work_dir: Path, config: Any, deadline: float | None = None)
             topk_id_rows: dict[int, torch.Tensor] = {}
             topk_logprob_rows: dict[int, torch.Tensor] = {}
             bar = tqdm(total=sum(len(s) for s in sequences), desc=f"features shard {index}", unit="tok")
-            for i, ((record, _), sequence) in enumerate(zip(pairs, sequences)):
+            groups = _length_batches([len(s) for s in sequences], batch_tokens if topk else 0)
+            for group in groups:
                 if topk:
-                    aux, labels, top_ids, top_logprobs = target_topk_features(model, capture, sequence, topk)
-                    topk_id_rows[i] = top_ids.to(torch.int32)
-                    topk_logprob_rows[i] = top_logprobs
+                    batch = target_topk_features_batch(model, capture, [sequences[i] for i in group], topk)
+                    for i, (aux, labels, top_ids, top_logprobs) in zip(group, batch):
+                        topk_id_rows[i] = top_ids.to(torch.int32)
+                        topk_logprob_rows[i] = top_logprobs
+                        aux_rows[i] = aux.to(torch.bfloat16).clone()
+                        label_rows[i] = labels.to(torch.int32)
                 else:
-                    aux, labels = target_features(model, capture, sequence, len(record["prompt_ids"]))
-                aux_rows[i] = aux.to(torch.bfloat16).clone()
-                label_rows[i] = labels.to(torch.int32)
-                bar.update(len(sequence))
+                    (i,) = group
+                    aux, labels = target_features(model, capture, sequences[i], len(pairs[i][0]["prompt_ids"]))
+                    aux_rows[i] = aux.to(torch.bfloat16).clone()
+                    label_rows[i] = labels.to(torch.int32)
+                bar.update(sum(len(sequences[i]) for i in group))
             bar.close()
             lengths = torch.tensor([len(s) for s in sequences], dtype=torch.long)
             offsets = torch.zeros(len(sequences) + 1, dtype=torch.long)  # [S + 1]

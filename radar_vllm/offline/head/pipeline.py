@@ -32,7 +32,7 @@ RUN_CONFIG_FILE = "run_config.json"
 # Settings that define the data; changing them inside one work directory would mix datasets.
 DATA_KEYS = (
     "target", "max_prompt_tokens", "max_new_tokens", "seed", "shard_size", "aux_layers",
-    "sampled_answers", "answer_temperature", "gen_dtype", "topk_logprobs",
+    "sampled_answers", "answer_temperature", "gen_dtype", "topk_logprobs", "gen_engine",
 )
 
 
@@ -53,6 +53,10 @@ class HeadTrainingConfig:
     answer_temperature: float = 1.0
     gen_dtype: str = "bfloat16"
     topk_logprobs: int = 0
+    # "vllm", or "hf" (transformers, for a machine without vLLM); ``device`` runs the hf engine,
+    # the features and training (e.g. "cuda").
+    gen_engine: str = "vllm"
+    device: str = "cpu"
     # Training recipe (see radar_vllm.offline.head.trainer).
     train_dir: str | None = None
     draft_vocab_size: int = 8192
@@ -75,6 +79,7 @@ class HeadTrainingConfig:
     epochs: float = 2.0
     max_steps: int | None = None
     budget_cpu_s: float | None = None
+    budget_wall_s: float | None = None
     stop_after_s: float | None = None
     checkpoint_every: int = 100
     checkpoint_every_s: float | None = None
@@ -165,6 +170,8 @@ def run_pipeline(config: HeadTrainingConfig, stages: Sequence[str] = STAGES) -> 
             temperature=config.answer_temperature,
             dtype=config.gen_dtype,
             deadline=deadline,
+            engine=config.gen_engine,
+            device=config.device,
         )
     if "features" in stages:
         from radar_vllm.offline.head.feature_cache import extract_features

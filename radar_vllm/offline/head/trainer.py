@@ -31,7 +31,10 @@ Recipe options (``HeadTrainingConfig`` fields; the defaults are the original rec
   bfloat16 autocast (the original).
 - ``budget_cpu_s``: stop after this many process CPU seconds of training, summed over resumes;
   the lr schedule then runs on the CPU time spent instead of the step count, so variants trained
-  at one budget all finish their schedule. ``stop_after_s``: leave (with a checkpoint) after
+  at one budget all finish their schedule. ``budget_wall_s``: the same in wall seconds (for an
+  accelerator, ``device``, where the process CPU time does not measure the work).
+- ``device``: where training runs (``cpu`` or e.g. ``cuda``); on an accelerator the features are
+  held in its memory and batches are gathered there. ``stop_after_s``: leave (with a checkpoint) after
   this many wall seconds of one invocation; running the command again continues.
 
 Training-time test: at step ``j`` the query at base position ``t`` reads the embedding of token
@@ -95,6 +98,8 @@ class FeatureStore:
     def __init__(self, work_dir: Path, max_seq_len: int) -> None:
         from safetensors import safe_open
 
+        self.device = torch.device("cpu")
+        self.resident: dict[int, dict[str, torch.Tensor]] = {}
         self.handles: dict[int, Any] = {}
         self.sequences: list[SequenceRef] = []
         paths = sorted((work_dir / FEATURES_DIR).glob("shard-*.safetensors"))
@@ -119,6 +124,25 @@ class FeatureStore:
             (h.get_slice("topk_ids").get_shape()[1] if "topk_ids" in h.keys() else 0) for h in self.handles.values()
         )
 
+    def move_to(self, device: torch.device) -> "FeatureStore":
+        """Keep every shard's tensors in ``device`` memory (an accelerator's), so that batches are
+        gathered there instead of read from the memory-mapped files."""
+        return self if device.type == "cpu" else self.load_resident(device)
+
+    def load_resident(self, device: torch.device) -> "FeatureStore":
+        """Read every shard into ``device`` memory (what :meth:`move_to` does off the CPU)."""
+        names = ("input_ids", "labels", "aux") + (("topk_ids", "topk_logprobs") if self.topk else ())
+        for index, handle in self.handles.items():
+            self.resident[index] = {name: handle.get_tensor(name).to(device) for name in names}
+        self.device = device
+        return self
+
+    def _slice(self, ref: SequenceRef, name: str) -> torch.Tensor:
+        end = ref.start + ref.length
+        if self.resident:
+            return self.resident[ref.shard][name][ref.start : end]
+        return self.handles[ref.shard].get_slice(name)[ref.start : end]
+
     def label_counts(self, vocab_size: int) -> torch.Tensor:
         counts = torch.zeros(vocab_size, dtype=torch.long)  # [vocab]
         for handle in self.handles.values():
@@ -127,23 +151,15 @@ class FeatureStore:
 
     def load(self, ref: SequenceRef) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(input_ids [L], labels [L], aux [L, A*H]) of one sequence."""
-        handle = self.handles[ref.shard]
-        end = ref.start + ref.length
-        return (
-            handle.get_slice("input_ids")[ref.start : end].long(),
-            handle.get_slice("labels")[ref.start : end].long(),
-            handle.get_slice("aux")[ref.start : end],
-        )
+        return self._slice(ref, "input_ids").long(), self._slice(ref, "labels").long(), self._slice(ref, "aux")
 
     def load_topk(self, ref: SequenceRef) -> tuple[torch.Tensor, torch.Tensor]:
         """(top-K ids [L, K], top-K log-probs [L, K]) of the target's next-token distribution."""
         if not self.topk:
             raise ValueError("the feature shards hold no top-K log-probs; extract features with topk_logprobs > 0")
-        handle = self.handles[ref.shard]
-        end = ref.start + ref.length
         return (
-            handle.get_slice("topk_ids")[ref.start : end][:, : self.topk].long(),
-            handle.get_slice("topk_logprobs")[ref.start : end][:, : self.topk].float(),
+            self._slice(ref, "topk_ids")[:, : self.topk].long(),
+            self._slice(ref, "topk_logprobs")[:, : self.topk].float(),
         )
 
 
@@ -173,23 +189,24 @@ def collate(
     longest = max(r.length for r in refs)
     loaded = [store.load(r) for r in refs]
     width = loaded[0][2].shape[-1]
-    ids = torch.full((len(refs), longest), PADDING_TOKEN, dtype=torch.long)  # [B, T]
-    labels = torch.full((len(refs), longest), IGNORE_LABEL, dtype=torch.long)  # [B, T]
-    aux = torch.zeros(len(refs), longest, width, dtype=dtype)  # [B, T, A*H]
+    device = store.device
+    ids = torch.full((len(refs), longest), PADDING_TOKEN, dtype=torch.long, device=device)  # [B, T]
+    labels = torch.full((len(refs), longest), IGNORE_LABEL, dtype=torch.long, device=device)  # [B, T]
+    aux = torch.zeros(len(refs), longest, width, dtype=dtype, device=device)  # [B, T, A*H]
     for row, (seq_ids, seq_labels, seq_aux) in enumerate(loaded):
         length = seq_ids.numel()
         ids[row, :length] = seq_ids
         labels[row, :length] = seq_labels
         aux[row, :length] = seq_aux
-    lengths = torch.tensor([r.length for r in refs], dtype=torch.long)  # [B]
+    lengths = torch.tensor([r.length for r in refs], dtype=torch.long, device=device)  # [B]
     return ids, labels, aux, lengths
 
 
 def collate_topk(store: FeatureStore, refs: list[SequenceRef]) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-padded (top-K ids [B, T, K], top-K log-probs [B, T, K]); padding has log-prob -inf."""
     longest = max(r.length for r in refs)
-    ids = torch.zeros(len(refs), longest, store.topk, dtype=torch.long)  # [B, T, K]
-    logprobs = torch.full((len(refs), longest, store.topk), float("-inf"))  # [B, T, K]
+    ids = torch.zeros(len(refs), longest, store.topk, dtype=torch.long, device=store.device)  # [B, T, K]
+    logprobs = torch.full((len(refs), longest, store.topk), float("-inf"), device=store.device)  # [B, T, K]
     for row, ref in enumerate(refs):
         seq_ids, seq_logprobs = store.load_topk(ref)
         ids[row, : ref.length] = seq_ids
@@ -227,7 +244,7 @@ def ttt_hidden_states(head: Eagle3Head, ids: torch.Tensor, aux: torch.Tensor, st
     position t reads token t + 1 + j (padding past the end) at rotary position t + j.
     """
     batch, length = ids.shape
-    base = torch.arange(length)
+    base = torch.arange(length, device=ids.device)
     causal = base.view(-1, 1) >= base.view(1, -1)  # [T, T]
     layer = head.midlayer
     hidden = head.combine_hidden_states(aux)  # [B, T, H]
@@ -268,7 +285,7 @@ def ttt_forward(
     if soft_weight and soft is None:
         raise ValueError("soft_weight > 0 needs the target's top-K distribution (soft)")
     length = ids.shape[1]
-    base = torch.arange(length)
+    base = torch.arange(length, device=ids.device)
     losses: list[torch.Tensor] = []
     accuracy: list[tuple[int, int]] = []
     for step, prenorm in enumerate(ttt_hidden_states(head, ids, aux, steps)):
@@ -490,11 +507,11 @@ def save_checkpoint(
     tensors: dict[str, torch.Tensor] = {}
     params = _trainable(head)
     for name, param in params.items():
-        tensors[f"param.{name}"] = param.detach().contiguous()
+        tensors[f"param.{name}"] = param.detach().cpu().contiguous()
         state = optimizer.state.get(param, {})
         for key in ("exp_avg", "exp_avg_sq"):
             if key in state:
-                tensors[f"adam.{key}.{name}"] = state[key].contiguous()
+                tensors[f"adam.{key}.{name}"] = state[key].cpu().contiguous()
         if "step" in state:
             meta["adam_step"] = float(state["step"])
     path = _state_path(work_dir, step)
@@ -538,8 +555,8 @@ def load_checkpoint(
             if f"adam.exp_avg.{name}" in tensors:
                 optimizer.state[param] = {
                     "step": torch.tensor(meta.get("adam_step", float(step))),
-                    "exp_avg": tensors[f"adam.exp_avg.{name}"].clone(),
-                    "exp_avg_sq": tensors[f"adam.exp_avg_sq.{name}"].clone(),
+                    "exp_avg": tensors[f"adam.exp_avg.{name}"].to(param.device),
+                    "exp_avg_sq": tensors[f"adam.exp_avg_sq.{name}"].to(param.device),
                 }
     return meta
 
@@ -584,6 +601,7 @@ def export_head(
         )
     tensors = {}
     for name, tensor in head.export_state_dict().items():
+        tensor = tensor.detach().cpu()
         tensors[name] = tensor if name in ("d2t", "t2d") else tensor.to(torch.bfloat16)
     output.parent.mkdir(parents=True, exist_ok=True)
     temp = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))
@@ -687,6 +705,7 @@ def train(work_dir: Path, config: Any, train_dir: Path | None = None) -> dict[st
     soft_weight = float(getattr(config, "soft_label_weight", 0.0) or 0.0)
     if not 0.0 <= soft_weight <= 1.0:
         raise ValueError(f"soft_label_weight={soft_weight}; expected a value in [0, 1]")
+    device = torch.device(getattr(config, "device", "cpu") or "cpu")
     store = FeatureStore(work_dir, config.max_seq_len)
     if soft_weight and not store.topk:
         raise ValueError(
@@ -699,8 +718,9 @@ def train(work_dir: Path, config: Any, train_dir: Path | None = None) -> dict[st
     counts = store.label_counts(head_config.vocab_size)
     coverage = float(counts[draft_to_target].sum()) / max(1, int(counts.sum()))
     coverage_by_size = draft_vocab_coverage(counts)
-    head = initial_head(config, head_config, draft_to_target)
+    head = initial_head(config, head_config, draft_to_target).to(device)
     head.embed_tokens.to(compute_dtype)  # frozen and never exported: keep it in the compute dtype
+    store.move_to(device)
     target_to_draft = head.target_to_draft_ids()
     params = list(_trainable(head).values())
     optimizer = make_optimizer(config, params)
@@ -717,7 +737,11 @@ def train(work_dir: Path, config: Any, train_dir: Path | None = None) -> dict[st
     meta["command_lines"].append(" ".join(sys.argv))
     lengths = [s.length for s in store.sequences]
     batches_per_epoch = len(epoch_batches(lengths, config.batch_tokens, config.seed, 0))
-    budget = getattr(config, "budget_cpu_s", None)
+    cpu_budget = getattr(config, "budget_cpu_s", None)
+    wall_budget = getattr(config, "budget_wall_s", None)
+    if cpu_budget and wall_budget:
+        raise ValueError("budget_cpu_s and budget_wall_s both set; give one training budget")
+    budget = cpu_budget or wall_budget
     if config.max_steps:
         total_steps = config.max_steps
     elif budget:
@@ -732,7 +756,7 @@ def train(work_dir: Path, config: Any, train_dir: Path | None = None) -> dict[st
     logger.info(
         "training: %d sequences, %d tokens, %d batches/epoch, steps %d -> %s, draft vocab coverage %s",
         len(store.sequences), store.num_tokens, batches_per_epoch, meta["step"],
-        f"CPU budget {budget:.0f} s" if budget and not config.max_steps else total_steps,
+        f"{'CPU' if cpu_budget else 'wall'} budget {budget:.0f} s" if budget and not config.max_steps else total_steps,
         {k: round(v, 4) for k, v in coverage_by_size.items()},
     )
     head.train()
@@ -749,8 +773,13 @@ def train(work_dir: Path, config: Any, train_dir: Path | None = None) -> dict[st
     def cpu_spent() -> float:
         return cpu_before + time.process_time() - cpu_started
 
+    def spent() -> float:
+        """Training time counted against the budget: process CPU seconds (budget_cpu_s), or wall
+        seconds (budget_wall_s, for accelerators, where CPU time says little), over all resumes."""
+        return cpu_spent() if cpu_budget else wall_before + time.time() - started
+
     def out_of_budget() -> bool:
-        if budget and cpu_spent() >= budget:
+        if budget and spent() >= budget:
             return True
         return bool(stop_after) and time.time() - started >= stop_after
 
@@ -796,12 +825,12 @@ def train(work_dir: Path, config: Any, train_dir: Path | None = None) -> dict[st
             progress = None
             if budget and not config.max_steps:
                 if step >= config.warmup_steps and "cpu_at_warmup_end" not in meta:
-                    meta["cpu_at_warmup_end"] = cpu_spent()
+                    meta["cpu_at_warmup_end"] = spent()  # the budget clock when warm-up ended
                 decay_start = meta.get("cpu_at_warmup_end", 0.0)
-                progress = (cpu_spent() - decay_start) / max(1e-9, budget - decay_start)
+                progress = (spent() - decay_start) / max(1e-9, budget - decay_start)
             for group in optimizer.param_groups:
                 group["lr"] = learning_rate(config, step, total_steps, progress)
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=compute_dtype == torch.bfloat16):
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=compute_dtype == torch.bfloat16):
                 losses, accuracy = ttt_forward(
                     head, ids, labels, aux, batch_lengths, target_to_draft, config.ttt_steps, soft, soft_weight
                 )
@@ -833,7 +862,7 @@ def train(work_dir: Path, config: Any, train_dir: Path | None = None) -> dict[st
         checkpoint()  # also on SIGTERM / budget / stop_after_s: stop cleanly at the current step
     if stop_requested:
         logger.info("stopped by SIGTERM at step %d (checkpoint saved)", step)
-    elif step < total_steps and not (budget and cpu_spent() >= budget):
+    elif step < total_steps and not (budget and spent() >= budget):
         logger.info("stopped after %.0f s at step %d (checkpoint saved); rerun to continue", time.time() - started, step)
     return _record(work_dir, config, store, meta, coverage, coverage_by_size)
 
