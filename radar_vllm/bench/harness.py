@@ -478,15 +478,12 @@ def run_online(settings: BenchSettings, configs: list[BenchConfig], models: Benc
                prompts: list[list[int]], work_dir: Path, env: dict[str, str]) -> list[dict[str, Any]]:
     from tqdm import tqdm
 
-    from radar_vllm.bench.online import Load, free_port, measure_server, server_command, start_server, stop_server
+    from radar_vllm.bench.online import free_port, measure_server, server_command, start_server, stop_server
 
     levels = list(settings.online_concurrency)
     total = len(configs) * len(levels) * settings.online_repeats
     entries: list[dict[str, Any]] = []
-    load = Load(max_tokens=settings.online_max_new_tokens or settings.max_new_tokens,
-                temperature=settings.online_temperature, seed=settings.seed, timeout_s=settings.online_timeout_s,
-                sampling=settings.online_sampling, disconnect_fraction=settings.online_disconnect_fraction,
-                duration_s=settings.online_duration_s)
+    load = settings.online_load()
     server_env = {k: v for k, v in env.items() if k != "VLLM_ENABLE_V1_MULTIPROCESSING"}
     with tqdm(total=total, desc="online", unit="level") as bar:
         for config in configs:

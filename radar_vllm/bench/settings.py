@@ -227,6 +227,14 @@ class BenchSettings:
     def online_requests_for(self, concurrency: int) -> int:
         return self.online_requests if self.online_requests is not None else max(2 * concurrency, self.num_prompts)
 
+    def online_load(self) -> Any:
+        """How each online level loads the server (a ``radar_vllm.bench.online.Load``)."""
+        from radar_vllm.bench.online import Load
+
+        return Load(max_tokens=self.online_max_new_tokens or self.max_new_tokens, temperature=self.online_temperature,
+                    seed=self.seed, timeout_s=self.online_timeout_s, sampling=self.online_sampling,
+                    disconnect_fraction=self.online_disconnect_fraction, duration_s=self.online_duration_s)
+
     def online_load_options(self) -> dict[str, Any]:
         """The online load options that differ from their defaults."""
         defaults = {f.name: f.default for f in dataclasses.fields(self)}

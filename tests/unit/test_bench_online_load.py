@@ -289,6 +289,9 @@ def test_cli_load_options() -> None:
         assert settings.online_concurrency == (1, 4, 16, 64)
         assert settings.online_load_options() == {"online_sampling": "mixed", "online_disconnect_fraction": 0.2,
                                                   "online_duration_s": 60.0}
+        load = settings.online_load()  # what each level of the served benchmark runs with
+        assert (load.sampling, load.disconnect_fraction, load.duration_s) == ("mixed", 0.2, 60.0)
+        assert (load.max_tokens, load.seed) == (settings.max_new_tokens, settings.seed)
     with pytest.raises(ValueError, match="online_disconnect_fraction"):
         settings_from_args(parser.parse_args(BENCH_CLI + ["--online-disconnect-fraction", "1"]))
 
