@@ -14,7 +14,9 @@ engines): it turns the counters into RADAR's view (:mod:`radar_vllm.vllm.stats`)
 - ``vllm:radar_acceptance_length`` (histogram, buckets 1..max_depth+1): per request and round,
   accepted draft tokens + 1 (the bonus token);
 - ``vllm:radar_tree_size`` (histogram, buckets 1..num_speculative_tokens): per request and round,
-  draft tokens verified (tree nodes; in chain mode the stop depth).
+  draft tokens verified (tree nodes; in chain mode the stop depth);
+- ``vllm:radar_skipped_rounds`` (counter): per request and step, decode rounds that ran without
+  drafts (depth 0, chosen by the depth gate); counted with the next step that verifies drafts.
 
 Tree mode: the stop depth is not a draft length there. The tree runner sends it with the drafts,
 RADAR's scheduler counts it per step in ``RadarSpecDecodingStats.stop_depth_counts`` (a subclass
@@ -50,8 +52,9 @@ METRIC_ROUNDS = "vllm:radar_rounds"
 METRIC_STOP_DEPTH = "vllm:radar_stop_depth"
 METRIC_ACCEPTANCE_LENGTH = "vllm:radar_acceptance_length"
 METRIC_TREE_SIZE = "vllm:radar_tree_size"
+METRIC_SKIPPED_ROUNDS = "vllm:radar_skipped_rounds"
 RADAR_METRIC_NAMES = (METRIC_DRAFT_CALLS, METRIC_ROUNDS, METRIC_STOP_DEPTH, METRIC_ACCEPTANCE_LENGTH,
-                      METRIC_TREE_SIZE)
+                      METRIC_TREE_SIZE, METRIC_SKIPPED_ROUNDS)
 
 
 def _unregister_radar_metrics() -> None:
@@ -97,6 +100,10 @@ class RadarStatLogger(AggregateStatLoggerBase):
             labelnames,
             buckets=[float(n) for n in range(1, max_nodes + 1)],
         )
+        skipped = prometheus_client.Counter(
+            METRIC_SKIPPED_ROUNDS, "RADAR decode rounds (request x step) run without drafts (depth 0).", labelnames
+        )
+        self.skipped_rounds = {idx: skipped.labels(*lv) for idx, lv in labels.items()}
         self.draft_calls = {idx: draft_calls.labels(*lv) for idx, lv in labels.items()}
         self.tree_size = {idx: tree_size.labels(*lv) for idx, lv in labels.items()}
         self.rounds = {idx: rounds.labels(*lv) for idx, lv in labels.items()}
@@ -116,6 +123,10 @@ class RadarStatLogger(AggregateStatLoggerBase):
         stats = getattr(scheduler_stats, "spec_decoding_stats", None) if scheduler_stats is not None else None
         if stats is None or not stats.num_drafts:
             return
+        skipped = int(getattr(stats, "skipped_rounds", 0) or 0)
+        if skipped:
+            self.skipped_rounds[engine_idx].inc(skipped)
+            self.totals.skipped_rounds += skipped
         per_pos = getattr(stats, "num_draft_tokens_per_pos", None)
         if per_pos is None:
             if not self._warned_missing:
@@ -161,12 +172,13 @@ class RadarStatLogger(AggregateStatLoggerBase):
         histogram = ", ".join(f"{depth}: {totals.stop_depths[depth]}" for depth in sorted(totals.stop_depths))
         logger.info(
             "RADAR metrics: draft calls per round: %.2f, mean stop depth: %.2f, mean acceptance length: %.2f, "
-            "mean tree size: %.2f, stop depths {%s}",
+            "mean tree size: %.2f, stop depths {%s}, rounds without drafts: %d",
             totals.draft_calls_per_round,
             totals.mean_stop_depth,
             totals.mean_acceptance_length,
             totals.mean_tree_size,
             histogram,
+            totals.skipped_rounds,
         )
         self.totals = RadarTotals()
 

@@ -12,6 +12,12 @@ Tree mode: the scheduler hides the tree runner's scratch KV blocks from vLLM's b
 (:class:`radar_vllm.vllm.stats.RadarDraftTokenIds`); the scheduler keeps it until the drafts are
 verified and counts it, per step, in :class:`radar_vllm.vllm.spec_stats.RadarSpecDecodingStats`
 (vLLM's spec-decoding stats plus ``stop_depth_counts``), which reach the front-end's stat loggers with vLLM's own counters.
+
+Depth 0: a request in decode that is scheduled without drafts ran a round the depth gate skipped.
+The scheduler counts those rounds and hands the count over with the next step's stats that carry
+verified drafts (``skipped_rounds``; a stats object without drafts would show vLLM's own
+spec-decode log a mean acceptance length of 0/0). While the gate holds depth 0 its probes come at
+most 256 steps apart, so the counter lags by at most that many steps.
 """
 from __future__ import annotations
 
@@ -53,6 +59,22 @@ class RadarScheduler(Scheduler):
         super().__init__(*args, **kwargs)
         self._stop_depths: dict[str, int] = {}  # request id -> stop depth of its pending drafts
         self._max_stop_depth = engine_plan(self.vllm_config).radar.config.max_depth  # the deepest stop
+        self._skipped_rounds = 0  # decode rounds without drafts not yet handed to the stats
+
+    def update_from_output(self, scheduler_output: Any, model_runner_output: Any) -> Any:
+        if self.log_stats:
+            self._skipped_rounds += self._decode_rounds_without_drafts(scheduler_output)
+        return super().update_from_output(scheduler_output, model_runner_output)
+
+    def _decode_rounds_without_drafts(self, scheduler_output: Any) -> int:
+        """Requests of the step that decoded one token with no drafts (the prompt was done before)."""
+        count = 0
+        for req_id, num_tokens in scheduler_output.num_scheduled_tokens.items():
+            request = self.requests.get(req_id)
+            # num_computed_tokens already includes this step's token
+            if num_tokens == 1 and request is not None and request.num_computed_tokens > request.num_prompt_tokens:
+                count += 1
+        return count
 
     def update_draft_token_ids(self, draft_token_ids: Any) -> None:
         stop_depths = getattr(draft_token_ids, "stop_depths", None)
@@ -75,12 +97,16 @@ class RadarScheduler(Scheduler):
         request_id: str,
     ) -> SpecDecodingStats | None:
         depth = self._stop_depths.pop(request_id, None)
-        if depth is not None and self.log_stats and num_draft_tokens:
+        if self.log_stats and num_draft_tokens:
             if spec_decoding_stats is None:
                 spec_decoding_stats = RadarSpecDecodingStats.new(self.num_spec_tokens)
-                spec_decoding_stats.stop_depth_counts = [0] * (self._max_stop_depth + 1)
             if isinstance(spec_decoding_stats, RadarSpecDecodingStats):
-                count_stop_depth(spec_decoding_stats.stop_depth_counts, min(depth, self._max_stop_depth))
+                spec_decoding_stats.skipped_rounds += self._skipped_rounds
+                self._skipped_rounds = 0
+                if depth is not None:
+                    if not spec_decoding_stats.stop_depth_counts:
+                        spec_decoding_stats.stop_depth_counts = [0] * (self._max_stop_depth + 1)
+                    count_stop_depth(spec_decoding_stats.stop_depth_counts, min(depth, self._max_stop_depth))
         return super().make_spec_decoding_stats(
             spec_decoding_stats, num_draft_tokens, num_accepted_tokens, num_invalid_spec_tokens, request_id
         )

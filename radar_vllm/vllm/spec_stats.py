@@ -24,6 +24,9 @@ class RadarSpecDecodingStats(SpecDecodingStats):
 
     # [max_depth + 1] requests verified this step whose round stopped after d draft calls
     stop_depth_counts: list[int] = field(default_factory=list)
+    # decode rounds (request x step) that ran without drafts since the previous stats that left
+    # the engine core: depth 0, chosen by the depth gate
+    skipped_rounds: int = 0
 
 
 def install_stats_transport() -> None:

@@ -127,6 +127,7 @@ class RadarTotals:
     accepted_length_sum: int = 0
     tree_size_sum: int = 0
     stop_depths: dict[int, int] = field(default_factory=dict)
+    skipped_rounds: int = 0  # decode rounds (request x step) without drafts
 
     def add(self, summary: RoundSummary) -> None:
         if summary.num_requests == 0:

@@ -89,6 +89,8 @@ def _radar_run(target, checkpoint, requests, batch_size, pattern=None, catch_up=
             "drafted": drafter.round_counts["draft"],
             "skipped": drafter.round_counts["skip"] + drafter.round_counts["catch_up"],
             "caught_up": drafter.skipped.rows_caught_up, "log": dict(log)})
+        if not kwargs.get("disable_log_stats", True):
+            counters["metrics"] = {m.name: getattr(m, "value", None) for m in llm.get_metrics()}
     finally:
         shutdown_engine(llm)
     return outputs, counters
@@ -118,9 +120,14 @@ def test_skipped_rounds_keep_greedy_outputs_and_catch_up_reproduces_the_drafts(m
     noise = 0.0  # call-1 logit differences left with the catch-up (float32, other row counts)
     for batch_size in (1, 4):
         outputs, counts = _radar_run(target, checkpoint, requests, batch_size, pattern=PATTERN,
-                                     enable_chunked_prefill=True, max_num_batched_tokens=32)
+                                     enable_chunked_prefill=True, max_num_batched_tokens=32,
+                                     disable_log_stats=False)
         assert outputs == expected, f"batch {batch_size}: skipped rounds changed greedy outputs"
         assert counts["skipped"] > counts["drafted"] > 0
+        # vllm:radar_skipped_rounds counts request x step rounds without drafts (those after the
+        # last drafting step of a run are still pending); skipped engine steps carry 1-4 requests
+        skipped_metric = counts["metrics"]["vllm:radar_skipped_rounds"]
+        assert 0.5 * counts["skipped"] < skipped_metric <= batch_size * counts["skipped"], (skipped_metric, counts)
         assert counts["caught_up"] > 0
         compared, differing, largest = _mismatches(always_counts["log"], counts["log"])
         assert compared >= 20, f"batch {batch_size}: only {compared} drafts from contexts both runs drafted from"

@@ -167,6 +167,7 @@ def test_radar_metrics_exported(servers):
     radar.post("/v1/completions", _completion_body(PROMPTS[0]))
     text = radar.metrics()
     for name in ("vllm:radar_stop_depth_bucket", "vllm:radar_draft_calls_total", "vllm:radar_rounds_total",
+                 "vllm:radar_skipped_rounds_total",
                  "vllm:radar_acceptance_length_count", "vllm:spec_decode_num_drafts_total"):
         assert name in text, name
     count_line = next(line for line in text.splitlines() if line.startswith("vllm:radar_stop_depth_count"))
