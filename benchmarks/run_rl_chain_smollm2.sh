@@ -95,7 +95,12 @@ for T in 0 1; do
         # The policy in the shipped checkpoint (trained at T = 0) is scored beside the new ones.
         SHIPPED=()
         SHIPPED_DIR="$ROOT/radar_vllm/checkpoints/smollm2-135m-radar/policy"
-        [[ "$T" == 0 && -f "$SHIPPED_DIR/policy.json" ]] && SHIPPED=(--policy "shipped=$SHIPPED_DIR")
+        # (only when it was trained for the same head as these rounds)
+        if [[ "$T" == 0 && -f "$SHIPPED_DIR/policy.json" ]] && grep -q "$(python -c 'import json, sys
+print(json.load(open(sys.argv[1]))["metadata"]["head_id"])' "$(ls "$WORK/heldout/T$T"/shard-*.json | head -1)")" \
+                "$SHIPPED_DIR/policy.json"; then
+            SHIPPED=(--policy "shipped=$SHIPPED_DIR")
+        fi
         radar-vllm evaluate-policy --table "$WORK/heldout/T$T" --train-table "$WORK/train/T$T" \
             --costs "$COSTS" --temperature "$T" --max-depth "$D" \
             --policy "ours=$WORK/policies/T$T/exact" --policy "paper=$WORK/policies/T$T/reinforce" \
