@@ -151,24 +151,13 @@ def target_topk_features(
     return target_topk_features_batch(model, capture, [sequence], k)[0]
 
 
-def _length_batches(lengths: Sequence[int], batch_tokens: int) -> list[list[int]]:
-    """Indices grouped by length so that each group's padded size stays within ``batch_tokens``
-    (one sequence per group when ``batch_tokens`` is 0)."""
-    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
-    groups: list[list[int]] = []
-    for index in order:
-        if groups and batch_tokens and (len(groups[-1]) + 1) * lengths[index] <= batch_tokens:
-            groups[-1].append(index)
-        else:
-            groups.append([index])
-    return groups
-
-
 def extract_features(work_dir: Path, config: Any, deadline: float | None = None) -> int:
     """Features for every answer shard that has none yet; returns the tokens processed. Past
     ``deadline`` (a ``time.time()`` value) no new shard starts."""
     from safetensors.torch import save_file
     from tqdm import tqdm
+
+    from radar_vllm.offline.head.trainer import epoch_batches
 
     (work_dir / FEATURES_DIR).mkdir(parents=True, exist_ok=True)
     pending = [
@@ -198,7 +187,8 @@ def extract_features(work_dir: Path, config: Any, deadline: float | None = None)
             topk_id_rows: dict[int, torch.Tensor] = {}
             topk_logprob_rows: dict[int, torch.Tensor] = {}
             bar = tqdm(total=sum(len(s) for s in sequences), desc=f"features shard {index}", unit="tok")
-            groups = _length_batches([len(s) for s in sequences], batch_tokens if topk else 0)
+            # padded batches of at most batch_tokens (0: one sequence each); results are kept by index
+            groups = epoch_batches([len(s) for s in sequences], batch_tokens if topk else 0, 0, 0)
             for group in groups:
                 if topk:
                     batch = target_topk_features_batch(model, capture, [sequences[i] for i in group], topk)

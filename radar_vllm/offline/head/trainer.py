@@ -27,15 +27,16 @@ Recipe options (``HeadTrainingConfig`` fields; the defaults are the original rec
   shipped one or a previous run's ``head/``): its weights and its draft vocabulary, which then
   must have ``draft_vocab_size`` tokens. Continues a run across machines from the small export
   alone (fresh optimiser moments; use a short warm-up).
+- ``device``: where training runs (``cpu`` or e.g. ``cuda``); on an accelerator the features are
+  held in its memory and batches are gathered there.
 - ``train_dtype``: float32 (default; bf16 matmuls are slow on CPUs without AVX-512 BF16) or
   bfloat16 autocast (the original).
 - ``budget_cpu_s``: stop after this many process CPU seconds of training, summed over resumes;
   the lr schedule then runs on the CPU time spent instead of the step count, so variants trained
   at one budget all finish their schedule. ``budget_wall_s``: the same in wall seconds (for an
   accelerator, ``device``, where the process CPU time does not measure the work).
-- ``device``: where training runs (``cpu`` or e.g. ``cuda``); on an accelerator the features are
-  held in its memory and batches are gathered there. ``stop_after_s``: leave (with a checkpoint) after
-  this many wall seconds of one invocation; running the command again continues.
+  ``stop_after_s``: leave (with a checkpoint) after this many wall seconds of one invocation;
+  running the command again continues.
 
 Training-time test: at step ``j`` the query at base position ``t`` reads the embedding of token
 ``t + 1 + j`` and the pre-norm hidden state produced at step ``j - 1`` (the fc output of the
