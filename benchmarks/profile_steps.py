@@ -76,7 +76,7 @@ def install_timers(worker: Any, forced_skip: bool) -> None:
         if forced_skip:
             if gate is None:
                 raise ValueError("forced skip needs a RADAR checkpoint with skip_drafting='auto'")
-            gate.decide = lambda batch_size: 0
+            gate.decide = lambda batch_size, sampling=False: 0
     runner._profile_timers = timers
 
 

@@ -116,12 +116,12 @@ class ScriptedGate:
         self.max_depth = max_depth
         self.rounds = 0
 
-    def decide(self, batch_size: int) -> int:  # a depth cap: 0 skips, the checkpoint's depth drafts
+    def decide(self, batch_size: int, sampling: bool = False) -> int:  # 0 skips, the checkpoint's depth drafts
         choice = self.pattern[self.rounds % len(self.pattern)]
         self.rounds += 1
         return self.max_depth if choice else 0
 
-    def observe(self, *args: Any) -> None:
+    def observe(self, *args: Any, **kwargs: Any) -> None:
         pass
 
 

@@ -4,17 +4,24 @@ A speculative step pays only if the tokens it yields per request, divided by its
 one token per request in the time of a plain decode step. Both sides depend on the load (batch
 size), the machine, the temperature mix and how well the head fits the current text, so the gate
 does not read them from a table: it measures them. It chooses among a few depth caps (the arms,
-by default 0, 1 and the checkpoint's maximum depth; the stop policy decides per request below the
-cap). For each batch-size bucket and arm it keeps exponential moving averages of seconds per step
-and tokens emitted per request per step, and takes the arm with the highest rate (tokens per
-request per second). One step of a small batch says little (at batch 1 a step yields 1 or 2
+by default 0, 1, 2 and the checkpoint's maximum depth; the stop policy decides per request below
+the cap). For each batch-size bucket (batches in which some request samples apart from greedy
+ones: they accept fewer drafts) and arm it keeps moving averages of seconds per step and tokens
+emitted per request per step (over about the same number of request-steps in every bucket), and
+takes the arm with the highest rate (tokens per request per second). One step of a small batch says little (at batch 1 a step yields 1 or 2
 tokens), so every measurement of an arm spans about ``probe_requests`` request-steps: a probe of a
-bucket whose batches hold up to B requests lasts ``ceil(probe_requests / B)`` rounds, and arms with
-fewer measurements than that (and than ``min_observations``) are tried first. Afterwards it probes
-the other arms, one at a time, every ``probe`` rounds of the bucket: the interval starts at
-``probe_every`` and doubles (up to ``max_probe_every``) each time a probe leaves the choice
-unchanged, and falls back to ``probe_every`` when the choice changes, so a settled bucket spends
-little on probes while a change (a calmer batch, an easier text) is still noticed.
+bucket whose batches hold up to B requests lasts ``ceil(probe_requests / B)`` rounds.
+
+Arms are measured shallowest first. Measuring costs the rounds spent on the worse arms, so a
+bucket met for the first time (a batch that drains from 16 to 1 passes through five) starts from
+the nearest bucket's estimates instead of measuring every arm again: its choice is the
+neighbour's, and the first measurement of an arm in the new bucket rescales the step times of the
+arms it has not measured yet by the same factor, so they keep the neighbour's ratios until each is
+measured. Afterwards the gate probes the other arms, one at a time, every ``probe`` rounds of the
+bucket: the interval starts at ``probe_every`` and doubles (up to ``max_probe_every``) each time a
+probe leaves the choice unchanged, and falls back to ``probe_every`` when the choice changes, so a
+settled bucket spends little on probes while a change (a calmer batch, an easier text) is still
+noticed. A step that caught up on many skipped rounds at once is not counted for its arm.
 
 Which cap a round used does not change any output: verification is lossless whatever was drafted,
 and the drafter catches up on skipped tokens before it drafts again
@@ -39,15 +46,20 @@ class ArmEstimate:
 
     seconds: float = 0.0  # wall seconds per step
     tokens: float = 0.0  # tokens emitted per request per step
-    count: int = 0
+    count: int = 0  # measured steps in this bucket
+    seeded: bool = False  # the estimates come from a neighbouring bucket (count is 0)
+
+    @property
+    def known(self) -> bool:
+        return self.count > 0 or self.seeded
 
     def update(self, seconds: float, tokens: float, smoothing: float) -> None:
-        if self.count == 0:
-            self.seconds, self.tokens = seconds, tokens
-        else:
-            self.seconds += smoothing * (seconds - self.seconds)
-            self.tokens += smoothing * (tokens - self.tokens)
+        """A running mean over the first ``1 / smoothing`` steps, a moving average after."""
         self.count += 1
+        self.seeded = False
+        weight = max(smoothing, 1.0 / self.count)
+        self.seconds += weight * (seconds - self.seconds)
+        self.tokens += weight * (tokens - self.tokens)
 
     @property
     def rate(self) -> float:
@@ -74,7 +86,7 @@ class DraftGate:
                  probe_requests: int = 8) -> None:
         if max_depth < 1:
             raise ValueError(f"max_depth must be >= 1, got {max_depth}")
-        caps = sorted(set(arms if arms is not None else (0, 1, max_depth)))
+        caps = sorted(set(arms if arms is not None else (0, 1, min(2, max_depth), max_depth)))
         if len(caps) < 2 or caps[0] < 0 or caps[-1] > max_depth:
             raise ValueError(f"arms must hold at least two depth caps in [0, {max_depth}], got {list(caps)}")
         if not 2 <= probe_every <= max_probe_every:
@@ -91,17 +103,25 @@ class DraftGate:
         self.max_probe_every = max_probe_every
         self.min_observations = min_observations
         self.smoothing = smoothing
-        self.buckets: dict[int, BucketState] = {}
+        self.buckets: dict[tuple[bool, int], BucketState] = {}  # (sampling, bucket index) -> state
 
-    def _bucket(self, batch_size: int) -> BucketState:
-        index = batch_bucket(batch_size)
-        if index not in self.buckets:
-            self.buckets[index] = BucketState({cap: ArmEstimate() for cap in self.caps}, self.probe_every)
-        return self.buckets[index]
+    def _bucket(self, batch_size: int, sampling: bool = False) -> BucketState:
+        key = (sampling, batch_bucket(batch_size))
+        if key not in self.buckets:
+            arms = {cap: ArmEstimate() for cap in self.caps}
+            known = [other for other, state in self.buckets.items() if any(a.known for a in state.arms.values())]
+            if known:  # start from the nearest bucket's estimates: same kind of batch first, then size
+                nearest = self.buckets[min(known, key=lambda other: (other[0] != sampling, abs(other[1] - key[1]),
+                                                                     other[1]))]
+                for cap, arm in nearest.arms.items():
+                    if arm.known:
+                        arms[cap] = ArmEstimate(arm.seconds, arm.tokens, seeded=True)
+            self.buckets[key] = BucketState(arms, self.probe_every)
+        return self.buckets[key]
 
-    def preferred(self, batch_size: int) -> int:
-        """The arm with the highest measured rate (no exploration; ties go to the shallower cap)."""
-        arms = self._bucket(batch_size).arms
+    def preferred(self, batch_size: int, sampling: bool = False) -> int:
+        """The arm with the highest estimated rate (no exploration; ties go to the shallower cap)."""
+        arms = self._bucket(batch_size, sampling).arms
         return max(self.caps, key=lambda cap: (arms[cap].rate, -cap))
 
     def probe_rounds(self, batch_size: int) -> int:
@@ -109,49 +129,66 @@ class DraftGate:
         largest = 1 << batch_bucket(batch_size)
         return -(-self.probe_requests // largest)
 
-    def decide(self, batch_size: int) -> int:
-        """The depth cap (0: no drafting) for a round of ``batch_size`` requests."""
-        state = self._bucket(batch_size)
+    def decide(self, batch_size: int, sampling: bool = False) -> int:
+        """The depth cap (0: no drafting) for a round of ``batch_size`` requests (``sampling``: some
+        of them sample, T > 0; such batches accept fewer drafts and are measured apart)."""
+        state = self._bucket(batch_size, sampling)
         needed = max(self.min_observations, self.probe_rounds(batch_size))
-        for cap in reversed(self.caps):  # untried arms first, the deepest first
-            if state.arms[cap].count < needed:
+        for cap in self.caps:  # arms not measured enough first, the shallowest first
+            arm = state.arms[cap]
+            if not arm.seeded and arm.count < needed:
                 return cap
         if state.probing is not None and state.probe_left > 0:
             state.probe_left -= 1
             return state.probing
-        choice = self.preferred(batch_size)
+        choice = self.preferred(batch_size, sampling)
         state.rounds_since_probe += 1
         if state.rounds_since_probe >= state.probe_interval:  # (a probe never observed is replaced)
             others = [cap for cap in self.caps if cap != choice]
+            state.rounds_since_probe = 0
             state.probing = others[state.next_probe % len(others)]
             state.probe_left = self.probe_rounds(batch_size) - 1
             state.next_probe += 1
             state.chosen_before_probe = choice
-            state.rounds_since_probe = 0
             return state.probing
         return choice
 
-    def observe(self, batch_size: int, cap: int, seconds: float, tokens_per_request: float) -> None:
+    def observe(self, batch_size: int, cap: int, seconds: float, tokens_per_request: float,
+                typical: bool = True, sampling: bool = False) -> None:
         """One measured step: ``seconds`` from the round's decision to the next one, and the tokens
-        per request the step emitted (1 when it verified nothing)."""
+        per request the step emitted (1 when it verified nothing). ``typical=False``: the step did
+        extra work that says nothing about its arm (the drafter catching up on many skipped rounds
+        at once); it is not counted, and a probe that ends on it runs one round longer."""
         if cap not in self.caps or seconds <= 0 or tokens_per_request <= 0:
             return
-        state = self._bucket(batch_size)
-        state.arms[cap].update(seconds, tokens_per_request, self.smoothing)
+        state = self._bucket(batch_size, sampling)
+        if not typical:
+            if state.probing == cap and state.probe_left == 0:
+                state.probe_left = 1
+            return
+        arm = state.arms[cap]
+        if arm.seeded:  # the first measurement here: carry the neighbour's ratios to the other seeds
+            factor = seconds / arm.seconds if arm.seconds > 0 else 1.0
+            for other in state.arms.values():
+                if other is not arm and other.seeded:
+                    other.seconds *= factor
+        # a step of a small batch is a small sample (at batch 1 it yields 1 or 2 tokens): average
+        # over about as many request-steps in every bucket
+        arm.update(seconds, tokens_per_request, self.smoothing * min(1.0, batch_size / self.probe_requests))
         if state.probing == cap and state.probe_left == 0:
-            same = self.preferred(batch_size) == state.chosen_before_probe
+            same = self.preferred(batch_size, sampling) == state.chosen_before_probe
             state.probe_interval = min(2 * state.probe_interval, self.max_probe_every) if same else self.probe_every
             state.probing = None
 
     def summary(self) -> dict[str, dict[str, float]]:
-        """Per bucket (largest batch size in it): every arm's rate, tokens and step count, and the
-        probe interval (for logs and tests)."""
+        """Per bucket (largest batch size in it, ``"s"`` appended for batches that sample): every
+        arm's rate, tokens and step count, and the probe interval (for logs and tests)."""
         out: dict[str, dict[str, float]] = {}
-        for index, state in sorted(self.buckets.items()):
+        for (sampling, index), state in sorted(self.buckets.items()):
             entry: dict[str, float] = {"probe_interval": state.probe_interval}
             for cap, arm in state.arms.items():
                 entry[f"rate_d{cap}"] = arm.rate
                 entry[f"tokens_d{cap}"] = arm.tokens
                 entry[f"steps_d{cap}"] = arm.count
-            out[str(1 << index)] = entry
+            out[f"{1 << index}{'s' if sampling else ''}"] = entry
         return out

@@ -8,6 +8,12 @@ shifted and combined by vLLM's own ``set_inputs_first_pass``) per request, and t
 drafts puts them in front of that request's rows: one first call then writes the drafter KV of the
 skipped positions and of the new ones, so the drafts are those of a drafter that never skipped.
 
+A run of skipped rounds in a settled batch (every request one new token per step) takes a faster
+path: the round keeps the whole batch's rows as one record, straight from the target's outputs
+(the sampled token, its position and slot, the target's hidden states not yet combined by the
+drafter's input layer), with no per-request work; the records are combined and sorted per request
+(:meth:`SkippedTokens.materialize`) only when a round drafts again.
+
 The rows are small (one hidden vector per token). They are dropped when the request is gone, and
 when a request's positions restart (preemption recomputes it from its prompt), where they would
 no longer be contiguous with the new rows. A catch-up that would not fit the drafter's input
@@ -18,7 +24,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -43,31 +49,95 @@ class SkippedRows:
                 torch.cat(self.slots))
 
 
+@dataclass
+class DecodeRecord:
+    """One skipped round of a batch in which every request had one new token: row i is request i's."""
+
+    req_ids: tuple[str, ...]
+    input_ids: torch.Tensor  # [batch] the tokens the target sampled
+    positions: torch.Tensor  # [batch]
+    raw_hidden: torch.Tensor  # [batch, num_aux * hidden] the target's hidden states, not combined
+    slots: torch.Tensor  # [batch]
+
+
 class SkippedTokens:
     """Per request id: the drafter rows its skipped rounds did not compute."""
 
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity  # rows the drafter's first call can take
-        self.pending: dict[str, SkippedRows] = {}
+        self.pending: dict[str, SkippedRows] = {}  # combined rows, per request
+        self.records: list[DecodeRecord] = []  # later rows, per batch (after every pending row)
+        self.next_position: dict[str, int] = {}  # per request with kept rows: the next row's position
         self.rows_caught_up = 0  # statistics (tests, logs)
         self.rows_dropped = 0
 
     def __bool__(self) -> bool:
-        return bool(self.pending)
+        return bool(self.pending) or bool(self.records)
 
     def rows(self) -> int:
         """Rows kept in all."""
-        return sum(len(entry) for entry in self.pending.values())
+        return sum(len(entry) for entry in self.pending.values()) + sum(len(r.req_ids) for r in self.records)
 
     def forget(self, live_req_ids: Any) -> None:
-        """Drop the rows of requests that are no longer running."""
-        for req_id in [r for r in self.pending if r not in live_req_ids]:
-            self.rows_dropped += len(self.pending.pop(req_id))
+        """Drop the rows of requests that are no longer running (in records: when they are combined)."""
+        for req_id in [r for r in self.next_position if r not in live_req_ids]:
+            del self.next_position[req_id]
+            if req_id in self.pending:
+                self.rows_dropped += len(self.pending.pop(req_id))
+
+    def stash_decode(self, req_ids: Sequence[str], input_ids: torch.Tensor, positions: torch.Tensor,
+                     raw_hidden: torch.Tensor, slots: torch.Tensor) -> bool:
+        """Keep a skipped round in which request i (of ``req_ids``) had one new token, row i of the
+        tensors; False (nothing kept) when some request's position does not follow its kept rows
+        (the caller then takes :meth:`stash`)."""
+        first = positions.tolist()
+        for req_id, position in zip(req_ids, first):
+            expected = self.next_position.get(req_id)
+            if expected is not None and expected != position:
+                return False
+        self.records.append(DecodeRecord(tuple(req_ids), input_ids.clone(), positions.clone(), raw_hidden.clone(),
+                                         slots.clone()))
+        for req_id, position in zip(req_ids, first):
+            self.next_position[req_id] = position + 1
+        return True
+
+    def materialize(self, combine: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        """Move the batch records into the per-request rows, their hidden states combined by
+        ``combine`` (the drafter's input layer) in one call."""
+        if not self.records:
+            return
+        records, self.records = self.records, []
+        input_ids = torch.cat([r.input_ids for r in records])
+        positions = torch.cat([r.positions for r in records])
+        hidden = combine(torch.cat([r.raw_hidden for r in records]))
+        slots = torch.cat([r.slots for r in records])
+        rows: dict[str, list[int]] = {}
+        offset = 0
+        for record in records:
+            for index, req_id in enumerate(record.req_ids):
+                rows.setdefault(req_id, []).append(offset + index)
+            offset += len(record.req_ids)
+        for req_id, indices in rows.items():
+            if req_id not in self.next_position:  # finished since
+                self.rows_dropped += len(indices)
+                continue
+            select = torch.tensor(indices, dtype=torch.long, device=input_ids.device)
+            entry = self.pending.get(req_id)
+            if entry is None:
+                entry = self.pending[req_id] = SkippedRows([], [], [], [], int(positions[indices[0]]))
+            entry.input_ids.append(input_ids.index_select(0, select))
+            entry.positions.append(positions.index_select(0, select))
+            entry.hidden.append(hidden.index_select(0, select))
+            entry.slots.append(slots.index_select(0, select))
+            entry.next_position = int(positions[indices[-1]]) + 1
 
     def stash(self, req_ids: Sequence[str], cad: Any, sample_indices: torch.Tensor, input_ids: torch.Tensor,
               positions: torch.Tensor, hidden: torch.Tensor) -> None:
         """Keep the first-call rows of a skipped round: per request its rows up to and including its
-        sampled row (rows after it are rejected drafts, rewritten later)."""
+        sampled row (rows after it are rejected drafts, rewritten later). Call :meth:`materialize`
+        first when records are kept."""
+        if self.records:
+            raise RuntimeError("SkippedTokens.stash after stash_decode without materialize: rows would be out of order")
         starts = cad.query_start_loc_cpu.tolist()
         ends = (sample_indices.to("cpu") + 1).tolist()
         for row, req_id in enumerate(req_ids[: cad.batch_size()]):
@@ -85,19 +155,22 @@ class SkippedTokens:
             entry.positions.append(positions[start:end].clone())
             entry.hidden.append(hidden[start:end].clone())
             entry.slots.append(cad.slot_mapping[start:end].clone())
-            entry.next_position = int(positions[end - 1]) + 1
+            entry.next_position = self.next_position[req_id] = int(positions[end - 1]) + 1
 
     def splice(self, req_ids: Sequence[str], num_tokens: int, sample_indices: torch.Tensor, cad: Any,
                input_ids: torch.Tensor, positions: torch.Tensor, hidden: torch.Tensor
                ) -> tuple[int, torch.Tensor, Any]:
         """Put each request's kept rows in front of its rows of this round, in the drafter's input
         buffers (``input_ids``, ``positions``, ``hidden`` are those buffers); returns the new row
-        count, sampled-row indices and attention metadata."""
+        count, sampled-row indices and attention metadata. Call :meth:`materialize` first."""
+        if self.records:
+            raise RuntimeError("SkippedTokens.splice with batch records kept: call materialize first")
         batch_size = cad.batch_size()
         starts = cad.query_start_loc_cpu.tolist()
         entries: list[SkippedRows | None] = []
         for row, req_id in enumerate(req_ids[:batch_size]):
             entry = self.pending.pop(req_id, None)
+            self.next_position.pop(req_id, None)
             if entry is not None and (starts[row + 1] <= starts[row]
                                       or entry.next_position != int(positions[starts[row]])):
                 self.rows_dropped += len(entry)

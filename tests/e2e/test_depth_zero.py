@@ -181,8 +181,9 @@ def test_measuring_gate_follows_the_fastest_depth_cap(models, baseline):
         shutdown_engine(llm)
     summary, preferred = after
     bucket, earlier = summary["4"], before["4"]
-    caps = (0, 1, 4)  # depth 0, one draft, the checkpoint's depth
-    assert all(bucket[f"steps_d{cap}"] >= 3 for cap in caps), summary  # every arm was measured
+    caps = (0, 1, 2, 4)  # depth 0, one draft, two, the checkpoint's depth
+    # depth 0 and one draft are always measured; deeper caps only while the one before did not lose
+    assert bucket["steps_d0"] >= 1 and bucket["steps_d1"] >= 1, summary
     used = {cap: bucket[f"steps_d{cap}"] - earlier[f"steps_d{cap}"] for cap in caps}
     rates = {cap: bucket[f"rate_d{cap}"] for cap in caps}
     # the long batch ran mostly at the arm it measured fastest, the others only as probes

@@ -1,6 +1,9 @@
-"""The depth gate: explores every depth cap, follows the measured best, probes the others less and
-less often while the choice holds, and notices a change."""
+"""The depth gate: measures the depth caps shallowest first, follows the measured best, probes the
+others less and less often while the choice holds, notices a change, starts a new batch-size bucket
+from its neighbour's estimates, and averages noisy batch-1 steps."""
 from __future__ import annotations
+
+import random
 
 import pytest
 
@@ -30,8 +33,8 @@ def test_buckets_are_powers_of_two():
 def test_follows_the_best_cap_and_probes_rarely_once_settled():
     # batch 16: any drafting costs more than it yields -> depth 0
     losing = _costs({0: (0.010, 1.0), 1: (0.015, 1.3), 7: (0.030, 1.5)})
-    choices = _run(DraftGate(7, probe_every=16, max_probe_every=256), 16, 1000, losing)
-    assert choices[:9] == [7, 7, 7, 1, 1, 1, 0, 0, 0]  # every arm measured first, deepest first
+    choices = _run(DraftGate(7, arms=(0, 1, 7), probe_every=16, max_probe_every=256), 16, 1000, losing)
+    assert choices[:9] == [0, 0, 0, 1, 1, 1, 7, 7, 7]  # every arm measured first, shallowest first
     assert DraftGate(7).probe_rounds(16) == 1 and DraftGate(7).probe_rounds(3) == 2
     later = choices[9:]
     assert later.count(0) > 0.98 * len(later)
@@ -39,11 +42,20 @@ def test_follows_the_best_cap_and_probes_rarely_once_settled():
     assert len(later) - later.count(0) <= 7
     # batch 1: one draft pays, deep drafts do not -> depth 1; a measurement spans 8 rounds there
     winning = _costs({0: (0.010, 1.0), 1: (0.011, 1.3), 7: (0.020, 1.6)})
-    choices = _run(DraftGate(7), 1, 1000, winning)
-    assert choices[:24] == [7] * 8 + [1] * 8 + [0] * 8
+    choices = _run(DraftGate(7, arms=(0, 1, 7)), 1, 1000, winning)
+    assert choices[:24] == [0] * 8 + [1] * 8 + [7] * 8
     assert choices[24:].count(1) > 0.95 * len(choices[24:]) and choices[-400:].count(1) >= 0.98 * 400
     probes = [cap for index, cap in enumerate(choices[24:]) if cap != 1]
     assert len(probes) % 8 == 0 and set(probes) == {0, 7}  # whole 8-round probes of both other arms
+
+
+def test_default_arms_include_two_drafts():
+    assert DraftGate(7).caps == [0, 1, 2, 7] and DraftGate(1).caps == [0, 1] and DraftGate(2).caps == [0, 1, 2]
+    # batch 1 on a CPU: the first draft carries the fixed cost of a speculative step (one draft
+    # loses to none), the second is cheap and pays: the gate finds depth 2
+    two = _costs({0: (0.010, 1.0), 1: (0.0125, 1.2), 2: (0.013, 1.45), 7: (0.020, 1.7)})
+    choices = _run(DraftGate(7), 1, 600, two)
+    assert choices[:32] == [0] * 8 + [1] * 8 + [2] * 8 + [7] * 8 and choices[-200:].count(2) >= 190
 
 
 def test_buckets_are_independent_and_the_gate_follows_a_change():
@@ -56,6 +68,28 @@ def test_buckets_are_independent_and_the_gate_follows_a_change():
     assert gate.preferred(32) == 4 and late[-50:].count(4) >= 45
     summary = gate.summary()
     assert summary["32"]["steps_d4"] > 0 and summary["1"]["steps_d0"] > 0 and set(summary) == {"1", "32"}
+
+
+def test_a_new_bucket_starts_from_its_neighbour():
+    gate = DraftGate(7, arms=(0, 1, 7), probe_every=16, max_probe_every=256)
+    # batch 16 settles on depth 0
+    _run(gate, 16, 200, _costs({0: (0.080, 1.0), 1: (0.110, 1.3), 7: (0.200, 1.6)}))
+    # the batch drains to 8: steps are cheaper, the ratios alike; no arm is measured from scratch
+    choices = _run(gate, 8, 15, _costs({0: (0.050, 1.0), 1: (0.070, 1.3), 7: (0.130, 1.6)}))
+    assert choices == [0] * 15
+    summary = gate.summary()["8"]
+    assert summary["steps_d0"] == 15 and summary["steps_d1"] == 0
+    # the unmeasured arm kept its ratio to the measured one (0.110 / 0.080), rescaled to this bucket
+    assert summary["tokens_d1"] / summary["rate_d1"] == pytest.approx(0.050 * 0.110 / 0.080)
+    # a probe then measures depth 1 for real
+    later = _run(gate, 8, 20, _costs({0: (0.050, 1.0), 1: (0.070, 1.3), 7: (0.130, 1.6)}))
+    assert 1 in later and gate.summary()["8"]["steps_d1"] >= 1
+    # where the neighbour's choice is wrong for the new bucket, the first probe corrects it
+    gate = DraftGate(7, arms=(0, 1, 7), probe_every=16, max_probe_every=256)
+    _run(gate, 2, 300, _costs({0: (0.030, 1.0), 1: (0.033, 1.5), 7: (0.040, 1.6)}))
+    assert gate.preferred(2) == 1
+    choices = _run(gate, 16, 80, _costs({0: (0.080, 1.0), 1: (0.120, 1.3), 7: (0.250, 1.6)}))
+    assert choices[0] == 1 and gate.preferred(16) == 0 and choices[-20:].count(0) >= 19
 
 
 def test_a_probe_that_is_never_observed_does_not_stop_probing():
@@ -78,3 +112,67 @@ def test_bad_measurements_and_options():
                           ((3,), {"smoothing": 0.0}), ((3,), {"smoothing": 1.5}), ((3,), {"probe_requests": 0})):
         with pytest.raises(ValueError):
             DraftGate(*args, **options)
+
+
+def test_an_atypical_step_is_not_counted_and_extends_the_probe():
+    gate = DraftGate(7, arms=(0, 1, 7), probe_every=4, max_probe_every=4, min_observations=1)
+    costs = _costs({0: (0.010, 1.0), 1: (0.015, 1.2), 7: (0.030, 1.3)})
+    _run(gate, 16, 3, costs)
+    before = gate.summary()["16"]
+    while (cap := gate.decide(16)) == 0:  # settled on 0; wait for the probe of depth 1
+        gate.observe(16, 0, *costs(0))
+    assert cap == 1
+    # the probe's round caught up on many skipped rounds: huge, and not counted
+    gate.observe(16, 1, 5.0, 1.2, typical=False)
+    assert gate.summary()["16"]["steps_d1"] == before["steps_d1"]
+    assert gate.decide(16) == 1  # the probe runs one more round, which is measured
+    gate.observe(16, 1, *costs(1))
+    after = gate.summary()["16"]
+    assert after["steps_d1"] == before["steps_d1"] + 1 and after["rate_d1"] == pytest.approx(1.2 / 0.015)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_noisy_batch_one_steps_still_find_the_best_cap(seed):
+    # at batch 1 a step yields 1, 2 or 3 tokens: the gate averages over many steps and runs the
+    # best cap (2 here, 9% ahead of 1) most of the time
+    rng = random.Random(seed)
+
+    def chain(seconds, probabilities):
+        tokens = 1
+        for p in probabilities:
+            if rng.random() >= p:
+                break
+            tokens += 1
+        return seconds, tokens
+
+    arms = {0: lambda: (0.010, 1), 1: lambda: chain(0.0125, [0.49]), 2: lambda: chain(0.0135, [0.49, 0.55]),
+            7: lambda: chain(0.020, [0.49, 0.55] + [0.6] * 5)}
+    gate = DraftGate(7)
+    choices, tokens, seconds = [], 0.0, 0.0
+    for round_index in range(3000):
+        cap = gate.decide(1)
+        step_seconds, step_tokens = arms[cap]()
+        gate.observe(1, cap, step_seconds, step_tokens)
+        choices.append(cap)
+        if round_index >= 1000:
+            tokens, seconds = tokens + step_tokens, seconds + step_seconds
+    assert choices[1000:].count(2) > 0.6 * 2000
+    best_rate = (1 + 0.49 + 0.49 * 0.55) / 0.0135
+    assert tokens / seconds > 0.95 * best_rate
+
+
+def test_sampling_batches_are_measured_apart_and_start_from_greedy_ones():
+    gate = DraftGate(7, arms=(0, 1, 7), probe_every=16, max_probe_every=256)
+    # greedy batch 1: drafting deep pays
+    _run(gate, 1, 400, _costs({0: (0.010, 1.0), 1: (0.011, 1.4), 7: (0.015, 2.2)}))
+    assert gate.preferred(1) == 7
+    # sampled batch 1: drafts are accepted less; the bucket starts from the greedy one, then learns
+    choices = []
+    sampled = _costs({0: (0.010, 1.0), 1: (0.011, 1.05), 7: (0.015, 1.1)})
+    for _ in range(600):
+        cap = gate.decide(1, sampling=True)
+        gate.observe(1, cap, *sampled(cap), sampling=True)
+        choices.append(cap)
+    assert choices[0] == 7 and gate.preferred(1, sampling=True) == 0 and choices[-100:].count(0) >= 90
+    assert gate.preferred(1) == 7  # the greedy bucket keeps its own estimates
+    assert set(gate.summary()) == {"1", "1s"}
