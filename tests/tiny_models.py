@@ -425,6 +425,7 @@ def make_tiny_radar_checkpoint(
     continue_rate: float = 0.6,
     policy_seed: int = 7,
     skip_drafting: str = "never",
+    sampled_policy_seed: int | None = None,
 ) -> Path:
     """Head (:func:`make_tiny_eagle3_head`) + random policy packed as a RADAR checkpoint.
 
@@ -433,7 +434,8 @@ def make_tiny_radar_checkpoint(
 
     Returns ``directory / "radar"``; the plain head is ``directory / "head"``. With the defaults
     the simulated rounds stop at every depth 1..4 (policy seed 7: about 41/4/29/25 % of the
-    requests at depths 1/2/3/4).
+    requests at depths 1/2/3/4). ``sampled_policy_seed``: also pack a second random policy (that
+    seed) as the policy of sampled requests.
     """
     from radar_vllm.offline.pack import pack_radar_checkpoint
 
@@ -447,8 +449,14 @@ def make_tiny_radar_checkpoint(
         continue_rate=continue_rate,
         calibration_logprobs=_simulated_draft_logprobs(head, target_dir, max_depth, seed=0),
     )
+    sampled = None
+    if sampled_policy_seed is not None:
+        sampled = make_random_policy(
+            directory / "policy-sampled", top_k=top_k, threshold=threshold, seed=sampled_policy_seed,
+            continue_rate=continue_rate,
+            calibration_logprobs=_simulated_draft_logprobs(head, target_dir, max_depth, seed=1))
     return pack_radar_checkpoint(head, policy, directory / "radar", top_k=top_k, max_depth=max_depth,
-                                 skip_drafting=skip_drafting)
+                                 skip_drafting=skip_drafting, sampled_policy_path=sampled)
 
 
 @contextlib.contextmanager

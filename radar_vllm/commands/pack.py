@@ -20,6 +20,7 @@ def run(args: argparse.Namespace) -> int:
         decision=args.decision,
         mode=args.mode,
         tree_policy_path=args.tree_policy,
+        sampled_policy_path=args.sampled_policy,
     )
     print(json.dumps({"checkpoint": str(out_dir), "radar": read_head_config(out_dir)["radar"]}, indent=2))
     return 0
@@ -47,4 +48,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--tree-policy", default=None,
                         help="a second stop policy, trained on tree-mode rounds, used when the mode is tree "
                              "(stored as policy-tree/; without it tree mode runs the main policy)")
+    parser.add_argument("--sampled-policy", default=None,
+                        help="a chain stop policy trained on sampled (T > 0) rounds, used for the requests "
+                             "that sample (stored as policy-sampled/; without it they run the main policy)")
     parser.set_defaults(func=run)

@@ -13,7 +13,9 @@ sub-directory: vLLM loads every top-level ``*.safetensors`` file of the head as 
 A checkpoint may carry one policy per mode (chain and tree rounds give the policy different
 state distributions): the optional ``tree_policy`` (e.g. ``"policy-tree"``) is used when the mode
 is tree, ``policy`` otherwise (and in tree mode when ``tree_policy`` is absent). Checkpoints
-without ``tree_policy`` keep their meaning.
+without ``tree_policy`` keep their meaning. Likewise sampled and greedy requests accept drafts at
+different rates: the optional ``sampled_policy`` (e.g. ``"policy-sampled"``) decides, in chain
+mode, for the requests of a batch that sample (temperature > 0); ``policy`` for the greedy ones.
 
 Launch-time overrides, without editing the checkpoint (applied in this order, later wins):
 
@@ -43,6 +45,7 @@ OVERRIDES_ENV = "RADAR_OVERRIDES"
 HEAD_CONFIG_FILENAME = "config.json"
 DEFAULT_POLICY_PATH = "policy"
 DEFAULT_TREE_POLICY_PATH = "policy-tree"
+DEFAULT_SAMPLED_POLICY_PATH = "policy-sampled"
 
 MODE_CHAIN = "chain"
 MODE_TREE = "tree"
@@ -75,6 +78,7 @@ class RadarConfig:
     threshold: float | None = None  # continue when P(continue) >= threshold; None: the policy's
     decision: str | None = None  # "threshold" | "sampled"; None: the policy's
     tree_policy: str | None = None  # tree mode's policy, relative to the head directory; None: policy
+    sampled_policy: str | None = None  # chain mode, requests with temperature > 0; None: policy
     fixed_depth: int | None = None  # diagnostic: no policy, every round makes this many draft calls
     scratch_blocks: int | None = None  # tree mode: KV blocks reserved for recomputing tree rows (None: 0)
     skip_drafting: str = SKIP_AUTO  # "auto": depth 0 when drafting does not pay at this load; "never"
@@ -82,8 +86,10 @@ class RadarConfig:
     def __post_init__(self) -> None:
         if not isinstance(self.policy, str) or not self.policy:
             raise ValueError(f"radar.policy must be a non-empty path string, got {self.policy!r}")
-        if self.tree_policy is not None and (not isinstance(self.tree_policy, str) or not self.tree_policy):
-            raise ValueError(f"radar.tree_policy must be a non-empty path string or absent, got {self.tree_policy!r}")
+        for key in ("tree_policy", "sampled_policy"):
+            value = getattr(self, key)
+            if value is not None and (not isinstance(value, str) or not value):
+                raise ValueError(f"radar.{key} must be a non-empty path string or absent, got {value!r}")
         if self.mode not in MODES:
             raise ValueError(f"radar.mode must be one of {MODES}, got {self.mode!r}")
         _require_int("top_k", self.top_k, 1)
@@ -137,8 +143,13 @@ class RadarConfig:
 
     def policy_path(self, checkpoint_dir: str | Path) -> Path:
         """The active policy checkpoint's path (:attr:`active_policy`), resolved against the head directory."""
-        path = Path(self.active_policy)
-        return path if path.is_absolute() else Path(checkpoint_dir) / path
+        return _resolve(self.active_policy, checkpoint_dir)
+
+    def sampled_policy_path(self, checkpoint_dir: str | Path) -> Path | None:
+        """The policy of sampled requests when this mode runs one (chain mode with ``sampled_policy``)."""
+        if self.mode != MODE_CHAIN or self.sampled_policy is None:
+            return None
+        return _resolve(self.sampled_policy, checkpoint_dir)
 
     def to_dict(self) -> dict[str, Any]:
         return {key: value for key, value in dataclasses.asdict(self).items() if value is not None}
@@ -159,6 +170,11 @@ class RadarConfig:
             return dataclasses.replace(self, **dict(overrides))
         except ValueError as error:
             raise ValueError(f"{source}: {error}") from error
+
+
+def _resolve(path: str, checkpoint_dir: str | Path) -> Path:
+    resolved = Path(path)
+    return resolved if resolved.is_absolute() else Path(checkpoint_dir) / resolved
 
 
 def _check_keys(data: Mapping[str, Any], source: str) -> None:
@@ -234,6 +250,9 @@ class ValidatedRadar:
     policy_path: Path
     policy_threshold: float
     policy_decision: str
+    sampled_policy_path: Path | None = None  # chain mode: the policy of requests that sample
+    sampled_policy_threshold: float | None = None
+    sampled_policy_decision: str | None = None
 
     @property
     def threshold(self) -> float:
@@ -242,6 +261,14 @@ class ValidatedRadar:
     @property
     def decision(self) -> str:
         return self.config.decision if self.config.decision is not None else self.policy_decision
+
+    @property
+    def sampled_threshold(self) -> float | None:
+        return self.config.threshold if self.config.threshold is not None else self.sampled_policy_threshold
+
+    @property
+    def sampled_decision(self) -> str | None:
+        return self.config.decision if self.config.decision is not None else self.sampled_policy_decision
 
 
 def validate_radar_setup(
@@ -308,16 +335,23 @@ def validate_radar_setup(
         )
     policy_path = config.policy_path(checkpoint_dir)
     checkpoint = _check_policy(config, checkpoint_dir, config.active_policy_key, policy_path)
+    # the checkpoint's other policies must be usable too (caught at pack time, not when switching)
     if config.tree_policy is not None and config.mode != MODE_TREE:
-        # the checkpoint's other policy must be usable too (caught at pack time, not when switching)
-        other = Path(config.tree_policy)
-        _check_policy(config, checkpoint_dir, "tree_policy", other if other.is_absolute() else checkpoint_dir / other)
+        _check_policy(config, checkpoint_dir, "tree_policy", _resolve(config.tree_policy, checkpoint_dir))
+    sampled = None
+    if config.sampled_policy is not None:
+        sampled = _check_policy(config, checkpoint_dir, "sampled_policy",
+                                _resolve(config.sampled_policy, checkpoint_dir))
+    sampled_path = config.sampled_policy_path(checkpoint_dir)
     return ValidatedRadar(
         config=config,
         checkpoint_dir=checkpoint_dir,
         policy_path=policy_path,
         policy_threshold=checkpoint.config.threshold,
         policy_decision=checkpoint.config.decision,
+        sampled_policy_path=sampled_path,
+        sampled_policy_threshold=None if sampled_path is None else sampled.config.threshold,
+        sampled_policy_decision=None if sampled_path is None else sampled.config.decision,
     )
 
 

@@ -7,6 +7,7 @@ Layout written by :func:`pack_radar_checkpoint`::
     OUT_DIR/policy/policy.safetensors + policy.json   the stop policy (a sub-directory: vLLM
                                    loads every top-level *.safetensors file as head weights)
     OUT_DIR/policy-tree/...        optional: the policy used in tree mode ("tree_policy")
+    OUT_DIR/policy-sampled/...     optional: chain mode's policy for sampled requests ("sampled_policy")
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from typing import Any
 
 from radar_vllm.core.config import (
     DEFAULT_POLICY_PATH,
+    DEFAULT_SAMPLED_POLICY_PATH,
     DEFAULT_TREE_POLICY_PATH,
     HEAD_CONFIG_FILENAME,
     MODE_CHAIN,
@@ -53,14 +55,17 @@ def pack_radar_checkpoint(
     decision: str | None = None,
     mode: str = MODE_CHAIN,
     tree_policy_path: str | Path | None = None,
+    sampled_policy_path: str | Path | None = None,
     skip_drafting: str = SKIP_AUTO,
 ) -> Path:
     """Write a RADAR checkpoint into ``out_dir`` (which must not exist or be empty); return it.
 
     ``top_k`` defaults to the policy's state size; ``threshold``/``decision`` default to the
     policy's own (left out of the section). ``tree_policy_path``: a second policy, trained on
-    tree-mode rounds, copied to ``policy-tree/`` and used when the mode is tree. The result is
-    validated (both policies) before it is moved in place.
+    tree-mode rounds, copied to ``policy-tree/`` and used when the mode is tree.
+    ``sampled_policy_path``: a chain policy trained on sampled (T > 0) rounds, copied to
+    ``policy-sampled/`` and used for the requests that sample. The result is validated (every
+    policy) before it is moved in place.
     """
     from radar_vllm.core.policy import CONFIG_FILENAME, WEIGHTS_FILENAME, load_policy_checkpoint
 
@@ -80,6 +85,7 @@ def pack_radar_checkpoint(
         threshold=threshold,
         decision=decision,
         tree_policy=None if tree_policy_path is None else DEFAULT_TREE_POLICY_PATH,
+        sampled_policy=None if sampled_policy_path is None else DEFAULT_SAMPLED_POLICY_PATH,
         skip_drafting=skip_drafting,
     )
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
@@ -88,13 +94,17 @@ def pack_radar_checkpoint(
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
         for item in head_dir.iterdir():
-            if item.name in (HEAD_CONFIG_FILENAME, DEFAULT_POLICY_PATH, DEFAULT_TREE_POLICY_PATH):
+            if item.name in (HEAD_CONFIG_FILENAME, DEFAULT_POLICY_PATH, DEFAULT_TREE_POLICY_PATH,
+                             DEFAULT_SAMPLED_POLICY_PATH):
                 continue
             if item.is_file():
                 shutil.copy2(item, staging / item.name)
         _copy_policy(policy_path, staging / DEFAULT_POLICY_PATH, WEIGHTS_FILENAME, CONFIG_FILENAME)
         if tree_policy_path is not None:
             _copy_policy(tree_policy_path, staging / DEFAULT_TREE_POLICY_PATH, WEIGHTS_FILENAME, CONFIG_FILENAME)
+        if sampled_policy_path is not None:
+            _copy_policy(sampled_policy_path, staging / DEFAULT_SAMPLED_POLICY_PATH, WEIGHTS_FILENAME,
+                         CONFIG_FILENAME)
         config: dict[str, Any] = dict(head_config)
         config[RADAR_SECTION] = radar.to_dict()
         (staging / HEAD_CONFIG_FILENAME).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")

@@ -73,15 +73,23 @@ class EnginePlan:
 
 
 def _radar_to_dict(radar: ValidatedRadar) -> dict[str, Any]:
+    sampled = radar.sampled_policy_path
     return {"config": radar.config.to_dict(), "checkpoint_dir": str(radar.checkpoint_dir),
             "policy_path": str(radar.policy_path), "policy_threshold": radar.policy_threshold,
-            "policy_decision": radar.policy_decision}
+            "policy_decision": radar.policy_decision,
+            "sampled_policy_path": None if sampled is None else str(sampled),
+            "sampled_policy_threshold": radar.sampled_policy_threshold,
+            "sampled_policy_decision": radar.sampled_policy_decision}
 
 
 def _radar_from_dict(data: dict[str, Any]) -> ValidatedRadar:
+    sampled = data.get("sampled_policy_path")
     return ValidatedRadar(config=RadarConfig.from_dict(data["config"]), checkpoint_dir=Path(data["checkpoint_dir"]),
                           policy_path=Path(data["policy_path"]), policy_threshold=data["policy_threshold"],
-                          policy_decision=data["policy_decision"])
+                          policy_decision=data["policy_decision"],
+                          sampled_policy_path=None if sampled is None else Path(sampled),
+                          sampled_policy_threshold=data.get("sampled_policy_threshold"),
+                          sampled_policy_decision=data.get("sampled_policy_decision"))
 
 
 # --------------------------------------------------------------------------------------------

@@ -39,6 +39,7 @@ import torch
 from vllm.forward_context import set_forward_context
 from vllm.v1.attention.backend import CommonAttentionMetadata
 from vllm.v1.sample.metadata import SamplingMetadata
+from vllm.v1.sample.sampler import _SAMPLING_EPS as SAMPLING_EPS
 from vllm.v1.spec_decode.eagle import EagleProposer
 
 from radar_vllm.core.config import TreeConfig
@@ -88,6 +89,14 @@ def tree_eligible(params: Any, has_custom_logits_processors: bool = False) -> bo
     )
 
 
+def sampling_rows(sampling_metadata: Any, batch_size: int, device: torch.device) -> torch.Tensor:
+    """``[batch]`` bool: the requests that sample (temperature > 0), from vLLM's sampling metadata."""
+    temperature = getattr(sampling_metadata, "temperature", None)
+    if temperature is None:
+        return torch.zeros(batch_size, dtype=torch.bool, device=device)
+    return (temperature[:batch_size] >= SAMPLING_EPS).to(device)
+
+
 class RadarProposer(EagleProposer):
     """EAGLE-3 drafting with per-request depths chosen by the RADAR stop policy (chain or tree)."""
 
@@ -113,10 +122,17 @@ class RadarProposer(EagleProposer):
             raise ValueError(f"RADAR drafts with plain EAGLE-3 heads; this engine needs {unsupported or self.method}, "
                              f"which RADAR's drafting loop does not support")
         self.policy_runner = None
+        self.sampled_policy_runner = None  # chain mode: the policy of requests that sample, if any
         if config.fixed_depth is None:
             self.policy_runner = PolicyRunner(load_policy(plan.radar.policy_path, device=device),
                                               max_batch_size=self.max_batch_size, device=device,
                                               decision=plan.radar.decision, threshold=plan.radar.threshold)
+            if plan.radar.sampled_policy_path is not None:
+                self.sampled_policy_runner = PolicyRunner(
+                    load_policy(plan.radar.sampled_policy_path, device=device), max_batch_size=self.max_batch_size,
+                    device=device, decision=plan.radar.sampled_decision, threshold=plan.radar.sampled_threshold)
+        self._sampling_rows: torch.Tensor | None = None  # this round: [batch] bool, rows that sample (mixed)
+        self._round_runners: tuple[Any, ...] = ()  # the policy runners this round steps
         self.state_size = config.top_k
         self.tree_config = TreeConfig(top_k=config.top_k, max_depth=config.max_depth,
                                       total_tokens=config.total_tokens) if plan.tree else None
@@ -127,7 +143,8 @@ class RadarProposer(EagleProposer):
                      else None)
         self.skipped = SkippedTokens(capacity=self.max_num_tokens)
         self.round_counts = {DRAFT_ROUND: 0, SKIP_ROUND: 0, CATCH_UP_ROUND: 0}
-        self._last_round: tuple[float, int, str, int] | None = None  # (start time, batch size, action, cap)
+        # (start time, batch size, action, cap, rows caught up before the round, some request samples)
+        self._last_round: tuple[float, int, str, int, int, bool] | None = None
         self._depth_cap = self.max_depth  # the gate's cap for the current round
         logger.info("RadarProposer: %s mode, max_depth=%d, top_k=%d, %s", plan.mode, self.max_depth, config.top_k,
                     f"fixed depth {config.fixed_depth} (no stop policy)" if config.fixed_depth else
@@ -145,10 +162,31 @@ class RadarProposer(EagleProposer):
             return ChainGrowth(batch_size, self.max_depth, self.state_size, device)
         return FrontierGrowth(self.tree_config, batch_size, self.state_size, device)
 
+    def _begin_policy_round(self, batch_size: int, sampling_metadata: Any) -> None:
+        """Choose this round's policies: greedy rows run ``policy``, sampling rows ``sampled_policy``."""
+        self._sampling_rows = None
+        if self.policy_runner is None:
+            self._round_runners = ()
+            return
+        runners: tuple[Any, ...] = (self.policy_runner,)
+        if self.sampled_policy_runner is not None and not getattr(sampling_metadata, "all_greedy", True):
+            if getattr(sampling_metadata, "all_random", False):
+                runners = (self.sampled_policy_runner,)
+            else:  # a mixed batch: both policies, each request takes its own's decision
+                self._sampling_rows = sampling_rows(sampling_metadata, batch_size, self.positions.device)
+                runners = (self.policy_runner, self.sampled_policy_runner)
+        for runner in runners:
+            runner.begin_round(batch_size)
+        self._round_runners = runners
+
     def _decide(self, growth: Any, active: torch.Tensor) -> torch.Tensor:
         """Policy step after a draft call; returns ``[batch]`` bool: still drafting."""
-        if self.policy_runner is not None:
-            active = self.policy_runner.step(growth.policy_state()) & active
+        if self._round_runners:
+            state = growth.policy_state()
+            keep = self._round_runners[0].step(state)
+            if len(self._round_runners) == 2:
+                keep = torch.where(self._sampling_rows, self._round_runners[1].step(state), keep)
+            active = keep & active
         self.stop_monitor.record(active)
         return active
 
@@ -178,7 +216,7 @@ class RadarProposer(EagleProposer):
         if self.skipped:
             self.skipped.forget(self.model_runner.requests)
         action = self._open_round(common_attn_metadata, token_indices_to_sample, num_speculative_tokens,
-                                  target_token_ids.shape[0])
+                                  target_token_ids.shape[0], not getattr(sampling_metadata, "all_greedy", True))
         if action == SKIP_ROUND:
             return self._skip_round(num_speculative_tokens, target_token_ids, target_positions, target_hidden_states,
                                     next_token_ids, token_indices_to_sample, common_attn_metadata,
@@ -222,8 +260,7 @@ class RadarProposer(EagleProposer):
 
         growth = self._growth(batch_size, logits.device)
         growth.start(logits)
-        if self.policy_runner is not None:
-            self.policy_runner.begin_round(batch_size)
+        self._begin_policy_round(batch_size, sampling_metadata)
         self.stop_monitor.begin_round()
         active = torch.ones(batch_size, dtype=torch.bool, device=logits.device)
         if depth_limit > 1:
@@ -287,7 +324,7 @@ class RadarProposer(EagleProposer):
     # -- depth 0 ---------------------------------------------------------------------------------
 
     def _open_round(self, cad: CommonAttentionMetadata, token_indices_to_sample: torch.Tensor | None,
-                    num_speculative_tokens: int, num_rows: int) -> str:
+                    num_speculative_tokens: int, num_rows: int, sampling: bool = False) -> str:
         """Report the engine step that just ended to the gate, then choose this round's action.
 
         The step is measured from the previous round's start to this one's, and counted only when
@@ -301,20 +338,24 @@ class RadarProposer(EagleProposer):
         if self.gate is not None:
             decode_only = cad.max_query_len <= num_speculative_tokens + 1
             if self._last_round is not None:
-                start, last_batch_size, last_action, last_cap = self._last_round
-                if last_batch_size == batch_size and decode_only and last_action != CATCH_UP_ROUND:
+                start, last_batch_size, last_action, last_cap, caught_up_before, last_sampling = self._last_round
+                if (last_batch_size == batch_size and last_sampling == sampling and decode_only
+                        and last_action != CATCH_UP_ROUND):
                     if token_indices_to_sample is None:
                         tokens = cad.num_actual_tokens / batch_size
                     else:
                         starts = cad.query_start_loc_cpu[:batch_size]
                         tokens = float((token_indices_to_sample.to("cpu") - starts + 1).float().mean())
-                    self.gate.observe(batch_size, last_cap, now - start, tokens)
-            cap = self.gate.decide(batch_size)
+                    # a round whose call 1 caught up on more than one skipped round per request
+                    # paid for the skipped rounds too: not a measurement of its arm
+                    typical = self.skipped.rows_caught_up - caught_up_before <= batch_size
+                    self.gate.observe(batch_size, last_cap, now - start, tokens, typical=typical, sampling=sampling)
+            cap = self.gate.decide(batch_size, sampling)
             if cap == 0:
                 fits = self.skipped.rows() + num_rows <= self.skipped.capacity // 2
                 action = SKIP_ROUND if decode_only and fits else CATCH_UP_ROUND
         self._depth_cap = max(cap, 1)
-        self._last_round = (now, batch_size, action, cap)
+        self._last_round = (now, batch_size, action, cap, self.skipped.rows_caught_up, sampling)
         self.round_counts[action] += 1
         return action
 
@@ -323,6 +364,19 @@ class RadarProposer(EagleProposer):
                     token_indices_to_sample: torch.Tensor | None, cad: CommonAttentionMetadata,
                     num_rejected_tokens_gpu: torch.Tensor | None) -> torch.Tensor:
         """A round without drafts: keep call 1's rows for the catch-up, return no draft tokens."""
+        batch_size = cad.batch_size()
+        output = torch.full((batch_size, num_speculative_tokens), PADDING_TOKEN, dtype=torch.int64,
+                            device=target_token_ids.device)
+        req_ids = self.model_runner.input_batch.req_ids[:batch_size]
+        # One new token per request (so nothing verified, nothing rejected): its drafter row is what
+        # vLLM's first pass would write, (sampled token, position, hidden state, slot); kept for the
+        # whole batch at once, combined by the drafter's input layer when a round drafts again.
+        if (target_token_ids.shape[0] == batch_size and cad.max_query_len == 1
+                and self.skipped.stash_decode(req_ids, next_token_ids[:batch_size].to(self.input_ids.dtype),
+                                              target_positions[:batch_size], target_hidden_states[:batch_size],
+                                              cad.slot_mapping[:batch_size])):
+            return output
+        self.skipped.materialize(self.model.combine_hidden_states)
         hidden = self.model.combine_hidden_states(target_hidden_states)
         _, sample_indices, cad = super().set_inputs_first_pass(  # the plain first pass: no catch-up here
             target_token_ids=target_token_ids, next_token_ids=next_token_ids, target_positions=target_positions,
@@ -330,8 +384,7 @@ class RadarProposer(EagleProposer):
             num_rejected_tokens_gpu=num_rejected_tokens_gpu)
         self.skipped.stash(self.model_runner.input_batch.req_ids, cad, sample_indices, self.input_ids,
                            self.positions, self.hidden_states)
-        return torch.full((cad.batch_size(), num_speculative_tokens), PADDING_TOKEN, dtype=torch.int64,
-                          device=target_token_ids.device)
+        return output
 
     def set_inputs_first_pass(self, target_token_ids: torch.Tensor, next_token_ids: torch.Tensor,
                               target_positions: torch.Tensor, target_hidden_states: torch.Tensor,
@@ -343,6 +396,7 @@ class RadarProposer(EagleProposer):
             target_hidden_states=target_hidden_states, token_indices_to_sample=token_indices_to_sample, cad=cad,
             num_rejected_tokens_gpu=num_rejected_tokens_gpu)
         if self.skipped:
+            self.skipped.materialize(self.model.combine_hidden_states)
             num_tokens, sample_indices, cad = self.skipped.splice(
                 self.model_runner.input_batch.req_ids, num_tokens, sample_indices, cad, self.input_ids,
                 self.positions, self.hidden_states)
@@ -360,7 +414,11 @@ class RadarProposer(EagleProposer):
         growth = ChainGrowth(batch_size, self.max_depth, self.state_size, device)
         logits = torch.zeros(batch_size, max(self.state_size, 2), device=device)
         growth.start(logits)
-        self.policy_runner.begin_round(batch_size)
+        for runner in (self.policy_runner, self.sampled_policy_runner):
+            if runner is not None:
+                runner.begin_round(batch_size)
+        self._round_runners = tuple(r for r in (self.policy_runner, self.sampled_policy_runner) if r is not None)
+        self._sampling_rows = torch.arange(batch_size, device=device) % 2 == 1  # both policies warm up
         active = torch.ones(batch_size, dtype=torch.bool, device=device)
         for _ in range(1, self.max_depth):
             active = self._decide(growth, active)

@@ -74,8 +74,9 @@ def runs(tmp_path_factory):
     baseline = _sample(llm, seed_offset=0)
     shutdown_engine(llm)
     results = {}
-    # RADAR chain, as a user starts it; vLLM's rejection sampler verifies
-    checkpoint = make_tiny_radar_checkpoint(root / "radar", target, max_depth=4)
+    # RADAR chain, as a user starts it; vLLM's rejection sampler verifies; sampled requests run the
+    # checkpoint's policy for sampled requests
+    checkpoint = make_tiny_radar_checkpoint(root / "radar", target, max_depth=4, sampled_policy_seed=11)
     llm = _engine(target, speculative_config={"method": "radar", "model": str(checkpoint)})
     try:
         # the recorder's list is filled in place while sampling

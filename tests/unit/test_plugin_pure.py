@@ -160,3 +160,42 @@ def test_the_drafting_loop_follows_the_pinned_upstream_loop():
         source = inspect.getsource(getattr(SpecDecodeBaseProposer, method))
         assert hashlib.sha256(source.encode()).hexdigest() == digest, (
             f"vLLM's SpecDecodeBaseProposer.{method} changed: re-read it against radar_vllm/vllm/proposer.py")
+
+
+def _constant_policy(continue_: bool, state_size: int = 4):
+    from radar_vllm.core.policy import PolicyConfig, StopPolicy
+
+    policy = StopPolicy(PolicyConfig(state_size=state_size))
+    with torch.no_grad():
+        policy.mlp_out.weight.zero_()
+        policy.mlp_out.bias.copy_(torch.tensor([-20.0, 20.0] if continue_ else [20.0, -20.0]))
+    return policy.eval()
+
+
+def test_sampled_requests_run_the_sampled_policy():
+    from types import SimpleNamespace
+
+    from radar_vllm.core.growth import ChainGrowth
+    from radar_vllm.core.policy import PolicyRunner
+    from radar_vllm.vllm.proposer import RadarProposer
+    from radar_vllm.vllm.stop_monitor import AllStoppedMonitor
+
+    proposer = RadarProposer.__new__(RadarProposer)  # only the policy selection is exercised
+    proposer.policy_runner = PolicyRunner(_constant_policy(False), max_batch_size=8)  # greedy: stop
+    proposer.sampled_policy_runner = PolicyRunner(_constant_policy(True), max_batch_size=8)  # sampled: go on
+    proposer.positions = torch.zeros(8, dtype=torch.int64)
+    proposer.stop_monitor = AllStoppedMonitor(torch.device("cpu"), 4)
+
+    def first_decision(metadata, batch_size=4):
+        growth = ChainGrowth(batch_size, 4, 4, torch.device("cpu"))
+        growth.start(torch.randn(batch_size, 16))
+        proposer._begin_policy_round(batch_size, metadata)
+        return proposer._decide(growth, torch.ones(batch_size, dtype=torch.bool)).tolist(), len(proposer._round_runners)
+
+    mixed = SimpleNamespace(all_greedy=False, all_random=False, temperature=torch.tensor([-1.0, 1.0, 0.0, 0.7]))
+    assert first_decision(mixed) == ([False, True, False, True], 2)
+    assert first_decision(SimpleNamespace(all_greedy=True, all_random=False, temperature=None)) == ([False] * 4, 1)
+    assert first_decision(SimpleNamespace(all_greedy=False, all_random=True, temperature=torch.ones(4))) == (
+        [True] * 4, 1)
+    proposer.sampled_policy_runner = None  # a checkpoint without one: every request runs the main policy
+    assert first_decision(mixed) == ([False] * 4, 1)

@@ -195,6 +195,39 @@ def test_pack_with_tree_policy(tiny, tmp_path):
     assert tree.policy_path == checkpoint / "policy-tree" and tree.threshold == 0.3
 
 
+def test_pack_with_sampled_policy(tiny, tmp_path):
+    _, _, head, policy, _ = tiny
+    sampled_policy = make_random_policy(tmp_path / "sampled-policy", top_k=4, seed=3, threshold=0.4)
+    code = cli_main(["pack", str(head), str(policy), str(tmp_path / "ck"), "--max-depth", "4",
+                     "--sampled-policy", str(sampled_policy)])
+    assert code == 0
+    checkpoint = tmp_path / "ck"
+    section = radar_section(read_head_config(checkpoint))
+    assert section["sampled_policy"] == "policy-sampled"
+    assert sorted(p.name for p in checkpoint.glob("*.safetensors")) == ["model.safetensors"]
+    config = RadarConfig.from_dict(section)
+    chain = validate_radar_setup(config, checkpoint, num_speculative_tokens=4)
+    assert chain.policy_path == checkpoint / "policy" and chain.threshold == 0.5
+    assert chain.sampled_policy_path == checkpoint / "policy-sampled" and chain.sampled_threshold == 0.4
+    # an explicit threshold applies to both policies
+    assert validate_radar_setup(config.with_overrides({"threshold": 0.7}), checkpoint).sampled_threshold == 0.7
+    # tree mode runs one policy for every request
+    assert validate_radar_setup(config.with_overrides({"mode": "tree"}), checkpoint).sampled_policy_path is None
+    # the engine plan carries it to every process
+    from radar_vllm.vllm.engine_plan import _radar_from_dict, _radar_to_dict
+
+    assert _radar_from_dict(_radar_to_dict(chain)) == chain
+    # a policy of the wrong width or a missing one is refused, naming the key
+    wide = make_random_policy(tmp_path / "wide", top_k=5, seed=2)
+    with pytest.raises(ValueError, match=r"radar.sampled_policy\) takes states of size 5 but radar.top_k=4"):
+        pack_radar_checkpoint(head, policy, tmp_path / "ck2", max_depth=4, sampled_policy_path=wide)
+    shutil.rmtree(checkpoint / "policy-sampled")
+    with pytest.raises(FileNotFoundError, match="radar.sampled_policy='policy-sampled'"):
+        validate_radar_setup(config, checkpoint)
+    with pytest.raises(ValueError, match="radar.sampled_policy must be a non-empty path string"):
+        RadarConfig.from_dict({**section, "sampled_policy": ""})
+
+
 def test_validation_checks_the_tree_policy_in_chain_mode_too(tiny, tmp_path):
     _, _, head, policy, _ = tiny
     wide = make_random_policy(tmp_path / "wide", top_k=5, seed=2)
