@@ -6,7 +6,8 @@
 #      acceptance budget (BUDGET, default 1% of full depth's acceptance length) per temperature;
 #   4. evaluate them on held-out rounds against fixed depths 0..D, the cost rule and the oracle,
 #      and measure the headroom any stop policy has with this state (radar-vllm policy-headroom);
-#   5. pack the head + our T = 0 policy (PACK_POLICY) into radar_vllm/checkpoints/smollm2-135m-radar/.
+#   5. pack the head + our T = 0 policy (PACK_POLICY) into radar_vllm/checkpoints/smollm2-135m-radar/,
+#      with our T = 1 policy as the policy of sampled requests.
 # Results: benchmarks/results/policy_smollm2_chain_T{0,1}.{json,md,png},
 # policy_headroom_smollm2_chain.{json,md} and costs_smollm2_chain.json.
 #
@@ -15,7 +16,8 @@
 # memorised them, and their rounds overstate its acceptance.
 #
 # Environment overrides: HEAD, WORK, D, TRAIN_PROMPTS, HELDOUT_PROMPTS, NEW_TOKENS, CAL_PROMPTS,
-# CAL_PASSES, CLOCK (wall|cpu), CAL_NOTE (machine state recorded with the costs), HEAD_PROMPTS,
+# CAL_PASSES, CAL_DTYPE (float32, the benchmarks' dtype), CAL_EAGER (0: compiled engines as
+# served, the default; 1: enforce_eager), CLOCK (wall|cpu), CAL_NOTE (machine state recorded with the costs), HEAD_PROMPTS,
 # BUDGET, PACK_POLICY (exact | budget), HEADROOM_NOTES (a file, one note a line, for the headroom report), TREE_POLICY and TREE_TOTAL_TOKENS (kept in the packed
 # checkpoint), STEPS (space-separated subset of: collect calibrate train evaluate pack).
 # Collection resumes (finished shards are kept); the other steps are cheap to redo.
@@ -52,6 +54,9 @@ NEW_TOKENS="${NEW_TOKENS:-64}"
 CAL_PROMPTS="${CAL_PROMPTS:-3}"
 CAL_PASSES="${CAL_PASSES:-1}"
 CLOCK="${CLOCK:-cpu}"
+CAL_DTYPE="${CAL_DTYPE:-float32}"
+CAL_COMPILE=(--vllm-compile)
+[[ "${CAL_EAGER:-0}" == 1 ]] && CAL_COMPILE=()
 STEPS="${STEPS:-collect calibrate train evaluate pack}"
 RESULTS="$ROOT/benchmarks/results"
 COSTS="$RESULTS/costs_smollm2_chain.json"
@@ -73,6 +78,7 @@ fi
 if has_step calibrate; then
     radar-vllm calibrate --engine vllm "${COMMON[@]}" --out "$COSTS" \
         --vllm-prompts "$CAL_PROMPTS" --passes "$CAL_PASSES" --vllm-max-tokens 64 --clock "$CLOCK" \
+        --vllm-dtype "$CAL_DTYPE" "${CAL_COMPILE[@]}" \
         --note "${CAL_NOTE:-measured while the round collection (2 niced processes) and other jobs shared the 2 cores}; load average $(cut -d' ' -f1-3 /proc/loadavg) at start" \
         > "$WORK/calibrate.log" 2>&1
 fi
@@ -125,8 +131,12 @@ if has_step pack; then
     OUT="$ROOT/radar_vllm/checkpoints/smollm2-135m-radar"
     rm -rf "$OUT.tmp"
     PACKED="$WORK/policies/T0/exact"
-    [[ "$PACK_POLICY" == budget ]] && PACKED="$WORK/policies/T0/budget/exact"
-    radar-vllm pack "$HEAD" "$PACKED" "$OUT.tmp" --mode chain --max-depth "$D" \
+    SAMPLED="$WORK/policies/T1/exact"
+    if [[ "$PACK_POLICY" == budget ]]; then
+        PACKED="$WORK/policies/T0/budget/exact"
+        SAMPLED="$WORK/policies/T1/budget/exact"
+    fi
+    radar-vllm pack "$HEAD" "$PACKED" "$OUT.tmp" --mode chain --max-depth "$D" --sampled-policy "$SAMPLED" \
         --tree-policy "${TREE_POLICY:-$OUT/policy-tree}" --total-tokens "${TREE_TOTAL_TOKENS:-12}"
     rm -rf "$OUT"
     mv "$OUT.tmp" "$OUT"

@@ -58,7 +58,8 @@ def run_vllm(args: argparse.Namespace) -> int:
         str(args.target), str(args.head), prompts, model_id=model_id, head_id=head_id,
         max_depth=args.max_depth, state_size=args.chain_state_size,
         draft_vocab_size=draft_vocab_size, max_tokens=args.vllm_max_tokens,
-        passes=args.passes, dtype=args.vllm_dtype, clock=args.clock, metadata=metadata)
+        passes=args.passes, dtype=args.vllm_dtype, clock=args.clock, metadata=metadata,
+        enforce_eager=not args.vllm_compile)
     path = save_cost_table(costs, args.out)
     print(json.dumps(costs.to_dict(), indent=2))
     print(f"wrote {path}")
@@ -137,6 +138,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--vllm-max-tokens", type=int, default=64,
                         help="--engine vllm: tokens generated per prompt (ignore_eos)")
     parser.add_argument("--vllm-dtype", default="bfloat16", help="--engine vllm: model dtype")
+    parser.add_argument("--vllm-compile", action="store_true",
+                        help="--engine vllm: run the engines compiled (vLLM's default, as served) "
+                             "instead of enforce_eager (faster to start, other step costs)")
     parser.add_argument("--passes", type=int, default=2,
                         help="--engine vllm: passes over the depths (order alternates)")
     parser.add_argument("--clock", choices=["wall", "cpu"], default="wall",

