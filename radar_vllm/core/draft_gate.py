@@ -110,8 +110,9 @@ class DraftGate:
         if key not in self.buckets:
             arms = {cap: ArmEstimate() for cap in self.caps}
             known = [other for other, state in self.buckets.items() if any(a.known for a in state.arms.values())]
-            if known:  # start from the nearest bucket's estimates: same kind of batch first, then size
-                nearest = self.buckets[min(known, key=lambda other: (other[0] != sampling, abs(other[1] - key[1]),
+            if known:  # start from the nearest bucket's estimates: nearest size first (the load
+                # decides more than the temperature), then the same kind of batch, then the smaller
+                nearest = self.buckets[min(known, key=lambda other: (abs(other[1] - key[1]), other[0] != sampling,
                                                                      other[1]))]
                 for cap, arm in nearest.arms.items():
                     if arm.known:

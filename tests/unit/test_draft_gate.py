@@ -175,4 +175,8 @@ def test_sampling_batches_are_measured_apart_and_start_from_greedy_ones():
         choices.append(cap)
     assert choices[0] == 7 and gate.preferred(1, sampling=True) == 0 and choices[-100:].count(0) >= 90
     assert gate.preferred(1) == 7  # the greedy bucket keeps its own estimates
-    assert set(gate.summary()) == {"1", "1s"}
+    # a sampling batch of 16 starts from the greedy batch of 16 (the load decides more), not from
+    # the sampling batch of 1
+    _run(gate, 16, 200, _costs({0: (0.080, 1.0), 1: (0.120, 1.3), 7: (0.250, 1.6)}))
+    assert gate.decide(16, sampling=True) == 0
+    assert set(gate.summary()) == {"1", "1s", "16", "16s"}
