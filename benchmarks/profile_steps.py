@@ -36,6 +36,11 @@ CONFIGS = {
     "no-spec": None,
     "eagle3-k1": {"method": "eagle3", "model": str(CHECKPOINTS / "smollm2-135m-eagle3"), "num_speculative_tokens": 1},
     "eagle3-k3": {"method": "eagle3", "model": str(CHECKPOINTS / "smollm2-135m-eagle3"), "num_speculative_tokens": 3},
+    "eagle3-k2": {"method": "eagle3", "model": str(CHECKPOINTS / "smollm2-135m-eagle3"), "num_speculative_tokens": 2},
+    "radar-chain-d1": {"method": "radar", "model": str(CHECKPOINTS / "smollm2-135m-radar"),
+                       "radar": {"mode": "chain", "fixed_depth": 1}},  # no policy, no gate: the plugin's own cost
+    "radar-chain-d3": {"method": "radar", "model": str(CHECKPOINTS / "smollm2-135m-radar"),
+                       "radar": {"mode": "chain", "fixed_depth": 3}},
     "radar-chain": {"method": "radar", "model": str(CHECKPOINTS / "smollm2-135m-radar"), "radar": {"mode": "chain"}},
     "radar-chain-skip": {"method": "radar", "model": str(CHECKPOINTS / "smollm2-135m-radar"),
                          "radar": {"mode": "chain"}},  # the gate forced to skip every round

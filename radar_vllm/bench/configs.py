@@ -50,6 +50,7 @@ KIND_RADAR = "radar"
 KIND_STATIC = "static"
 KIND_CONFIDENCE = "confidence"
 KINDS = (KIND_NONE, KIND_EAGLE3, KIND_RADAR, KIND_STATIC, KIND_CONFIDENCE)
+RADAR_KINDS = (KIND_RADAR, KIND_STATIC, KIND_CONFIDENCE)  # rows served by RadarProposer
 
 NO_SPEC = "no-spec"
 RADAR_CHAIN = "radar-chain"
@@ -112,7 +113,7 @@ class BenchConfig:
 
     @property
     def uses_radar(self) -> bool:
-        return self.kind in (KIND_RADAR, KIND_STATIC, KIND_CONFIDENCE)
+        return self.kind in RADAR_KINDS
 
     @property
     def skipped(self) -> bool:

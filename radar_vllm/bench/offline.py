@@ -2,7 +2,8 @@
 
 For every workload x temperature x mode x repeat: read the engine's metrics, time
 ``LLM.generate`` (batch 1: one call per prompt; batched: one call for all prompts), read the
-metrics again and keep the difference (:mod:`radar_vllm.bench.snapshots`). Greedy outputs of the
+metrics again and keep the difference (:mod:`radar_vllm.bench.snapshots`); RADAR rows also keep
+the depth gate's estimates and round counts after each run (``gate``). Greedy outputs of the
 first repeat are kept (token ids) for the match check against no speculation; later repeats are
 checked against the first. Sampled (T > 0) outputs of the first repeat are kept too
 (``sampled_outputs``): the harness scores them after the row (:mod:`radar_vllm.bench.sample_quality`).
@@ -17,6 +18,7 @@ import logging
 import time
 from typing import Any, Callable, Sequence
 
+from radar_vllm.bench.configs import RADAR_KINDS
 from radar_vllm.bench.settings import GREEDY, MODE_BATCH1, MODE_BATCHED, temperatures_for
 from radar_vllm.bench.snapshots import (
     RADAR_ROUNDS,
@@ -73,10 +75,11 @@ def turn2_source_mode(modes: Sequence[str], num_prompts: int, batch1_prompts: in
 class OfflineRunner:
     """Times ``LLM.generate`` on one engine; ``llm`` is a ``vllm.LLM`` (duck-typed)."""
 
-    def __init__(self, llm: Any, max_new_tokens: int, seed: int) -> None:
+    def __init__(self, llm: Any, max_new_tokens: int, seed: int, gate_report: bool = False) -> None:
         self.llm = llm
         self.max_new_tokens = max_new_tokens
         self.seed = seed
+        self.gate_report = gate_report  # record the RADAR worker's depth-gate state after each run
         self.params_class = type(llm.get_default_sampling_params())
 
     def sampling_params(self, temperature: float, index: int, max_tokens: int | None = None) -> Any:
@@ -124,6 +127,8 @@ class OfflineRunner:
             "seconds": seconds,
             "metrics": delta.to_dict(),
         }
+        if self.gate_report:  # cumulative over the engine's runs so far
+            record["gate"] = self.llm.collective_rpc("radar_gate_summary")[0]
         return record, outputs
 
 
@@ -131,12 +136,15 @@ def run_offline_job(job: dict[str, Any], llm: Any, progress: Callable[[], None])
     """Every measured run of ``job`` on ``llm``; returns the worker's result (without engine info).
 
     ``job`` keys: workloads (list of Workload dicts), temperatures, modes, repeats,
-    max_new_tokens, seed, warmup; optionally sampled_workloads (T > 0 only for these; empty or
+    max_new_tokens, seed, warmup; optionally config (a BenchConfig dict: RADAR rows record the
+    depth gate after each run), sampled_workloads (T > 0 only for these; empty or
     absent: all), batch1_prompts (batch 1 times the first N prompts; absent or None: all) and
     build_turn2 = {"max_prompt_tokens": N, "tokenizer": DIR} (the no-speculation run builds
     MT-Bench turn 2 from its own greedy answers).
     """
-    runner = OfflineRunner(llm, int(job["max_new_tokens"]), int(job["seed"]))
+    config = job.get("config") or {}
+    runner = OfflineRunner(llm, int(job["max_new_tokens"]), int(job["seed"]),
+                           gate_report=config.get("kind") in RADAR_KINDS and not config.get("plugin_disabled"))
     workloads = [Workload.from_dict(w) for w in job["workloads"]]
     temperatures = [float(t) for t in job["temperatures"]]
     sampled = list(job.get("sampled_workloads") or ())

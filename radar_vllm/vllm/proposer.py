@@ -341,15 +341,15 @@ class RadarProposer(EagleProposer):
                 start, last_batch_size, last_action, last_cap, caught_up_before, last_sampling = self._last_round
                 if (last_batch_size == batch_size and last_sampling == sampling and decode_only
                         and last_action != CATCH_UP_ROUND):
-                    if token_indices_to_sample is None:
-                        tokens = cad.num_actual_tokens / batch_size
+                    if token_indices_to_sample is None:  # one token per request
+                        emitted = [1] * batch_size
                     else:
                         starts = cad.query_start_loc_cpu[:batch_size]
-                        tokens = float((token_indices_to_sample.to("cpu") - starts + 1).float().mean())
+                        emitted = (token_indices_to_sample.to("cpu")[:batch_size] - starts + 1).tolist()
                     # a round whose call 1 caught up on more than one skipped round per request
                     # paid for the skipped rounds too: not a measurement of its arm
                     typical = self.skipped.rows_caught_up - caught_up_before <= batch_size
-                    self.gate.observe(batch_size, last_cap, now - start, tokens, typical=typical, sampling=sampling)
+                    self.gate.observe(batch_size, last_cap, now - start, emitted, typical=typical, sampling=sampling)
             cap = self.gate.decide(batch_size, sampling)
             if cap == 0:
                 fits = self.skipped.rows() + num_rows <= self.skipped.capacity // 2

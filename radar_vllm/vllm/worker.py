@@ -61,7 +61,19 @@ class RadarGPUModelRunner(_PlainStepSampling, GPUModelRunner):
         install_radar_drafter(self)
 
 
-class RadarCPUWorker(CPUWorker):
+class _GateReport:
+    """``LLM.collective_rpc("radar_gate_summary")``: the depth gate's estimates and the round counts
+    of this worker's drafter (for benchmark records and logs); None without a RADAR drafter."""
+
+    def radar_gate_summary(self) -> dict[str, Any] | None:
+        drafter = getattr(getattr(self, "model_runner", None), "drafter", None)
+        if not isinstance(drafter, RadarProposer):
+            return None
+        return {"gate": drafter.gate.summary() if drafter.gate is not None else None,
+                "rounds": dict(drafter.round_counts)}
+
+
+class RadarCPUWorker(_GateReport, CPUWorker):
     def init_device(self) -> None:
         stock_runner = cpu_worker.CPUModelRunner
         if engine_plan(self.vllm_config).tree:
@@ -76,7 +88,7 @@ class RadarCPUWorker(CPUWorker):
             cpu_worker.CPUModelRunner = stock_runner
 
 
-class RadarGPUWorker(Worker):
+class RadarGPUWorker(_GateReport, Worker):
     def _make_model_runner(self) -> GPUModelRunner:
         if self.use_v2_model_runner:
             raise ValueError("RADAR runs on vLLM's V1 model runner; unset VLLM_USE_V2_MODEL_RUNNER")

@@ -237,6 +237,24 @@ def test_offline_job_samples_only_listed_workloads_and_times_a_batch1_subset(
     assert turn2_source_mode([MODE_BATCH1], 3, 2) == MODE_BATCH1
 
 
+def test_offline_job_of_a_radar_row_records_the_depth_gate() -> None:
+    class GateLLM(FakeLLM):
+        def collective_rpc(self, method: str) -> list[Any]:
+            assert method == "radar_gate_summary"
+            return [{"gate": {"1": {"rate_d0": 20.0 + len(self.calls)}}, "rounds": {"draft": len(self.calls)}}]
+
+    workload = Workload(name=MTBENCH, prompt_ids=[[1, 2], [3]], prompt_keys=["a", "b"])
+    job = {"workloads": [workload.to_dict()], "temperatures": [0.0], "modes": [MODE_BATCHED], "repeats": 2,
+           "max_new_tokens": 3, "seed": 0, "warmup": False}
+    radar = BenchConfig(name=RADAR_CHAIN, kind=KIND_RADAR, num_speculative_tokens=7, max_depth=7, draft_model="ckpt")
+    runs = run_offline_job(dict(job, config=radar.to_dict()), GateLLM(), lambda: None)["runs"]
+    assert [run["gate"]["rounds"]["draft"] for run in runs] == [1, 2]  # read after each run
+    assert runs[1]["gate"]["gate"]["1"]["rate_d0"] == 22.0
+    stock = BenchConfig(name="eagle3-k2", kind=KIND_EAGLE3, num_speculative_tokens=2, draft_model="head")
+    assert all("gate" not in run for run in run_offline_job(dict(job, config=stock.to_dict()), GateLLM(),
+                                                             lambda: None)["runs"])
+
+
 def test_workload_head() -> None:
     workload = Workload(name=MTBENCH, prompt_ids=[[1], [2]], prompt_keys=["a", "b"], turns=[["x"], ["y"]])
     assert workload.head(1) == Workload(name=MTBENCH, prompt_ids=[[1]], prompt_keys=["a"], turns=[["x"]])

@@ -49,13 +49,14 @@ def test_follows_the_best_cap_and_probes_rarely_once_settled():
     assert len(probes) % 8 == 0 and set(probes) == {0, 7}  # whole 8-round probes of both other arms
 
 
-def test_default_arms_include_two_drafts():
-    assert DraftGate(7).caps == [0, 1, 2, 7] and DraftGate(1).caps == [0, 1] and DraftGate(2).caps == [0, 1, 2]
+def test_default_arms_include_two_and_four_drafts():
+    assert DraftGate(7).caps == [0, 1, 2, 4, 7] and DraftGate(1).caps == [0, 1]
+    assert DraftGate(2).caps == [0, 1, 2] and DraftGate(3).caps == [0, 1, 2, 3]
     # batch 1 on a CPU: the first draft carries the fixed cost of a speculative step (one draft
     # loses to none), the second is cheap and pays: the gate finds depth 2
-    two = _costs({0: (0.010, 1.0), 1: (0.0125, 1.2), 2: (0.013, 1.45), 7: (0.020, 1.7)})
+    two = _costs({0: (0.010, 1.0), 1: (0.0125, 1.2), 2: (0.013, 1.45), 4: (0.016, 1.6), 7: (0.020, 1.7)})
     choices = _run(DraftGate(7), 1, 600, two)
-    assert choices[:32] == [0] * 8 + [1] * 8 + [2] * 8 + [7] * 8 and choices[-200:].count(2) >= 190
+    assert choices[:40] == [0] * 8 + [1] * 8 + [2] * 8 + [4] * 8 + [7] * 8 and choices[-200:].count(2) >= 190
 
 
 def test_buckets_are_independent_and_the_gate_follows_a_change():
@@ -134,7 +135,7 @@ def test_an_atypical_step_is_not_counted_and_extends_the_probe():
 @pytest.mark.parametrize("seed", range(4))
 def test_noisy_batch_one_steps_still_find_the_best_cap(seed):
     # at batch 1 a step yields 1, 2 or 3 tokens: the gate averages over many steps and runs the
-    # best cap (2 here, 9% ahead of 1) most of the time
+    # best cap (2 here, 9% ahead of 1 and of 4) most of the time
     rng = random.Random(seed)
 
     def chain(seconds, probabilities):
@@ -146,18 +147,18 @@ def test_noisy_batch_one_steps_still_find_the_best_cap(seed):
         return seconds, tokens
 
     arms = {0: lambda: (0.010, 1), 1: lambda: chain(0.0125, [0.49]), 2: lambda: chain(0.0135, [0.49, 0.55]),
-            7: lambda: chain(0.020, [0.49, 0.55] + [0.6] * 5)}
+            4: lambda: chain(0.017, [0.49, 0.55, 0.6, 0.6]), 7: lambda: chain(0.020, [0.49, 0.55] + [0.6] * 5)}
     gate = DraftGate(7)
     choices, tokens, seconds = [], 0.0, 0.0
     for round_index in range(3000):
         cap = gate.decide(1)
         step_seconds, step_tokens = arms[cap]()
-        gate.observe(1, cap, step_seconds, step_tokens)
+        gate.observe(1, cap, step_seconds, [step_tokens])  # per request, as the proposer reports them
         choices.append(cap)
         if round_index >= 1000:
             tokens, seconds = tokens + step_tokens, seconds + step_seconds
-    assert choices[1000:].count(2) > 0.6 * 2000
     best_rate = (1 + 0.49 + 0.49 * 0.55) / 0.0135
+    assert choices[1000:].count(2) > 0.6 * 2000
     assert tokens / seconds > 0.95 * best_rate
 
 
@@ -180,3 +181,59 @@ def test_sampling_batches_are_measured_apart_and_start_from_greedy_ones():
     _run(gate, 16, 200, _costs({0: (0.080, 1.0), 1: (0.120, 1.3), 7: (0.250, 1.6)}))
     assert gate.decide(16, sampling=True) == 0
     assert set(gate.summary()) == {"1", "1s", "16", "16s"}
+
+
+def test_a_deep_round_measures_the_tokens_of_every_shallower_cap():
+    gate = DraftGate(7, arms=(0, 1, 2, 7))
+    # per request: tokens emitted under cap 7 (accepted + 1); cut at cap c a request emits min(t, c + 1)
+    emitted = [5, 2, 3, 1, 2, 8, 1, 1]
+    gate.observe(8, 7, 0.02, emitted)
+    entry = gate.summary()["8"]
+    assert entry["steps_d7"] == 1 and entry["steps_d1"] == entry["steps_d2"] == 0  # times are their own
+    for cap in (1, 2, 7):
+        assert entry[f"tokens_d{cap}"] == pytest.approx(sum(min(t, cap + 1) for t in emitted) / len(emitted))
+    assert entry["reach_1"] == pytest.approx(5 / 8) and entry["reach_7"] == pytest.approx(1 / 8)
+    # a shallow round teaches nothing about deeper depths
+    gate.observe(8, 1, 0.01, [2] * 8)
+    entry = gate.summary()["8"]
+    assert entry["reach_1"] == pytest.approx(0.5 * (5 / 8) + 0.5) and entry["reach_2"] == pytest.approx(3 / 8)
+    # with only a mean (no per-request tokens) an arm keeps its own average
+    other = DraftGate(7, arms=(0, 1, 7))
+    other.observe(8, 7, 0.02, 2.5)
+    assert other.summary()["8"]["tokens_d7"] == 2.5 and other.summary()["8"]["tokens_d1"] == 0.0
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_noisy_batch_one_chains_find_a_close_best_cap_from_deep_rounds(seed):
+    # a CPU-like batch 1: verifying 5 rows (cap 4) costs less than verifying 3 (cap 2), and cap 4
+    # is only ~6% ahead of cap 2; the stop policy drafts to depth 6 whatever the cap. Each request's
+    # emitted tokens tell the gate how often every depth up to the cap is accepted.
+    rng = random.Random(seed)
+    accept = [0.49, 0.55, 0.6, 0.6, 0.6, 0.6, 0.6]
+    seconds = {0: 0.050, 1: 0.058, 2: 0.046, 4: 0.050, 7: 0.062}
+    gate = DraftGate(7)
+    choices, tokens, elapsed = [], 0.0, 0.0
+    for round_index in range(3000):
+        cap = gate.decide(1)
+        drafted = min(cap, 6)
+        emitted = 1
+        for p in accept[:drafted]:
+            if rng.random() >= p:
+                break
+            emitted += 1
+        gate.observe(1, cap, seconds[cap], [emitted])
+        choices.append(cap)
+        if round_index >= 1000:
+            tokens, elapsed = tokens + emitted, elapsed + seconds[cap]
+
+    def expected(cap):
+        total, reach = 1.0, 1.0
+        for p in accept[:min(cap, 6)]:
+            reach *= p
+            total += reach
+        return total / seconds[cap]
+
+    assert max(seconds, key=expected) == 4 and expected(4) < 1.07 * expected(2)
+    # within 7% of always running the best cap (always cap 1 would reach 64%, always cap 2 94%)
+    assert tokens / elapsed > 0.93 * expected(4)
+    assert choices[1000:].count(4) > 0.25 * 2000 and choices[1000:].count(1) + choices[1000:].count(0) < 0.1 * 2000
