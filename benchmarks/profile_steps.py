@@ -5,7 +5,9 @@
 
 Runs every configuration in a fresh process of its own (the engine in-process,
 ``VLLM_ENABLE_V1_MULTIPROCESSING=0``: a second engine in one process runs with other thread
-settings and times differently), one after the other, on the first ``batch_size`` MT-Bench prompts of the real SmolLM2 (greedy, ``--max-new-tokens``),
+settings and times differently; ``--engine-process``: the engine core and worker in processes of
+their own, as ``LLM`` starts them by default and the benchmark runs them, with Intel OpenMP
+preloaded: the worker's threads are then bound to one core), one after the other, on the first ``batch_size`` MT-Bench prompts of the real SmolLM2 (greedy, ``--max-new-tokens``),
 ``--repeats`` times, and times from inside the worker: the target model's forward calls, the
 drafter's ``propose`` (depth-0 rounds included), the runner's ``_sample`` (rejection sampling
 when drafts are verified, tree acceptance in tree mode), and the whole ``generate`` call; "other"
@@ -173,6 +175,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--out", type=Path, required=True, help="output path without suffix")
+    parser.add_argument("--engine-process", action="store_true",
+                        help="engine core and worker in their own processes (as the benchmark runs engines)")
     parser.add_argument("--one", action="store_true", help=argparse.SUPPRESS)  # child: one config
     args = parser.parse_args()
     from radar_vllm.bench.workloads import MTBENCH, load_tokenizer, load_workload
@@ -196,7 +200,14 @@ def main() -> None:
         command = [sys.executable, __file__, "--one", "--configs", name, "--batch-sizes", args.batch_sizes,
                    "--max-new-tokens", str(args.max_new_tokens), "--repeats", str(args.repeats), "--dtype", args.dtype,
                    "--out", str(part)]
-        subprocess.run(command, check=True)
+        env = dict(os.environ)
+        if args.engine_process:
+            iomp = Path(sys.prefix) / "lib" / "libiomp5.so"
+            env.update(VLLM_ENABLE_V1_MULTIPROCESSING="1", VLLM_ALLOW_INSECURE_SERIALIZATION="1",  # timers via lambdas
+                       VLLM_DISABLE_COMPILE_CACHE="1")
+            if iomp.is_file() and "libiomp5" not in env.get("LD_PRELOAD", ""):
+                env["LD_PRELOAD"] = ":".join(filter(None, [str(iomp), env.get("LD_PRELOAD")]))
+        subprocess.run(command, check=True, env=env)
         rows += json.loads(part.with_suffix(".json").read_text())
         part.with_suffix(".json").unlink()
     table = summarise(rows, configs, batch_sizes)
@@ -207,7 +218,8 @@ def main() -> None:
     header = (f"# Per-step profile ({args.dtype}, MT-Bench, greedy, {args.max_new_tokens} new tokens, ignore_eos, "
               f"{args.repeats} repeats; {machine})\n\nCommand: `python benchmarks/profile_steps.py "
               f"--configs {args.configs} --batch-sizes {args.batch_sizes} --max-new-tokens {args.max_new_tokens} "
-              f"--repeats {args.repeats} --dtype {args.dtype} --out {args.out}`\n\n"
+              f"--repeats {args.repeats} --dtype {args.dtype} --out {args.out}"
+              f"{' --engine-process' if args.engine_process else ''}`\n\n"
               "ms/step parts: target = the target model's forward, draft = the drafter's propose (depth-0 rounds "
               "included), sample = the runner's _sample (rejection sampling / tree acceptance), other = the rest "
               "(scheduler, input preparation, output processing). Row = the median-throughput repeat.\n\n")
