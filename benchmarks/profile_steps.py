@@ -38,6 +38,9 @@ CONFIGS = {
     "no-spec": None,
     "eagle3-k1": {"method": "eagle3", "model": str(CHECKPOINTS / "smollm2-135m-eagle3"), "num_speculative_tokens": 1},
     "eagle3-k3": {"method": "eagle3", "model": str(CHECKPOINTS / "smollm2-135m-eagle3"), "num_speculative_tokens": 3},
+    "eagle3-dynamic-k0": {"method": "eagle3", "model": str(CHECKPOINTS / "smollm2-135m-eagle3"),
+                          "num_speculative_tokens": 1,  # stock Dynamic SD scheduling K = 0 at every batch size
+                          "num_speculative_tokens_per_batch_size": [[1, 256, 0]]},
     "eagle3-k2": {"method": "eagle3", "model": str(CHECKPOINTS / "smollm2-135m-eagle3"), "num_speculative_tokens": 2},
     "radar-chain-d1": {"method": "radar", "model": str(CHECKPOINTS / "smollm2-135m-radar"),
                        "radar": {"mode": "chain", "fixed_depth": 1}},  # no policy, no gate: the plugin's own cost

@@ -1,8 +1,8 @@
 """Offline measurements of one configuration in one vLLM engine (runs inside the worker subprocess).
 
-For every workload x temperature x mode x repeat: read the engine's metrics, time
-``LLM.generate`` (batch 1: one call per prompt; batched: one call for all prompts), read the
-metrics again and keep the difference (:mod:`radar_vllm.bench.snapshots`); RADAR rows also keep
+For every workload x temperature x mode x repeat: empty the prefix cache, read the engine's
+metrics, time ``LLM.generate`` (batch 1: one call per prompt; batched: one call for all prompts),
+read the metrics again and keep the difference (:mod:`radar_vllm.bench.snapshots`); RADAR rows also keep
 the depth gate's estimates and round counts after each run (``gate``). Greedy outputs of the
 first repeat are kept (token ids) for the match check against no speculation; later repeats are
 checked against the first. Sampled (T > 0) outputs of the first repeat are kept too
@@ -111,6 +111,12 @@ class OfflineRunner:
         prompts = workload.prompt_ids
         if mode == MODE_BATCH1 and batch1_prompts is not None:
             prompts = prompts[:batch1_prompts]
+        # Every run starts from an empty prefix cache: repeats send the same prompts, whose cached
+        # blocks a no-speculation engine would reuse in full and an EAGLE engine (which recomputes
+        # the last matched block for its drafter) less; real traffic does not repeat whole prompts.
+        reset = getattr(self.llm, "reset_prefix_cache", None)
+        if reset is not None:
+            reset()
         before = self.snapshot()
         started = time.perf_counter()
         outputs = self.generate(prompts, temperature, mode)

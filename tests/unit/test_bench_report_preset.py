@@ -251,6 +251,17 @@ def test_offline_job_of_a_radar_row_records_the_depth_gate() -> None:
     assert [run["gate"]["rounds"]["draft"] for run in runs] == [1, 2]  # read after each run
     assert runs[1]["gate"]["gate"]["1"]["rate_d0"] == 22.0
     stock = BenchConfig(name="eagle3-k2", kind=KIND_EAGLE3, num_speculative_tokens=2, draft_model="head")
+
+    class CachingLLM(FakeLLM):  # every timed run starts from an empty prefix cache
+        resets: list[int] = []
+
+        def reset_prefix_cache(self) -> bool:
+            self.resets.append(len(self.calls))
+            return True
+
+    caching = CachingLLM()
+    run_offline_job(dict(job, config=stock.to_dict()), caching, lambda: None)
+    assert caching.resets == [0, 1]  # before each of the two runs
     assert all("gate" not in run for run in run_offline_job(dict(job, config=stock.to_dict()), GateLLM(),
                                                              lambda: None)["runs"])
 
