@@ -7,14 +7,16 @@ Runs every configuration in a fresh process of its own (the engine in-process,
 ``VLLM_ENABLE_V1_MULTIPROCESSING=0``: a second engine in one process runs with other thread
 settings and times differently; ``--engine-process``: the engine core and worker in processes of
 their own, as ``LLM`` starts them by default and the benchmark runs them, with Intel OpenMP
-preloaded: the worker's threads are then bound to one core), one after the other, on the first ``batch_size`` MT-Bench prompts of the real SmolLM2 (greedy, ``--max-new-tokens``),
-``--repeats`` times, and times from inside the worker: the target model's forward calls, the
-drafter's ``propose`` (depth-0 rounds included), the runner's ``_sample`` (rejection sampling
-when drafts are verified, tree acceptance in tree mode), and the whole ``generate`` call; "other"
-is what is left (scheduler, input preparation, output processing). Per step = per engine step
-(target forward calls that are not warm-up). RADAR rows also report the drafter's round counts
-(draft / skip / catch-up) and the depth-0 gate's per-bucket estimates. Writes JSON and a
-Markdown table. Times are wall clock on a quiet machine; the machine is named in the output.
+preloaded: the worker's threads are then bound to one core), one after the other, on the first
+``batch_size`` MT-Bench prompts of the real SmolLM2 (greedy, ``--max-new-tokens``), ``--repeats``
+times (each from an empty prefix cache), and times from inside the worker: the target model's
+forward calls, the drafter's ``propose`` (depth-0 rounds included), the runner's ``_sample``
+(rejection sampling when drafts are verified, tree acceptance in tree mode), and the whole
+``generate`` call; "other" is what is left (scheduler, input preparation, output processing). Per
+step = per engine step (target forward calls that are not warm-up). RADAR rows also report the
+drafter's round counts (draft / skip / catch-up) and the depth-0 gate's per-bucket estimates.
+Writes JSON and a Markdown table. Times are wall clock on a quiet machine; the machine is named in
+the output.
 """
 from __future__ import annotations
 
@@ -122,6 +124,7 @@ def profile_config(name: str, target: str, prompts: list[list[int]], batch_sizes
         for batch_size in batch_sizes:
             requests = [{"prompt_token_ids": ids} for ids in prompts[:batch_size]]
             for repeat in range(repeats):
+                llm.reset_prefix_cache()  # the same prompts again: no cached blocks (EAGLE engines reuse fewer)
                 llm.collective_rpc(lambda worker: read_timers(worker, reset=True))
                 start = time.perf_counter()
                 outputs = llm.generate(requests, params, use_tqdm=False)
