@@ -68,11 +68,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True, help="output path without suffix")
     args = parser.parse_args()
     if any(os.environ.get(k) != v for k, v in WORKER_ENV.items()):
-        iomp = Path(sys.prefix) / "lib" / "libiomp5.so"
-        env = dict(os.environ, **WORKER_ENV)
-        if iomp.is_file() and "libiomp5" not in env.get("LD_PRELOAD", ""):
-            env["LD_PRELOAD"] = ":".join(filter(None, [str(iomp), env.get("LD_PRELOAD")]))
-        os.execve(sys.executable, [sys.executable, *sys.argv], env)
+        from radar_vllm.bench.harness import preload_intel_openmp
+
+        os.execve(sys.executable, [sys.executable, *sys.argv], preload_intel_openmp(dict(os.environ, **WORKER_ENV)))
     rows = [int(r) for r in args.rows.split(",")]
     results = measure(rows, args.repeats, args.inner)
     machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} logical CPUs"

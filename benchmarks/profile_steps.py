@@ -185,6 +185,7 @@ def main() -> None:
                         help="engine core and worker in their own processes (as the benchmark runs engines)")
     parser.add_argument("--one", action="store_true", help=argparse.SUPPRESS)  # child: one config
     args = parser.parse_args()
+    from radar_vllm.bench.harness import preload_intel_openmp
     from radar_vllm.bench.workloads import MTBENCH, load_tokenizer, load_workload
     from radar_vllm.offline.assets import smollm2_dir
 
@@ -208,11 +209,9 @@ def main() -> None:
                    "--out", str(part)]
         env = dict(os.environ)
         if args.engine_process:
-            iomp = Path(sys.prefix) / "lib" / "libiomp5.so"
             env.update(VLLM_ENABLE_V1_MULTIPROCESSING="1", VLLM_ALLOW_INSECURE_SERIALIZATION="1",  # timers via lambdas
                        VLLM_DISABLE_COMPILE_CACHE="1")
-            if iomp.is_file() and "libiomp5" not in env.get("LD_PRELOAD", ""):
-                env["LD_PRELOAD"] = ":".join(filter(None, [str(iomp), env.get("LD_PRELOAD")]))
+            preload_intel_openmp(env)
         subprocess.run(command, check=True, env=env)
         rows += json.loads(part.with_suffix(".json").read_text())
         part.with_suffix(".json").unlink()

@@ -80,6 +80,15 @@ def vllm_installed() -> bool:
     return importlib.util.find_spec("vllm") is not None
 
 
+def preload_intel_openmp(env: dict[str, str]) -> dict[str, str]:
+    """Put the CPU build's recommended OpenMP runtime (Intel's, installed beside the interpreter)
+    in front of ``env``'s LD_PRELOAD, once; ``env`` unchanged when it is not installed."""
+    iomp = Path(sys.prefix) / "lib" / IOMP_LIBRARY
+    if iomp.is_file() and IOMP_LIBRARY not in env.get("LD_PRELOAD", ""):
+        env["LD_PRELOAD"] = ":".join(filter(None, [str(iomp), env.get("LD_PRELOAD")]))
+    return env
+
+
 def cuda_available() -> bool:
     import torch
 
@@ -169,9 +178,8 @@ def subprocess_env(settings: BenchSettings) -> dict[str, str]:
     # Triton's interpreter (set for kernel tests) must not reach the engines: they run as users run them.
     env.pop("TRITON_INTERPRET", None)
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(settings.kv_cache_gb))
-    iomp = Path(sys.prefix) / "lib" / IOMP_LIBRARY  # the CPU build's recommended OpenMP runtime
-    if iomp.is_file() and IOMP_LIBRARY not in env.get("LD_PRELOAD", "") and not cuda_available():
-        env["LD_PRELOAD"] = ":".join(filter(None, [str(iomp), env.get("LD_PRELOAD")]))
+    if not cuda_available():
+        preload_intel_openmp(env)
     if settings.engine_inline:
         env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     env.setdefault("TOKENIZERS_PARALLELISM", "false")

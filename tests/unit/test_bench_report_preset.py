@@ -253,7 +253,9 @@ def test_offline_job_of_a_radar_row_records_the_depth_gate() -> None:
     stock = BenchConfig(name="eagle3-k2", kind=KIND_EAGLE3, num_speculative_tokens=2, draft_model="head")
 
     class CachingLLM(FakeLLM):  # every timed run starts from an empty prefix cache
-        resets: list[int] = []
+        def __init__(self) -> None:
+            super().__init__()
+            self.resets: list[int] = []
 
         def reset_prefix_cache(self) -> bool:
             self.resets.append(len(self.calls))
