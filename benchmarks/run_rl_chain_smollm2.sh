@@ -130,6 +130,13 @@ fi
 if has_step pack; then
     OUT="$ROOT/radar_vllm/checkpoints/smollm2-135m-radar"
     rm -rf "$OUT.tmp"
+    # the gate-cost table measured for this head on this machine travels with the checkpoint
+    # (re-measure it with radar-vllm calibrate-gate after a new head)
+    GATE=()
+    if [[ -f "$OUT/gate_costs.json" ]]; then
+        cp "$OUT/gate_costs.json" "$WORK/gate_costs.json"
+        GATE=(--gate-costs "$WORK/gate_costs.json")
+    fi
     PACKED="$WORK/policies/T0/exact"
     SAMPLED="$WORK/policies/T1/exact"
     if [[ "$PACK_POLICY" == budget ]]; then
@@ -137,7 +144,7 @@ if has_step pack; then
         SAMPLED="$WORK/policies/T1/budget/exact"
     fi
     radar-vllm pack "$HEAD" "$PACKED" "$OUT.tmp" --mode chain --max-depth "$D" --sampled-policy "$SAMPLED" \
-        --tree-policy "${TREE_POLICY:-$OUT/policy-tree}" --total-tokens "${TREE_TOTAL_TOKENS:-12}"
+        --tree-policy "${TREE_POLICY:-$OUT/policy-tree}" --total-tokens "${TREE_TOTAL_TOKENS:-12}" "${GATE[@]}"
     rm -rf "$OUT"
     mv "$OUT.tmp" "$OUT"
 fi

@@ -19,6 +19,7 @@ SUBCOMMAND_MODULES: tuple[str, ...] = (
     "radar_vllm.commands.policy_headroom",
     "radar_vllm.commands.collect",
     "radar_vllm.commands.calibrate",
+    "radar_vllm.commands.calibrate_gate",
     "radar_vllm.commands.fetch_assets",
     "radar_vllm.commands.train_head",
     "radar_vllm.commands.pack",

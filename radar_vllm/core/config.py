@@ -82,11 +82,14 @@ class RadarConfig:
     fixed_depth: int | None = None  # diagnostic: no policy, every round makes this many draft calls
     scratch_blocks: int | None = None  # tree mode: KV blocks reserved for recomputing tree rows (None: 0)
     skip_drafting: str = SKIP_AUTO  # "auto": depth 0 when drafting does not pay at this load; "never"
+    # "auto" only: a gate-cost table (radar-vllm calibrate-gate) the depth gate starts from,
+    # relative to the head directory; None: the gate measures every batch size from scratch
+    gate_costs: str | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.policy, str) or not self.policy:
             raise ValueError(f"radar.policy must be a non-empty path string, got {self.policy!r}")
-        for key in ("tree_policy", "sampled_policy"):
+        for key in ("tree_policy", "sampled_policy", "gate_costs"):
             value = getattr(self, key)
             if value is not None and (not isinstance(value, str) or not value):
                 raise ValueError(f"radar.{key} must be a non-empty path string or absent, got {value!r}")

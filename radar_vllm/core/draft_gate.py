@@ -4,7 +4,7 @@ A speculative step pays only if the tokens it yields per request, divided by its
 one token per request in the time of a plain decode step. Both sides depend on the load (batch
 size), the machine, the temperature mix and how well the head fits the current text, so the gate
 does not read them from a table: it measures them. It chooses among a few depth caps (the arms, by
-default 0, 1, 2, 4 and the checkpoint's maximum depth; the stop policy decides per request below
+default 0 to 4 and the checkpoint's maximum depth; the stop policy decides per request below
 the cap). On a CPU a step's cost is not even monotone in its tokens: the target's matrix products
 run faster on 4-6 rows than on 1-3 or 8 (oneDNN picks other kernels), so a batch-1 round that
 verifies 4 or 5 tokens can cost less than one that verifies 2. For each batch-size bucket (batches
@@ -24,14 +24,29 @@ little (at batch 1 a step yields 1 or 2 tokens), so every measurement of an arm 
 
 Arms are measured shallowest first. Measuring costs the rounds spent on the worse arms, so a
 bucket met for the first time (a batch that drains from 16 to 1 passes through five) starts from
-the nearest bucket's estimates instead of measuring every arm again: its choice is the
-neighbour's, and the first measurement of an arm in the new bucket rescales the step times of the
-arms it has not measured yet by the same factor, so they keep the neighbour's ratios until each is
-measured. Afterwards the gate probes the other arms, one at a time, every ``probe`` rounds of the
-bucket: the interval starts at ``probe_every`` and doubles (up to ``max_probe_every``) each time a
-probe leaves the choice unchanged, and falls back to ``probe_every`` when the choice changes, so a
-settled bucket spends little on probes while a change (a calmer batch, an easier text) is still
-noticed. A step that caught up on many skipped rounds at once is not counted for its arm.
+the estimates of a bucket next to it (half or twice its batch size; the other kind of batch of the
+same size) instead of measuring every arm again: its choice is the neighbour's, and the first
+measurement of an arm in the new bucket rescales the step times of the arms it has not measured
+yet by the same factor, so they keep the neighbour's ratios until each is measured. Buckets further
+apart are not used: what drafting costs relative to a plain step changes too much with the load (a
+batch of 1 gains from drafting on a CPU where a batch of 16 loses 40%). Afterwards the gate probes
+each other arm on its own schedule, one probe at a time, the most promising due arm first. An
+arm's interval starts at ``probe_every`` rounds of the bucket; a probe that leaves the choice
+unchanged (and the first measurement of the arm) multiplies it by 2 when the arm's rate is within
+10% of the chosen one's, by 4 within 25% and by 8 otherwise, up to ``max_probe_every`` (4x that for arms more than 10% behind, 16x for arms
+more than 25% behind): a settled bucket spends little on probes, and least on the arms that cost
+the most to try (at batch 16 a deep drafting round costs several plain steps). A probe that changes
+the choice sets every interval back to ``probe_every``, so a change (a calmer batch, an easier
+text) is still followed. A step that caught up on many skipped rounds at once is not counted for
+its arm.
+
+A gate-cost table (``radar-vllm calibrate-gate``, :func:`save_gate_table`) keeps what a gate
+measured on this machine at each batch size; an engine given one (``radar.gate_costs``) starts
+every bucket the table covers from it (:meth:`DraftGate.seed`): no arm is measured from scratch,
+the choice is the table's, its first measurement rescales the other arms' times (a busier or
+faster machine), and probes are scheduled from the table's rates as if each arm had just been
+probed. The table is a starting point, not a decision: the gate keeps measuring and follows the
+measurements.
 
 Which cap a round used does not change any output: verification is lossless whatever was drafted,
 and the drafter catches up on skipped tokens before it drafts again
@@ -39,8 +54,16 @@ and the drafter catches up on skipped tokens before it drafts again
 """
 from __future__ import annotations
 
+import json
+import logging
+import os
 from dataclasses import dataclass, field
-from typing import Sequence
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+logger = logging.getLogger(__name__)
+
+GATE_TABLE_FORMAT = "radar-gate-costs/1"
 
 
 def batch_bucket(batch_size: int) -> int:
@@ -95,9 +118,10 @@ class DepthReach:
 class BucketState:
     arms: dict[int, ArmEstimate]
     reach: list[DepthReach]  # index j - 1: at least j drafts accepted
-    probe_interval: int
-    rounds_since_probe: int = 0
-    next_probe: int = 0  # index into the other arms, round robin
+    intervals: dict[int, int]  # per arm: rounds of this bucket between its probes
+    waits: dict[int, int] = field(default_factory=dict)  # per arm: rounds since it last ran
+    settled: bool = False  # every arm measured (or seeded) and the probe intervals set from their rates
+    from_table: bool = False  # seeded from a gate-cost table (its rates schedule the first probes)
     probing: int | None = None  # the arm a probe is measuring (its last observation ends the probe)
     probe_left: int = 0  # rounds of the probe still to run after the current one
     chosen_before_probe: int | None = None
@@ -107,11 +131,12 @@ class DraftGate:
     """Chooses a depth cap per engine step (see the module docstring)."""
 
     def __init__(self, max_depth: int, arms: Sequence[int] | None = None, probe_every: int = 16,
-                 max_probe_every: int = 256, min_observations: int = 3, smoothing: float = 0.15,
+                 max_probe_every: int = 256, min_observations: int = 2, smoothing: float = 0.15,
                  probe_requests: int = 8) -> None:
         if max_depth < 1:
             raise ValueError(f"max_depth must be >= 1, got {max_depth}")
-        caps = sorted(set(arms if arms is not None else (0, 1, min(2, max_depth), min(4, max_depth), max_depth)))
+        caps = sorted(set(arms if arms is not None else
+                          (0, 1, min(2, max_depth), min(3, max_depth), min(4, max_depth), max_depth)))
         if len(caps) < 2 or caps[0] < 0 or caps[-1] > max_depth:
             raise ValueError(f"arms must hold at least two depth caps in [0, {max_depth}], got {list(caps)}")
         if not 2 <= probe_every <= max_probe_every:
@@ -136,9 +161,10 @@ class DraftGate:
         if key not in self.buckets:
             arms = {cap: ArmEstimate() for cap in self.caps}
             reach = [DepthReach() for _ in range(self.max_depth)]
-            known = [other for other, state in self.buckets.items() if any(a.known for a in state.arms.values())]
-            if known:  # start from the nearest bucket's estimates: nearest size first (the load
-                # decides more than the temperature), then the same kind of batch, then the smaller
+            # a neighbour: half or twice the batch size, or the other kind of batch of this size
+            known = [other for other, state in self.buckets.items()
+                     if abs(other[1] - key[1]) <= 1 and any(a.known for a in state.arms.values())]
+            if known:  # start from the nearest: same size first (then the same kind), then smaller
                 nearest = self.buckets[min(known, key=lambda other: (abs(other[1] - key[1]), other[0] != sampling,
                                                                      other[1]))]
                 for cap, arm in nearest.arms.items():
@@ -146,7 +172,8 @@ class DraftGate:
                         arms[cap] = ArmEstimate(arm.seconds, arm.tokens, seeded=True)
                 reach = [DepthReach(depth.rate, seeded=True) if depth.known else DepthReach()
                          for depth in nearest.reach]
-            self.buckets[key] = BucketState(arms, reach, self.probe_every)
+            self.buckets[key] = BucketState(arms, reach, {cap: self.probe_every for cap in self.caps},
+                                            {cap: 0 for cap in self.caps})
         return self.buckets[key]
 
     @staticmethod
@@ -186,15 +213,23 @@ class DraftGate:
             state.probe_left -= 1
             return state.probing
         choice = self.preferred(batch_size, sampling)
-        state.rounds_since_probe += 1
-        if state.rounds_since_probe >= state.probe_interval:  # (a probe never observed is replaced)
-            others = [cap for cap in self.caps if cap != choice]
-            state.rounds_since_probe = 0
-            state.probing = others[state.next_probe % len(others)]
+        if not state.settled:  # an arm's first measurement here counts as its first probe (an
+            state.settled = True  # arm seeded from a neighbour is probed at the first interval)
+            for cap in self.caps:
+                if cap != choice and (state.arms[cap].count > 0 or state.from_table):
+                    self._reschedule(state, choice, cap)
+        due = []
+        for cap in self.caps:
+            state.waits[cap] = 0 if cap == choice else state.waits[cap] + 1
+            if cap != choice and state.waits[cap] >= state.intervals[cap]:
+                due.append(cap)
+        if due:  # (a probe never observed is replaced by the next one due)
+            cap = max(due, key=lambda other: (self._rate(state, other), -other))
+            state.waits[cap] = 0
+            state.probing = cap
             state.probe_left = self.probe_rounds(batch_size) - 1
-            state.next_probe += 1
             state.chosen_before_probe = choice
-            return state.probing
+            return cap
         return choice
 
     def observe(self, batch_size: int, cap: int, seconds: float, tokens: float | Sequence[int],
@@ -227,18 +262,61 @@ class DraftGate:
             for depth in range(1, cap + 1):  # accepted >= depth, i.e. emitted > depth
                 state.reach[depth - 1].update(sum(t > depth for t in per_request) / len(per_request), smoothing)
         if state.probing == cap and state.probe_left == 0:
-            same = self.preferred(batch_size, sampling) == state.chosen_before_probe
-            state.probe_interval = min(2 * state.probe_interval, self.max_probe_every) if same else self.probe_every
-            state.probing = None
+            self._end_probe(state, batch_size, sampling, cap)
+
+    def _end_probe(self, state: BucketState, batch_size: int, sampling: bool, cap: int) -> None:
+        """Reschedule the probed arm: later the further it is behind; everything sooner on a change."""
+        state.probing = None
+        choice = self.preferred(batch_size, sampling)
+        if choice != state.chosen_before_probe:
+            state.intervals = {other: self.probe_every for other in self.caps}
+        else:
+            self._reschedule(state, choice, cap)
+
+    def _reschedule(self, state: BucketState, choice: int, cap: int) -> None:
+        best = self._rate(state, choice)
+        ratio = self._rate(state, cap) / best if best > 0 else 1.0
+        factor, ceiling = (2, 1) if ratio >= 0.9 else (4, 4) if ratio >= 0.75 else (8, 16)
+        state.intervals[cap] = min(state.intervals[cap] * factor, self.max_probe_every * ceiling)
+
+    def export(self) -> dict[str, Any]:
+        """What this gate measured, per bucket (arms and depths it measured itself), for a table."""
+        buckets: dict[str, Any] = {}
+        for (sampling, index), state in sorted(self.buckets.items()):
+            arms = {str(cap): {"seconds": arm.seconds, "tokens": arm.tokens, "steps": arm.count}
+                    for cap, arm in state.arms.items() if arm.count > 0}
+            if arms:
+                buckets[f"{1 << index}{'s' if sampling else ''}"] = {
+                    "arms": arms, "reach": [depth.rate if depth.count > 0 else None for depth in state.reach]}
+        return {"arms": list(self.caps), "max_depth": self.max_depth, "buckets": buckets}
+
+    def seed(self, table: Mapping[str, Any]) -> None:
+        """Start the buckets a table (:meth:`export`'s shape) covers from its estimates."""
+        if list(table["arms"]) != self.caps or int(table["max_depth"]) != self.max_depth:
+            raise ValueError(f"the gate-cost table has arms {list(table['arms'])} (max depth {table['max_depth']}), "
+                             f"this gate {self.caps} (max depth {self.max_depth})")
+        for name, entry in table["buckets"].items():
+            sampling = name.endswith("s")
+            key = (sampling, batch_bucket(int(name.rstrip("s"))))
+            arms = {cap: ArmEstimate() for cap in self.caps}
+            for cap, arm in entry["arms"].items():
+                if float(arm["seconds"]) > 0:
+                    arms[int(cap)] = ArmEstimate(float(arm["seconds"]), float(arm["tokens"]), seeded=True)
+            reach = [DepthReach(float(rate), seeded=True) if rate is not None else DepthReach()
+                     for rate in list(entry["reach"])[: self.max_depth]]
+            reach += [DepthReach() for _ in range(self.max_depth - len(reach))]
+            self.buckets[key] = BucketState(arms, reach, {cap: self.probe_every for cap in self.caps},
+                                            {cap: 0 for cap in self.caps}, from_table=True)
 
     def summary(self) -> dict[str, dict[str, float]]:
         """Per bucket (largest batch size in it, ``"s"`` appended for batches that sample): every
-        arm's rate, tokens and step count, how often each depth is accepted, and the probe interval
+        arm's rate, tokens, step count and probe interval, and how often each depth is accepted
         (for logs and tests)."""
         out: dict[str, dict[str, float]] = {}
         for (sampling, index), state in sorted(self.buckets.items()):
-            entry: dict[str, float] = {"probe_interval": state.probe_interval}
+            entry: dict[str, float] = {}
             for cap, arm in state.arms.items():
+                entry[f"probe_interval_d{cap}"] = state.intervals[cap]
                 entry[f"rate_d{cap}"] = self._rate(state, cap)
                 entry[f"tokens_d{cap}"] = self._tokens(state, cap)
                 entry[f"steps_d{cap}"] = arm.count
@@ -247,3 +325,84 @@ class DraftGate:
                     entry[f"reach_{depth}"] = reach.rate
             out[f"{1 << index}{'s' if sampling else ''}"] = entry
         return out
+
+
+# --------------------------------------------------------------------------------------------
+# gate-cost tables: a gate's estimates at every batch size, measured once on a machine
+
+
+def weights_id(checkpoint_dir: str | Path) -> str:
+    """``<folder>@<12 hex>``: sha256 of a head folder's top-level ``*.safetensors`` files (not its
+    config.json, which names the table)."""
+    import hashlib
+
+    folder = Path(checkpoint_dir)
+    digest = hashlib.sha256()
+    for file in sorted(folder.glob("*.safetensors")):
+        digest.update(file.name.encode("utf-8"))
+        with open(file, "rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(chunk)
+    return f"{folder.resolve().name}@{digest.hexdigest()[:12]}"
+
+
+def save_gate_table(table: Mapping[str, Any], path: str | Path) -> Path:
+    """Write a gate-cost table (JSON) and return its path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text(json.dumps(dict(table), indent=2) + "\n", encoding="utf-8")
+    os.replace(temporary, path)
+    return path
+
+
+def load_gate_table(path: str | Path) -> dict[str, Any]:
+    """Read a gate-cost table; a missing file or another format raises ValueError naming it."""
+    path = Path(path)
+    try:
+        table = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise ValueError(f"radar.gate_costs: cannot read the gate-cost table {path}: {error}") from error
+    if not isinstance(table, dict) or table.get("format") != GATE_TABLE_FORMAT:
+        raise ValueError(f"radar.gate_costs: {path} is not a gate-cost table (format {GATE_TABLE_FORMAT!r}); "
+                         f"write one with `radar-vllm calibrate-gate`")
+    return table
+
+
+def check_gate_table(table: Mapping[str, Any], path: str | Path, *, strict: bool, checkpoint_id: str, mode: str,
+                     dtype: str, target: str, caps: Sequence[int], max_depth: int, max_batch_size: int,
+                     machine: tuple[Any, ...]) -> dict[str, Any] | None:
+    """The part of ``table`` an engine's gate starts from: ``{"arms", "max_depth", "buckets"}`` of
+    its mode, or None.
+
+    A table measured for another head, dtype, target, machine, or without this mode and set of
+    depth caps, describes another engine. Named by the user (``strict``) it is refused (ValueError
+    saying what differs and how to re-measure); the checkpoint's own table, which a user did not
+    choose, is then only not used (a warning): the gate measures from scratch, as without a table.
+    A table whose batch sizes stop short of the engine's largest is used; the larger batches are
+    measured from scratch (a warning)."""
+    remeasure = (f"re-measure with `radar-vllm calibrate-gate --checkpoint DIR --mode {mode} --dtype {dtype} "
+                 f"--max-batch-size {max_batch_size} --out {path}`, or leave radar.gate_costs out")
+    expected = {"checkpoint_id": checkpoint_id, "dtype": dtype, "target": target}
+    problems = [f"{key}={table.get(key)!r} (this engine: {value!r})" for key, value in expected.items()
+                if table.get(key) != value]
+    table_machine = tuple((table.get("machine") or {}).get(key) for key in ("cpu_model", "num_cpus", "accelerator"))
+    if table_machine != tuple(machine):
+        problems.append(f"machine {list(table_machine)} (this one: {list(machine)})")
+    section = (table.get("modes") or {}).get(mode)
+    if section is None:
+        problems.append(f"no {mode!r} mode (it has {sorted(table.get('modes') or {})})")
+    elif list(section.get("arms", ())) != list(caps) or section.get("max_depth") != max_depth:
+        problems.append(f"depth caps {section.get('arms')} (this engine: {list(caps)})")
+    if problems:
+        message = f"radar.gate_costs: {path} was measured with " + "; ".join(problems) + f"; {remeasure}"
+        if strict:
+            raise ValueError(message)
+        logger.warning("%s (the depth gate measures from scratch)", message)
+        return None
+    sizes = [int(name.rstrip("s")) for name in section.get("buckets", {})]
+    if not sizes or batch_bucket(max(sizes)) < batch_bucket(max_batch_size):
+        logger.warning("radar.gate_costs: %s covers batch sizes up to %s, this engine runs up to %d: larger "
+                       "batches are measured from scratch; %s", path, max(sizes) if sizes else None,
+                       max_batch_size, remeasure)
+    return {key: section[key] for key in ("arms", "max_depth", "buckets")}

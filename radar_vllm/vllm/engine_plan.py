@@ -22,6 +22,7 @@ from typing import Any
 from radar_vllm.core.config import (
     MODE_TREE,
     RADAR_SECTION,
+    SKIP_AUTO,
     RadarConfig,
     ValidatedRadar,
     read_head_config,
@@ -53,6 +54,8 @@ class EnginePlan:
     radar_scheduler: bool  # RADAR's scheduler runs (synchronous scheduling, no custom scheduler)
     # KV blocks (manager block size) hidden from vLLM's pool for tree-row recomputation; 0: none
     scratch_blocks: int
+    # the depth gate's starting estimates (a checked gate-cost table's buckets); None: measure all
+    gate_table: dict[str, Any] | None = None
 
     @property
     def mode(self) -> str:
@@ -64,12 +67,14 @@ class EnginePlan:
 
     def to_dict(self) -> dict[str, Any]:
         return {"radar": _radar_to_dict(self.radar), "worker_cls": self.worker_cls,
-                "radar_scheduler": self.radar_scheduler, "scratch_blocks": self.scratch_blocks}
+                "radar_scheduler": self.radar_scheduler, "scratch_blocks": self.scratch_blocks,
+                "gate_table": self.gate_table}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "EnginePlan":
         return cls(radar=_radar_from_dict(data["radar"]), worker_cls=data["worker_cls"],
-                   radar_scheduler=data["radar_scheduler"], scratch_blocks=data["scratch_blocks"])
+                   radar_scheduler=data["radar_scheduler"], scratch_blocks=data["scratch_blocks"],
+                   gate_table=data.get("gate_table"))
 
 
 def _radar_to_dict(radar: ValidatedRadar) -> dict[str, Any]:
@@ -204,12 +209,38 @@ def plan_engine(vllm_config: Any) -> EnginePlan:
         logger.warning("RADAR: radar.scratch_blocks=%d needs RADAR's scheduler (which hides the blocks from "
                        "vLLM's pool); recomputing tree rows in the requests' own slots instead", scratch)
         scratch = 0
-    plan = EnginePlan(radar=radar, worker_cls=worker_cls, radar_scheduler=radar_scheduler, scratch_blocks=scratch)
+    plan = EnginePlan(radar=radar, worker_cls=worker_cls, radar_scheduler=radar_scheduler, scratch_blocks=scratch,
+                      gate_table=gate_table(radar, vllm_config))
     parallel_config.worker_cls = worker_cls
     if radar_scheduler:
         scheduler_config.scheduler_cls = RADAR_SCHEDULER
     setattr(draft_hf_config(vllm_config.speculative_config), PLAN_KEY, plan.to_dict())
     return plan
+
+
+def gate_table(radar: ValidatedRadar, vllm_config: Any) -> dict[str, Any] | None:
+    """The gate-cost table the depth gate starts from, checked against this engine (None: none).
+    A table the user named (the speculative config or RADAR_OVERRIDES) must fit; the checkpoint's
+    own is skipped with a warning where it does not (see ``check_gate_table``)."""
+    config = radar.config
+    if config.gate_costs is None:
+        return None
+    if config.skip_drafting != SKIP_AUTO or config.fixed_depth is not None:
+        return None  # no depth gate runs
+    from radar_vllm.core.costs import describe_machine, machine_key
+    from radar_vllm.core.draft_gate import DraftGate, check_gate_table, load_gate_table, weights_id
+
+    section = raw_radar_section(vllm_config.speculative_config) or {}
+    strict = section.get("gate_costs") != config.gate_costs
+    path = Path(config.gate_costs)
+    if not path.is_absolute():
+        path = radar.checkpoint_dir / path
+    model_config = vllm_config.model_config
+    return check_gate_table(
+        load_gate_table(path), path, strict=strict, checkpoint_id=weights_id(radar.checkpoint_dir), mode=config.mode,
+        dtype=str(model_config.dtype).removeprefix("torch."), target=Path(str(model_config.model)).name,
+        caps=DraftGate(config.max_depth).caps, max_depth=config.max_depth,
+        max_batch_size=int(vllm_config.scheduler_config.max_num_seqs), machine=machine_key(describe_machine()))
 
 
 def engine_plan(vllm_config: Any) -> EnginePlan:

@@ -141,6 +141,8 @@ class RadarProposer(EagleProposer):
         # Depth 0: the gate and the rows skipped rounds leave for the drafter to catch up on.
         self.gate = (DraftGate(self.max_depth) if config.skip_drafting == "auto" and config.fixed_depth is None
                      else None)
+        if self.gate is not None and plan.gate_table is not None:
+            self.gate.seed(plan.gate_table)
         self.skipped = SkippedTokens(capacity=self.max_num_tokens)
         self.round_counts = {DRAFT_ROUND: 0, SKIP_ROUND: 0, CATCH_UP_ROUND: 0}
         # (start time, batch size, action, cap, rows caught up before the round, some request samples)

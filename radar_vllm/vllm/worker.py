@@ -63,14 +63,23 @@ class RadarGPUModelRunner(_PlainStepSampling, GPUModelRunner):
 
 class _GateReport:
     """``LLM.collective_rpc("radar_gate_summary")``: the depth gate's estimates and the round counts
-    of this worker's drafter (for benchmark records and logs); None without a RADAR drafter."""
+    of this worker's drafter (for benchmark records and logs); ``"radar_gate_export"``: what the
+    gate measured, for a gate-cost table. None without a RADAR drafter (or gate)."""
+
+    def _radar_drafter(self) -> RadarProposer | None:
+        drafter = getattr(getattr(self, "model_runner", None), "drafter", None)
+        return drafter if isinstance(drafter, RadarProposer) else None
 
     def radar_gate_summary(self) -> dict[str, Any] | None:
-        drafter = getattr(getattr(self, "model_runner", None), "drafter", None)
-        if not isinstance(drafter, RadarProposer):
+        drafter = self._radar_drafter()
+        if drafter is None:
             return None
         return {"gate": drafter.gate.summary() if drafter.gate is not None else None,
                 "rounds": dict(drafter.round_counts)}
+
+    def radar_gate_export(self) -> dict[str, Any] | None:
+        drafter = self._radar_drafter()
+        return drafter.gate.export() if drafter is not None and drafter.gate is not None else None
 
 
 class RadarCPUWorker(_GateReport, CPUWorker):

@@ -6,7 +6,7 @@
   differ (the check can fail).
 - A batch that skips every round runs vLLM's plain decode path: no draft forward (except call 1
   of rounds that carry a prefill chunk, for the drafter's KV), no rejection sampling.
-- The measuring gate (``"skip_drafting": "auto"``) measures every depth cap (0, 1, the
+- The measuring gate (``"skip_drafting": "auto"``) measures every depth cap (0 to the
   checkpoint's depth) and then runs the fastest one, the others only as probes.
 """
 from __future__ import annotations
@@ -181,7 +181,7 @@ def test_measuring_gate_follows_the_fastest_depth_cap(models, baseline):
         shutdown_engine(llm)
     summary, preferred = after
     bucket, earlier = summary["4"], before["4"]
-    caps = (0, 1, 2, 4)  # depth 0, one draft, two, the checkpoint's depth
+    caps = (0, 1, 2, 3, 4)  # depth 0 to the checkpoint's depth (4)
     # depth 0 and one draft are always measured; deeper caps only while the one before did not lose
     assert bucket["steps_d0"] >= 1 and bucket["steps_d1"] >= 1, summary
     used = {cap: bucket[f"steps_d{cap}"] - earlier[f"steps_d{cap}"] for cap in caps}
@@ -189,3 +189,39 @@ def test_measuring_gate_follows_the_fastest_depth_cap(models, baseline):
     # the long batch ran mostly at the arm it measured fastest, the others only as probes
     assert preferred == max(caps, key=lambda cap: rates[cap]), summary
     assert used[preferred] > 0.8 * sum(used.values()), f"rounds per cap {used}, gate {summary}"
+
+
+def test_a_gate_cost_table_starts_the_gate_and_a_wrong_one_is_refused(models, baseline, tmp_path):
+    from radar_vllm.core.draft_gate import load_gate_table, save_gate_table
+    from radar_vllm.offline.gate_calibration import calibrate_gate
+
+    target, checkpoint, auto = models
+    requests, expected = baseline
+    table = calibrate_gate(auto, target, [ids for ids, _ in requests], [1, 4], tokens=24, passes=2,
+                           dtype="float32", max_model_len=MAX_MODEL_LEN, enforce_eager=True, progress=lambda _: None)
+    section = table["modes"]["chain"]
+    assert section["arms"] == [0, 1, 2, 3, 4] and table["target"] == target.name
+    for size in ("1", "4"):  # every cap measured at both sizes
+        assert set(section["buckets"][size]["arms"]) == {"0", "1", "2", "3", "4"}, section["buckets"]
+    path = save_gate_table(table, tmp_path / "gate.json")
+    llm = _engine(target, {"method": "radar", "model": str(auto), "radar": {"gate_costs": str(path)}})
+    try:
+        seeded = _drafter_call(llm, lambda drafter: drafter.gate.summary())
+        _generate(llm, [(ids, 10) for ids, _ in requests[:4]], batch_size=4)  # ~9 decode rounds at batch 4
+        early = _drafter_call(llm, lambda drafter: drafter.gate.summary())
+        assert _generate(llm, requests, batch_size=4) == expected  # greedy output unchanged
+    finally:
+        shutdown_engine(llm)
+    # the engine's gate started from the table: both sizes known before any step, nothing measured
+    for size in ("1", "4"):
+        assert all(seeded[size][f"steps_d{cap}"] == 0 and seeded[size][f"rate_d{cap}"] > 0 for cap in range(5))
+    # and it did not sweep: a sweep measures every cap twice in its first 10 rounds; a seeded gate
+    # runs its choice (and, where the first measurements overturn it, the next best), no probe yet
+    used = [cap for cap in range(5) if early["4"][f"steps_d{cap}"] > 0]
+    assert 1 <= len(used) <= 2, (early["4"], seeded["4"])
+    # a table named by the user but measured for another head (or mode, dtype, target, machine) is
+    # refused at start-up, naming what to re-measure
+    wrong = dict(load_gate_table(path), checkpoint_id="radar@ffffffffffff")
+    save_gate_table(wrong, tmp_path / "wrong.json")
+    with pytest.raises(Exception, match="checkpoint_id.*calibrate-gate"):
+        _engine(target, {"method": "radar", "model": str(auto), "radar": {"gate_costs": str(tmp_path / "wrong.json")}})

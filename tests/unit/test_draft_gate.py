@@ -1,6 +1,7 @@
 """The depth gate: measures the depth caps shallowest first, follows the measured best, probes the
-others less and less often while the choice holds, notices a change, starts a new batch-size bucket
-from its neighbour's estimates, and averages noisy batch-1 steps."""
+others less and less often while the choice holds (the further behind, the rarer), notices a
+change, starts a new batch-size bucket from an adjacent bucket's estimates (not from a distant
+one), and averages noisy batch-1 steps."""
 from __future__ import annotations
 
 import random
@@ -34,12 +35,13 @@ def test_follows_the_best_cap_and_probes_rarely_once_settled():
     # batch 16: any drafting costs more than it yields -> depth 0
     losing = _costs({0: (0.010, 1.0), 1: (0.015, 1.3), 7: (0.030, 1.5)})
     choices = _run(DraftGate(7, arms=(0, 1, 7), probe_every=16, max_probe_every=256), 16, 1000, losing)
-    assert choices[:9] == [0, 0, 0, 1, 1, 1, 7, 7, 7]  # every arm measured first, shallowest first
+    assert choices[:6] == [0, 0, 1, 1, 7, 7]  # every arm measured first, shallowest first
     assert DraftGate(7).probe_rounds(16) == 1 and DraftGate(7).probe_rounds(3) == 2
-    later = choices[9:]
-    assert later.count(0) > 0.98 * len(later)
-    # the probe interval doubles while probes confirm: far fewer probes than one per 16 rounds
-    assert len(later) - later.count(0) <= 7
+    later = choices[6:]
+    assert later.count(0) > 0.99 * len(later)
+    # each arm's interval grows while probes confirm, the far-behind arm's (half the rate) fastest:
+    # far fewer probes than one per 16 rounds, and the deep arm tried least
+    assert len(later) - later.count(0) <= 5 and 1 <= later.count(7) < later.count(1)
     # batch 1: one draft pays, deep drafts do not -> depth 1; a measurement spans 8 rounds there
     winning = _costs({0: (0.010, 1.0), 1: (0.011, 1.3), 7: (0.020, 1.6)})
     choices = _run(DraftGate(7, arms=(0, 1, 7)), 1, 1000, winning)
@@ -49,14 +51,19 @@ def test_follows_the_best_cap_and_probes_rarely_once_settled():
     assert len(probes) % 8 == 0 and set(probes) == {0, 7}  # whole 8-round probes of both other arms
 
 
-def test_default_arms_include_two_and_four_drafts():
-    assert DraftGate(7).caps == [0, 1, 2, 4, 7] and DraftGate(1).caps == [0, 1]
+def test_default_arms_are_every_cap_up_to_four_and_the_deepest():
+    assert DraftGate(7).caps == [0, 1, 2, 3, 4, 7] and DraftGate(1).caps == [0, 1]
     assert DraftGate(2).caps == [0, 1, 2] and DraftGate(3).caps == [0, 1, 2, 3]
     # batch 1 on a CPU: the first draft carries the fixed cost of a speculative step (one draft
     # loses to none), the second is cheap and pays: the gate finds depth 2
-    two = _costs({0: (0.010, 1.0), 1: (0.0125, 1.2), 2: (0.013, 1.45), 4: (0.016, 1.6), 7: (0.020, 1.7)})
+    two = _costs({0: (0.010, 1.0), 1: (0.0125, 1.2), 2: (0.013, 1.45), 3: (0.0145, 1.52), 4: (0.016, 1.6),
+                  7: (0.020, 1.7)})
     choices = _run(DraftGate(7), 1, 600, two)
-    assert choices[:40] == [0] * 8 + [1] * 8 + [2] * 8 + [4] * 8 + [7] * 8 and choices[-200:].count(2) >= 190
+    assert choices[:48] == [0] * 8 + [1] * 8 + [2] * 8 + [3] * 8 + [4] * 8 + [7] * 8
+    # settled: the probes of the close arms (3 and 4, within 10%) cost under 2.5% of the rate
+    late = choices[-300:]
+    rate = sum(two(cap)[1] for cap in late) / sum(two(cap)[0] for cap in late)
+    assert late.count(2) >= 0.8 * len(late) and rate >= 0.975 * 1.45 / 0.013
 
 
 def test_buckets_are_independent_and_the_gate_follows_a_change():
@@ -87,15 +94,24 @@ def test_a_new_bucket_starts_from_its_neighbour():
     assert 1 in later and gate.summary()["8"]["steps_d1"] >= 1
     # where the neighbour's choice is wrong for the new bucket, the first probe corrects it
     gate = DraftGate(7, arms=(0, 1, 7), probe_every=16, max_probe_every=256)
-    _run(gate, 2, 300, _costs({0: (0.030, 1.0), 1: (0.033, 1.5), 7: (0.040, 1.6)}))
-    assert gate.preferred(2) == 1
+    _run(gate, 8, 300, _costs({0: (0.050, 1.0), 1: (0.052, 1.5), 7: (0.060, 1.6)}))
+    assert gate.preferred(8) == 1
     choices = _run(gate, 16, 80, _costs({0: (0.080, 1.0), 1: (0.120, 1.3), 7: (0.250, 1.6)}))
     assert choices[0] == 1 and gate.preferred(16) == 0 and choices[-20:].count(0) >= 19
 
 
+def test_a_distant_bucket_is_measured_not_seeded():
+    # batch 1 drafts deep; batch 16 (four buckets away) must not start from that: it measures
+    gate = DraftGate(7, arms=(0, 1, 7))
+    _run(gate, 1, 300, _costs({0: (0.030, 1.0), 1: (0.033, 1.5), 7: (0.040, 2.6)}))
+    assert gate.preferred(1) == 7
+    choices = _run(gate, 16, 40, _costs({0: (0.080, 1.0), 1: (0.120, 1.3), 7: (0.250, 1.6)}))
+    assert choices[:6] == [0, 0, 1, 1, 7, 7] and choices[6:].count(0) >= len(choices) - 6 - 2
+
+
 def test_a_probe_that_is_never_observed_does_not_stop_probing():
     gate = DraftGate(2, arms=(0, 2), probe_every=4, max_probe_every=4, min_observations=1)
-    _run(gate, 8, 2, _costs({0: (0.01, 1.0), 2: (0.03, 1.2)}))
+    _run(gate, 8, 2, _costs({0: (0.01, 1.0), 2: (0.012, 1.15)}))  # close: the interval stays at 4
     probes = 0
     for _ in range(40):  # the rounds' outcomes are never reported (e.g. the batch kept changing)
         probes += gate.decide(8) == 2
@@ -147,7 +163,8 @@ def test_noisy_batch_one_steps_still_find_the_best_cap(seed):
         return seconds, tokens
 
     arms = {0: lambda: (0.010, 1), 1: lambda: chain(0.0125, [0.49]), 2: lambda: chain(0.0135, [0.49, 0.55]),
-            4: lambda: chain(0.017, [0.49, 0.55, 0.6, 0.6]), 7: lambda: chain(0.020, [0.49, 0.55] + [0.6] * 5)}
+            3: lambda: chain(0.0155, [0.49, 0.55, 0.6]), 4: lambda: chain(0.017, [0.49, 0.55, 0.6, 0.6]),
+            7: lambda: chain(0.020, [0.49, 0.55] + [0.6] * 5)}
     gate = DraftGate(7)
     choices, tokens, seconds = [], 0.0, 0.0
     for round_index in range(3000):
@@ -210,7 +227,7 @@ def test_noisy_batch_one_chains_find_a_close_best_cap_from_deep_rounds(seed):
     # emitted tokens tell the gate how often every depth up to the cap is accepted.
     rng = random.Random(seed)
     accept = [0.49, 0.55, 0.6, 0.6, 0.6, 0.6, 0.6]
-    seconds = {0: 0.050, 1: 0.058, 2: 0.046, 4: 0.050, 7: 0.062}
+    seconds = {0: 0.050, 1: 0.058, 2: 0.046, 3: 0.049, 4: 0.050, 7: 0.062}
     gate = DraftGate(7)
     choices, tokens, elapsed = [], 0.0, 0.0
     for round_index in range(3000):
@@ -237,3 +254,73 @@ def test_noisy_batch_one_chains_find_a_close_best_cap_from_deep_rounds(seed):
     # within 7% of always running the best cap (always cap 1 would reach 64%, always cap 2 94%)
     assert tokens / elapsed > 0.93 * expected(4)
     assert choices[1000:].count(4) > 0.25 * 2000 and choices[1000:].count(1) + choices[1000:].count(0) < 0.1 * 2000
+
+
+def _table(gate: DraftGate, mode: str = "chain"):
+    from radar_vllm.core.draft_gate import GATE_TABLE_FORMAT
+
+    return {"format": GATE_TABLE_FORMAT, "machine": {"cpu_model": "cpu A", "num_cpus": 2, "accelerator": None},
+            "checkpoint_id": "radar@0123456789ab", "dtype": "float32", "target": "target",
+            "modes": {mode: gate.export()}}
+
+
+def test_a_gate_started_from_a_table_skips_the_sweep_and_probes_by_the_table_rates():
+    costs16 = _costs({0: (0.080, 1.0), 1: (0.120, 1.3), 7: (0.250, 1.6)})
+    costs1 = _costs({0: (0.030, 1.0), 1: (0.033, 1.5), 7: (0.040, 2.6)})
+    measured = DraftGate(7, arms=(0, 1, 7))
+    _run(measured, 1, 200, costs1)
+    _run(measured, 16, 200, costs16)
+    table = measured.export()
+    assert set(table["buckets"]) == {"1", "16"} and table["arms"] == [0, 1, 7]
+    assert table["buckets"]["16"]["arms"]["0"]["seconds"] == pytest.approx(0.080)
+    fresh = DraftGate(7, arms=(0, 1, 7))
+    fresh.seed(table)
+    # no sweep: the first rounds run the table's choice at each size, far-behind arms wait long
+    choices = _run(fresh, 16, 100, costs16)
+    assert choices[:60] == [0] * 60 and choices.count(0) >= 98  # depth 1 (13% behind) first probed at 64
+    assert _run(fresh, 1, 40, costs1)[:16] == [7] * 16
+    # a machine twice as slow: the first measurement rescales the other arms; the choice holds
+    slow = DraftGate(7, arms=(0, 1, 7))
+    slow.seed(table)
+    _run(slow, 16, 1, lambda cap: (2 * costs16(cap)[0], costs16(cap)[1]))
+    assert slow.summary()["16"]["tokens_d1"] / slow.summary()["16"]["rate_d1"] == pytest.approx(0.240)
+    # a bucket the table does not cover is measured (or seeded from an adjacent one)
+    assert _run(fresh, 4, 20, costs1)[:6] == [0, 0, 1, 1, 7, 7]
+    with pytest.raises(ValueError, match="arms"):
+        DraftGate(7).seed(table)
+
+
+def test_a_table_for_another_engine_is_refused_when_named_and_skipped_when_the_checkpoint_s(tmp_path, caplog):
+    from radar_vllm.core.draft_gate import check_gate_table, load_gate_table, save_gate_table
+    from radar_vllm.offline.gate_calibration import merge_gate_tables
+
+    gate = DraftGate(7, arms=(0, 1, 7))
+    _run(gate, 16, 50, _costs({0: (0.080, 1.0), 1: (0.120, 1.3), 7: (0.250, 1.6)}))
+    path = save_gate_table(_table(gate), tmp_path / "gate.json")
+    table = load_gate_table(path)
+    expected = dict(checkpoint_id="radar@0123456789ab", mode="chain", dtype="float32", target="target",
+                    caps=[0, 1, 7], max_depth=7, max_batch_size=16, machine=("cpu A", 2, None))
+    section = check_gate_table(table, path, strict=True, **expected)
+    assert section is not None and set(section["buckets"]) == {"16"}
+    wrong = (("checkpoint_id", "radar@ffffffffffff"), ("mode", "tree"), ("dtype", "bfloat16"), ("target", "other"),
+             ("caps", [0, 1, 2, 7]), ("machine", ("cpu B", 8, None)))
+    for key, value in wrong:
+        with pytest.raises(ValueError, match="calibrate-gate"):
+            check_gate_table(table, path, strict=True, **{**expected, key: value})
+        with caplog.at_level("WARNING"):
+            caplog.clear()
+            assert check_gate_table(table, path, strict=False, **{**expected, key: value}) is None
+            assert "measures from scratch" in caplog.text
+    with caplog.at_level("WARNING"):
+        caplog.clear()
+        assert check_gate_table(table, path, strict=True, **{**expected, "max_batch_size": 64}) is not None
+        assert "up to 16" in caplog.text
+    # one file holds both modes of the same engine
+    both = merge_gate_tables(table, _table(gate, mode="tree"))
+    assert set(both["modes"]) == {"chain", "tree"}
+    assert check_gate_table(both, path, strict=True, **{**expected, "mode": "tree"}) is not None
+    assert set(merge_gate_tables(dict(table, dtype="bfloat16"), _table(gate, mode="tree"))["modes"]) == {"tree"}
+    (tmp_path / "bad.json").write_text('{"format": "something else"}')
+    for bad in (tmp_path / "bad.json", tmp_path / "missing.json"):
+        with pytest.raises(ValueError, match="gate-cost table|cannot read"):
+            load_gate_table(bad)

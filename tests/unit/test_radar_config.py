@@ -53,6 +53,7 @@ def test_defaults_and_round_trip():
         ({"fixed_depth": 8}, "radar.fixed_depth=8 exceeds radar.max_depth=7"),
         ({"scratch_blocks": -1}, "radar.scratch_blocks must be >= 0"),
         ({"skip_drafting": "sometimes"}, "radar.skip_drafting must be one of"),
+        ({"gate_costs": ""}, "radar.gate_costs must be a non-empty path string"),
     ],
 )
 def test_bad_options_name_the_option(options, fragment):
@@ -110,6 +111,23 @@ def test_pack_cli(tiny, tmp_path, capsys):
     printed = json.loads(capsys.readouterr().out)
     assert printed["radar"]["max_depth"] == 3 and printed["radar"]["threshold"] == 0.4
     assert cli_main(["pack", str(head), str(tmp_path / "nope"), str(tmp_path / "ck2")]) == 2
+    assert not (tmp_path / "ck2").exists()
+
+
+def test_pack_carries_a_gate_cost_table(tiny, tmp_path):
+    from radar_vllm.core.draft_gate import GATE_TABLE_FORMAT, weights_id
+
+    _, _, head, policy, _ = tiny
+    table = tmp_path / "gate.json"
+    table.write_text(json.dumps({"format": GATE_TABLE_FORMAT, "modes": {}}))
+    out = pack_radar_checkpoint(head, policy, tmp_path / "ck", max_depth=4, gate_costs_path=table)
+    assert read_head_config(out)["radar"]["gate_costs"] == "gate_costs.json"
+    assert json.loads((out / "gate_costs.json").read_text())["format"] == GATE_TABLE_FORMAT
+    # the table names the head by its weights, which packing leaves as they are
+    assert weights_id(out).split("@")[1] == weights_id(head).split("@")[1]
+    (tmp_path / "notes.json").write_text("{}")
+    with pytest.raises(ValueError, match="not a gate-cost table"):
+        pack_radar_checkpoint(head, policy, tmp_path / "ck2", gate_costs_path=tmp_path / "notes.json")
     assert not (tmp_path / "ck2").exists()
 
 

