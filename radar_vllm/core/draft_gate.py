@@ -36,16 +36,18 @@ unchanged (and the first measurement of the arm) multiplies it by 2 when the arm
 10% of the chosen one's, by 4 within 25% and by 8 otherwise, up to ``max_probe_every`` (4x that for arms more than 10% behind, 16x for arms
 more than 25% behind): a settled bucket spends little on probes, and least on the arms that cost
 the most to try (at batch 16 a deep drafting round costs several plain steps). A probe that changes
-the choice sets every interval back to ``probe_every``, so a change (a calmer batch, an easier
-text) is still followed. A step that caught up on many skipped rounds at once is not counted for
+the choice sets the intervals of the arms within 10% of the new choice back to ``probe_every``, so
+a change (a calmer batch, an easier text) is still followed, and leaves the others' (far-behind
+arms are not tried again each time two close arms swap; their tokens follow the shared per-depth
+acceptance in any case). A step that caught up on many skipped rounds at once is not counted for
 its arm.
 
 A gate-cost table (``radar-vllm calibrate-gate``, :func:`save_gate_table`) keeps what a gate
 measured on this machine at each batch size; an engine given one (``radar.gate_costs``) starts
 every bucket the table covers from it (:meth:`DraftGate.seed`): no arm is measured from scratch,
 the choice is the table's, its first measurement rescales the other arms' times (a busier or
-faster machine), and probes are scheduled from the table's rates as if each arm had just been
-probed. The table is a starting point, not a decision: the gate keeps measuring and follows the
+faster machine), and probes are scheduled from the table's rates as if each arm had been probed
+twice. The table is a starting point, not a decision: the gate keeps measuring and follows the
 measurements.
 
 Which cap a round used does not change any output: verification is lossless whatever was drafted,
@@ -213,11 +215,11 @@ class DraftGate:
             state.probe_left -= 1
             return state.probing
         choice = self.preferred(batch_size, sampling)
-        if not state.settled:  # an arm's first measurement here counts as its first probe (an
-            state.settled = True  # arm seeded from a neighbour is probed at the first interval)
+        if not state.settled:  # an arm's first measurement here counts as its first probe, a
+            state.settled = True  # table's as two (an arm seeded from a neighbour: first interval)
             for cap in self.caps:
                 if cap != choice and (state.arms[cap].count > 0 or state.from_table):
-                    self._reschedule(state, choice, cap)
+                    self._reschedule(state, choice, cap, confirmations=2 if state.from_table else 1)
         due = []
         for cap in self.caps:
             state.waits[cap] = 0 if cap == choice else state.waits[cap] + 1
@@ -265,19 +267,28 @@ class DraftGate:
             self._end_probe(state, batch_size, sampling, cap)
 
     def _end_probe(self, state: BucketState, batch_size: int, sampling: bool, cap: int) -> None:
-        """Reschedule the probed arm: later the further it is behind; everything sooner on a change."""
+        """Reschedule the probed arm: later the further it is behind. A probe that changed the
+        choice restarts the schedules of the arms within 10% of the new choice; the others keep
+        theirs (an arm far behind is not tried again just because two close arms swapped: its
+        tokens follow the shared per-depth acceptance anyway, and its step time changes little)."""
         state.probing = None
         choice = self.preferred(batch_size, sampling)
         if choice != state.chosen_before_probe:
-            state.intervals = {other: self.probe_every for other in self.caps}
+            for other in self.caps:
+                if self._step(state, choice, other)[0] == 2:
+                    state.intervals[other] = self.probe_every
         else:
             self._reschedule(state, choice, cap)
 
-    def _reschedule(self, state: BucketState, choice: int, cap: int) -> None:
+    def _step(self, state: BucketState, choice: int, cap: int) -> tuple[int, int]:
+        """(factor, ceiling multiple) of an arm's probe interval, by its rate relative to the choice."""
         best = self._rate(state, choice)
         ratio = self._rate(state, cap) / best if best > 0 else 1.0
-        factor, ceiling = (2, 1) if ratio >= 0.9 else (4, 4) if ratio >= 0.75 else (8, 16)
-        state.intervals[cap] = min(state.intervals[cap] * factor, self.max_probe_every * ceiling)
+        return (2, 1) if ratio >= 0.9 else (4, 4) if ratio >= 0.75 else (8, 16)
+
+    def _reschedule(self, state: BucketState, choice: int, cap: int, confirmations: int = 1) -> None:
+        factor, ceiling = self._step(state, choice, cap)
+        state.intervals[cap] = min(state.intervals[cap] * factor ** confirmations, self.max_probe_every * ceiling)
 
     def export(self) -> dict[str, Any]:
         """What this gate measured, per bucket (arms and depths it measured itself), for a table."""

@@ -324,3 +324,19 @@ def test_a_table_for_another_engine_is_refused_when_named_and_skipped_when_the_c
     for bad in (tmp_path / "bad.json", tmp_path / "missing.json"):
         with pytest.raises(ValueError, match="gate-cost table|cannot read"):
             load_gate_table(bad)
+
+
+def test_close_arms_swapping_do_not_bring_back_probes_of_far_ones():
+    gate = DraftGate(7, arms=(0, 2, 3))
+    before = _costs({0: (0.010, 1.0), 2: (0.0060, 1.0), 3: (0.0061, 1.0)})
+    _run(gate, 16, 300, before)
+    state = gate.buckets[(False, batch_bucket(16))]
+    far = state.intervals[0]
+    assert gate.preferred(16) == 2 and far >= 8 * 16  # depth 0, 40% behind, is tried rarely
+    # cap 3 gets faster: the next probe of it changes the choice
+    after = _costs({0: (0.010, 1.0), 2: (0.0060, 1.0), 3: (0.0050, 1.0)})
+    while gate.preferred(16) == 2:
+        cap = gate.decide(16)
+        gate.observe(16, cap, *after(cap))
+    # the close arm's schedule starts again, the far arm's is kept
+    assert state.intervals[2] == 16 and state.intervals[0] == far
