@@ -59,6 +59,19 @@ def describe_machine() -> dict[str, Any]:
     }
 
 
+def files_sha256(files: "list[Path]") -> str:
+    """sha256 over the files' names and contents, in the given order (identities of model folders)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for file in files:
+        digest.update(file.name.encode("utf-8"))
+        with open(file, "rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 22), b""):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
 def machine_key(machine: Mapping[str, Any]) -> tuple[Any, ...]:
     """The part of a machine description that must match for costs to transfer."""
     return (machine.get("cpu_model"), machine.get("num_cpus"), machine.get("accelerator"))

@@ -63,6 +63,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from radar_vllm.core.costs import files_sha256, machine_key
+
 logger = logging.getLogger(__name__)
 
 GATE_TABLE_FORMAT = "radar-gate-costs/1"
@@ -73,6 +75,11 @@ def batch_bucket(batch_size: int) -> int:
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     return (batch_size - 1).bit_length()
+
+
+def default_arms(max_depth: int) -> list[int]:
+    """The depth caps a gate chooses among by default: 0 to 4 and ``max_depth``."""
+    return sorted({0, 1, *(min(cap, max_depth) for cap in (2, 3, 4)), max_depth})
 
 
 @dataclass
@@ -137,8 +144,7 @@ class DraftGate:
                  probe_requests: int = 8) -> None:
         if max_depth < 1:
             raise ValueError(f"max_depth must be >= 1, got {max_depth}")
-        caps = sorted(set(arms if arms is not None else
-                          (0, 1, min(2, max_depth), min(3, max_depth), min(4, max_depth), max_depth)))
+        caps = sorted(set(arms if arms is not None else default_arms(max_depth)))
         if len(caps) < 2 or caps[0] < 0 or caps[-1] > max_depth:
             raise ValueError(f"arms must hold at least two depth caps in [0, {max_depth}], got {list(caps)}")
         if not 2 <= probe_every <= max_probe_every:
@@ -275,19 +281,21 @@ class DraftGate:
         choice = self.preferred(batch_size, sampling)
         if choice != state.chosen_before_probe:
             for other in self.caps:
-                if self._step(state, choice, other)[0] == 2:
+                if self._ratio(state, choice, other) >= 0.9:
                     state.intervals[other] = self.probe_every
         else:
             self._reschedule(state, choice, cap)
 
-    def _step(self, state: BucketState, choice: int, cap: int) -> tuple[int, int]:
-        """(factor, ceiling multiple) of an arm's probe interval, by its rate relative to the choice."""
+    def _ratio(self, state: BucketState, choice: int, cap: int) -> float:
+        """An arm's rate relative to the chosen arm's."""
         best = self._rate(state, choice)
-        ratio = self._rate(state, cap) / best if best > 0 else 1.0
-        return (2, 1) if ratio >= 0.9 else (4, 4) if ratio >= 0.75 else (8, 16)
+        return self._rate(state, cap) / best if best > 0 else 1.0
 
     def _reschedule(self, state: BucketState, choice: int, cap: int, confirmations: int = 1) -> None:
-        factor, ceiling = self._step(state, choice, cap)
+        """Lengthen an arm's probe interval by x2 / x4 / x8 per confirmation for an arm within 10% /
+        25% / further behind the choice, up to 1x / 4x / 16x ``max_probe_every``."""
+        ratio = self._ratio(state, choice, cap)
+        factor, ceiling = (2, 1) if ratio >= 0.9 else (4, 4) if ratio >= 0.75 else (8, 16)
         state.intervals[cap] = min(state.intervals[cap] * factor ** confirmations, self.max_probe_every * ceiling)
 
     def export(self) -> dict[str, Any]:
@@ -345,16 +353,8 @@ class DraftGate:
 def weights_id(checkpoint_dir: str | Path) -> str:
     """``<folder>@<12 hex>``: sha256 of a head folder's top-level ``*.safetensors`` files (not its
     config.json, which names the table)."""
-    import hashlib
-
     folder = Path(checkpoint_dir)
-    digest = hashlib.sha256()
-    for file in sorted(folder.glob("*.safetensors")):
-        digest.update(file.name.encode("utf-8"))
-        with open(file, "rb") as handle:
-            for chunk in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(chunk)
-    return f"{folder.resolve().name}@{digest.hexdigest()[:12]}"
+    return f"{folder.resolve().name}@{files_sha256(sorted(folder.glob('*.safetensors')))[:12]}"
 
 
 def save_gate_table(table: Mapping[str, Any], path: str | Path) -> Path:
@@ -397,7 +397,7 @@ def check_gate_table(table: Mapping[str, Any], path: str | Path, *, strict: bool
     expected = {"checkpoint_id": checkpoint_id, "dtype": dtype, "target": target}
     problems = [f"{key}={table.get(key)!r} (this engine: {value!r})" for key, value in expected.items()
                 if table.get(key) != value]
-    table_machine = tuple((table.get("machine") or {}).get(key) for key in ("cpu_model", "num_cpus", "accelerator"))
+    table_machine = machine_key(table.get("machine") or {})
     if table_machine != tuple(machine):
         problems.append(f"machine {list(table_machine)} (this one: {list(machine)})")
     section = (table.get("modes") or {}).get(mode)

@@ -46,9 +46,12 @@ def calibrate_gate(checkpoint: str | Path, target: str | Path, prompts: Sequence
     checkpoint = Path(checkpoint)
     largest = max(batch_sizes)
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")  # CPU build: the KV cache size (GiB)
+    overrides: dict[str, Any] = {"gate_costs": None}  # measure from scratch
+    if mode:
+        overrides["mode"] = mode
     llm = LLM(model=str(target), dtype=dtype, max_model_len=max_model_len, max_num_seqs=largest, seed=0,
               enforce_eager=enforce_eager, generation_config="vllm",
-              speculative_config={"method": "radar", "model": str(checkpoint), "radar": {"gate_costs": None, **({"mode": mode} if mode else {})}})
+              speculative_config={"method": "radar", "model": str(checkpoint), "radar": overrides})
     try:
         config = llm.llm_engine.vllm_config.speculative_config.draft_model_config.hf_config
         radar = getattr(config, "radar", {}) or {}

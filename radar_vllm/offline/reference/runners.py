@@ -20,7 +20,6 @@ holds positions 0..4, the root x_5 sits at position 5 and a depth-2 node at posi
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from pathlib import Path
@@ -30,12 +29,10 @@ import torch
 from torch import Tensor
 
 from radar_vllm.offline.head.eagle3 import Eagle3Head, Eagle3HeadConfig
+from radar_vllm.core.costs import files_sha256
 from radar_vllm.core.tree import DraftTree
 
 logger = logging.getLogger(__name__)
-
-HASH_CHUNK_BYTES = 1 << 22
-
 
 def directory_identity(path: str | Path) -> tuple[str, str]:
     """(id, sha256) of a model folder: id = ``<folder name>@<first 12 hex digits>``.
@@ -46,16 +43,11 @@ def directory_identity(path: str | Path) -> tuple[str, str]:
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"model directory not found: {path}")
-    digest = hashlib.sha256()
     files = [path / "config.json"] + sorted(path.glob("*.safetensors"))
     for file in files:
         if not file.is_file():
             raise FileNotFoundError(f"model file not found: {file}")
-        digest.update(file.name.encode("utf-8"))
-        with open(file, "rb") as handle:
-            for chunk in iter(lambda: handle.read(HASH_CHUNK_BYTES), b""):
-                digest.update(chunk)
-    full = digest.hexdigest()
+    full = files_sha256(files)
     return f"{path.resolve().name}@{full[:12]}", full
 
 
