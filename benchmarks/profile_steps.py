@@ -24,6 +24,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import statistics
 import subprocess
 import sys
@@ -44,16 +45,33 @@ CONFIGS = {
                           "num_speculative_tokens": 1,  # stock Dynamic SD scheduling K = 0 at every batch size
                           "num_speculative_tokens_per_batch_size": [[1, 256, 0]]},
     "eagle3-k2": {"method": "eagle3", "model": str(CHECKPOINTS / "smollm2-135m-eagle3"), "num_speculative_tokens": 2},
-    "radar-chain-d1": {"method": "radar", "model": str(CHECKPOINTS / "smollm2-135m-radar"),
-                       "radar": {"mode": "chain", "fixed_depth": 1}},  # no policy, no gate: the plugin's own cost
-    "radar-chain-d3": {"method": "radar", "model": str(CHECKPOINTS / "smollm2-135m-radar"),
-                       "radar": {"mode": "chain", "fixed_depth": 3}},
     "radar-chain": {"method": "radar", "model": str(CHECKPOINTS / "smollm2-135m-radar"), "radar": {"mode": "chain"}},
     "radar-chain-skip": {"method": "radar", "model": str(CHECKPOINTS / "smollm2-135m-radar"),
                          "radar": {"mode": "chain"}},  # the gate forced to skip every round
     "radar-tree": {"method": "radar", "model": str(CHECKPOINTS / "smollm2-135m-radar"), "radar": {"mode": "tree"}},
 }
 FORCED_SKIP = {"radar-chain-skip"}
+# Other RADAR shapes by name: radar-MODE[-tkK][-nN][-dD] (tree width K, N tree tokens with the root,
+# D draft calls every round: no policy, no gate, the plugin's own cost), e.g. radar-chain-d3, radar-tree-tk2-n6-d3.
+SHAPE = re.compile(r"radar-(chain|tree)(?:-tk(\d+))?(?:-n(\d+))?(?:-d(\d+))?")
+
+
+def speculative_config(name: str) -> dict[str, Any] | None:
+    """The speculative config of a named row: :data:`CONFIGS`, or a RADAR shape (:data:`SHAPE`)."""
+    if name in CONFIGS:
+        return CONFIGS[name]
+    match = SHAPE.fullmatch(name)
+    if match is None:
+        raise SystemExit(f"unknown config {name!r}; choose from {sorted(CONFIGS)} or radar-MODE[-tkK][-nN][-dD]")
+    mode, top_k, total, depth = match.groups()
+    radar: dict[str, Any] = {"mode": mode}
+    if top_k:
+        radar["top_k"] = int(top_k)
+    if total:
+        radar["total_tokens"] = int(total)
+    if depth:
+        radar["fixed_depth"] = int(depth)
+    return {"method": "radar", "model": str(CHECKPOINTS / "smollm2-135m-radar"), "radar": radar}
 
 
 class Timer:
@@ -114,7 +132,7 @@ def profile_config(name: str, target: str, prompts: list[list[int]], batch_sizes
     from radar_vllm.offline.generate import shutdown_engine
 
     llm = LLM(model=target, dtype=dtype, max_model_len=1024, max_num_seqs=max(batch_sizes), seed=0,
-              speculative_config=CONFIGS[name], generation_config="vllm")
+              speculative_config=speculative_config(name), generation_config="vllm")
     forced = name in FORCED_SKIP
     llm.collective_rpc(lambda worker: install_timers(worker, forced))
     params = SamplingParams(temperature=0.0, max_tokens=max_new_tokens, ignore_eos=True)
@@ -190,9 +208,8 @@ def main() -> None:
     from radar_vllm.offline.assets import smollm2_dir
 
     configs = args.configs.split(",")
-    unknown = [c for c in configs if c not in CONFIGS]
-    if unknown:
-        raise SystemExit(f"unknown configs {unknown}; choose from {sorted(CONFIGS)}")
+    for name in configs:
+        speculative_config(name)  # unknown names fail here, before any engine starts
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
     target = str(smollm2_dir())
     workload = load_workload(MTBENCH, load_tokenizer(target), max(batch_sizes), 512)
