@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import re
 import statistics
 import subprocess
@@ -233,7 +232,11 @@ def main() -> None:
         rows += json.loads(part.with_suffix(".json").read_text())
         part.with_suffix(".json").unlink()
     table = summarise(rows, configs, batch_sizes)
-    machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} logical CPUs"
+    from radar_vllm.core.costs import describe_machine
+
+    described = describe_machine()
+    machine = (f"{described['cpu_model']}, {described['num_cpus']} logical CPUs, "
+               f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps({"machine": machine, "args": vars(args) | {"out": str(args.out)},
                                                          "rows": rows}, indent=1) + "\n")

@@ -11,9 +11,10 @@ from pathlib import Path
 def run(args: argparse.Namespace) -> int:
     from transformers import AutoTokenizer
 
-    from radar_vllm.core.draft_gate import DraftGate, load_gate_table, save_gate_table
+    from radar_vllm.core.draft_gate import load_gate_table, save_gate_table
     from radar_vllm.offline.assets import ensure_smollm2
-    from radar_vllm.offline.gate_calibration import batch_sizes_up_to, calibrate_gate, merge_gate_tables, passes_for
+    from radar_vllm.offline.gate_calibration import (
+        batch_sizes_up_to, calibrate_gate, gate_table_markdown, merge_gate_tables, passes_for)
     from radar_vllm.offline.prompts import load_prompt_set, tokenize_prompts
 
     if args.context_tokens < 2:
@@ -32,17 +33,10 @@ def run(args: argparse.Namespace) -> int:
                            max_model_len=args.max_model_len, enforce_eager=args.enforce_eager,
                            mode=args.mode or None, metadata={"prompt_set": args.prompt_set, "context_tokens": args.context_tokens,
                                      "note": args.note})
-    (mode, section), = table["modes"].items()
     if Path(args.out).exists():  # keep the other mode's section of the same engine
         table = merge_gate_tables(load_gate_table(args.out), table)
     path = save_gate_table(table, args.out)
-    gate = DraftGate(section["max_depth"])  # the table as an engine's gate reads it
-    gate.seed(section)
-    print(f"mode {mode} (tokens per request per second, as the gate estimates them):")
-    for name, entry in gate.summary().items():
-        rates = {cap: entry[f"rate_d{cap}"] for cap in gate.caps}
-        print(f"batch {name}: starts at cap {max(rates, key=lambda cap: (rates[cap], -cap))}; "
-              + ", ".join(f"cap {cap} {rate:.1f}" for cap, rate in rates.items()))
+    print(gate_table_markdown(table, str(path)))
     print(f"wrote {path}")
     return 0
 

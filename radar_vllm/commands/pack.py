@@ -21,7 +21,7 @@ def run(args: argparse.Namespace) -> int:
         mode=args.mode,
         tree_policy_path=args.tree_policy,
         sampled_policy_path=args.sampled_policy,
-        gate_costs_path=args.gate_costs,
+        gate_costs_paths=args.gate_costs or (),
     )
     print(json.dumps({"checkpoint": str(out_dir), "radar": read_head_config(out_dir)["radar"]}, indent=2))
     return 0
@@ -49,9 +49,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--tree-policy", default=None,
                         help="a second stop policy, trained on tree-mode rounds, used when the mode is tree "
                              "(stored as policy-tree/; without it tree mode runs the main policy)")
-    parser.add_argument("--gate-costs", default=None,
+    parser.add_argument("--gate-costs", action="append", default=None,
                         help="gate-cost table (radar-vllm calibrate-gate) the depth gate starts from on the "
-                             "machine it was measured on; copied to gate_costs.json")
+                             "machine it was measured on; repeat it for several machines (copied to "
+                             "gate_costs.json, gate_costs_2.json, ...)")
     parser.add_argument("--sampled-policy", default=None,
                         help="a chain stop policy trained on sampled (T > 0) rounds, used for the requests "
                              "that sample (stored as policy-sampled/; without it they run the main policy)")

@@ -82,17 +82,25 @@ class RadarConfig:
     fixed_depth: int | None = None  # diagnostic: no policy, every round makes this many draft calls
     scratch_blocks: int | None = None  # tree mode: KV blocks reserved for recomputing tree rows (None: 0)
     skip_drafting: str = SKIP_AUTO  # "auto": depth 0 when drafting does not pay at this load; "never"
-    # "auto" only: a gate-cost table (radar-vllm calibrate-gate) the depth gate starts from,
-    # relative to the head directory; None: the gate measures every batch size from scratch
-    gate_costs: str | None = None
+    # "auto" only: a gate-cost table (radar-vllm calibrate-gate) the depth gate starts from, or a
+    # list of them (one per machine: the first that fits is used), relative to the head directory;
+    # None: the gate measures every batch size from scratch
+    gate_costs: str | list[str] | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.policy, str) or not self.policy:
             raise ValueError(f"radar.policy must be a non-empty path string, got {self.policy!r}")
-        for key in ("tree_policy", "sampled_policy", "gate_costs"):
+        for key in ("tree_policy", "sampled_policy"):
             value = getattr(self, key)
             if value is not None and (not isinstance(value, str) or not value):
                 raise ValueError(f"radar.{key} must be a non-empty path string or absent, got {value!r}")
+        if self.gate_costs is not None and not (
+            (isinstance(self.gate_costs, str) and self.gate_costs)
+            or (isinstance(self.gate_costs, (list, tuple)) and self.gate_costs
+                and all(isinstance(name, str) and name for name in self.gate_costs))
+        ):
+            raise ValueError("radar.gate_costs must be a non-empty path string, a non-empty list of them, or absent, "
+                             f"got {self.gate_costs!r}")
         if self.mode not in MODES:
             raise ValueError(f"radar.mode must be one of {MODES}, got {self.mode!r}")
         _require_int("top_k", self.top_k, 1)
@@ -147,6 +155,13 @@ class RadarConfig:
     def policy_path(self, checkpoint_dir: str | Path) -> Path:
         """The active policy checkpoint's path (:attr:`active_policy`), resolved against the head directory."""
         return _resolve(self.active_policy, checkpoint_dir)
+
+    @property
+    def gate_cost_files(self) -> list[str]:
+        """``gate_costs`` as a list of file names (empty when absent)."""
+        if self.gate_costs is None:
+            return []
+        return [self.gate_costs] if isinstance(self.gate_costs, str) else list(self.gate_costs)
 
     def sampled_policy_path(self, checkpoint_dir: str | Path) -> Path | None:
         """The policy of sampled requests when this mode runs one (chain mode with ``sampled_policy``)."""

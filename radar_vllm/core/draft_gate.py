@@ -380,20 +380,9 @@ def load_gate_table(path: str | Path) -> dict[str, Any]:
     return table
 
 
-def check_gate_table(table: Mapping[str, Any], path: str | Path, *, strict: bool, checkpoint_id: str, mode: str,
-                     dtype: str, target: str, caps: Sequence[int], max_depth: int, max_batch_size: int,
-                     machine: tuple[Any, ...]) -> dict[str, Any] | None:
-    """The part of ``table`` an engine's gate starts from: ``{"arms", "max_depth", "buckets"}`` of
-    its mode, or None.
-
-    A table measured for another head, dtype, target, machine, or without this mode and set of
-    depth caps, describes another engine. Named by the user (``strict``) it is refused (ValueError
-    saying what differs and how to re-measure); the checkpoint's own table, which a user did not
-    choose, is then only not used (a warning): the gate measures from scratch, as without a table.
-    A table whose batch sizes stop short of the engine's largest is used; the larger batches are
-    measured from scratch (a warning)."""
-    remeasure = (f"re-measure with `radar-vllm calibrate-gate --checkpoint DIR --mode {mode} --dtype {dtype} "
-                 f"--max-batch-size {max_batch_size} --out {path}`, or leave radar.gate_costs out")
+def gate_table_problems(table: Mapping[str, Any], *, checkpoint_id: str, mode: str, dtype: str, target: str,
+                        caps: Sequence[int], max_depth: int, machine: tuple[Any, ...]) -> list[str]:
+    """What makes ``table`` describe another engine than this one (empty: it fits)."""
     expected = {"checkpoint_id": checkpoint_id, "dtype": dtype, "target": target}
     problems = [f"{key}={table.get(key)!r} (this engine: {value!r})" for key, value in expected.items()
                 if table.get(key) != value]
@@ -405,15 +394,40 @@ def check_gate_table(table: Mapping[str, Any], path: str | Path, *, strict: bool
         problems.append(f"no {mode!r} mode (it has {sorted(table.get('modes') or {})})")
     elif list(section.get("arms", ())) != list(caps) or section.get("max_depth") != max_depth:
         problems.append(f"depth caps {section.get('arms')} (this engine: {list(caps)})")
-    if problems:
-        message = f"radar.gate_costs: {path} was measured with " + "; ".join(problems) + f"; {remeasure}"
-        if strict:
-            raise ValueError(message)
-        logger.warning("%s (the depth gate measures from scratch)", message)
-        return None
-    sizes = [int(name.rstrip("s")) for name in section.get("buckets", {})]
-    if not sizes or batch_bucket(max(sizes)) < batch_bucket(max_batch_size):
-        logger.warning("radar.gate_costs: %s covers batch sizes up to %s, this engine runs up to %d: larger "
-                       "batches are measured from scratch; %s", path, max(sizes) if sizes else None,
-                       max_batch_size, remeasure)
-    return {key: section[key] for key in ("arms", "max_depth", "buckets")}
+    return problems
+
+
+def check_gate_tables(tables: Sequence[tuple[str | Path, Mapping[str, Any]]], *, strict: bool, checkpoint_id: str,
+                      mode: str, dtype: str, target: str, caps: Sequence[int], max_depth: int, max_batch_size: int,
+                      machine: tuple[Any, ...]) -> dict[str, Any] | None:
+    """The part of the first of ``tables`` (``(path, table)`` pairs, e.g. one per machine) that fits
+    this engine that its gate starts from: ``{"arms", "max_depth", "buckets"}`` of its mode, or None.
+
+    A table measured for another head, dtype, target, machine, or without this mode and set of
+    depth caps, describes another engine. When none fits, tables the user named (``strict``) are
+    refused (ValueError saying what differs in each and how to measure this one); the checkpoint's
+    own, which a user did not choose, are then only not used (a warning): the gate measures from
+    scratch, as without a table. A table whose batch sizes stop short of the engine's largest is
+    used; the larger batches are measured from scratch (a warning)."""
+    remeasure = (f"measure this engine with `radar-vllm calibrate-gate --checkpoint DIR --mode {mode} --dtype {dtype} "
+                 f"--max-batch-size {max_batch_size} --out FILE` and name FILE in radar.gate_costs (a file or a list "
+                 f"of files, one per machine), or leave radar.gate_costs out")
+    found: list[str] = []
+    for path, table in tables:
+        problems = gate_table_problems(table, checkpoint_id=checkpoint_id, mode=mode, dtype=dtype, target=target,
+                                       caps=caps, max_depth=max_depth, machine=machine)
+        if problems:
+            found.append(f"{path} was measured with " + "; ".join(problems))
+            continue
+        section = table["modes"][mode]
+        sizes = [int(name.rstrip("s")) for name in section.get("buckets", {})]
+        if not sizes or batch_bucket(max(sizes)) < batch_bucket(max_batch_size):
+            logger.warning("radar.gate_costs: %s covers batch sizes up to %s, this engine runs up to %d: larger "
+                           "batches are measured from scratch; %s", path, max(sizes) if sizes else None,
+                           max_batch_size, remeasure)
+        return {key: section[key] for key in ("arms", "max_depth", "buckets")}
+    message = "radar.gate_costs: no table fits this engine: " + "; ".join(found) + f"; {remeasure}"
+    if strict:
+        raise ValueError(message)
+    logger.warning("%s (the depth gate measures from scratch)", message)
+    return None

@@ -104,3 +104,34 @@ def merge_gate_tables(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any
 def passes_for(rounds: int, tokens: int) -> int:
     """Passes so that every batch size runs about ``rounds`` engine steps."""
     return max(1, math.ceil(rounds / tokens))
+
+
+def gate_table_markdown(table: dict[str, Any], name: str) -> str:
+    """A Markdown summary of a gate-cost table: per mode and batch size, every depth cap's rate
+    (tokens per request per second, as an engine's gate seeded from the table estimates it; bold:
+    where it starts), the best drafting cap against not drafting, and the acceptance per depth."""
+    from radar_vllm.core.draft_gate import DraftGate
+
+    machine = table.get("machine") or {}
+    lines = [f"### `{name}`: {machine.get('cpu_model')} ({machine.get('num_cpus')} logical CPUs)", "",
+             f"Measured {table.get('created')}, target `{table.get('target')}`, dtype {table.get('dtype')}, "
+             f"head weights `{table.get('checkpoint_id')}`.", ""]
+    for mode, section in sorted((table.get("modes") or {}).items()):
+        gate = DraftGate(section["max_depth"], arms=section["arms"])
+        gate.seed(section)
+        caps = list(gate.caps)
+        note = (section.get("metadata") or {}).get("note")
+        lines += [f"{mode} mode" + (f" ({note})" if note else "") + ":", "",
+                  "| batch | " + " | ".join(f"cap {cap}" for cap in caps)
+                  + " | drafting / not drafting (best cap) | acceptance per depth 1..5 |",
+                  "|---" * (len(caps) + 3) + "|"]
+        for bucket, entry in gate.summary().items():
+            rates = {cap: entry[f"rate_d{cap}"] for cap in caps}
+            start = max(rates, key=lambda cap: (rates[cap], -cap))
+            best_drafting = max(rate for cap, rate in rates.items() if cap > 0)
+            reach = " / ".join(f"{entry[f'reach_{depth}']:.2f}" for depth in range(1, 6) if f"reach_{depth}" in entry)
+            cells = [f"**{rate:.1f}**" if cap == start else f"{rate:.1f}" for cap, rate in rates.items()]
+            ratio = f"{best_drafting / rates[0]:.2f}x" if rates.get(0) else "–"
+            lines.append(f"| {bucket} | " + " | ".join(cells) + f" | {ratio} | {reach} |")
+        lines.append("")
+    return "\n".join(lines)

@@ -14,9 +14,10 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import re
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from radar_vllm.core.config import (
     DEFAULT_POLICY_PATH,
@@ -38,6 +39,7 @@ DEFAULT_TOTAL_TOKENS = 60
 
 
 GATE_COSTS_FILENAME = "gate_costs.json"
+GATE_COSTS_PATTERN = re.compile(r"gate_costs(_[0-9]+)?\.json")  # the tables pack writes
 
 
 def default_total_tokens(top_k: int, max_depth: int) -> int:
@@ -60,7 +62,7 @@ def pack_radar_checkpoint(
     tree_policy_path: str | Path | None = None,
     sampled_policy_path: str | Path | None = None,
     skip_drafting: str = SKIP_AUTO,
-    gate_costs_path: str | Path | None = None,
+    gate_costs_paths: Sequence[str | Path] = (),
 ) -> Path:
     """Write a RADAR checkpoint into ``out_dir`` (which must not exist or be empty); return it.
 
@@ -68,9 +70,9 @@ def pack_radar_checkpoint(
     policy's own (left out of the section). ``tree_policy_path``: a second policy, trained on
     tree-mode rounds, copied to ``policy-tree/`` and used when the mode is tree.
     ``sampled_policy_path``: a chain policy trained on sampled (T > 0) rounds, copied to
-    ``policy-sampled/`` and used for the requests that sample. ``gate_costs_path``: a gate-cost
-    table (``radar-vllm calibrate-gate``) copied to ``gate_costs.json``, which the depth gate starts
-    from on the machine it was measured on. The result is validated (every policy) before it is
+    ``policy-sampled/`` and used for the requests that sample. ``gate_costs_paths``: gate-cost
+    tables (``radar-vllm calibrate-gate``, e.g. one per machine) copied to ``gate_costs.json``,
+    ``gate_costs_2.json``, ...; the depth gate starts from the one measured on its machine. The result is validated (every policy) before it is
     moved in place.
     """
     from radar_vllm.core.policy import CONFIG_FILENAME, WEIGHTS_FILENAME, load_policy_checkpoint
@@ -82,6 +84,9 @@ def pack_radar_checkpoint(
         top_k = policy.config.state_size
     if total_tokens is None:
         total_tokens = default_total_tokens(top_k, max_depth)
+    gate_costs_paths = [Path(path) for path in gate_costs_paths]
+    table_names = [GATE_COSTS_FILENAME if index == 0 else f"gate_costs_{index + 1}.json"
+                   for index in range(len(gate_costs_paths))]
     radar = RadarConfig(
         policy=DEFAULT_POLICY_PATH,
         mode=mode,
@@ -93,12 +98,12 @@ def pack_radar_checkpoint(
         tree_policy=None if tree_policy_path is None else DEFAULT_TREE_POLICY_PATH,
         sampled_policy=None if sampled_policy_path is None else DEFAULT_SAMPLED_POLICY_PATH,
         skip_drafting=skip_drafting,
-        gate_costs=None if gate_costs_path is None else GATE_COSTS_FILENAME,
+        gate_costs=(None if not table_names else table_names[0] if len(table_names) == 1 else table_names),
     )
-    if gate_costs_path is not None:
-        from radar_vllm.core.draft_gate import load_gate_table
+    from radar_vllm.core.draft_gate import load_gate_table
 
-        load_gate_table(gate_costs_path)  # a gate-cost table at all (its fit is checked at start-up)
+    for path in gate_costs_paths:
+        load_gate_table(path)  # a gate-cost table at all (its fit is checked at start-up)
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise ValueError(f"output directory {out_dir} exists and is not empty; choose a new directory")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -106,7 +111,7 @@ def pack_radar_checkpoint(
     try:
         for item in head_dir.iterdir():
             if item.name in (HEAD_CONFIG_FILENAME, DEFAULT_POLICY_PATH, DEFAULT_TREE_POLICY_PATH,
-                             DEFAULT_SAMPLED_POLICY_PATH, GATE_COSTS_FILENAME):
+                             DEFAULT_SAMPLED_POLICY_PATH) or GATE_COSTS_PATTERN.fullmatch(item.name):
                 continue
             if item.is_file():
                 shutil.copy2(item, staging / item.name)
@@ -116,8 +121,8 @@ def pack_radar_checkpoint(
         if sampled_policy_path is not None:
             _copy_policy(sampled_policy_path, staging / DEFAULT_SAMPLED_POLICY_PATH, WEIGHTS_FILENAME,
                          CONFIG_FILENAME)
-        if gate_costs_path is not None:
-            shutil.copy2(gate_costs_path, staging / GATE_COSTS_FILENAME)
+        for path, name in zip(gate_costs_paths, table_names):
+            shutil.copy2(path, staging / name)
         config: dict[str, Any] = dict(head_config)
         config[RADAR_SECTION] = radar.to_dict()
         (staging / HEAD_CONFIG_FILENAME).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")

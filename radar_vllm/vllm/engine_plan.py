@@ -219,25 +219,26 @@ def plan_engine(vllm_config: Any) -> EnginePlan:
 
 
 def gate_table(radar: ValidatedRadar, vllm_config: Any) -> dict[str, Any] | None:
-    """The gate-cost table the depth gate starts from, checked against this engine (None: none).
-    A table the user named (the speculative config or RADAR_OVERRIDES) must fit; the checkpoint's
-    own is skipped with a warning where it does not (see ``check_gate_table``)."""
+    """The gate-cost table the depth gate starts from, checked against this engine (None: none):
+    the first of ``radar.gate_costs`` (one file or a list, e.g. one per machine) that fits it.
+    Tables the user named (the speculative config or RADAR_OVERRIDES) must include one that fits;
+    the checkpoint's own are skipped with a warning where none does (see ``check_gate_tables``)."""
     config = radar.config
     if config.gate_costs is None:
         return None
     if config.skip_drafting != SKIP_AUTO or config.fixed_depth is not None:
         return None  # no depth gate runs
     from radar_vllm.core.costs import describe_machine, machine_key
-    from radar_vllm.core.draft_gate import check_gate_table, default_arms, load_gate_table, weights_id
+    from radar_vllm.core.draft_gate import check_gate_tables, default_arms, load_gate_table, weights_id
 
     section = raw_radar_section(vllm_config.speculative_config) or {}
     strict = section.get("gate_costs") != config.gate_costs
-    path = Path(config.gate_costs)
-    if not path.is_absolute():
-        path = radar.checkpoint_dir / path
+    paths = [Path(name) if Path(name).is_absolute() else radar.checkpoint_dir / name
+             for name in config.gate_cost_files]
     model_config = vllm_config.model_config
-    return check_gate_table(
-        load_gate_table(path), path, strict=strict, checkpoint_id=weights_id(radar.checkpoint_dir), mode=config.mode,
+    return check_gate_tables(
+        [(path, load_gate_table(path)) for path in paths], strict=strict,
+        checkpoint_id=weights_id(radar.checkpoint_dir), mode=config.mode,
         dtype=str(model_config.dtype).removeprefix("torch."), target=Path(str(model_config.model)).name,
         caps=default_arms(config.max_depth), max_depth=config.max_depth,
         max_batch_size=int(vllm_config.scheduler_config.max_num_seqs), machine=machine_key(describe_machine()))

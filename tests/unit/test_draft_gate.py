@@ -291,7 +291,7 @@ def test_a_gate_started_from_a_table_skips_the_sweep_and_probes_by_the_table_rat
 
 
 def test_a_table_for_another_engine_is_refused_when_named_and_skipped_when_the_checkpoint_s(tmp_path, caplog):
-    from radar_vllm.core.draft_gate import check_gate_table, load_gate_table, save_gate_table
+    from radar_vllm.core.draft_gate import check_gate_tables, load_gate_table, save_gate_table
     from radar_vllm.offline.gate_calibration import merge_gate_tables
 
     gate = DraftGate(7, arms=(0, 1, 7))
@@ -300,25 +300,35 @@ def test_a_table_for_another_engine_is_refused_when_named_and_skipped_when_the_c
     table = load_gate_table(path)
     expected = dict(checkpoint_id="radar@0123456789ab", mode="chain", dtype="float32", target="target",
                     caps=[0, 1, 7], max_depth=7, max_batch_size=16, machine=("cpu A", 2, None))
-    section = check_gate_table(table, path, strict=True, **expected)
+    section = check_gate_tables([(path, table)], strict=True, **expected)
     assert section is not None and set(section["buckets"]) == {"16"}
     wrong = (("checkpoint_id", "radar@ffffffffffff"), ("mode", "tree"), ("dtype", "bfloat16"), ("target", "other"),
              ("caps", [0, 1, 2, 7]), ("machine", ("cpu B", 8, None)))
     for key, value in wrong:
         with pytest.raises(ValueError, match="calibrate-gate"):
-            check_gate_table(table, path, strict=True, **{**expected, key: value})
+            check_gate_tables([(path, table)], strict=True, **{**expected, key: value})
         with caplog.at_level("WARNING"):
             caplog.clear()
-            assert check_gate_table(table, path, strict=False, **{**expected, key: value}) is None
+            assert check_gate_tables([(path, table)], strict=False, **{**expected, key: value}) is None
             assert "measures from scratch" in caplog.text
     with caplog.at_level("WARNING"):
         caplog.clear()
-        assert check_gate_table(table, path, strict=True, **{**expected, "max_batch_size": 64}) is not None
+        assert check_gate_tables([(path, table)], strict=True, **{**expected, "max_batch_size": 64}) is not None
         assert "up to 16" in caplog.text
+    # a list of tables (one per machine): the one measured on this machine is used, wherever it is
+    other_gate = DraftGate(7, arms=(0, 1, 7))
+    _run(other_gate, 4, 50, _costs({0: (0.050, 1.0), 1: (0.040, 1.3), 7: (0.060, 1.6)}))
+    other = dict(_table(other_gate), machine={"cpu_model": "cpu B", "num_cpus": 8, "accelerator": None})
+    both_machines = [(tmp_path / "b.json", other), (path, table)]
+    assert set(check_gate_tables(both_machines, strict=True, **expected)["buckets"]) == {"16"}
+    on_b = check_gate_tables(both_machines, strict=True, **{**expected, "machine": ("cpu B", 8, None)})
+    assert set(on_b["buckets"]) == {"4"}
+    with pytest.raises(ValueError, match="b.json was measured with.*machine.*gate.json was measured with.*machine"):
+        check_gate_tables(both_machines, strict=True, **{**expected, "machine": ("cpu C", 2, None)})
     # one file holds both modes of the same engine
     both = merge_gate_tables(table, _table(gate, mode="tree"))
     assert set(both["modes"]) == {"chain", "tree"}
-    assert check_gate_table(both, path, strict=True, **{**expected, "mode": "tree"}) is not None
+    assert check_gate_tables([(path, both)], strict=True, **{**expected, "mode": "tree"}) is not None
     assert set(merge_gate_tables(dict(table, dtype="bfloat16"), _table(gate, mode="tree"))["modes"]) == {"tree"}
     (tmp_path / "bad.json").write_text('{"format": "something else"}')
     for bad in (tmp_path / "bad.json", tmp_path / "missing.json"):

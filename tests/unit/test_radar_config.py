@@ -54,6 +54,8 @@ def test_defaults_and_round_trip():
         ({"scratch_blocks": -1}, "radar.scratch_blocks must be >= 0"),
         ({"skip_drafting": "sometimes"}, "radar.skip_drafting must be one of"),
         ({"gate_costs": ""}, "radar.gate_costs must be a non-empty path string"),
+        ({"gate_costs": []}, "radar.gate_costs must be a non-empty path string"),
+        ({"gate_costs": ["a.json", 3]}, "radar.gate_costs must be a non-empty path string"),
     ],
 )
 def test_bad_options_name_the_option(options, fragment):
@@ -120,14 +122,24 @@ def test_pack_carries_a_gate_cost_table(tiny, tmp_path):
     _, _, head, policy, _ = tiny
     table = tmp_path / "gate.json"
     table.write_text(json.dumps({"format": GATE_TABLE_FORMAT, "modes": {}}))
-    out = pack_radar_checkpoint(head, policy, tmp_path / "ck", max_depth=4, gate_costs_path=table)
+    out = pack_radar_checkpoint(head, policy, tmp_path / "ck", max_depth=4, gate_costs_paths=[table])
     assert read_head_config(out)["radar"]["gate_costs"] == "gate_costs.json"
     assert json.loads((out / "gate_costs.json").read_text())["format"] == GATE_TABLE_FORMAT
+    # several tables (one per machine) are kept side by side, listed in order
+    second = tmp_path / "gate_b.json"
+    second.write_text(json.dumps({"format": GATE_TABLE_FORMAT, "modes": {}, "note": "machine B"}))
+    several = pack_radar_checkpoint(head, policy, tmp_path / "ck3", max_depth=4, gate_costs_paths=[table, second])
+    assert read_head_config(several)["radar"]["gate_costs"] == ["gate_costs.json", "gate_costs_2.json"]
+    assert json.loads((several / "gate_costs_2.json").read_text())["note"] == "machine B"
+    # re-packing a packed checkpoint with one table leaves none of the old ones behind
+    repacked = pack_radar_checkpoint(several, policy, tmp_path / "ck4", max_depth=4, gate_costs_paths=[second])
+    assert not (repacked / "gate_costs_2.json").exists()
+    assert json.loads((repacked / "gate_costs.json").read_text())["note"] == "machine B"
     # the table names the head by its weights, which packing leaves as they are
     assert weights_id(out).split("@")[1] == weights_id(head).split("@")[1]
     (tmp_path / "notes.json").write_text("{}")
     with pytest.raises(ValueError, match="not a gate-cost table"):
-        pack_radar_checkpoint(head, policy, tmp_path / "ck2", gate_costs_path=tmp_path / "notes.json")
+        pack_radar_checkpoint(head, policy, tmp_path / "ck2", gate_costs_paths=[tmp_path / "notes.json"])
     assert not (tmp_path / "ck2").exists()
 
 
