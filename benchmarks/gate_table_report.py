@@ -34,14 +34,14 @@ def main() -> None:
     section = json.loads((args.checkpoint / "config.json").read_text(encoding="utf-8")).get("radar")
     if section is None:
         raise SystemExit(f"{args.checkpoint} has no \"radar\" section in config.json")
-    names = RadarConfig.from_dict(section).gate_cost_files
-    if not names:
+    paths = RadarConfig.from_dict(section).gate_cost_paths(args.checkpoint)
+    if not paths:
         raise SystemExit(f"{args.checkpoint} names no gate-cost table (radar.gate_costs)")
     parts = [f"# Gate-cost tables of `{args.checkpoint.name}`", "",
              f"Written by `python benchmarks/gate_table_report.py {args.checkpoint} --out {args.out}`; how each "
              "table was measured: benchmarks/results/README.md.", "", INTRO, ""]
-    for name in names:
-        parts.append(gate_table_markdown(load_gate_table(args.checkpoint / name), name))
+    for path in paths:
+        parts.append(gate_table_markdown(load_gate_table(path), path.name))
     args.out.write_text("\n".join(parts).rstrip() + "\n", encoding="utf-8")
     print(args.out.read_text(encoding="utf-8"))
 

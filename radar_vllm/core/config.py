@@ -156,12 +156,13 @@ class RadarConfig:
         """The active policy checkpoint's path (:attr:`active_policy`), resolved against the head directory."""
         return _resolve(self.active_policy, checkpoint_dir)
 
-    @property
-    def gate_cost_files(self) -> list[str]:
-        """``gate_costs`` as a list of file names (empty when absent)."""
+    def gate_cost_paths(self, checkpoint_dir: str | Path) -> list[Path]:
+        """The gate-cost tables ``gate_costs`` names (one or a list), resolved against the head
+        directory, in order (empty when absent)."""
         if self.gate_costs is None:
             return []
-        return [self.gate_costs] if isinstance(self.gate_costs, str) else list(self.gate_costs)
+        names = [self.gate_costs] if isinstance(self.gate_costs, str) else self.gate_costs
+        return [_resolve(name, checkpoint_dir) for name in names]
 
     def sampled_policy_path(self, checkpoint_dir: str | Path) -> Path | None:
         """The policy of sampled requests when this mode runs one (chain mode with ``sampled_policy``)."""

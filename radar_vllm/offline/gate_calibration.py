@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from radar_vllm.core.costs import describe_machine
-from radar_vllm.core.draft_gate import GATE_TABLE_FORMAT, weights_id
+from radar_vllm.core.draft_gate import GATE_TABLE_FORMAT, DraftGate, weights_id
 
 
 def batch_sizes_up_to(largest: int) -> list[int]:
@@ -110,8 +110,6 @@ def gate_table_markdown(table: dict[str, Any], name: str) -> str:
     """A Markdown summary of a gate-cost table: per mode and batch size, every depth cap's rate
     (tokens per request per second, as an engine's gate seeded from the table estimates it; bold:
     where it starts), the best drafting cap against not drafting, and the acceptance per depth."""
-    from radar_vllm.core.draft_gate import DraftGate
-
     machine = table.get("machine") or {}
     lines = [f"### `{name}`: {machine.get('cpu_model')} ({machine.get('num_cpus')} logical CPUs)", "",
              f"Measured {table.get('created')}, target `{table.get('target')}`, dtype {table.get('dtype')}, "

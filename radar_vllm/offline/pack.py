@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 import re
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Sequence
@@ -72,8 +72,8 @@ def pack_radar_checkpoint(
     ``sampled_policy_path``: a chain policy trained on sampled (T > 0) rounds, copied to
     ``policy-sampled/`` and used for the requests that sample. ``gate_costs_paths``: gate-cost
     tables (``radar-vllm calibrate-gate``, e.g. one per machine) copied to ``gate_costs.json``,
-    ``gate_costs_2.json``, ...; the depth gate starts from the one measured on its machine. The result is validated (every policy) before it is
-    moved in place.
+    ``gate_costs_2.json``, ...; the depth gate starts from the one measured on its machine. The
+    result is validated (every policy) before it is moved in place.
     """
     from radar_vllm.core.policy import CONFIG_FILENAME, WEIGHTS_FILENAME, load_policy_checkpoint
 
@@ -98,7 +98,7 @@ def pack_radar_checkpoint(
         tree_policy=None if tree_policy_path is None else DEFAULT_TREE_POLICY_PATH,
         sampled_policy=None if sampled_policy_path is None else DEFAULT_SAMPLED_POLICY_PATH,
         skip_drafting=skip_drafting,
-        gate_costs=(None if not table_names else table_names[0] if len(table_names) == 1 else table_names),
+        gate_costs=table_names[0] if len(table_names) == 1 else (table_names or None),
     )
     from radar_vllm.core.draft_gate import load_gate_table
 

@@ -233,8 +233,7 @@ def gate_table(radar: ValidatedRadar, vllm_config: Any) -> dict[str, Any] | None
 
     section = raw_radar_section(vllm_config.speculative_config) or {}
     strict = section.get("gate_costs") != config.gate_costs
-    paths = [Path(name) if Path(name).is_absolute() else radar.checkpoint_dir / name
-             for name in config.gate_cost_files]
+    paths = config.gate_cost_paths(radar.checkpoint_dir)
     model_config = vllm_config.model_config
     return check_gate_tables(
         [(path, load_gate_table(path)) for path in paths], strict=strict,
