@@ -50,9 +50,10 @@ CONFIGS = {
     "radar-tree": {"method": "radar", "model": str(CHECKPOINTS / "smollm2-135m-radar"), "radar": {"mode": "tree"}},
 }
 FORCED_SKIP = {"radar-chain-skip"}
-# Other RADAR shapes by name: radar-MODE[-tkK][-nN][-dD] (tree width K, N tree tokens with the root,
-# D draft calls every round: no policy, no gate, the plugin's own cost), e.g. radar-chain-d3, radar-tree-tk2-n6-d3.
-SHAPE = re.compile(r"radar-(chain|tree)(?:-tk(\d+))?(?:-n(\d+))?(?:-d(\d+))?")
+# Other RADAR shapes by name: radar-MODE[-tkK][-nN][-dD][-sS] (tree width K, N tree tokens with the root,
+# D draft calls every round: no policy, no gate, the plugin's own cost; S scratch blocks for tree rows),
+# e.g. radar-chain-d3, radar-tree-tk2-n6-d3, radar-tree-tk3-n8-d3-s64.
+SHAPE = re.compile(r"radar-(chain|tree)(?:-tk(\d+))?(?:-n(\d+))?(?:-d(\d+))?(?:-s(\d+))?")
 
 
 def speculative_config(name: str) -> dict[str, Any] | None:
@@ -62,7 +63,7 @@ def speculative_config(name: str) -> dict[str, Any] | None:
     match = SHAPE.fullmatch(name)
     if match is None:
         raise SystemExit(f"unknown config {name!r}; choose from {sorted(CONFIGS)} or radar-MODE[-tkK][-nN][-dD]")
-    mode, top_k, total, depth = match.groups()
+    mode, top_k, total, depth, scratch = match.groups()
     radar: dict[str, Any] = {"mode": mode}
     if top_k:
         radar["top_k"] = int(top_k)
@@ -70,6 +71,8 @@ def speculative_config(name: str) -> dict[str, Any] | None:
         radar["total_tokens"] = int(total)
     if depth:
         radar["fixed_depth"] = int(depth)
+    if scratch:
+        radar["scratch_blocks"] = int(scratch)
     return {"method": "radar", "model": str(CHECKPOINTS / "smollm2-135m-radar"), "radar": radar}
 
 
@@ -125,13 +128,14 @@ def read_timers(worker: Any, reset: bool) -> dict[str, Any]:
 
 
 def profile_config(name: str, target: str, prompts: list[list[int]], batch_sizes: list[int], max_new_tokens: int,
-                   repeats: int, dtype: str) -> list[dict[str, Any]]:
+                   repeats: int, dtype: str, block_size: int | None = None) -> list[dict[str, Any]]:
     from vllm import LLM, SamplingParams
 
     from radar_vllm.offline.generate import shutdown_engine
 
     llm = LLM(model=target, dtype=dtype, max_model_len=1024, max_num_seqs=max(batch_sizes), seed=0,
-              speculative_config=speculative_config(name), generation_config="vllm")
+              speculative_config=speculative_config(name), generation_config="vllm",
+              **({"block_size": block_size} if block_size else {}))
     forced = name in FORCED_SKIP
     llm.collective_rpc(lambda worker: install_timers(worker, forced))
     params = SamplingParams(temperature=0.0, max_tokens=max_new_tokens, ignore_eos=True)
@@ -197,6 +201,8 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--block-size", type=int, default=None,
+                        help="KV cache block size (tokens; the CPU platform's default: 128)")
     parser.add_argument("--out", type=Path, required=True, help="output path without suffix")
     parser.add_argument("--engine-process", action="store_true",
                         help="engine core and worker in their own processes (as the benchmark runs engines)")
@@ -214,7 +220,7 @@ def main() -> None:
     workload = load_workload(MTBENCH, load_tokenizer(target), max(batch_sizes), 512)
     if args.one:
         rows = profile_config(configs[0], target, workload.prompt_ids, batch_sizes, args.max_new_tokens, args.repeats,
-                              args.dtype)
+                              args.dtype, args.block_size)
         args.out.with_suffix(".json").write_text(json.dumps(rows))
         return
     rows = []
@@ -222,7 +228,7 @@ def main() -> None:
         part = args.out.parent / f".{args.out.name}-{name}"
         command = [sys.executable, __file__, "--one", "--configs", name, "--batch-sizes", args.batch_sizes,
                    "--max-new-tokens", str(args.max_new_tokens), "--repeats", str(args.repeats), "--dtype", args.dtype,
-                   "--out", str(part)]
+                   "--out", str(part)] + (["--block-size", str(args.block_size)] if args.block_size else [])
         env = dict(os.environ)
         if args.engine_process:
             env.update(VLLM_ENABLE_V1_MULTIPROCESSING="1", VLLM_ALLOW_INSECURE_SERIALIZATION="1",  # timers via lambdas
@@ -244,6 +250,7 @@ def main() -> None:
               f"{args.repeats} repeats; {machine})\n\nCommand: `python benchmarks/profile_steps.py "
               f"--configs {args.configs} --batch-sizes {args.batch_sizes} --max-new-tokens {args.max_new_tokens} "
               f"--repeats {args.repeats} --dtype {args.dtype} --out {args.out}"
+              f"{f' --block-size {args.block_size}' if args.block_size else ''}"
               f"{' --engine-process' if args.engine_process else ''}`\n\n"
               "ms/step parts: target = the target model's forward, draft = the drafter's propose (depth-0 rounds "
               "included), sample = the runner's _sample (rejection sampling / tree acceptance), other = the rest "

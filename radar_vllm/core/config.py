@@ -80,7 +80,9 @@ class RadarConfig:
     tree_policy: str | None = None  # tree mode's policy, relative to the head directory; None: policy
     sampled_policy: str | None = None  # chain mode, requests with temperature > 0; None: policy
     fixed_depth: int | None = None  # diagnostic: no policy, every round makes this many draft calls
-    scratch_blocks: int | None = None  # tree mode: KV blocks reserved for recomputing tree rows (None: 0)
+    # tree mode: KV blocks reserved for recomputing tree rows in one kernel call per layer (None: sized
+    # for a full batch; 0: none, rows recomputed one node per request per call in their own slots)
+    scratch_blocks: int | None = None
     skip_drafting: str = SKIP_AUTO  # "auto": depth 0 when drafting does not pay at this load; "never"
     # "auto" only: a gate-cost table (radar-vllm calibrate-gate) the depth gate starts from, or a
     # list of them (one per machine: the first that fits is used), relative to the head directory;

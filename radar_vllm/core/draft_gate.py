@@ -68,6 +68,9 @@ from radar_vllm.core.costs import files_sha256, machine_key
 logger = logging.getLogger(__name__)
 
 GATE_TABLE_FORMAT = "radar-gate-costs/1"
+# How tree-mode tables measured before tables named their tree verification verified trees: one
+# node per request per kernel call in the requests' own slots, 128-token KV blocks.
+LEGACY_TREE_VERIFY = "path-128"
 
 
 def batch_bucket(batch_size: int) -> int:
@@ -381,8 +384,11 @@ def load_gate_table(path: str | Path) -> dict[str, Any]:
 
 
 def gate_table_problems(table: Mapping[str, Any], *, checkpoint_id: str, mode: str, dtype: str, target: str,
-                        caps: Sequence[int], max_depth: int, machine: tuple[Any, ...]) -> list[str]:
-    """What makes ``table`` describe another engine than this one (empty: it fits)."""
+                        caps: Sequence[int], max_depth: int, machine: tuple[Any, ...],
+                        verify: str | None = None) -> list[str]:
+    """What makes ``table`` describe another engine than this one (empty: it fits). ``verify``:
+    how this engine verifies trees (tree mode; its step costs depend on it), e.g. ``"scratch-32"``;
+    a tree section that names none was measured with ``LEGACY_TREE_VERIFY``."""
     expected = {"checkpoint_id": checkpoint_id, "dtype": dtype, "target": target}
     problems = [f"{key}={table.get(key)!r} (this engine: {value!r})" for key, value in expected.items()
                 if table.get(key) != value]
@@ -394,17 +400,19 @@ def gate_table_problems(table: Mapping[str, Any], *, checkpoint_id: str, mode: s
         problems.append(f"no {mode!r} mode (it has {sorted(table.get('modes') or {})})")
     elif list(section.get("arms", ())) != list(caps) or section.get("max_depth") != max_depth:
         problems.append(f"depth caps {section.get('arms')} (this engine: {list(caps)})")
+    elif verify is not None and section.get("verify", LEGACY_TREE_VERIFY) != verify:
+        problems.append(f"tree verification {section.get('verify', LEGACY_TREE_VERIFY)!r} (this engine: {verify!r})")
     return problems
 
 
 def check_gate_tables(tables: Sequence[tuple[str | Path, Mapping[str, Any]]], *, strict: bool, checkpoint_id: str,
                       mode: str, dtype: str, target: str, caps: Sequence[int], max_depth: int, max_batch_size: int,
-                      machine: tuple[Any, ...]) -> dict[str, Any] | None:
+                      machine: tuple[Any, ...], verify: str | None = None) -> dict[str, Any] | None:
     """The part of the first of ``tables`` (``(path, table)`` pairs, e.g. one per machine) that fits
     this engine that its gate starts from: ``{"arms", "max_depth", "buckets"}`` of its mode, or None.
 
-    A table measured for another head, dtype, target, machine, or without this mode and set of
-    depth caps, describes another engine. When none fits, tables the user named (``strict``) are
+    A table measured for another head, dtype, target, machine, tree verification (``verify``), or
+    without this mode and set of depth caps, describes another engine. When none fits, tables the user named (``strict``) are
     refused (ValueError saying what differs in each and how to measure this one); the checkpoint's
     own, which a user did not choose, are then only not used (a warning): the gate measures from
     scratch, as without a table. A table whose batch sizes stop short of the engine's largest is
@@ -415,7 +423,7 @@ def check_gate_tables(tables: Sequence[tuple[str | Path, Mapping[str, Any]]], *,
     found: list[str] = []
     for path, table in tables:
         problems = gate_table_problems(table, checkpoint_id=checkpoint_id, mode=mode, dtype=dtype, target=target,
-                                       caps=caps, max_depth=max_depth, machine=machine)
+                                       caps=caps, max_depth=max_depth, machine=machine, verify=verify)
         if problems:
             found.append(f"{path} was measured with " + "; ".join(problems))
             continue

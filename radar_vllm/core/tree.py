@@ -110,6 +110,34 @@ def causal_exact_nodes(parents: Sequence[int]) -> list[bool]:
     return [depth == i + 1 for i, depth in enumerate(node_depths(parents))]
 
 
+def recompute_paths(parents: Sequence[int]) -> list[tuple[list[int], int]]:
+    """Root-to-leaf paths that cover every node that is not causal-exact, once each.
+
+    Returns ``(path, first)`` per path, leaves in index order: ``path[first:]`` are the nodes it
+    covers, ``path[:first]`` ancestors that are causal-exact or covered by an earlier path (the
+    covered set stays closed under ancestors, so it meets each path in a prefix). Verifying the
+    path as a causal chain gives each of its nodes its tree attention.
+
+    Example: parents ``[-1, 0, -1, 1, 0]`` (nodes 0 and 1 are causal-exact) ->
+    ``[([2], 0), ([0, 1, 3], 2), ([0, 4], 1)]``.
+    """
+    covered = causal_exact_nodes(parents)
+    has_child = [False] * len(parents)
+    for parent in parents:
+        if parent != NO_PARENT:
+            has_child[parent] = True
+    paths = []
+    for leaf in range(len(parents)):
+        if has_child[leaf] or covered[leaf]:
+            continue
+        path = node_path(parents, leaf)
+        first = next(k for k, node in enumerate(path) if not covered[node])
+        for node in path[first:]:
+            covered[node] = True
+        paths.append((path, first))
+    return paths
+
+
 def _gather_or(values: Tensor, index: Tensor, fill: Any) -> Tensor:
     """``values.gather(1, index)`` where ``index`` may hold NO_PARENT (-1): those entries get ``fill``."""
     present = index != NO_PARENT

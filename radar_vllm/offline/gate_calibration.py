@@ -53,8 +53,13 @@ def calibrate_gate(checkpoint: str | Path, target: str | Path, prompts: Sequence
               enforce_eager=enforce_eager, generation_config="vllm",
               speculative_config={"method": "radar", "model": str(checkpoint), "radar": overrides})
     try:
-        config = llm.llm_engine.vllm_config.speculative_config.draft_model_config.hf_config
+        from radar_vllm.vllm.engine_plan import engine_plan, tree_verify
+
+        vllm_config = llm.llm_engine.vllm_config
+        config = vllm_config.speculative_config.draft_model_config.hf_config
         radar = getattr(config, "radar", {}) or {}
+        plan = engine_plan(vllm_config)
+        verify = tree_verify(plan.radar.config.mode, plan.scratch_blocks, vllm_config.cache_config.block_size)
         params = SamplingParams(temperature=0.0, max_tokens=tokens, ignore_eos=True)
         llm.generate([{"prompt_token_ids": list(prompts[0])}], SamplingParams(temperature=0.0, max_tokens=16),
                      use_tqdm=False)  # warm-up
@@ -86,6 +91,7 @@ def calibrate_gate(checkpoint: str | Path, target: str | Path, prompts: Sequence
         "target": Path(str(target)).name,
         "modes": {mode or radar.get("mode", "chain"): {
             **exported,
+            **({"verify": verify} if verify else {}),
             "metadata": {"versions": versions, "batch_sizes": sorted(batch_sizes), "tokens": tokens,
                          "passes": passes, "enforce_eager": enforce_eager, "max_model_len": max_model_len,
                          "load_average_at_end": list(os.getloadavg()), **(metadata or {})},

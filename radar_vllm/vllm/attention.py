@@ -20,10 +20,16 @@ the root, runs the kernel for that single query row as a one-token request with
 ``seq_len = context + 1 + d``, and afterwards rewrites every tree node's own K/V into its own
 slot. The query sees exactly what it would see when decoding the path token by token.
 
-Rows take turns in the request's own slots (:class:`PathRound`: one node per request per kernel
-call, batched across requests) or, with scratch blocks (``radar.scratch_blocks``), each row gets
-private copies of the blocks its path goes through and all rows share one kernel call per layer
-(:class:`ScratchRound`); same K/V at the same positions, so the same bits.
+By default (``radar.scratch_blocks`` unset) every such row is recomputed in one kernel call per
+layer for the whole batch (:class:`ScratchRound`): the tree is cut into root-to-leaf paths
+(:func:`~radar_vllm.core.tree.recompute_paths`), each path a causal chain over private copies of the
+blocks it goes through (the first a copy of the request's block holding the context's last tokens
+and the root, the path's K/V written after them), taken from a pool of KV blocks that RADAR's
+scheduler hides from vLLM; tree mode runs 32-token KV blocks where the user chose no block size,
+so a copy is small. With ``"scratch_blocks": 0`` rows take turns in the request's own slots
+instead (:class:`PathRound`: one node per request per kernel call, batched across requests). Both
+show each row the same K/V at the same positions as decoding its path token by token, so the
+same bits.
 
 Per layer the verify plan also stashes the tree rows' K/V, so the runner can compact the accepted
 path after acceptance with the platform's own ``reshape_and_cache`` (the key layout inside a CPU
@@ -53,7 +59,7 @@ from vllm.v1.attention.backends.cpu_attn import (
     CPUAttentionMetadataBuilder,
 )
 
-from radar_vllm.core.tree import causal_exact_nodes, node_path
+from radar_vllm.core.tree import causal_exact_nodes, node_path, recompute_paths
 
 logger = logging.getLogger(__name__)
 
@@ -113,19 +119,24 @@ def path_rounds(segments: Sequence[tuple[int, int, int, Sequence[int]]]) -> list
 
 @dataclass
 class ScratchRound:
-    """One kernel call recomputing many node rows, each over private scratch blocks.
+    """One kernel call recomputing many node rows: root-to-leaf paths over private scratch blocks.
 
-    Job ``j`` (a node whose row is recomputed) sees its request's context and root through the
-    request's own block table, except that the columns from the one where its path starts are
-    swapped for scratch blocks: the first one a copy of the request's block at that column (it
-    holds the context's last tokens and the root), the path's K/V written after them.
+    Job ``j`` is a path of the tree (:func:`radar_vllm.core.tree.recompute_paths`) verified as a
+    causal chain: its query rows are the path's nodes not covered before, and it sees its
+    request's context and root through the request's own block table, except that the columns
+    from the one where the path starts are swapped for scratch blocks: the first one a copy of the
+    request's block at that column (it holds the context's last tokens and the root), the path's
+    K/V written after them. Row ``i`` of a job with ``q`` rows and sequence length ``L`` sees the
+    first ``L - q + i + 1`` tokens, i.e. the context, the root and its own path.
     """
 
-    # [J] int64: rows recomputed (batch-global)
+    # [Q] int64: rows recomputed (batch-global), grouped by job
     query_rows: Tensor
-    # [J] int64: request index of each row (its block-table row)
+    # [J + 1] int32: first query row of each job (cumulative)
+    query_start: Tensor
+    # [J] int64: request index of each job (its block-table row)
     request_indices: Tensor
-    # [J] int32: sequence length seen by each row (context + root + path)
+    # [J] int32: sequence length seen by each job's last row (context + root + path)
     seq_lens: Tensor
     # [E] int64: block-table entries replaced: job, column, scratch block id
     table_jobs: Tensor
@@ -156,7 +167,8 @@ def scratch_rounds(
 ) -> list[ScratchRound]:
     """Rounds of path recomputation over scratch blocks (see :class:`ScratchRound`).
 
-    ``segments`` as for :func:`path_rounds`. Jobs are packed in order into rounds until the pool
+    ``segments`` as for :func:`path_rounds`. Jobs (one per path of
+    :func:`~radar_vllm.core.tree.recompute_paths`) are packed in order into rounds until the pool
     ``scratch_blocks`` (kernel block ids) runs out; a job never needs more than
     :func:`max_scratch_blocks_per_job` blocks.
     """
@@ -167,22 +179,20 @@ def scratch_rounds(
     current: dict[str, list[int]] = {}
 
     def flush() -> None:
-        if current.get("query_rows"):
+        if current.get("request_indices"):
             rounds.append(ScratchRound(**{
-                name: torch.tensor(values, dtype=torch.int32 if name == "seq_lens" else torch.long)
+                name: torch.tensor(values, dtype=torch.int32 if name in ("seq_lens", "query_start") else torch.long)
                 for name, values in current.items()
             }))
         current.clear()
         for name in ScratchRound.__dataclass_fields__:
             current[name] = []
+        current["query_start"].append(0)
 
     flush()
     used = 0
     for request_index, first_row, context_len, parents in segments:
-        for node, exact in enumerate(causal_exact_nodes(parents)):
-            if exact:
-                continue
-            path = node_path(parents, node)
+        for path, first in recompute_paths(parents):
             needed = scratch_blocks_per_job(context_len, len(path), block_size)
             if needed > len(pool):
                 raise ValueError(
@@ -191,12 +201,13 @@ def scratch_rounds(
             if used + needed > len(pool):
                 flush()
                 used = 0
-            job = len(current["query_rows"])
+            job = len(current["request_indices"])
             start = context_len + 1  # position of the path's first node
             first_column = start // block_size
             blocks = pool[used : used + needed]
             used += needed
-            current["query_rows"].append(first_row + 1 + node)
+            current["query_rows"] += [first_row + 1 + node for node in path[first:]]
+            current["query_start"].append(len(current["query_rows"]))
             current["request_indices"].append(request_index)
             current["seq_lens"].append(start + len(path))
             for offset, block in enumerate(blocks):
@@ -214,7 +225,6 @@ def scratch_rounds(
                     blocks[position // block_size - first_column] * block_size + position % block_size)
     flush()
     return rounds
-
 
 
 @dataclass
@@ -240,6 +250,8 @@ class TreeVerifyPlan:
     node_rows: Tensor
     stash: dict[str, LayerStash] = field(default_factory=dict)
     kernel_metadata: dict[tuple[Any, ...], Tensor] = field(default_factory=dict)
+    # id of a layer's slot mapping -> a copy (the step's slot of every row, for compaction)
+    slot_mappings: dict[int, Tensor] = field(default_factory=dict)
     # round index -> (block table [J, max_blocks] int32, copy source blocks [P] int64), the same in every layer
     _scratch_tables: dict[int, tuple[Tensor, Tensor]] = field(default_factory=dict)
 
@@ -391,17 +403,21 @@ class RadarTreeCPUAttentionImpl(CPUAttentionBackendImpl):
         return result
 
     def _run_rows(self, plan: Any, index: int, layer: Any, query: Tensor, kv_cache: Tensor, rows: Tensor,
-                  seq_lens: Tensor, block_table: Tensor) -> Tensor:
-        """The platform kernel for ``rows`` of ``query``, each a one-token request."""
+                  seq_lens: Tensor, block_table: Tensor, query_start: Tensor | None = None) -> Tensor:
+        """The platform kernel for ``rows`` of ``query``: causal requests of ``query_start`` [R + 1]
+        (cumulative rows; None: each row a one-token request) with ``seq_lens`` [R]."""
         key_cache, value_cache = _split_cache(kv_cache)
-        num_rows = int(rows.numel())
-        query_start = torch.arange(num_rows + 1, dtype=torch.int32)
         cache_key = (index, self.num_heads, self.num_kv_heads, self.head_size, query.dtype, layer.isa,
                      self.sliding_window)
         metadata = plan.kernel_metadata.get(cache_key)
+        if query_start is None:
+            query_start = plan.kernel_metadata.get((index, "query_start"))
+            if query_start is None:
+                query_start = torch.arange(int(rows.numel()) + 1, dtype=torch.int32)
+                plan.kernel_metadata[(index, "query_start")] = query_start
         if metadata is None:
             metadata = ops.cpu_attn_get_scheduler_metadata(
-                num_reqs=num_rows, num_heads=self.num_heads, num_kv_heads=self.num_kv_heads,
+                num_reqs=int(seq_lens.numel()), num_heads=self.num_heads, num_kv_heads=self.num_kv_heads,
                 head_dim=self.head_size, seq_lens=seq_lens, dtype=query.dtype, query_start_loc=query_start,
                 causal=True, sliding_window_size=self.sliding_window, isa=layer.isa,
                 enable_kv_split=envs.VLLM_CPU_ATTN_SPLIT_KV, kv_cache_dtype=self.kv_cache_dtype,
@@ -448,7 +464,7 @@ class RadarTreeCPUAttentionImpl(CPUAttentionBackendImpl):
                 write_kv(layer, self, kv_cache, key[step.source_rows], value[step.source_rows],
                          slot_mapping[step.destination_rows])
             rows_output = self._run_rows(plan, index, layer, query, kv_cache, step.query_rows, step.seq_lens,
-                                         block_table)
+                                         block_table, getattr(step, "query_start", None))
             output[step.query_rows] = rows_output.view(-1, *output.shape[1:])
         rows = plan.node_rows
         if rows.numel() == 0:
@@ -456,8 +472,11 @@ class RadarTreeCPUAttentionImpl(CPUAttentionBackendImpl):
         node_key, node_value = key[rows].contiguous(), value[rows].contiguous()
         if plan.rounds and not plan.uses_scratch:  # path rounds overwrote the nodes' own slots
             write_kv(layer, self, kv_cache, node_key, node_value, slot_mapping[rows])
+        slots = plan.slot_mappings.get(id(slot_mapping))  # layers of a KV-cache group share one
+        if slots is None:
+            slots = plan.slot_mappings[id(slot_mapping)] = slot_mapping.clone()
         plan.stash[layer.layer_name] = LayerStash(
-            key=node_key, value=node_value, slot_mapping=slot_mapping.clone(), kv_cache=kv_cache,
+            key=node_key, value=node_value, slot_mapping=slots, kv_cache=kv_cache,
             layer=layer, impl=self,
         )
 

@@ -43,6 +43,8 @@ STOCK_TO_RADAR_WORKER = {
 RADAR_SCHEDULER = "radar_vllm.vllm.scheduler.RadarScheduler"
 # Never reserve more than 1 / MAX_SCRATCH_FRACTION of the KV cache as scratch blocks.
 MAX_SCRATCH_FRACTION = 8
+# Tree mode's KV block size where the user chose none (scratch copies are a block each).
+TREE_BLOCK_SIZE = 32
 
 
 @dataclass(frozen=True)
@@ -204,13 +206,17 @@ def plan_engine(vllm_config: Any) -> EnginePlan:
     else:
         logger.warning("RADAR: a custom scheduler_cls=%r is set, so padded draft slots are verified and the "
                        "RADAR stop-depth metrics count them", scheduler_config.scheduler_cls)
-    scratch = (radar.config.scratch_blocks or 0) if radar.config.mode == MODE_TREE else 0
-    if scratch and not radar_scheduler:
-        logger.warning("RADAR: radar.scratch_blocks=%d needs RADAR's scheduler (which hides the blocks from "
-                       "vLLM's pool); recomputing tree rows in the requests' own slots instead", scratch)
-        scratch = 0
+    scratch = 0
+    if radar.config.mode == MODE_TREE:
+        scratch = radar.config.scratch_blocks
+        if scratch is None:
+            scratch = auto_scratch_blocks(vllm_config) if radar_scheduler else 0
+        elif scratch and not radar_scheduler:
+            logger.warning("RADAR: radar.scratch_blocks=%d needs RADAR's scheduler (which hides the blocks from "
+                           "vLLM's pool); recomputing tree rows in the requests' own slots instead", scratch)
+            scratch = 0
     plan = EnginePlan(radar=radar, worker_cls=worker_cls, radar_scheduler=radar_scheduler, scratch_blocks=scratch,
-                      gate_table=gate_table(radar, vllm_config))
+                      gate_table=gate_table(radar, vllm_config, scratch))
     parallel_config.worker_cls = worker_cls
     if radar_scheduler:
         scheduler_config.scheduler_cls = RADAR_SCHEDULER
@@ -218,7 +224,16 @@ def plan_engine(vllm_config: Any) -> EnginePlan:
     return plan
 
 
-def gate_table(radar: ValidatedRadar, vllm_config: Any) -> dict[str, Any] | None:
+def tree_verify(mode: str, scratch_blocks: int, block_size: int) -> str | None:
+    """How a tree engine verifies trees, for gate-cost tables (their tree step costs depend on it):
+    ``"scratch-B"`` (paths over scratch blocks, one kernel call per layer) or ``"path-B"`` (one node
+    per request per call), B the KV block size; None for chain mode."""
+    if mode != MODE_TREE:
+        return None
+    return f"{'scratch' if scratch_blocks else 'path'}-{int(block_size)}"
+
+
+def gate_table(radar: ValidatedRadar, vllm_config: Any, scratch: int) -> dict[str, Any] | None:
     """The gate-cost table the depth gate starts from, checked against this engine (None: none):
     the first of ``radar.gate_costs`` (one file or a list, e.g. one per machine) that fits it.
     Tables the user named (the speculative config or RADAR_OVERRIDES) must include one that fits;
@@ -237,6 +252,7 @@ def gate_table(radar: ValidatedRadar, vllm_config: Any) -> dict[str, Any] | None
     model_config = vllm_config.model_config
     return check_gate_tables(
         [(path, load_gate_table(path)) for path in paths], strict=strict,
+        verify=tree_verify(config.mode, scratch, vllm_config.cache_config.block_size),
         checkpoint_id=weights_id(radar.checkpoint_dir), mode=config.mode,
         dtype=str(model_config.dtype).removeprefix("torch."), target=Path(str(model_config.model)).name,
         caps=default_arms(config.max_depth), max_depth=config.max_depth,
@@ -254,6 +270,26 @@ def engine_plan(vllm_config: Any) -> EnginePlan:
 
 # --------------------------------------------------------------------------------------------
 # scratch blocks: reserved by the scheduler, used by the tree runner
+
+
+def auto_scratch_blocks(vllm_config: Any) -> int:
+    """Tree mode's default pool: every path of a full batch in one kernel call per layer.
+
+    A path's private blocks start with a copy of its request's last partial block, so small blocks
+    make the copies cheap: where the user did not choose a block size, tree mode runs with
+    :data:`TREE_BLOCK_SIZE`-token blocks (the CPU kernel's smallest; decoding measured as fast as
+    with the platform's 128). The scheduler caps the pool at 1/MAX_SCRATCH_FRACTION of the cache
+    (:func:`scratch_block_count`); a batch whose paths need more runs several calls per layer."""
+    cache_config = vllm_config.cache_config
+    if not getattr(cache_config, "user_specified_block_size", True) and cache_config.block_size > TREE_BLOCK_SIZE:
+        logger.info("RADAR tree mode: KV cache blocks of %d tokens (the platform default is %d; set "
+                    "--block-size to choose)", TREE_BLOCK_SIZE, cache_config.block_size)
+        cache_config.block_size = TREE_BLOCK_SIZE
+        cache_config.user_specified_block_size = True  # the workers' backend check keeps it
+    nodes = max(int(vllm_config.speculative_config.num_speculative_tokens or 1), 1)
+    block_size = int(cache_config.block_size)
+    per_path = -(-(block_size - 1 + nodes) // block_size)  # blocks one path may span, in manager blocks
+    return int(vllm_config.scheduler_config.max_num_seqs) * nodes * per_path
 
 
 def min_scratch_blocks(max_path_len: int, block_size: int) -> int:

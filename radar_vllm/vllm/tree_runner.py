@@ -71,11 +71,11 @@ class RadarTreeCPUModelRunner(RadarCPUModelRunner):
         # empty: recompute one node per request per kernel call in the request's own slots
         self._scratch_blocks: list[int] = []
         self._kernel_block_size = 0
-        # counters over the engine's life: tree verifications, nodes, accepted draft tokens, compacted
-        # rows, recomputed (path) rows, kernel calls per layer that recomputed them, accepted paths
-        # that left the first branch
-        self.tree_stats = {"trees": 0, "nodes": 0, "accepted": 0, "moved": 0, "path_rows": 0, "path_rounds": 0,
-                           "off_spine": 0}
+        # counters over the engine's life: steps that verified trees, tree verifications, nodes,
+        # accepted draft tokens, compacted rows, recomputed (path) rows, kernel calls per layer that
+        # recomputed them, accepted paths that left the first branch
+        self.tree_stats = {"steps": 0, "trees": 0, "nodes": 0, "accepted": 0, "moved": 0, "path_rows": 0,
+                           "path_rounds": 0, "off_spine": 0}
         # tests: when True, every tree verification records (exact law of the accepted length,
         # realized accepted length)
         self.record_acceptance = False
@@ -175,6 +175,7 @@ class RadarTreeCPUModelRunner(RadarCPUModelRunner):
             rounds = path_rounds(segments)
         node_rows = [first_row + 1 + i for (_, first_row, _, parents) in segments for i in range(len(parents))]
         step.plan = TreeVerifyPlan(rounds=rounds, node_rows=torch.tensor(node_rows, dtype=torch.long))
+        self.tree_stats["steps"] += 1
         self.tree_stats["path_rows"] += sum(int(r.query_rows.numel()) for r in rounds)
         self.tree_stats["path_rounds"] += len(rounds)
         self._step = step

@@ -7,10 +7,13 @@ runner's tree counters and make sure trees, path recomputation and compaction re
 
 - baseline, no speculation (block size 32, max_model_len 256);
 - the tiny head's trees with a random stop policy (varied depths), batch sizes 1, 4 and 16, rows
-  recomputed over scratch KV blocks (``"scratch_blocks": 64``);
+  recomputed over a small pool of scratch KV blocks (``"scratch_blocks": 64``: several calls per
+  layer when a batch's paths need more; every other tree engine here has the default pool, sized
+  for one call per layer);
 - the test oracle drafter (random tree shapes with the true tokens planted, ``tests/oracle_drafter.py``)
-  with prefix caching off (like every other engine here, rows recomputed in the requests' own
-  slots, the default);
+  with prefix caching off and ``"scratch_blocks": 0`` (rows recomputed one per request per kernel
+  call in the requests' own slots);
+- tree mode and no speculation each at its default KV block size (32 and the platform's 128);
 - the checkpoint with ``"mode": "tree"`` only, trees mixed with chain fallbacks, RADAR's metrics;
 - tree mode with top_k = 1 against chain mode (the frontier passes must draft what vLLM's chain
   passes draft);
@@ -85,10 +88,11 @@ def _second_turn(requests, outputs) -> list[tuple[list[int], int]]:
 
 
 def _engine(target, **kwargs):
-    return vllm.LLM(
-        model=str(target), dtype="bfloat16", max_model_len=MAX_MODEL_LEN, block_size=32,
-        enforce_eager=True, seed=0, **kwargs,
-    )
+    kwargs.setdefault("block_size", 32)  # None: the platform's default (no speculation) or tree mode's
+    if kwargs["block_size"] is None:
+        del kwargs["block_size"]
+    return vllm.LLM(model=str(target), dtype="bfloat16", max_model_len=MAX_MODEL_LEN, enforce_eager=True, seed=0,
+                    **kwargs)
 
 
 def _tree_engine(target, checkpoint, radar=None, **kwargs):
@@ -97,9 +101,9 @@ def _tree_engine(target, checkpoint, radar=None, **kwargs):
                                                "radar": dict(TREE, **(radar or {}))}, **kwargs)
 
 
-def _oracle_engine(target, checkpoint, requests, outputs, **kwargs):
+def _oracle_engine(target, checkpoint, requests, outputs, radar=None, **kwargs):
     """Tree mode with every request drafting full-depth trees, replaced by oracle trees."""
-    llm = _tree_engine(target, checkpoint, {"fixed_depth": 5}, **kwargs)
+    llm = _tree_engine(target, checkpoint, {"fixed_depth": 5, **(radar or {})}, **kwargs)
     llm.collective_rpc(lambda worker: install_oracle(worker.model_runner.drafter, requests, outputs))
     return llm
 
@@ -175,7 +179,8 @@ def test_oracle_trees_without_prefix_caching_or_scratch_blocks(models, baseline)
     request's own slots, restored afterwards."""
     target, checkpoint = models
     requests, expected = baseline[:2]
-    llm = _oracle_engine(target, checkpoint, requests, expected, max_num_seqs=16, enable_prefix_caching=False)
+    llm = _oracle_engine(target, checkpoint, requests, expected, {"scratch_blocks": 0}, max_num_seqs=16,
+                         enable_prefix_caching=False)
     try:
         _assert_same(expected, _generate(llm, requests), "oracle, no prefix caching, no scratch blocks")
         stats = _tree_stats(llm)
@@ -183,9 +188,34 @@ def test_oracle_trees_without_prefix_caching_or_scratch_blocks(models, baseline)
     finally:
         shutdown_engine(llm)
     assert scratch == []
+    assert stats["path_rounds"] > stats["steps"]  # one node per request per call: several calls a step
     # the planted paths are accepted deep and off the first branch: compaction ran many times
     assert stats["accepted"] > stats["trees"]
     assert stats["moved"] > 50 and stats["off_spine"] > 20
+
+
+def test_tree_mode_default_block_size_against_no_speculation_at_the_platform_default(models, baseline):
+    """Tree mode picks 32-token KV blocks and a scratch pool for one kernel call per layer when the
+    user chose neither; greedy outputs still equal no speculation's at the platform's block size."""
+    target, checkpoint = models
+    requests = baseline[0]
+    reference = _engine(target, block_size=None, max_num_seqs=16)
+    try:
+        expected = _generate(reference, requests)
+        reference_block_size = reference.llm_engine.vllm_config.cache_config.block_size
+    finally:
+        shutdown_engine(reference)
+    llm = _oracle_engine(target, checkpoint, requests, expected, block_size=None, max_num_seqs=16)
+    try:
+        _assert_same(expected, _generate(llm, requests), "oracle trees, default block sizes")
+        stats = _tree_stats(llm)
+        block_size = llm.llm_engine.vllm_config.cache_config.block_size
+        scratch = llm.collective_rpc(lambda worker: len(worker.model_runner._scratch_blocks))[0]
+    finally:
+        shutdown_engine(llm)
+    assert (reference_block_size, block_size) == (128, 32)
+    assert scratch > 0 and stats["path_rows"] > 0
+    assert stats["path_rounds"] <= stats["steps"]  # at most one kernel call per layer for a step's trees
 
 
 def test_oracle_trees_chunked_prefill_prefix_cache_preemption(models, baseline):

@@ -330,6 +330,15 @@ def test_a_table_for_another_engine_is_refused_when_named_and_skipped_when_the_c
     assert set(both["modes"]) == {"chain", "tree"}
     assert check_gate_tables([(path, both)], strict=True, **{**expected, "mode": "tree"}) is not None
     assert set(merge_gate_tables(dict(table, dtype="bfloat16"), _table(gate, mode="tree"))["modes"]) == {"tree"}
+    # tree step costs depend on how trees are verified: a tree section names it (none: the legacy way)
+    tree = {**expected, "mode": "tree"}
+    assert check_gate_tables([(path, both)], strict=True, **tree, verify="path-128") is not None
+    with pytest.raises(ValueError, match="tree verification 'path-128' \\(this engine: 'scratch-32'\\)"):
+        check_gate_tables([(path, both)], strict=True, **tree, verify="scratch-32")
+    both["modes"]["tree"]["verify"] = "scratch-32"
+    assert check_gate_tables([(path, both)], strict=True, **tree, verify="scratch-32") is not None
+    with pytest.raises(ValueError, match="tree verification"):
+        check_gate_tables([(path, both)], strict=True, **tree, verify="path-128")
     (tmp_path / "bad.json").write_text('{"format": "something else"}')
     for bad in (tmp_path / "bad.json", tmp_path / "missing.json"):
         with pytest.raises(ValueError, match="gate-cost table|cannot read"):

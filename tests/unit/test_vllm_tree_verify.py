@@ -21,6 +21,7 @@ from radar_vllm.core.tree import (
     is_chain,
     node_depths,
     node_path,
+    recompute_paths,
     segment_positions,
 )
 from radar_vllm.core.config import TreeConfig
@@ -143,23 +144,31 @@ def test_scratch_rounds_show_each_row_its_context_root_and_path(block_size, pool
                 cache[(slot // block_size, slot % block_size)] = labels_of_rows[source_row]
             rows_table = table[step.request_indices].clone()
             rows_table[step.table_jobs, step.table_columns] = step.table_blocks.to(torch.int32)
-            for j, (row, request, seq_len) in enumerate(zip(step.query_rows.tolist(), step.request_indices.tolist(),
-                                                             step.seq_lens.tolist())):
+            starts = step.query_start.tolist()
+            assert starts[0] == 0 and starts[-1] == step.query_rows.numel()
+            for j, (request, seq_len) in enumerate(zip(step.request_indices.tolist(), step.seq_lens.tolist())):
                 _, first_row, context_len, parents = segments[request]
-                node = row - first_row - 1
-                expected = [("ctx", request, p) for p in range(context_len + 1)]
-                expected += [("node", request, n) for n in node_path(parents, node)]
-                seen = [cache.get((int(rows_table[j, p // block_size]), p % block_size)) for p in range(seq_len)]
-                assert seen == expected
-                seen_rows.append(row)
+                job_rows = step.query_rows[starts[j] : starts[j + 1]].tolist()
+                assert job_rows  # every job recomputes at least one row
+                for i, row in enumerate(job_rows):  # causal: row i sees the first L - q + i + 1 tokens
+                    node = row - first_row - 1
+                    expected = [("ctx", request, p) for p in range(context_len + 1)]
+                    expected += [("node", request, n) for n in node_path(parents, node)]
+                    visible = seq_len - len(job_rows) + i + 1
+                    seen = [cache.get((int(rows_table[j, p // block_size]), p % block_size)) for p in range(visible)]
+                    assert seen == expected
+                    seen_rows.append(row)
         # the rows recomputed are exactly the nodes that are not causal-exact, each once
         expected_rows = [first_row + 1 + n for _, first_row, _, p in segments
                          for n, exact in enumerate(causal_exact_nodes(p)) if not exact]
-        assert seen_rows == expected_rows
+        assert sorted(seen_rows) == expected_rows
         # the requests' own blocks were never written
         assert all(cache[key] == label for key, label in real.items())
+        jobs = [(c, path) for _, _, c, p in segments for path, _ in recompute_paths(p)]
+        # fewer jobs than rows where paths share nodes: one job per leaf
+        assert len(jobs) <= len(expected_rows)
         # one round unless the pool ran out
-        if pool_size >= needed * len(expected_rows):
+        if pool_size >= sum(scratch_blocks_per_job(c, len(path), block_size) for c, path in jobs):
             assert len(rounds) == (1 if expected_rows else 0)
 
 
@@ -362,3 +371,21 @@ def test_scratch_pool_size_is_agreed_from_the_engine_plan():
     assert plans.scratch_block_ids(10, 2, blocks_per_manager_block=2) == [16, 17, 18, 19]
     with pytest.raises(ValueError, match="scratch block count"):
         plans.scratch_block_ids(4, 5)
+
+
+def test_recompute_paths_cover_each_inexact_node_once_through_its_ancestors():
+    assert recompute_paths([-1, 0, -1, 1, 0]) == [([2], 0), ([0, 1, 3], 2), ([0, 4], 1)]
+    assert recompute_paths([-1, 0, 1]) == []  # a chain is causal-exact
+    rng = random.Random(7)
+    for _ in range(200):
+        parents = random_tree(rng, rng.randint(1, 14), max_depth=6)
+        paths = recompute_paths(parents)
+        covered = [node for path, first in paths for node in path[first:]]
+        exact = causal_exact_nodes(parents)
+        assert sorted(covered) == [n for n in range(len(parents)) if not exact[n]]  # each once
+        seen = {n for n in range(len(parents)) if exact[n]}
+        for path, first in paths:
+            assert path == node_path(parents, path[-1])  # a root-to-node path ...
+            assert not any(parent == path[-1] for parent in parents)  # ... to a leaf
+            assert set(path[:first]) <= seen and not set(path[first:]) & seen  # covered prefix, new suffix
+            seen |= set(path)
