@@ -93,6 +93,7 @@ class ArmEstimate:
     tokens: float = 0.0  # tokens emitted per request per step (its own steps)
     count: int = 0  # measured steps in this bucket
     seeded: bool = False  # the estimates come from a neighbouring bucket (count is 0)
+    seed_seconds: float = 0.0  # the seconds it was seeded with (0: not seeded)
 
     @property
     def known(self) -> bool:
@@ -144,7 +145,10 @@ class DraftGate:
 
     def __init__(self, max_depth: int, arms: Sequence[int] | None = None, probe_every: int = 16,
                  max_probe_every: int = 256, min_observations: int = 2, smoothing: float = 0.15,
-                 probe_requests: int = 8) -> None:
+                 probe_requests: int = 8, own_arms: Sequence[int] = ()) -> None:
+        """``own_arms``: caps whose rounds draft another shape than the first calls of deeper caps
+        (tree mode's cap 1 drafts one token per request, deeper caps a tree): their tokens are their
+        own measured average, and their rounds do not feed the shared per-depth acceptance."""
         if max_depth < 1:
             raise ValueError(f"max_depth must be >= 1, got {max_depth}")
         caps = sorted(set(arms if arms is not None else default_arms(max_depth)))
@@ -159,6 +163,7 @@ class DraftGate:
         if probe_requests < 1:
             raise ValueError(f"probe_requests must be >= 1, got {probe_requests}")
         self.probe_requests = probe_requests
+        self.own_arms = frozenset(int(cap) for cap in own_arms)
         self.caps = caps
         self.max_depth = max_depth
         self.probe_every = probe_every
@@ -180,19 +185,19 @@ class DraftGate:
                                                                      other[1]))]
                 for cap, arm in nearest.arms.items():
                     if arm.known:
-                        arms[cap] = ArmEstimate(arm.seconds, arm.tokens, seeded=True)
+                        arms[cap] = ArmEstimate(arm.seconds, arm.tokens, seeded=True, seed_seconds=arm.seconds)
                 reach = [DepthReach(depth.rate, seeded=True) if depth.known else DepthReach()
                          for depth in nearest.reach]
             self.buckets[key] = BucketState(arms, reach, {cap: self.probe_every for cap in self.caps},
                                             {cap: 0 for cap in self.caps})
         return self.buckets[key]
 
-    @staticmethod
-    def _tokens(state: BucketState, cap: int) -> float:
+    def _tokens(self, state: BucketState, cap: int) -> float:
         """Tokens per request per step under ``cap``: from the per-depth acceptance when every depth
-        up to the cap has been seen, else the arm's own average."""
+        up to the cap has been seen (and the cap is not one of ``own_arms``), else the arm's own
+        average."""
         reach = state.reach[:cap]
-        if cap > 0 and all(depth.known for depth in reach):
+        if cap > 0 and cap not in self.own_arms and all(depth.known for depth in reach):
             return 1.0 + sum(depth.rate for depth in reach)
         return state.arms[cap].tokens
 
@@ -260,16 +265,16 @@ class DraftGate:
                 state.probe_left = 1
             return
         arm = state.arms[cap]
-        if arm.seeded:  # the first measurement here: carry the neighbour's ratios to the other seeds
-            factor = seconds / arm.seconds if arm.seconds > 0 else 1.0
-            for other in state.arms.values():
-                if other is not arm and other.seeded:
-                    other.seconds *= factor
         # a step of a small batch is a small sample (at batch 1 it yields 1 or 2 tokens): average
         # over about as many request-steps in every bucket
         smoothing = self.smoothing * min(1.0, batch_size / self.probe_requests)
         arm.update(seconds, mean_tokens, smoothing)
-        if per_request:
+        if arm.seed_seconds > 0:  # carry the seeds' ratios to the arms still seeded: they follow
+            factor = arm.seconds / arm.seed_seconds  # this arm's running mean, not one step
+            for other in state.arms.values():
+                if other is not arm and other.seeded and other.seed_seconds > 0:
+                    other.seconds = other.seed_seconds * factor
+        if per_request and cap not in self.own_arms:
             for depth in range(1, cap + 1):  # accepted >= depth, i.e. emitted > depth
                 state.reach[depth - 1].update(sum(t > depth for t in per_request) / len(per_request), smoothing)
         if state.probing == cap and state.probe_left == 0:
@@ -323,7 +328,8 @@ class DraftGate:
             arms = {cap: ArmEstimate() for cap in self.caps}
             for cap, arm in entry["arms"].items():
                 if float(arm["seconds"]) > 0:
-                    arms[int(cap)] = ArmEstimate(float(arm["seconds"]), float(arm["tokens"]), seeded=True)
+                    arms[int(cap)] = ArmEstimate(float(arm["seconds"]), float(arm["tokens"]), seeded=True,
+                                                 seed_seconds=float(arm["seconds"]))
             reach = [DepthReach(float(rate), seeded=True) if rate is not None else DepthReach()
                      for rate in list(entry["reach"])[: self.max_depth]]
             reach += [DepthReach() for _ in range(self.max_depth - len(reach))]

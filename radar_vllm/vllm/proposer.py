@@ -139,8 +139,10 @@ class RadarProposer(EagleProposer):
         self.stop_monitor = AllStoppedMonitor(torch.device(device), self.max_depth)
         self.last_tree: DraftTree | None = None  # the last round's drafts (tree mode: read by the runner)
         # Depth 0: the gate and the rows skipped rounds leave for the drafter to catch up on.
-        self.gate = (DraftGate(self.max_depth) if config.skip_drafting == "auto" and config.fixed_depth is None
-                     else None)
+        # (tree mode: a round the gate caps at depth 1 drafts one token per request, a chain, not the
+        # root's best children: the cheapest drafting arm, measured on its own)
+        self.gate = (DraftGate(self.max_depth, own_arms=(1,) if self.tree_config is not None else ())
+                     if config.skip_drafting == "auto" and config.fixed_depth is None else None)
         if self.gate is not None and plan.gate_table is not None:
             self.gate.seed(plan.gate_table)
         self.skipped = SkippedTokens(capacity=self.max_num_tokens)
@@ -224,7 +226,8 @@ class RadarProposer(EagleProposer):
                                     next_token_ids, token_indices_to_sample, common_attn_metadata,
                                     num_rejected_tokens_gpu)
         one_call = min(self._depth_cap, self.fixed_depth or self.max_depth, num_speculative_tokens) <= 1
-        if action == CATCH_UP_ROUND or (one_call and not tree):  # nothing to decide: vLLM's own loop, one call
+        # nothing to decide: vLLM's own loop, one call (tree mode too where the gate chose depth 1)
+        if action == CATCH_UP_ROUND or (one_call and (not tree or self.gate is not None)):
             drafts = super().propose(1, target_token_ids, target_positions, target_hidden_states, next_token_ids,
                                      token_indices_to_sample, common_attn_metadata, sampling_metadata,
                                      mm_embed_inputs, num_rejected_tokens_gpu, slot_mappings)

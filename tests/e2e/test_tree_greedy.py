@@ -15,6 +15,7 @@ runner's tree counters and make sure trees, path recomputation and compaction re
   call in the requests' own slots);
 - tree mode and no speculation each at its default KV block size (32 and the platform's 128);
 - the checkpoint with ``"mode": "tree"`` only, trees mixed with chain fallbacks, RADAR's metrics;
+- tree mode with the depth gate capping every round at depth 1 (one-token chains, no trees);
 - tree mode with top_k = 1 against chain mode (the frontier passes must draft what vLLM's chain
   passes draft);
 - the oracle with chunked prefill (64-token budget), prefix caching on with a second turn reusing
@@ -260,6 +261,41 @@ def test_radar_checkpoint_in_tree_mode(models, baseline):
     assert num_speculative_tokens == NUM_NODES  # defaulted to total_tokens - 1
     assert stats["trees"] > 50
     _check_tree_metrics(metrics, drafted_depths, max_depth=5)
+
+
+def _cap_gate(worker, cap: int) -> None:
+    """Force the depth gate's cap; record the drafts per request of every proposal."""
+    drafter = worker.model_runner.drafter
+    drafter.gate.decide = lambda batch_size, sampling=False: cap
+    inner, drafter.proposed_lengths = drafter.propose, []
+
+    def propose(*args, **kwargs):
+        drafts = inner(*args, **kwargs)
+        drafter.proposed_lengths += (drafts >= 0).sum(dim=1).tolist()
+        return drafts
+
+    drafter.propose = propose
+
+
+def test_tree_mode_rounds_capped_at_depth_one_draft_one_token_chains(models, baseline):
+    """Where the depth gate caps a tree engine's round at depth 1 the round drafts one token per
+    request (vLLM's one-call loop) and vLLM verifies it as a chain: no tree, no tree-row recompute."""
+    target, checkpoint = models
+    requests, expected = baseline[:2]
+    llm = _tree_engine(target, checkpoint, {"skip_drafting": "auto"}, max_num_seqs=16, disable_log_stats=False)
+    try:
+        llm.collective_rpc(lambda worker: _cap_gate(worker, 1))
+        _assert_same(expected, _generate(llm, requests), "tree mode, every round capped at depth 1")
+        stats = _tree_stats(llm)
+        lengths = llm.collective_rpc(lambda worker: worker.model_runner.drafter.proposed_lengths)[0]
+        counters = {m.name: m.value for m in llm.get_metrics() if hasattr(m, "value")}
+    finally:
+        shutdown_engine(llm)
+    assert stats["trees"] == 0 and stats["path_rows"] == 0
+    assert len(lengths) > 50 and set(lengths) == {1}  # one draft token per request, every round
+    # (vLLM's counters also count the zeros it drafts for a request near max_model_len)
+    assert counters["vllm:spec_decode_num_drafts"] > 50
+    assert 0 < counters["vllm:spec_decode_num_accepted_tokens"] <= counters["vllm:spec_decode_num_drafts"]
 
 
 def _exact_counts(histogram, upper: int) -> list[int]:

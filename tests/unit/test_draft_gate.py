@@ -359,3 +359,42 @@ def test_close_arms_swapping_do_not_bring_back_probes_of_far_ones():
         gate.observe(16, cap, *after(cap))
     # the close arm's schedule starts again, the far arm's is kept
     assert state.intervals[2] == 16 and state.intervals[0] == far
+
+
+def test_own_arms_keep_their_tokens_apart_from_the_shared_depth_acceptance():
+    """Tree mode's cap 1 drafts one token (a chain) where deeper caps draft trees: its rounds must
+    neither teach the trees' depth-1 acceptance nor be credited with it."""
+    tree = DraftGate(7, arms=(0, 1, 7), own_arms=(1,))
+    shared = DraftGate(7, arms=(0, 1, 7))
+    # cap 1: 1 token in 2 accepted; cap 7: every request gets 2 drafts accepted (depth-1 acceptance 1)
+    emitted = {0: [1, 1], 1: [2, 1], 7: [3, 3]}
+    seconds = {0: 0.010, 1: 0.012, 7: 0.020}
+    for gate in (tree, shared):
+        for _ in range(60):
+            cap = gate.decide(2)
+            gate.observe(2, cap, seconds[cap], emitted[cap])
+    summary, mixed = tree.summary()["2"], shared.summary()["2"]
+    assert summary["tokens_d1"] == pytest.approx(1.5, abs=0.02)  # its own average
+    assert summary["reach_1"] == pytest.approx(1.0)  # only the tree rounds taught depth 1
+    assert summary["tokens_d7"] == pytest.approx(3.0, abs=0.02)
+    # without own_arms, cap 1's chains and cap 7's trees share depth 1's estimate and both are wrong
+    assert 0.5 < mixed["reach_1"] < 1.0 and mixed["tokens_d1"] > 1.5
+
+
+def test_seeded_arms_follow_the_running_mean_of_a_measured_arm_not_its_first_step():
+    """One slow first step after a table start (a batch's first decode step) must not make every
+    arm the table seeded look slower for good."""
+    measured = DraftGate(7, arms=(0, 1, 7))
+    _run(measured, 16, 200, _costs({0: (0.100, 1.0), 1: (0.150, 1.4), 7: (0.400, 1.8)}))
+    gate = DraftGate(7, arms=(0, 1, 7))
+    gate.seed(measured.export())
+    assert gate.decide(16) == 0  # the table's choice
+    gate.observe(16, 0, 0.500, 1.0)  # an outlier: 5x the table's step
+    assert gate.summary()["16"]["rate_d1"] == pytest.approx(1.4 / 0.750, rel=0.01)  # follows, for now
+    for _ in range(30):
+        gate.observe(16, 0, 0.100, 1.0)
+    summary = gate.summary()["16"]
+    # the running mean is back near the table's 0.100, and so are the seeded arms
+    assert summary["rate_d0"] == pytest.approx(10.0, rel=0.15)
+    assert summary["rate_d1"] == pytest.approx(1.4 / 0.150, rel=0.15)
+    assert summary["rate_d7"] == pytest.approx(1.8 / 0.400, rel=0.15)
