@@ -62,7 +62,7 @@ def speculative_config(name: str) -> dict[str, Any] | None:
         return CONFIGS[name]
     match = SHAPE.fullmatch(name)
     if match is None:
-        raise SystemExit(f"unknown config {name!r}; choose from {sorted(CONFIGS)} or radar-MODE[-tkK][-nN][-dD]")
+        raise SystemExit(f"unknown config {name!r}; choose from {sorted(CONFIGS)} or radar-MODE[-tkK][-nN][-dD][-sS]")
     mode, top_k, total, depth, scratch = match.groups()
     radar: dict[str, Any] = {"mode": mode}
     if top_k:

@@ -418,8 +418,9 @@ def check_gate_tables(tables: Sequence[tuple[str | Path, Mapping[str, Any]]], *,
     this engine that its gate starts from: ``{"arms", "max_depth", "buckets"}`` of its mode, or None.
 
     A table measured for another head, dtype, target, machine, tree verification (``verify``), or
-    without this mode and set of depth caps, describes another engine. When none fits, tables the user named (``strict``) are
-    refused (ValueError saying what differs in each and how to measure this one); the checkpoint's
+    without this mode and set of depth caps, describes another engine. When none fits, tables the
+    user named (``strict``) are refused (ValueError saying what differs in each and how to measure
+    this one); the checkpoint's
     own, which a user did not choose, are then only not used (a warning): the gate measures from
     scratch, as without a table. A table whose batch sizes stop short of the engine's largest is
     used; the larger batches are measured from scratch (a warning)."""

@@ -56,10 +56,9 @@ def calibrate_gate(checkpoint: str | Path, target: str | Path, prompts: Sequence
         from radar_vllm.vllm.engine_plan import engine_plan, tree_verify
 
         vllm_config = llm.llm_engine.vllm_config
-        config = vllm_config.speculative_config.draft_model_config.hf_config
-        radar = getattr(config, "radar", {}) or {}
         plan = engine_plan(vllm_config)
-        verify = tree_verify(plan.radar.config.mode, plan.scratch_blocks, vllm_config.cache_config.block_size)
+        engine_mode = plan.radar.config.mode
+        verify = tree_verify(engine_mode, plan.scratch_blocks, vllm_config.cache_config.block_size)
         params = SamplingParams(temperature=0.0, max_tokens=tokens, ignore_eos=True)
         llm.generate([{"prompt_token_ids": list(prompts[0])}], SamplingParams(temperature=0.0, max_tokens=16),
                      use_tqdm=False)  # warm-up
@@ -89,7 +88,7 @@ def calibrate_gate(checkpoint: str | Path, target: str | Path, prompts: Sequence
         "checkpoint_id": weights_id(checkpoint),
         "dtype": dtype,
         "target": Path(str(target)).name,
-        "modes": {mode or radar.get("mode", "chain"): {
+        "modes": {engine_mode: {
             **exported,
             **({"verify": verify} if verify else {}),
             "metadata": {"versions": versions, "batch_sizes": sorted(batch_sizes), "tokens": tokens,

@@ -209,8 +209,11 @@ def plan_engine(vllm_config: Any) -> EnginePlan:
     scratch = 0
     if radar.config.mode == MODE_TREE:
         scratch = radar.config.scratch_blocks
-        if scratch is None:
-            scratch = auto_scratch_blocks(vllm_config) if radar_scheduler else 0
+        if scratch is None and radar_scheduler:
+            use_tree_block_size(vllm_config.cache_config)
+            scratch = auto_scratch_blocks(vllm_config)
+        elif scratch is None:
+            scratch = 0
         elif scratch and not radar_scheduler:
             logger.warning("RADAR: radar.scratch_blocks=%d needs RADAR's scheduler (which hides the blocks from "
                            "vLLM's pool); recomputing tree rows in the requests' own slots instead", scratch)
@@ -272,23 +275,26 @@ def engine_plan(vllm_config: Any) -> EnginePlan:
 # scratch blocks: reserved by the scheduler, used by the tree runner
 
 
-def auto_scratch_blocks(vllm_config: Any) -> int:
-    """Tree mode's default pool: every path of a full batch in one kernel call per layer.
-
-    A path's private blocks start with a copy of its request's last partial block, so small blocks
-    make the copies cheap: where the user did not choose a block size, tree mode runs with
-    :data:`TREE_BLOCK_SIZE`-token blocks (the CPU kernel's smallest; decoding measured as fast as
-    with the platform's 128). The scheduler caps the pool at 1/MAX_SCRATCH_FRACTION of the cache
-    (:func:`scratch_block_count`); a batch whose paths need more runs several calls per layer."""
-    cache_config = vllm_config.cache_config
+def use_tree_block_size(cache_config: Any) -> None:
+    """Tree mode runs :data:`TREE_BLOCK_SIZE`-token KV blocks where the user chose no block size:
+    a recomputed path's private blocks start with a copy of its request's last partial block, so
+    small blocks make the copies cheap (the CPU kernel's smallest; decoding measured as fast as with
+    the platform's 128)."""
     if not getattr(cache_config, "user_specified_block_size", True) and cache_config.block_size > TREE_BLOCK_SIZE:
         logger.info("RADAR tree mode: KV cache blocks of %d tokens (the platform default is %d; set "
                     "--block-size to choose)", TREE_BLOCK_SIZE, cache_config.block_size)
         cache_config.block_size = TREE_BLOCK_SIZE
         cache_config.user_specified_block_size = True  # the workers' backend check keeps it
+
+
+def auto_scratch_blocks(vllm_config: Any) -> int:
+    """Tree mode's default pool: every path of a full batch in one kernel call per layer. The
+    scheduler caps the pool at 1/MAX_SCRATCH_FRACTION of the cache (:func:`scratch_block_count`);
+    a batch whose paths need more runs several calls per layer."""
+    from radar_vllm.vllm.attention import max_scratch_blocks_per_job
+
     nodes = max(int(vllm_config.speculative_config.num_speculative_tokens or 1), 1)
-    block_size = int(cache_config.block_size)
-    per_path = -(-(block_size - 1 + nodes) // block_size)  # blocks one path may span, in manager blocks
+    per_path = max_scratch_blocks_per_job(nodes, int(vllm_config.cache_config.block_size))
     return int(vllm_config.scheduler_config.max_num_seqs) * nodes * per_path
 
 
