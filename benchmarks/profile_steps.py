@@ -46,14 +46,14 @@ CONFIGS = {
     "eagle3-k2": {"method": "eagle3", "model": str(CHECKPOINTS / "smollm2-135m-eagle3"), "num_speculative_tokens": 2},
     "radar-chain": {"method": "radar", "model": str(CHECKPOINTS / "smollm2-135m-radar"), "radar": {"mode": "chain"}},
     "radar-chain-skip": {"method": "radar", "model": str(CHECKPOINTS / "smollm2-135m-radar"),
-                         "radar": {"mode": "chain"}},  # the gate forced to skip every round
+                         "radar": {"mode": "chain"}},  # the gate forced to skip every round (= radar-chain-g0)
     "radar-tree": {"method": "radar", "model": str(CHECKPOINTS / "smollm2-135m-radar"), "radar": {"mode": "tree"}},
 }
-FORCED_SKIP = {"radar-chain-skip"}
-# Other RADAR shapes by name: radar-MODE[-tkK][-nN][-dD][-sS] (tree width K, N tree tokens with the root,
-# D draft calls every round: no policy, no gate, the plugin's own cost; S scratch blocks for tree rows),
-# e.g. radar-chain-d3, radar-tree-tk2-n6-d3, radar-tree-tk3-n8-d3-s64.
-SHAPE = re.compile(r"radar-(chain|tree)(?:-tk(\d+))?(?:-n(\d+))?(?:-d(\d+))?(?:-s(\d+))?")
+# Other RADAR shapes by name: radar-MODE[-tkK][-nN][-dD][-sS][-gG] (tree width K, N tree tokens with the
+# root, D draft calls every round: no policy, no gate, the plugin's own cost; S scratch blocks for tree
+# rows; G: the depth gate forced to cap every round at G, 0 = never draft), e.g. radar-chain-d3,
+# radar-tree-tk2-n6-d3, radar-tree-tk3-n8-d3-s64, radar-tree-g1, radar-chain-g0.
+SHAPE = re.compile(r"radar-(chain|tree)(?:-tk(\d+))?(?:-n(\d+))?(?:-d(\d+))?(?:-s(\d+))?(?:-g(\d+))?")
 
 
 def speculative_config(name: str) -> dict[str, Any] | None:
@@ -63,7 +63,7 @@ def speculative_config(name: str) -> dict[str, Any] | None:
     match = SHAPE.fullmatch(name)
     if match is None:
         raise SystemExit(f"unknown config {name!r}; choose from {sorted(CONFIGS)} or radar-MODE[-tkK][-nN][-dD][-sS]")
-    mode, top_k, total, depth, scratch = match.groups()
+    mode, top_k, total, depth, scratch, _ = match.groups()
     radar: dict[str, Any] = {"mode": mode}
     if top_k:
         radar["top_k"] = int(top_k)
@@ -98,17 +98,25 @@ class Timer:
         self.seconds, self.calls = 0.0, 0
 
 
-def install_timers(worker: Any, forced_skip: bool) -> None:
+def forced_cap(name: str) -> int | None:
+    """The depth cap a named row forces its gate to (``-gG``), or None."""
+    if name == "radar-chain-skip":
+        return 0
+    match = SHAPE.fullmatch(name)
+    return int(match.group(6)) if match and match.group(6) is not None else None
+
+
+def install_timers(worker: Any, cap: int | None) -> None:
     runner = worker.model_runner
     timers = {"target": Timer(runner.model, "forward"), "sample": Timer(runner, "_sample")}
     drafter = getattr(runner, "drafter", None)
     if drafter is not None:
         timers["draft"] = Timer(drafter, "propose")
         gate = getattr(drafter, "gate", None)
-        if forced_skip:
+        if cap is not None:
             if gate is None:
-                raise ValueError("forced skip needs a RADAR checkpoint with skip_drafting='auto'")
-            gate.decide = lambda batch_size, sampling=False: 0
+                raise ValueError("a forced depth cap needs a RADAR checkpoint with skip_drafting='auto'")
+            gate.decide = lambda batch_size, sampling=False: cap
     runner._profile_timers = timers
 
 
@@ -136,7 +144,7 @@ def profile_config(name: str, target: str, prompts: list[list[int]], batch_sizes
     llm = LLM(model=target, dtype=dtype, max_model_len=1024, max_num_seqs=max(batch_sizes), seed=0,
               speculative_config=speculative_config(name), generation_config="vllm",
               **({"block_size": block_size} if block_size else {}))
-    forced = name in FORCED_SKIP
+    forced = forced_cap(name)
     llm.collective_rpc(lambda worker: install_timers(worker, forced))
     params = SamplingParams(temperature=0.0, max_tokens=max_new_tokens, ignore_eos=True)
     rows = []

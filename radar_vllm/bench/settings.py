@@ -96,6 +96,9 @@ class BenchSettings:
     batch1_prompts: int | None = None  # batch 1 times the first N prompts of a workload; None: all
     offline_modes: tuple[str, ...] = OFFLINE_MODES
     repeats: int = 3
+    # fresh engine processes per row (vLLM backend): the rows run in turn, each start runs every
+    # repeat (a speculative engine's step time varies by up to 8% from one process start to the next)
+    engine_starts: int = 1
     # tree rows (radar-tree, static-tree): their own modes and repeats (None: as the other rows)
     tree_modes: tuple[str, ...] | None = None
     tree_repeats: int | None = None
@@ -145,7 +148,8 @@ class BenchSettings:
             _positive("uncorrected_k entries", k)
         for depth in self.radar_fixed_depths:
             _positive("radar_fixed_depths entries", depth)
-        for name in ("num_prompts", "max_new_tokens", "max_prompt_tokens", "repeats", "online_repeats"):
+        for name in ("num_prompts", "max_new_tokens", "max_prompt_tokens", "repeats", "online_repeats",
+                     "engine_starts"):
             _positive(name, getattr(self, name))
         if self.tree_repeats is not None:
             _positive("tree_repeats", self.tree_repeats)
@@ -347,8 +351,10 @@ SAMPLING_PRESET: dict[str, Any] = {
 # The main job (`bash benchmarks/run_main.sh` = `radar-vllm bench --preset main`): RADAR chain and
 # tree against stock EAGLE-3 at its best K (K = 1, 2, 3) and no speculation on the shipped SmolLM2
 # checkpoint, greedy, every output compared with no speculation's; 16 MT-Bench first turns of up
-# to 128 tokens in one batch, float32, offline only; 3 repeats (tree: 2). Sized for 20-40 minutes
-# on 2 CPU cores; the console shows one summary table at the end.
+# to 128 tokens in one batch, float32, offline only; every row in 3 fresh engine processes (the rows in
+# turn, one run each: a speculative engine's step time varies by up to 8% from one process start to
+# the next, which repeats inside one engine do not average out). Sized for 25-45 minutes on 2 CPU
+# cores; the console shows one summary table at the end.
 MAIN_PRESET: dict[str, Any] = {
     "k_list": (1, 2, 3),
     "include_tree": True,
@@ -359,8 +365,8 @@ MAIN_PRESET: dict[str, Any] = {
     "max_new_tokens": 128,
     "temperatures": (GREEDY,),
     "offline_modes": (MODE_BATCHED,),
-    "repeats": 3,
-    "tree_repeats": 2,
+    "repeats": 1,
+    "engine_starts": 3,
     "online_concurrency": (),
     "dtype": "float32",
     "config_timeout_s": 1200.0,

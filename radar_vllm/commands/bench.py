@@ -158,7 +158,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--preset", choices=tuple(PRESET_NAMES), default=None,
                         help="main: the main job, RADAR chain and tree vs stock EAGLE-3 at its best K (1-3) vs no "
                         "speculation, greedy, 16 MT-Bench prompts in one batch, float32, one summary table "
-                        "(main_smollm2.json/.md; 20-40 min on 2 CPU cores); quick: a few minutes on 2 CPU cores "
+                        "(main_smollm2.json/.md; 25-45 min on 2 CPU cores); quick: a few minutes on 2 CPU cores "
                         "(same as --quick); report: the committed SmolLM2 report, about an hour on 2 CPU cores "
                         "(see --estimate); sampling: draft acceptance and the sampling check at T = 0, 0.6, 1 "
                         "(MT-Bench, 16 prompts batched, float32; sampling_smollm2.json/.md); gpu-reference: the "
@@ -205,6 +205,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     load.add_argument("--batch1-prompts", type=int, default=None,
                       help="batch 1 times the first N prompts of each workload (default: all)")
     load.add_argument("--repeats", type=int, default=None, help="timed repeats per cell (default 3)")
+    load.add_argument("--engine-starts", type=int, default=None,
+                      help="fresh engine processes per row, rows in turn, --repeats in each (default 1)")
     load.add_argument("--tree-modes", type=_list(str), default=None,
                       help="offline modes of the tree rows (default: --modes)")
     load.add_argument("--tree-repeats", type=int, default=None, help="repeats of the tree rows (default: --repeats)")

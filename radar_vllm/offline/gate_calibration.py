@@ -130,7 +130,7 @@ def gate_table_markdown(table: dict[str, Any], name: str) -> str:
                   "|---" * (len(caps) + 3) + "|"]
         for bucket, entry in gate.summary().items():
             rates = {cap: entry[f"rate_d{cap}"] for cap in caps}
-            start = max(rates, key=lambda cap: (rates[cap], -cap))
+            start = gate.preferred(int(bucket.rstrip("s")), bucket.endswith("s"))  # (draft margin included)
             best_drafting = max(rate for cap, rate in rates.items() if cap > 0)
             reach = " / ".join(f"{entry[f'reach_{depth}']:.2f}" for depth in range(1, 6) if f"reach_{depth}" in entry)
             cells = [f"**{rate:.1f}**" if cap == start else f"{rate:.1f}" for cap, rate in rates.items()]

@@ -67,7 +67,7 @@ def test_default_arms_are_every_cap_up_to_four_and_the_deepest():
 
 
 def test_buckets_are_independent_and_the_gate_follows_a_change():
-    gate = DraftGate(4, arms=(0, 4), probe_every=8, max_probe_every=64, smoothing=0.3)
+    gate = DraftGate(4, arms=(0, 4), probe_every=8, max_probe_every=64, smoothing=0.3, draft_margin=0.0)
     _run(gate, 1, 100, _costs({0: (0.010, 1.0), 4: (0.012, 1.6)}))
     _run(gate, 32, 100, _costs({0: (0.020, 1.0), 4: (0.030, 1.2)}))
     assert gate.preferred(1) == 4 and gate.preferred(32) == 0
@@ -110,7 +110,7 @@ def test_a_distant_bucket_is_measured_not_seeded():
 
 
 def test_a_probe_that_is_never_observed_does_not_stop_probing():
-    gate = DraftGate(2, arms=(0, 2), probe_every=4, max_probe_every=4, min_observations=1)
+    gate = DraftGate(2, arms=(0, 2), probe_every=4, max_probe_every=4, min_observations=1, draft_margin=0.0)
     _run(gate, 8, 2, _costs({0: (0.01, 1.0), 2: (0.012, 1.15)}))  # close: the interval stays at 4
     probes = 0
     for _ in range(40):  # the rounds' outcomes are never reported (e.g. the batch kept changing)
@@ -398,3 +398,21 @@ def test_seeded_arms_follow_the_running_mean_of_a_measured_arm_not_its_first_ste
     assert summary["rate_d0"] == pytest.approx(10.0, rel=0.15)
     assert summary["rate_d1"] == pytest.approx(1.4 / 0.150, rel=0.15)
     assert summary["rate_d7"] == pytest.approx(1.8 / 0.400, rel=0.15)
+
+
+def test_a_batch_drafts_only_when_drafting_beats_depth_zero_by_the_margin():
+    """A batch that drafts drains unevenly: in batches of two or more, a drafting arm must beat
+    depth 0 by ``draft_margin``; a lone request drafts whenever drafting is faster."""
+    slight = _costs({0: (0.100, 1.0), 1: (0.130, 1.39)})  # drafting 7% faster per step
+    clear = _costs({0: (0.100, 1.0), 1: (0.130, 1.56)})  # 20% faster
+    for batch_size, cost, expected in ((16, slight, 0), (16, clear, 1), (1, slight, 1), (4, slight, 0)):
+        gate = DraftGate(1, arms=(0, 1))
+        choices = _run(gate, batch_size, 300, cost)
+        assert gate.preferred(batch_size) == expected, (batch_size, expected)
+        assert choices[-100:].count(expected) >= 90  # (probes of the other arm aside)
+    # without a margin the slight gain is taken at batch 16 too
+    gate = DraftGate(1, arms=(0, 1), draft_margin=0.0)
+    _run(gate, 16, 300, slight)
+    assert gate.preferred(16) == 1
+    with pytest.raises(ValueError, match="draft_margin"):
+        DraftGate(1, draft_margin=1.0)
