@@ -1,8 +1,10 @@
 """Sampled (T > 0) outputs of RADAR on the real model (SmolLM2-135M-Instruct, the shipped RADAR
 checkpoint, float32 (bfloat16 matmuls crawl on CPUs without AVX-512), vLLM CPU build) are distributed like no speculation's.
 
-Three engines, as a user starts them: no speculation, RADAR chain (``{"method": "radar"}``) and
-RADAR tree (``"radar": {"mode": "tree"}``). Checks, each at significance 0.001 split over its
+Three engines: no speculation, RADAR chain (``{"method": "radar"}``) and RADAR tree
+(``"radar": {"mode": "tree"}``), the RADAR ones with the depth gate off (``skip_drafting:
+"never"``: at batch 16 the gate would rarely draft, leaving too few verified rounds to test; depth-0
+steps sample as plain steps, tested in test_depth_zero.py). Checks, each at significance 0.001 split over its
 comparisons (Bonferroni), so the module fails by chance with probability below about 0.004:
 
 1. Text quality: the target's log-probability per generated token at the sampling temperature
@@ -50,9 +52,9 @@ ALPHA = 0.001
 def _speculative_config(name: str) -> dict | None:
     checkpoint = shipped_checkpoints()["smollm2-135m-radar"]
     if name == "radar-chain":
-        return {"method": "radar", "model": checkpoint}
+        return {"method": "radar", "model": checkpoint, "radar": {"skip_drafting": "never"}}
     if name == "radar-tree":
-        return {"method": "radar", "model": checkpoint, "radar": {"mode": "tree"}}
+        return {"method": "radar", "model": checkpoint, "radar": {"mode": "tree", "skip_drafting": "never"}}
     return None
 
 
