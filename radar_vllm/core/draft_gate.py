@@ -30,23 +30,32 @@ drafts gained about 5% per step finished about 4% later than without drafting. D
 arm that cannot be slower than no speculation.
 
 Arms are measured shallowest first. Measuring costs the rounds spent on the worse arms, so a
-bucket met for the first time (a batch that drains from 16 to 1 passes through five) starts from
-the estimates of a bucket next to it (half or twice its batch size; the other kind of batch of the
-same size) instead of measuring every arm again: its choice is the neighbour's, the probes of arms
-whose rounds cost more than two of the chosen arm's are scheduled from the neighbour's rates as if
-each had been probed once (a batch of 16 that starts sampling does not try every tree depth within
-its first rounds: at batch 16 a deep tree round costs about 7 plain steps; cheap arms are still
-probed soon, which corrects a neighbour's choice that is wrong here), and the first measurement of an arm in the new bucket rescales the
-step times of the arms it has not measured yet by the same factor, so they keep the neighbour's
-ratios until each is measured. Buckets further
-apart are not used: what drafting costs relative to a plain step changes too much with the load (a
-batch of 1 gains from drafting on a CPU where a batch of 16 loses 40%). Afterwards the gate probes
+bucket met for the first time (a batch that drains from 16 to 1 passes through five; a server's
+first burst may jump from 1 to 64) starts from the estimates of the nearest bucket known (the other
+kind of batch of the same size first, then the closest batch size, the smaller on a tie) instead of
+measuring every arm again. Tokens per request carry over as they are; what a drafting arm's step
+costs beyond a depth-0 step grows with the rows it drafts and verifies, so that extra is scaled by
+the ratio of the batch sizes (a batch of 1 gains from drafting on a CPU where a batch of 16 loses
+40%; a deep tree round at batch 16 costs about 7 plain steps, at batch 64 about 16). Its choice is
+then the scaled estimates'; the probes of arms whose rounds cost more than two of the chosen arm's
+are scheduled as if each had been probed once (a batch of 16 that starts sampling does not try
+every tree depth within its first rounds; cheap arms are still probed soon, which corrects a
+choice that is wrong here), and the first measurement of an arm in the new bucket rescales the
+step times of the arms it has not measured yet by the same factor, so they keep the seeded ratios
+until each is measured. A bucket with no known bucket at all is measured from scratch, shallowest
+first, but an arm deeper than a measured drafting arm that already costs more than two depth-0
+steps and loses to depth 0 is estimated, not run (at least that arm's cost, further depths
+accepted as often as its last): a first batch of 64 does not run every tree depth twice.
+Afterwards the gate probes
 each other arm on its own schedule, one probe at a time, the most promising due arm first. An
 arm's interval starts at ``probe_every`` rounds of the bucket; a probe that leaves the choice
 unchanged (and the first measurement of the arm) multiplies it by 2 when the arm's rate is within
 10% of the chosen one's, by 4 within 25% and by 8 otherwise, up to ``max_probe_every`` (4x that for arms more than 10% behind, 16x for arms
 more than 25% behind): a settled bucket spends little on probes, and least on the arms that cost
-the most to try (at batch 16 a deep drafting round costs several plain steps). A probe that changes
+the most to try. An arm more than 10% behind is moreover probed no more often than keeps what its
+probes lose within ``probe_budget`` (2%) of the bucket's throughput, by its estimated step time
+and rate: at batch 64 a deep tree round that costs 16 plain steps and yields a third of their rate
+is tried about once in 700 rounds. A probe that changes
 the choice sets the intervals of the arms within 10% of the new choice back to ``probe_every``, so
 a change (a calmer batch, an easier text) is still followed, and leaves the others' (far-behind
 arms are not tried again each time two close arms swap; their tokens follow the shared per-depth
@@ -150,6 +159,8 @@ class BucketState:
     probe_left: int = 0  # rounds of the probe still to run after the current one
     chosen_before_probe: int | None = None
     margin: float = 0.0  # how much a drafting arm must beat depth 0 by to be chosen (0 at batch 1)
+    announced: int | None = None  # the choice last logged
+    probe_rounds: int = 1  # rounds one measurement of an arm lasts in this bucket
 
 
 class DraftGate:
@@ -157,12 +168,14 @@ class DraftGate:
 
     def __init__(self, max_depth: int, arms: Sequence[int] | None = None, probe_every: int = 16,
                  max_probe_every: int = 256, min_observations: int = 2, smoothing: float = 0.15,
-                 probe_requests: int = 8, own_arms: Sequence[int] = (), draft_margin: float = 0.1) -> None:
+                 probe_requests: int = 8, own_arms: Sequence[int] = (), draft_margin: float = 0.1,
+                 probe_budget: float = 0.02) -> None:
         """``own_arms``: caps whose rounds draft another shape than the first calls of deeper caps
         (tree mode's cap 1 drafts one token per request, deeper caps a tree): their tokens are their
         own measured average, and their rounds do not feed the shared per-depth acceptance.
         ``draft_margin``: in batches of more than one request, the fraction by which a drafting
-        arm's rate must beat depth 0's for the gate to choose it."""
+        arm's rate must beat depth 0's for the gate to choose it. ``probe_budget``: the share of a
+        settled bucket's throughput the probes of one arm more than 10% behind may cost."""
         if max_depth < 1:
             raise ValueError(f"max_depth must be >= 1, got {max_depth}")
         caps = sorted(set(arms if arms is not None else default_arms(max_depth)))
@@ -178,6 +191,9 @@ class DraftGate:
             raise ValueError(f"probe_requests must be >= 1, got {probe_requests}")
         if not 0.0 <= draft_margin < 1.0:
             raise ValueError(f"draft_margin must be in [0, 1), got {draft_margin}")
+        if not 0.0 < probe_budget <= 1.0:
+            raise ValueError(f"probe_budget must be in (0, 1], got {probe_budget}")
+        self.probe_budget = probe_budget
         self.draft_margin = draft_margin
         self.probe_requests = probe_requests
         self.own_arms = frozenset(int(cap) for cap in own_arms)
@@ -194,20 +210,34 @@ class DraftGate:
         if key not in self.buckets:
             arms = {cap: ArmEstimate() for cap in self.caps}
             reach = [DepthReach() for _ in range(self.max_depth)]
-            # a neighbour: half or twice the batch size, or the other kind of batch of this size
-            known = [other for other, state in self.buckets.items()
-                     if abs(other[1] - key[1]) <= 1 and any(a.known for a in state.arms.values())]
+            known = [other for other, state in self.buckets.items() if any(a.known for a in state.arms.values())]
             if known:  # start from the nearest: same size first (then the same kind), then smaller
-                nearest = self.buckets[min(known, key=lambda other: (abs(other[1] - key[1]), other[0] != sampling,
-                                                                     other[1]))]
-                for cap, arm in nearest.arms.items():
-                    if arm.known:
-                        arms[cap] = ArmEstimate(arm.seconds, arm.tokens, seeded=True, seed_seconds=arm.seconds)
+                nearest_key = min(known, key=lambda other: (abs(other[1] - key[1]), other[0] != sampling, other[1]))
+                nearest = self.buckets[nearest_key]
+                for cap, seconds, tokens in self._scaled_seeds(nearest, key[1] - nearest_key[1]):
+                    arms[cap] = ArmEstimate(seconds, tokens, seeded=True, seed_seconds=seconds)
                 reach = [DepthReach(depth.rate, seeded=True) if depth.known else DepthReach()
                          for depth in nearest.reach]
             self.buckets[key] = BucketState(arms, reach, {cap: self.probe_every for cap in self.caps},
-                                            {cap: 0 for cap in self.caps}, margin=self._margin(key[1]))
+                                            {cap: 0 for cap in self.caps}, margin=self._margin(key[1]),
+                                            probe_rounds=self.probe_rounds(batch_size))
         return self.buckets[key]
+
+    def _scaled_seeds(self, source: BucketState, doublings: int) -> list[tuple[int, float, float]]:
+        """``(cap, seconds, tokens)`` of ``source``'s known arms for a bucket ``doublings`` batch-size
+        doublings away: what a drafting arm costs beyond depth 0 grows with the rows it drafts and
+        verifies, so that extra is scaled by the batch-size ratio (2 ** doublings); tokens per
+        request do not depend on the load."""
+        base = source.arms[0].seconds if 0 in source.arms and source.arms[0].known else 0.0
+        seeds = []
+        for cap, arm in source.arms.items():
+            if not arm.known:
+                continue
+            seconds = arm.seconds
+            if base > 0 and cap > 0 and doublings:
+                seconds = base * max(1.0, 1.0 + (arm.seconds / base - 1.0) * 2.0 ** doublings)
+            seeds.append((cap, seconds, arm.tokens))
+        return seeds
 
     def _margin(self, index: int) -> float:
         """The draft margin of bucket ``index`` (none for batch 1: a lone request does not drain)."""
@@ -231,6 +261,26 @@ class DraftGate:
         """The rate the choice compares: a drafting arm's divided by 1 + the bucket's margin."""
         return self._rate(state, cap) / ((1.0 + state.margin) if cap > 0 else 1.0)
 
+    def _seed_from_shallower(self, state: BucketState, cap: int, needed: int) -> bool:
+        """In a bucket measured from scratch, estimate a deeper arm instead of measuring it when a
+        shallower drafting arm measured here already costs more than two depth-0 steps and loses to
+        depth 0: the deeper arm is taken to cost at least as much, with every further depth
+        accepted as often as the shallower arm's last (probes measure it later, on the budget)."""
+        base = state.arms[0] if 0 in state.arms else None
+        if base is None or base.count < needed:
+            return False
+        for shallower in reversed([c for c in self.caps if 0 < c < cap]):
+            arm = state.arms[shallower]
+            if arm.count < needed:
+                continue
+            if arm.seconds <= 2.0 * base.seconds or self._score(state, shallower) >= self._score(state, 0):
+                return False
+            last = state.reach[shallower - 1].rate if state.reach[shallower - 1].known else 0.0
+            tokens = self._tokens(state, shallower) + (cap - shallower) * last
+            state.arms[cap] = ArmEstimate(arm.seconds, tokens, seeded=True, seed_seconds=arm.seconds)
+            return True
+        return False
+
     def preferred(self, batch_size: int, sampling: bool = False) -> int:
         """The arm with the highest score (:meth:`_score`; no exploration; ties go to the shallower cap)."""
         state = self._bucket(batch_size, sampling)
@@ -249,11 +299,15 @@ class DraftGate:
         for cap in self.caps:  # arms not measured enough first, the shallowest first
             arm = state.arms[cap]
             if not arm.seeded and arm.count < needed:
+                if arm.count == 0 and self._seed_from_shallower(state, cap, needed):
+                    continue
                 return cap
         if state.probing is not None and state.probe_left > 0:
             state.probe_left -= 1
             return state.probing
         choice = self.preferred(batch_size, sampling)
+        if choice != state.announced:
+            self._announce(state, batch_size, sampling, choice)
         if not state.settled:  # an arm's first measurement here counts as its first probe, a
             state.settled = True  # table's as two, a neighbour's estimate of a dear arm as one
             chosen_seconds = state.arms[choice].seconds
@@ -262,6 +316,8 @@ class DraftGate:
                 dear = arm.seeded and arm.seconds > 2.0 * chosen_seconds  # a round costs > 2 chosen ones
                 if cap != choice and (arm.count > 0 or dear or state.from_table):
                     self._reschedule(state, choice, cap, confirmations=2 if state.from_table else 1)
+                elif cap != choice:
+                    state.intervals[cap] = max(state.intervals[cap], self._budget_interval(state, choice, cap))
         due = []
         for cap in self.caps:
             state.waits[cap] = 0 if cap == choice else state.waits[cap] + 1
@@ -308,6 +364,18 @@ class DraftGate:
         if state.probing == cap and state.probe_left == 0:
             self._end_probe(state, batch_size, sampling, cap)
 
+    def _announce(self, state: BucketState, batch_size: int, sampling: bool, choice: int) -> None:
+        """Log a bucket's new choice with every arm's measured rate (INFO: the choice changes
+        rarely once a bucket has settled)."""
+        rates = ", ".join(f"{cap}: {self._rate(state, cap):.1f}{'' if state.arms[cap].count else '?'}"
+                          for cap in self.caps)
+        largest = 1 << batch_bucket(batch_size)
+        sizes = f"{largest // 2 + 1}-{largest}" if largest > 2 else str(largest)
+        logger.info("depth gate: batches of %s%s requests draft to depth %d%s; tokens/s per request by depth cap "
+                    "(? = estimated, not measured here): %s", sizes, " (some sampling)" if sampling else "", choice,
+                    "" if state.announced is None else f" (was {state.announced})", rates)
+        state.announced = choice
+
     def _end_probe(self, state: BucketState, batch_size: int, sampling: bool, cap: int) -> None:
         """Reschedule the probed arm: later the further it is behind. A probe that changed the
         choice restarts the schedules of the arms within 10% of the new choice; the others keep
@@ -332,7 +400,21 @@ class DraftGate:
         25% / further behind the choice, up to 1x / 4x / 16x ``max_probe_every``."""
         ratio = self._ratio(state, choice, cap)
         factor, ceiling = (2, 1) if ratio >= 0.9 else (4, 4) if ratio >= 0.75 else (8, 16)
-        state.intervals[cap] = min(state.intervals[cap] * factor ** confirmations, self.max_probe_every * ceiling)
+        interval = min(state.intervals[cap] * factor ** confirmations, self.max_probe_every * ceiling)
+        state.intervals[cap] = max(interval, self._budget_interval(state, choice, cap))
+
+    def _budget_interval(self, state: BucketState, choice: int, cap: int) -> int:
+        """The shortest probe interval that keeps the throughput an arm more than 10% behind loses
+        to its probes within ``probe_budget``: a probe of ``probe_rounds`` rounds, each costing
+        ``seconds(cap) / seconds(choice)`` chosen rounds and yielding ``1 - ratio`` less per second,
+        per interval of chosen rounds (at batch 64 a deep tree round costs about 16 plain steps:
+        it is tried once in several hundred rounds, not every hundred). 0 for closer arms."""
+        ratio = self._ratio(state, choice, cap)
+        chosen_seconds = state.arms[choice].seconds
+        if ratio >= 0.9 or chosen_seconds <= 0:
+            return 0
+        cost = state.probe_rounds * state.arms[cap].seconds / chosen_seconds * (1.0 - max(0.0, ratio))
+        return min(int(cost / self.probe_budget) + 1, self.max_probe_every * 16)
 
     def export(self) -> dict[str, Any]:
         """What this gate measured, per bucket (arms and depths it measured itself), for a table."""
@@ -362,7 +444,8 @@ class DraftGate:
                      for rate in list(entry["reach"])[: self.max_depth]]
             reach += [DepthReach() for _ in range(self.max_depth - len(reach))]
             self.buckets[key] = BucketState(arms, reach, {cap: self.probe_every for cap in self.caps},
-                                            {cap: 0 for cap in self.caps}, from_table=True, margin=self._margin(key[1]))
+                                            {cap: 0 for cap in self.caps}, from_table=True, margin=self._margin(key[1]),
+                                            probe_rounds=self.probe_rounds(1 << key[1]))
 
     def summary(self) -> dict[str, dict[str, float]]:
         """Per bucket (largest batch size in it, ``"s"`` appended for batches that sample): every

@@ -38,6 +38,14 @@ def install_radar_drafter(runner: Any) -> None:
     logger.info("RADAR proposer installed in %s", type(runner).__name__)
 
 
+# sha256 of inspect.getsource(GPUModelRunner.<method>) in the vLLM release the overrides below
+# follow (``_sample``'s signature; ``_bookkeeping_sync``'s rewind of discarded requests' generators)
+UPSTREAM_SHA256 = {
+    "_sample": "5cb5c1da02cfdc689acb7bab51ca7eb56e2ef3b19bea4b92fc6ca4370be2cf5a",
+    "_bookkeeping_sync": "13c3e81003a7e168f5cd7a0a04bbc70b16d6c54c18ae4edbf41a45f73c3b6ea1",
+}
+
+
 class _PlainStepSampling:
     """A step in which no request carries drafts (every round skipped: depth 0) samples exactly as
     a step without speculation. vLLM's runner builds speculative metadata whenever speculation is
@@ -58,6 +66,8 @@ class _DiscardedSamplesKeepTheirSeed:
     speculating). Here the state of each such CPU generator is saved before sampling and put back
     after it (the same effect), and vLLM's rewind skips them."""
 
+    _held_generators: dict[int, torch.Generator] | None = None  # this step's, found once in _sample
+
     def _discarded_cpu_generators(self) -> dict[int, torch.Generator]:
         num_reqs = self.input_batch.num_reqs
         generators = self.input_batch.generators
@@ -65,7 +75,8 @@ class _DiscardedSamplesKeepTheirSeed:
                 if int(i) in generators and generators[int(i)].device.type == "cpu"}
 
     def _sample(self, logits: torch.Tensor | None, spec_decode_metadata: Any) -> Any:
-        saved = [(generator, generator.get_state()) for generator in self._discarded_cpu_generators().values()]
+        self._held_generators = held = self._discarded_cpu_generators()
+        saved = [(generator, generator.get_state()) for generator in held.values()]
         try:
             return super()._sample(logits, spec_decode_metadata)
         finally:
@@ -74,7 +85,8 @@ class _DiscardedSamplesKeepTheirSeed:
 
     def _bookkeeping_sync(self, *args: Any, **kwargs: Any) -> Any:
         generators = self.input_batch.generators
-        held = self._discarded_cpu_generators()
+        held = self._held_generators if self._held_generators is not None else self._discarded_cpu_generators()
+        self._held_generators = None
         for index in held:
             del generators[index]
         try:

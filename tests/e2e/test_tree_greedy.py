@@ -288,14 +288,20 @@ def test_tree_mode_rounds_capped_at_depth_one_draft_one_token_chains(models, bas
         _assert_same(expected, _generate(llm, requests), "tree mode, every round capped at depth 1")
         stats = _tree_stats(llm)
         lengths = llm.collective_rpc(lambda worker: worker.model_runner.drafter.proposed_lengths)[0]
-        counters = {m.name: m.value for m in llm.get_metrics() if hasattr(m, "value")}
+        metrics = {m.name: m for m in llm.get_metrics()}
     finally:
         shutdown_engine(llm)
+    counters = {name: m.value for name, m in metrics.items() if hasattr(m, "value")}
     assert stats["trees"] == 0 and stats["path_rows"] == 0
     assert len(lengths) > 50 and set(lengths) == {1}  # one draft token per request, every round
     # (vLLM's counters also count the zeros it drafts for a request near max_model_len)
     assert counters["vllm:spec_decode_num_drafts"] > 50
     assert 0 < counters["vllm:spec_decode_num_accepted_tokens"] <= counters["vllm:spec_decode_num_drafts"]
+    # RADAR's metrics count them as rounds stopped after one draft call (not the zeros above)
+    depth = metrics["vllm:radar_stop_depth"]
+    assert 0.8 * counters["vllm:spec_decode_num_drafts"] <= depth.count <= counters["vllm:spec_decode_num_drafts"]
+    assert _exact_counts(depth, 1) == [depth.count]
+    assert counters["vllm:radar_draft_calls"] == counters["vllm:radar_rounds"] > 0
 
 
 def _exact_counts(histogram, upper: int) -> list[int]:

@@ -1,7 +1,7 @@
 """The depth gate: measures the depth caps shallowest first, follows the measured best, probes the
-others less and less often while the choice holds (the further behind, the rarer), notices a
-change, starts a new batch-size bucket from an adjacent bucket's estimates (not from a distant
-one), and averages noisy batch-1 steps."""
+others less and less often while the choice holds (the further behind and the dearer, the rarer),
+notices a change, starts a new batch-size bucket from the nearest bucket's estimates (drafting's
+extra cost scaled to the batch size), and averages noisy batch-1 steps."""
 from __future__ import annotations
 
 import random
@@ -87,8 +87,9 @@ def test_a_new_bucket_starts_from_its_neighbour():
     assert choices == [0] * 15
     summary = gate.summary()["8"]
     assert summary["steps_d0"] == 15 and summary["steps_d1"] == 0
-    # the unmeasured arm kept its ratio to the measured one (0.110 / 0.080), rescaled to this bucket
-    assert summary["tokens_d1"] / summary["rate_d1"] == pytest.approx(0.050 * 0.110 / 0.080)
+    # the unmeasured arm's extra over depth 0 (0.110 / 0.080 - 1) halved with the batch size, then
+    # rescaled with the measured arm to this bucket
+    assert summary["tokens_d1"] / summary["rate_d1"] == pytest.approx(0.050 * (1 + (0.110 / 0.080 - 1) / 2))
     # a probe then measures depth 1 for real
     later = _run(gate, 8, 20, _costs({0: (0.050, 1.0), 1: (0.070, 1.3), 7: (0.130, 1.6)}))
     assert 1 in later and gate.summary()["8"]["steps_d1"] >= 1
@@ -100,13 +101,33 @@ def test_a_new_bucket_starts_from_its_neighbour():
     assert choices[0] == 1 and gate.preferred(16) == 0 and choices[-20:].count(0) >= 19
 
 
-def test_a_distant_bucket_is_measured_not_seeded():
-    # batch 1 drafts deep; batch 16 (four buckets away) must not start from that: it measures
+def test_a_distant_bucket_is_seeded_with_drafting_costs_scaled_to_its_batch_size():
+    # batch 1 drafts deep; batch 16 (four buckets away) starts from it with drafting's extra step
+    # cost x16: it runs depth 0 from its first round, and no deep round within its first hundred
     gate = DraftGate(7, arms=(0, 1, 7))
     _run(gate, 1, 300, _costs({0: (0.030, 1.0), 1: (0.033, 1.5), 7: (0.040, 2.6)}))
     assert gate.preferred(1) == 7
-    choices = _run(gate, 16, 40, _costs({0: (0.080, 1.0), 1: (0.120, 1.3), 7: (0.250, 1.6)}))
-    assert choices[:6] == [0, 0, 1, 1, 7, 7] and choices[6:].count(0) >= len(choices) - 6 - 2
+    choices = _run(gate, 16, 100, _costs({0: (0.080, 1.0), 1: (0.120, 1.3), 7: (0.250, 1.6)}))
+    assert choices[:16] == [0] * 16 and 7 not in choices and choices.count(0) >= 97
+    summary = gate.summary()["16"]
+    assert summary["tokens_d7"] / summary["rate_d7"] == pytest.approx(0.080 * (1 + (0.040 / 0.030 - 1) * 16))
+    # batch 64 met before 32 (a server's first burst) starts from 16, not from scratch
+    choices = _run(gate, 64, 50, _costs({0: (0.300, 1.0), 1: (0.600, 1.3), 7: (4.000, 1.6)}))
+    assert choices[:16] == [0] * 16 and 7 not in choices
+
+
+def test_dear_arms_far_behind_are_probed_within_the_probe_budget():
+    """At batch 64 a deep tree round costs ~13 plain steps and yields a third of their rate: its
+    probes must cost the bucket under ~2% of its throughput, whatever the geometric schedule."""
+    costs = _costs({0: (0.300, 1.0), 1: (0.450, 1.35), 7: (4.000, 1.8)})
+    gate = DraftGate(7, arms=(0, 1, 7))
+    choices = _run(gate, 64, 3000, costs)
+    later = choices[6:]
+    assert later.count(0) > 0.97 * len(later) and later.count(7) <= 3
+    spent = sum(costs(cap)[0] for cap in later)
+    assert spent < 1.03 * 0.300 * len(later)
+    with pytest.raises(ValueError, match="probe_budget"):
+        DraftGate(7, probe_budget=0.0)
 
 
 def test_a_probe_that_is_never_observed_does_not_stop_probing():
@@ -267,10 +288,11 @@ def _table(gate: DraftGate, mode: str = "chain"):
 def test_a_gate_started_from_a_table_skips_the_sweep_and_probes_by_the_table_rates():
     costs16 = _costs({0: (0.080, 1.0), 1: (0.120, 1.3), 7: (0.250, 1.6)})
     costs1 = _costs({0: (0.030, 1.0), 1: (0.033, 1.5), 7: (0.040, 2.6)})
-    measured = DraftGate(7, arms=(0, 1, 7))
-    _run(measured, 1, 200, costs1)
-    _run(measured, 16, 200, costs16)
+    measured, alone = DraftGate(7, arms=(0, 1, 7)), DraftGate(7, arms=(0, 1, 7))
+    _run(measured, 16, 200, costs16)  # (two gates: each bucket measures every arm itself)
+    _run(alone, 1, 200, costs1)
     table = measured.export()
+    table["buckets"].update(alone.export()["buckets"])
     assert set(table["buckets"]) == {"1", "16"} and table["arms"] == [0, 1, 7]
     assert table["buckets"]["16"]["arms"]["0"]["seconds"] == pytest.approx(0.080)
     fresh = DraftGate(7, arms=(0, 1, 7))
@@ -284,8 +306,9 @@ def test_a_gate_started_from_a_table_skips_the_sweep_and_probes_by_the_table_rat
     slow.seed(table)
     _run(slow, 16, 1, lambda cap: (2 * costs16(cap)[0], costs16(cap)[1]))
     assert slow.summary()["16"]["tokens_d1"] / slow.summary()["16"]["rate_d1"] == pytest.approx(0.240)
-    # a bucket the table does not cover is measured (or seeded from an adjacent one)
-    assert _run(fresh, 4, 20, costs1)[:6] == [0, 0, 1, 1, 7, 7]
+    # a bucket the table does not cover starts from the nearest one it covers: no sweep
+    # (batch 1's, drafting's extra cost x4: depth 7 still leads)
+    assert _run(fresh, 4, 20, costs1)[:10] == [7] * 10
     with pytest.raises(ValueError, match="arms"):
         DraftGate(7).seed(table)
 
@@ -430,3 +453,20 @@ def test_a_bucket_seeded_from_a_neighbour_schedules_its_probes_from_the_neighbou
         gate.observe(16, cap, *costs(cap), sampling=True)
         sampled.append(cap)
     assert sampled.count(7) == 0 and sampled.count(0) >= 97
+
+
+def test_a_bucket_measured_from_scratch_does_not_sweep_arms_deeper_than_a_dear_losing_one():
+    """No table, no other bucket: a server's first batch is 64. Once depth 1 costs over two plain
+    steps and loses to depth 0, the deeper (dearer) arms are estimated, not run twice each."""
+    costs = _costs({0: (0.300, 1.0), 1: (0.700, 1.4), 2: (3.0, 1.7), 3: (3.5, 1.9), 7: (4.0, 2.0)})
+    gate = DraftGate(7, arms=(0, 1, 2, 3, 7))
+    choices = _run(gate, 64, 100, costs)
+    assert choices[:4] == [0, 0, 1, 1] and choices[4:] == [0] * 96
+    summary = gate.summary()["64"]
+    assert summary["steps_d2"] == summary["steps_d7"] == 0 and summary["rate_d7"] < summary["rate_d0"]
+    # they are probed later (two rounds each, as any arm's first measurement), then far more rarely
+    later = _run(gate, 64, 2000, costs)
+    assert later.count(7) <= 4 and later.count(0) >= 0.98 * len(later)
+    # where the shallow arm is cheap, the sweep goes on (a batch-1 CPU step can cost less deeper)
+    cheap = _costs({0: (0.030, 1.0), 1: (0.045, 1.3), 2: (0.033, 1.6), 3: (0.035, 1.8), 7: (0.040, 2.0)})
+    assert _run(DraftGate(7, arms=(0, 1, 2, 3, 7)), 16, 10, cheap) == [0, 0, 1, 1, 2, 2, 3, 3, 7, 7]

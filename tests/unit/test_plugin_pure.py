@@ -143,23 +143,28 @@ def test_all_stopped_monitor_cpu():
     assert not monitor.all_stopped()
 
 
-def test_the_drafting_loop_follows_the_pinned_upstream_loop():
-    """RadarProposer.propose follows vLLM's SpecDecodeBaseProposer.propose of the pinned release.
-    If this fails after a vLLM upgrade, re-read the upstream method, port what changed into
-    radar_vllm/vllm/proposer.py (or refuse the new branch in RadarProposer.__init__), then pin
-    the new hash."""
+@pytest.mark.parametrize("ours, upstream", [
+    ("radar_vllm.vllm.proposer", "vllm.v1.spec_decode.llm_base_proposer:SpecDecodeBaseProposer"),
+    ("radar_vllm.vllm.worker", "vllm.v1.worker.gpu_model_runner:GPUModelRunner"),
+])
+def test_overrides_follow_the_pinned_upstream_methods(ours, upstream):
+    """RadarProposer.propose follows vLLM's SpecDecodeBaseProposer.propose of the pinned release,
+    and the CPU runner's seeded-sampling fix GPUModelRunner._sample / _bookkeeping_sync. If this
+    fails after a vLLM upgrade, re-read the upstream method, port what changed into the module
+    named (or refuse the new branch), then pin the new hash."""
     import hashlib
+    import importlib
     import inspect
 
     pytest.importorskip("vllm")
-    from vllm.v1.spec_decode.llm_base_proposer import SpecDecodeBaseProposer
-
-    from radar_vllm.vllm.proposer import UPSTREAM_SHA256
-
-    for method, digest in UPSTREAM_SHA256.items():
-        source = inspect.getsource(getattr(SpecDecodeBaseProposer, method))
+    module_name, class_name = upstream.split(":")
+    upstream_class = getattr(importlib.import_module(module_name), class_name)
+    pins = importlib.import_module(ours).UPSTREAM_SHA256
+    assert pins
+    for method, digest in pins.items():
+        source = inspect.getsource(getattr(upstream_class, method))
         assert hashlib.sha256(source.encode()).hexdigest() == digest, (
-            f"vLLM's SpecDecodeBaseProposer.{method} changed: re-read it against radar_vllm/vllm/proposer.py")
+            f"vLLM's {class_name}.{method} changed: re-read it against {ours}")
 
 
 def _constant_policy(continue_: bool, state_size: int = 4):
