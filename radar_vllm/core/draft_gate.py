@@ -52,10 +52,11 @@ arm's interval starts at ``probe_every`` rounds of the bucket; a probe that leav
 unchanged (and the first measurement of the arm) multiplies it by 2 when the arm's rate is within
 10% of the chosen one's, by 4 within 25% and by 8 otherwise, up to ``max_probe_every`` (4x that for arms more than 10% behind, 16x for arms
 more than 25% behind): a settled bucket spends little on probes, and least on the arms that cost
-the most to try. An arm more than 10% behind is moreover probed no more often than keeps what its
-probes lose within ``probe_budget`` (2%) of the bucket's throughput, by its estimated step time
-and rate: at batch 64 a deep tree round that costs 16 plain steps and yields a third of their rate
-is tried about once in 700 rounds. A probe that changes
+the most to try. The arms more than 10% behind are moreover probed no more often than keeps what
+their probes lose within ``probe_budget`` (2%) of the bucket's throughput together, by their
+estimated step time and rate: at batch 16 a deep tree round that costs 7 plain steps and yields a
+third of their rate is tried about once in 1,200 rounds. An arm that starts from an estimate (a
+table, another bucket) is measured over one probe's rounds, not ``min_observations``. A probe that changes
 the choice sets the intervals of the arms within 10% of the new choice back to ``probe_every``, so
 a change (a calmer batch, an easier text) is still followed, and leaves the others' (far-behind
 arms are not tried again each time two close arms swap; their tokens follow the shared per-depth
@@ -79,6 +80,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -160,11 +162,14 @@ class BucketState:
     chosen_before_probe: int | None = None
     margin: float = 0.0  # how much a drafting arm must beat depth 0 by to be chosen (0 at batch 1)
     announced: int | None = None  # the choice last logged
+    announced_at: float = 0.0  # when (time.monotonic())
     probe_rounds: int = 1  # rounds one measurement of an arm lasts in this bucket
 
 
 class DraftGate:
     """Chooses a depth cap per engine step (see the module docstring)."""
+
+    LOG_EVERY_S = 60.0  # a bucket's changed choice is logged at most this often
 
     def __init__(self, max_depth: int, arms: Sequence[int] | None = None, probe_every: int = 16,
                  max_probe_every: int = 256, min_observations: int = 2, smoothing: float = 0.15,
@@ -175,7 +180,7 @@ class DraftGate:
         own measured average, and their rounds do not feed the shared per-depth acceptance.
         ``draft_margin``: in batches of more than one request, the fraction by which a drafting
         arm's rate must beat depth 0's for the gate to choose it. ``probe_budget``: the share of a
-        settled bucket's throughput the probes of one arm more than 10% behind may cost."""
+        settled bucket's throughput the probes of the arms more than 10% behind may cost together."""
         if max_depth < 1:
             raise ValueError(f"max_depth must be >= 1, got {max_depth}")
         caps = sorted(set(arms if arms is not None else default_arms(max_depth)))
@@ -261,17 +266,17 @@ class DraftGate:
         """The rate the choice compares: a drafting arm's divided by 1 + the bucket's margin."""
         return self._rate(state, cap) / ((1.0 + state.margin) if cap > 0 else 1.0)
 
-    def _seed_from_shallower(self, state: BucketState, cap: int, needed: int) -> bool:
-        """In a bucket measured from scratch, estimate a deeper arm instead of measuring it when a
-        shallower drafting arm measured here already costs more than two depth-0 steps and loses to
-        depth 0: the deeper arm is taken to cost at least as much, with every further depth
-        accepted as often as the shallower arm's last (probes measure it later, on the budget)."""
-        base = state.arms[0] if 0 in state.arms else None
-        if base is None or base.count < needed:
+    def _seed_from_shallower(self, state: BucketState, cap: int) -> bool:
+        """Estimate an unknown arm instead of measuring it when a shallower drafting arm known here
+        (measured or estimated) costs more than two depth-0 steps and loses to depth 0: the deeper
+        arm is taken to cost at least as much, with every further depth accepted as often as the
+        shallower arm's last (probes measure it later, on the budget)."""
+        base = state.arms.get(0)
+        if base is None or not base.known:
             return False
         for shallower in reversed([c for c in self.caps if 0 < c < cap]):
             arm = state.arms[shallower]
-            if arm.count < needed:
+            if not arm.known:
                 continue
             if arm.seconds <= 2.0 * base.seconds or self._score(state, shallower) >= self._score(state, 0):
                 return False
@@ -298,15 +303,17 @@ class DraftGate:
         needed = max(self.min_observations, self.probe_rounds(batch_size))
         for cap in self.caps:  # arms not measured enough first, the shallowest first
             arm = state.arms[cap]
-            if not arm.seeded and arm.count < needed:
-                if arm.count == 0 and self._seed_from_shallower(state, cap, needed):
+            # (an arm that started from an estimate is measured like a probe: ``probe_rounds``)
+            if not arm.seeded and arm.count < (needed if arm.seed_seconds == 0 else 0):
+                if arm.count == 0 and self._seed_from_shallower(state, cap):
                     continue
                 return cap
         if state.probing is not None and state.probe_left > 0:
             state.probe_left -= 1
             return state.probing
         choice = self.preferred(batch_size, sampling)
-        if choice != state.announced:
+        if choice != state.announced and (state.announced is None
+                                          or time.monotonic() - state.announced_at >= self.LOG_EVERY_S):
             self._announce(state, batch_size, sampling, choice)
         if not state.settled:  # an arm's first measurement here counts as its first probe, a
             state.settled = True  # table's as two, a neighbour's estimate of a dear arm as one
@@ -365,8 +372,8 @@ class DraftGate:
             self._end_probe(state, batch_size, sampling, cap)
 
     def _announce(self, state: BucketState, batch_size: int, sampling: bool, choice: int) -> None:
-        """Log a bucket's new choice with every arm's measured rate (INFO: the choice changes
-        rarely once a bucket has settled)."""
+        """Log a bucket's first choice, and later a changed one at most once per ``LOG_EVERY_S``
+        (at batch 1 close arms swap often), with every arm's rate (INFO)."""
         rates = ", ".join(f"{cap}: {self._rate(state, cap):.1f}{'' if state.arms[cap].count else '?'}"
                           for cap in self.caps)
         largest = 1 << batch_bucket(batch_size)
@@ -374,7 +381,7 @@ class DraftGate:
         logger.info("depth gate: batches of %s%s requests draft to depth %d%s; tokens/s per request by depth cap "
                     "(? = estimated, not measured here): %s", sizes, " (some sampling)" if sampling else "", choice,
                     "" if state.announced is None else f" (was {state.announced})", rates)
-        state.announced = choice
+        state.announced, state.announced_at = choice, time.monotonic()
 
     def _end_probe(self, state: BucketState, batch_size: int, sampling: bool, cap: int) -> None:
         """Reschedule the probed arm: later the further it is behind. A probe that changed the
@@ -405,24 +412,27 @@ class DraftGate:
 
     def _budget_interval(self, state: BucketState, choice: int, cap: int) -> int:
         """The shortest probe interval that keeps the throughput an arm more than 10% behind loses
-        to its probes within ``probe_budget``: a probe of ``probe_rounds`` rounds, each costing
+        to its probes within its share of ``probe_budget`` (split among the arms other than the
+        chosen one): a probe of ``probe_rounds`` rounds, each costing
         ``seconds(cap) / seconds(choice)`` chosen rounds and yielding ``1 - ratio`` less per second,
         per interval of chosen rounds (at batch 64 a deep tree round costs about 16 plain steps:
-        it is tried once in several hundred rounds, not every hundred). 0 for closer arms."""
+        it is tried once in a few thousand rounds, not every hundred). 0 for closer arms."""
         ratio = self._ratio(state, choice, cap)
         chosen_seconds = state.arms[choice].seconds
         if ratio >= 0.9 or chosen_seconds <= 0:
             return 0
         cost = state.probe_rounds * state.arms[cap].seconds / chosen_seconds * (1.0 - max(0.0, ratio))
-        return min(int(cost / self.probe_budget) + 1, self.max_probe_every * 16)
+        share = self.probe_budget / max(1, len(self.caps) - 1)  # the budget is shared by the other arms
+        return min(int(cost / share) + 1, self.max_probe_every * 16)
 
     def export(self) -> dict[str, Any]:
-        """What this gate measured, per bucket (arms and depths it measured itself), for a table."""
+        """What this gate measured, per bucket it ran: the arms it measured, and those it only
+        estimated (``steps`` 0: from a table, another bucket or a shallower arm), for a table."""
         buckets: dict[str, Any] = {}
         for (sampling, index), state in sorted(self.buckets.items()):
             arms = {str(cap): {"seconds": arm.seconds, "tokens": arm.tokens, "steps": arm.count}
-                    for cap, arm in state.arms.items() if arm.count > 0}
-            if arms:
+                    for cap, arm in state.arms.items() if arm.count > 0 or arm.seed_seconds > 0}
+            if any(arm["steps"] > 0 for arm in arms.values()):
                 buckets[f"{1 << index}{'s' if sampling else ''}"] = {
                     "arms": arms, "reach": [depth.rate if depth.count > 0 else None for depth in state.reach]}
         return {"arms": list(self.caps), "max_depth": self.max_depth, "buckets": buckets}

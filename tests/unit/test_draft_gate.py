@@ -470,3 +470,25 @@ def test_a_bucket_measured_from_scratch_does_not_sweep_arms_deeper_than_a_dear_l
     # where the shallow arm is cheap, the sweep goes on (a batch-1 CPU step can cost less deeper)
     cheap = _costs({0: (0.030, 1.0), 1: (0.045, 1.3), 2: (0.033, 1.6), 3: (0.035, 1.8), 7: (0.040, 2.0)})
     assert _run(DraftGate(7, arms=(0, 1, 2, 3, 7)), 16, 10, cheap) == [0, 0, 1, 1, 2, 2, 3, 3, 7, 7]
+
+
+def test_a_seeded_dear_arm_is_probed_rarely_and_one_round_at_a_time_at_batch_16():
+    """Served at 16 streams a tree engine's sampling bucket starts from the greedy table: its deep
+    arms (7 plain steps a round) wait over a thousand rounds for their first probe (the budget is
+    shared by the five other arms), and that probe lasts one round, not ``min_observations``."""
+    costs = _costs({0: (0.100, 1.0), 1: (0.135, 1.3), 2: (0.700, 2.0), 3: (0.750, 2.2), 4: (0.800, 2.3),
+                    7: (0.850, 2.4)})
+    measured = DraftGate(7)
+    _run(measured, 16, 400, costs)
+    gate = DraftGate(7)
+    gate.seed(measured.export())
+    choices = []
+    for _ in range(3000):
+        cap = gate.decide(16, sampling=True)
+        gate.observe(16, cap, *costs(cap), sampling=True)
+        choices.append(cap)
+    deep = [index for index, cap in enumerate(choices) if cap >= 2]
+    assert deep and min(deep) > 1000 and len(deep) <= 5
+    assert all(choices[index + 1] != choices[index] for index in deep)  # one round each
+    spent = sum(costs(cap)[0] for cap in choices)
+    assert spent < 1.04 * 0.100 * len(choices)
