@@ -223,10 +223,16 @@ class DraftGate:
                     arms[cap] = ArmEstimate(seconds, tokens, seeded=True, seed_seconds=seconds)
                 reach = [DepthReach(depth.rate, seeded=True) if depth.known else DepthReach()
                          for depth in nearest.reach]
-            self.buckets[key] = BucketState(arms, reach, {cap: self.probe_every for cap in self.caps},
-                                            {cap: 0 for cap in self.caps}, margin=self._margin(key[1]),
-                                            probe_rounds=self.probe_rounds(batch_size))
+            self.buckets[key] = self._new_state(key[1], arms, reach)
         return self.buckets[key]
+
+    def _new_state(self, index: int, arms: dict[int, ArmEstimate], reach: list[DepthReach],
+                   from_table: bool = False) -> BucketState:
+        """A bucket's state: every arm's probe interval at ``probe_every``, its margin and probe
+        length from its index."""
+        return BucketState(arms, reach, {cap: self.probe_every for cap in self.caps}, {cap: 0 for cap in self.caps},
+                           from_table=from_table, margin=self._margin(index),
+                           probe_rounds=self.probe_rounds(1 << index))
 
     def _scaled_seeds(self, source: BucketState, doublings: int) -> list[tuple[int, float, float]]:
         """``(cap, seconds, tokens)`` of ``source``'s known arms for a bucket ``doublings`` batch-size
@@ -303,8 +309,8 @@ class DraftGate:
         needed = max(self.min_observations, self.probe_rounds(batch_size))
         for cap in self.caps:  # arms not measured enough first, the shallowest first
             arm = state.arms[cap]
-            # (an arm that started from an estimate is measured like a probe: ``probe_rounds``)
-            if not arm.seeded and arm.count < (needed if arm.seed_seconds == 0 else 0):
+            # (an arm that started from an estimate, seed_seconds > 0, is measured by its probes)
+            if arm.seed_seconds == 0 and arm.count < needed:
                 if arm.count == 0 and self._seed_from_shallower(state, cap):
                     continue
                 return cap
@@ -453,9 +459,7 @@ class DraftGate:
             reach = [DepthReach(float(rate), seeded=True) if rate is not None else DepthReach()
                      for rate in list(entry["reach"])[: self.max_depth]]
             reach += [DepthReach() for _ in range(self.max_depth - len(reach))]
-            self.buckets[key] = BucketState(arms, reach, {cap: self.probe_every for cap in self.caps},
-                                            {cap: 0 for cap in self.caps}, from_table=True, margin=self._margin(key[1]),
-                                            probe_rounds=self.probe_rounds(1 << key[1]))
+            self.buckets[key] = self._new_state(key[1], arms, reach, from_table=True)
 
     def summary(self) -> dict[str, dict[str, float]]:
         """Per bucket (largest batch size in it, ``"s"`` appended for batches that sample): every
