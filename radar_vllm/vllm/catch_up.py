@@ -67,6 +67,7 @@ class SkippedTokens:
         self.capacity = capacity  # rows the drafter's first call can take
         self.pending: dict[str, SkippedRows] = {}  # combined rows, per request
         self.records: list[DecodeRecord] = []  # later rows, per batch (after every pending row)
+        self.record_rows = 0  # rows in ``records`` (counted as they come: asked every step)
         self.next_position: dict[str, int] = {}  # per request with kept rows: the next row's position
         self.rows_caught_up = 0  # statistics (tests, logs)
         self.rows_dropped = 0
@@ -76,7 +77,7 @@ class SkippedTokens:
 
     def rows(self) -> int:
         """Rows kept in all."""
-        return sum(len(entry) for entry in self.pending.values()) + sum(len(r.req_ids) for r in self.records)
+        return sum(len(entry) for entry in self.pending.values()) + self.record_rows
 
     def forget(self, live_req_ids: Any) -> None:
         """Drop the rows of requests that are no longer running (in records: when they are combined)."""
@@ -97,6 +98,7 @@ class SkippedTokens:
                 return False
         self.records.append(DecodeRecord(tuple(req_ids), input_ids.clone(), positions.clone(), raw_hidden.clone(),
                                          slots.clone()))
+        self.record_rows += len(req_ids)
         for req_id, position in zip(req_ids, first):
             self.next_position[req_id] = position + 1
         return True
@@ -106,7 +108,7 @@ class SkippedTokens:
         ``combine`` (the drafter's input layer) in one call."""
         if not self.records:
             return
-        records, self.records = self.records, []
+        records, self.records, self.record_rows = self.records, [], 0
         input_ids = torch.cat([r.input_ids for r in records])
         positions = torch.cat([r.positions for r in records])
         hidden = combine(torch.cat([r.raw_hidden for r in records]))

@@ -21,7 +21,9 @@ Before call 1 the depth-0 gate (:class:`~radar_vllm.core.draft_gate.DraftGate`) 
 the whole batch does not draft this round: the proposer then only keeps the rows call 1 would have
 read (:mod:`radar_vllm.vllm.catch_up`) and returns no drafts, so the next engine step is a plain
 decode step (no draft call, no multi-token verify, no rejection sampling); the next round that
-drafts brings those rows into its call 1.
+drafts brings those rows into its call 1. In a step where every request decoded one token without
+drafts the runner opens the round before vLLM prepares the drafter's inputs
+(:meth:`RadarProposer.skip_decode_round`), so a skipped round does not pay for that preparation.
 
 The loop follows ``SpecDecodeBaseProposer.propose`` of vLLM 0.32 and relies on what
 ``set_inputs_first_pass`` writes; ``UPSTREAM_SHA256`` pins both methods' source
@@ -150,6 +152,7 @@ class RadarProposer(EagleProposer):
         # (start time, batch size, action, cap, rows caught up before the round, some request samples)
         self._last_round: tuple[float, int, str, int, int, bool] | None = None
         self._depth_cap = self.max_depth  # the gate's cap for the current round
+        self._opened_action: str | None = None  # a round opened by skip_decode_round, for propose
         logger.info("RadarProposer: %s mode, max_depth=%d, top_k=%d, %s", plan.mode, self.max_depth, config.top_k,
                     f"fixed depth {config.fixed_depth} (no stop policy)" if config.fixed_depth else
                     f"decision={plan.radar.decision}, threshold={plan.radar.threshold:.3f}")
@@ -217,10 +220,12 @@ class RadarProposer(EagleProposer):
     ) -> torch.Tensor:
         tree = self.tree_config is not None
         self.last_tree = None
-        if self.skipped:
-            self.skipped.forget(self.model_runner.requests)
-        action = self._open_round(common_attn_metadata, token_indices_to_sample, num_speculative_tokens,
-                                  target_token_ids.shape[0], not getattr(sampling_metadata, "all_greedy", True))
+        action, self._opened_action = self._opened_action, None
+        if action is None:
+            if self.skipped:
+                self.skipped.forget(self.model_runner.requests)
+            action = self._open_round(common_attn_metadata, token_indices_to_sample, num_speculative_tokens,
+                                      target_token_ids.shape[0], not getattr(sampling_metadata, "all_greedy", True))
         if action == SKIP_ROUND:
             return self._skip_round(num_speculative_tokens, target_token_ids, target_positions, target_hidden_states,
                                     next_token_ids, token_indices_to_sample, common_attn_metadata,
@@ -327,6 +332,29 @@ class RadarProposer(EagleProposer):
         return output.to(positions.device)
 
     # -- depth 0 ---------------------------------------------------------------------------------
+
+    def skip_decode_round(self, num_speculative_tokens: int, sampled_token_ids: torch.Tensor,
+                          positions: torch.Tensor, target_hidden_states: torch.Tensor,
+                          cad: CommonAttentionMetadata, sampling_metadata: SamplingMetadata) -> bool:
+        """The runner's shortcut for a step in which every request decoded one token without drafts
+        (row i of each tensor is request i's): open the round here, before vLLM prepares the drafter's
+        inputs. True: the gate skipped the round and its rows are kept (no drafts, nothing for vLLM to
+        prepare); False: the round goes on through vLLM's path, and :meth:`propose` takes the action
+        chosen here."""
+        if self.gate is None:
+            return False
+        batch_size = cad.batch_size()
+        if self.skipped:
+            self.skipped.forget(self.model_runner.requests)
+        action = self._open_round(cad, None, num_speculative_tokens, batch_size,
+                                  not getattr(sampling_metadata, "all_greedy", True))
+        if action == SKIP_ROUND and self.skipped.stash_decode(
+                self.model_runner.input_batch.req_ids[:batch_size], sampled_token_ids.to(self.input_ids.dtype),
+                positions, target_hidden_states, cad.slot_mapping[:batch_size]):
+            self.last_tree = None
+            return True
+        self._opened_action = action
+        return False
 
     def _open_round(self, cad: CommonAttentionMetadata, token_indices_to_sample: torch.Tensor | None,
                     num_speculative_tokens: int, num_rows: int, sampling: bool = False) -> str:

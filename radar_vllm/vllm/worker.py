@@ -57,6 +57,34 @@ class _PlainStepSampling:
         return super()._sample(logits, spec_decode_metadata)
 
 
+class _SkippedRoundShortcut:
+    """A decode step whose round the depth gate skips costs what a step without speculation costs:
+    for a step in which every request decoded one token without drafts, the drafter opens its round
+    before vLLM prepares the drafter's inputs (next-token selection, padded first-pass rows); a
+    skipped round keeps the rows straight from the target's outputs and returns empty drafts (the
+    list form vLLM's n-gram drafter uses: no device copy, nothing for the scheduler to strip).
+    Every other step, and a round the gate lets draft, goes through vLLM's path unchanged."""
+
+    def propose_draft_token_ids(self, scheduler_output: Any, sampled_token_ids: Any, sampling_metadata: Any,
+                                hidden_states: Any, sample_hidden_states: Any, aux_hidden_states: Any,
+                                spec_decode_metadata: Any, common_attn_metadata: Any, slot_mappings: Any) -> Any:
+        num_reqs = self.input_batch.num_reqs
+        drafter = self.drafter
+        if (isinstance(drafter, RadarProposer) and not self.use_async_scheduling and aux_hidden_states is not None
+                and (spec_decode_metadata is None or spec_decode_metadata.max_spec_len == 0)
+                and isinstance(sampled_token_ids, torch.Tensor) and sampled_token_ids.shape[0] == num_reqs
+                and scheduler_output.total_num_scheduled_tokens == num_reqs
+                and not self.discard_request_mask.np[:num_reqs].any()
+                and drafter.skip_decode_round(
+                    scheduler_output.num_spec_tokens_to_schedule, sampled_token_ids[:, 0], self._get_positions(num_reqs),
+                    torch.cat([h[:num_reqs] for h in aux_hidden_states], dim=-1), common_attn_metadata,
+                    sampling_metadata)):
+            return [[] for _ in range(num_reqs)]
+        return super().propose_draft_token_ids(scheduler_output, sampled_token_ids, sampling_metadata, hidden_states,
+                                               sample_hidden_states, aux_hidden_states, spec_decode_metadata,
+                                               common_attn_metadata, slot_mappings)
+
+
 class _DiscardedSamplesKeepTheirSeed:
     """A request whose step does not end its prompt (a chunk of a longer prefill) still samples, and
     vLLM discards that token; so that a seeded request samples the same tokens however its prompt
@@ -69,8 +97,10 @@ class _DiscardedSamplesKeepTheirSeed:
     _held_generators: dict[int, torch.Generator] | None = None  # this step's, found once in _sample
 
     def _discarded_cpu_generators(self) -> dict[int, torch.Generator]:
-        num_reqs = self.input_batch.num_reqs
         generators = self.input_batch.generators
+        if not generators:
+            return {}
+        num_reqs = self.input_batch.num_reqs
         return {int(i): generators[int(i)] for i in np.nonzero(self.discard_request_mask.np[:num_reqs])[0]
                 if int(i) in generators and generators[int(i)].device.type == "cpu"}
 
@@ -95,14 +125,14 @@ class _DiscardedSamplesKeepTheirSeed:
             generators.update(held)
 
 
-class RadarCPUModelRunner(_DiscardedSamplesKeepTheirSeed, _PlainStepSampling, CPUModelRunner):
+class RadarCPUModelRunner(_SkippedRoundShortcut, _DiscardedSamplesKeepTheirSeed, _PlainStepSampling, CPUModelRunner):
     def __init__(self, vllm_config: Any, device: torch.device) -> None:
         super().__init__(vllm_config, device)
         with _torch_cuda_wrapper():
             install_radar_drafter(self)
 
 
-class RadarGPUModelRunner(_PlainStepSampling, GPUModelRunner):
+class RadarGPUModelRunner(_SkippedRoundShortcut, _PlainStepSampling, GPUModelRunner):
     def __init__(self, vllm_config: Any, device: torch.device) -> None:
         super().__init__(vllm_config, device)
         install_radar_drafter(self)
