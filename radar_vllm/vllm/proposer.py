@@ -233,10 +233,12 @@ class RadarProposer(EagleProposer):
         one_call = min(self._depth_cap, self.fixed_depth or self.max_depth, num_speculative_tokens) <= 1
         # nothing to decide: vLLM's own loop, one call (tree mode too where the gate chose depth 1)
         if action == CATCH_UP_ROUND or (one_call and (not tree or self.gate is not None)):
-            drafts = super().propose(1, target_token_ids, target_positions, target_hidden_states, next_token_ids,
-                                     token_indices_to_sample, common_attn_metadata, sampling_metadata,
-                                     mm_embed_inputs, num_rejected_tokens_gpu, slot_mappings)
-            self.num_speculative_tokens = num_speculative_tokens  # upstream stored the 1
+            # (a catch-up asks for 0 drafts: vLLM's loop then writes the drafter's KV, computes no logits)
+            drafts = super().propose(1 if action == DRAFT_ROUND else 0, target_token_ids, target_positions,
+                                     target_hidden_states, next_token_ids, token_indices_to_sample,
+                                     common_attn_metadata, sampling_metadata, mm_embed_inputs,
+                                     num_rejected_tokens_gpu, slot_mappings)
+            self.num_speculative_tokens = num_speculative_tokens  # upstream stored the 1 (or 0)
             output = torch.full((drafts.shape[0], num_speculative_tokens), PADDING_TOKEN, dtype=torch.int64,
                                 device=drafts.device)
             if action == DRAFT_ROUND:

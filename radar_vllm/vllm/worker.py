@@ -69,7 +69,7 @@ class _SkippedRoundShortcut:
                                 hidden_states: Any, sample_hidden_states: Any, aux_hidden_states: Any,
                                 spec_decode_metadata: Any, common_attn_metadata: Any, slot_mappings: Any) -> Any:
         num_reqs = self.input_batch.num_reqs
-        drafter = self.drafter
+        drafter = getattr(self, "drafter", None)
         if (isinstance(drafter, RadarProposer) and not self.use_async_scheduling and aux_hidden_states is not None
                 and (spec_decode_metadata is None or spec_decode_metadata.max_spec_len == 0)
                 and isinstance(sampled_token_ids, torch.Tensor) and sampled_token_ids.shape[0] == num_reqs

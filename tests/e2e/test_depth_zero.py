@@ -143,16 +143,16 @@ def test_skipped_rounds_keep_greedy_outputs_and_catch_up_reproduces_the_drafts(m
     assert compared >= 20 and largest > 2 * noise, (compared, largest, noise)
 
 
-def _count_input_preparations(drafter) -> list[int]:
-    """A one-element list counting the drafter's ``prepare_next_token_ids_padded`` calls from now on."""
+def _count_method_calls(owner, name: str) -> list[int]:
+    """A one-element list counting calls of ``owner.<name>`` from now on."""
     counter = [0]
-    prepare = drafter.prepare_next_token_ids_padded
+    method = getattr(owner, name)
 
     def counting(*args, **kwargs):
         counter[0] += 1
-        return prepare(*args, **kwargs)
+        return method(*args, **kwargs)
 
-    drafter.prepare_next_token_ids_padded = counting
+    setattr(owner, name, counting)
     return counter
 
 
@@ -164,14 +164,16 @@ def test_a_batch_that_skips_every_round_runs_the_plain_decode_path(models, basel
         _drafter_call(llm, lambda drafter: install_gate(drafter, [False]))
         draft_forwards = _drafter_call(llm, lambda drafter: count_calls(drafter.model))
         rejections = llm.collective_rpc(lambda worker: count_calls(worker.model_runner.rejection_sampler))[0]
-        prepared = _drafter_call(llm, _count_input_preparations)
+        prepared = _drafter_call(llm, lambda drafter: _count_method_calls(drafter, "prepare_next_token_ids_padded"))
+        logits = _drafter_call(llm, lambda drafter: _count_method_calls(drafter.model, "compute_logits"))
         outputs = _generate(llm, requests, batch_size=4)
         counts = _drafter_call(llm, lambda drafter: (dict(drafter.round_counts), list(draft_forwards),
-                                                      list(rejections), list(prepared)))
+                                                      list(rejections), list(prepared), list(logits)))
     finally:
         shutdown_engine(llm)
     assert outputs == expected
-    rounds, forwards, rejection_calls, preparations = counts
+    rounds, forwards, rejection_calls, preparations, logits_calls = counts
+    assert logits_calls == [0], "a round without drafts computed the drafter's logits"
     # vLLM prepares the drafter's inputs only for rounds that run call 1; a skipped decode round
     # is opened before that and keeps the target's outputs as they are
     assert preparations == [rounds["catch_up"]], (preparations, rounds)
