@@ -162,14 +162,14 @@ def install_draft_log(drafter: Any) -> dict[tuple[tuple[int, ...], int], tuple[l
     return log
 
 
-def count_calls(module: Any) -> list[int]:
-    """A one-element list counting calls of ``module.forward`` from now on."""
+def count_calls(owner: Any, name: str = "forward") -> list[int]:
+    """A one-element list counting calls of ``owner.<name>`` (a module's ``forward`` by default) from now on."""
     counter = [0]
-    forward = module.forward
+    method = getattr(owner, name)
 
-    def counting_forward(*args: Any, **kwargs: Any):
+    def counting(*args: Any, **kwargs: Any):
         counter[0] += 1
-        return forward(*args, **kwargs)
+        return method(*args, **kwargs)
 
-    module.forward = counting_forward
+    setattr(owner, name, counting)
     return counter

@@ -222,10 +222,8 @@ class RadarProposer(EagleProposer):
         self.last_tree = None
         action, self._opened_action = self._opened_action, None
         if action is None:
-            if self.skipped:
-                self.skipped.forget(self.model_runner.requests)
             action = self._open_round(common_attn_metadata, token_indices_to_sample, num_speculative_tokens,
-                                      target_token_ids.shape[0], not getattr(sampling_metadata, "all_greedy", True))
+                                      target_token_ids.shape[0], sampling_metadata)
         if action == SKIP_ROUND:
             return self._skip_round(num_speculative_tokens, target_token_ids, target_positions, target_hidden_states,
                                     next_token_ids, token_indices_to_sample, common_attn_metadata,
@@ -345,28 +343,36 @@ class RadarProposer(EagleProposer):
         chosen here."""
         if self.gate is None:
             return False
-        batch_size = cad.batch_size()
-        if self.skipped:
-            self.skipped.forget(self.model_runner.requests)
-        action = self._open_round(cad, None, num_speculative_tokens, batch_size,
-                                  not getattr(sampling_metadata, "all_greedy", True))
-        if action == SKIP_ROUND and self.skipped.stash_decode(
-                self.model_runner.input_batch.req_ids[:batch_size], sampled_token_ids.to(self.input_ids.dtype),
-                positions, target_hidden_states, cad.slot_mapping[:batch_size]):
+        action = self._open_round(cad, None, num_speculative_tokens, cad.batch_size(), sampling_metadata)
+        if action == SKIP_ROUND and self._keep_decode_rows(sampled_token_ids, positions, target_hidden_states, cad):
             self.last_tree = None
             return True
         self._opened_action = action
         return False
 
+    def _keep_decode_rows(self, token_ids: torch.Tensor, positions: torch.Tensor, target_hidden_states: torch.Tensor,
+                          cad: CommonAttentionMetadata) -> bool:
+        """Keep a skipped round in which request i had one new token (row i of the first ``batch``
+        rows: the token the target sampled, its position, the target's hidden states, its slot) as
+        one batch record; False when the kept rows do not allow it (:meth:`SkippedTokens.stash_decode`)."""
+        batch_size = cad.batch_size()
+        return self.skipped.stash_decode(self.model_runner.input_batch.req_ids[:batch_size],
+                                         token_ids[:batch_size].to(self.input_ids.dtype), positions[:batch_size],
+                                         target_hidden_states[:batch_size], cad.slot_mapping[:batch_size])
+
     def _open_round(self, cad: CommonAttentionMetadata, token_indices_to_sample: torch.Tensor | None,
-                    num_speculative_tokens: int, num_rows: int, sampling: bool = False) -> str:
-        """Report the engine step that just ended to the gate, then choose this round's action.
+                    num_speculative_tokens: int, num_rows: int, sampling_metadata: Any) -> str:
+        """Drop the kept rows of requests that are gone, report the engine step that just ended to
+        the gate, then choose this round's action.
 
         The step is measured from the previous round's start to this one's, and counted only when
         it had the same requests, all in decode (a prefill chunk would charge its cost to an arm).
         A round the gate skips still runs call 1 (``CATCH_UP_ROUND``: KV only, no drafts) when it
         carries a prefill chunk, whose draft pass costs little next to the target's, or when the
         rows kept for the catch-up would no longer fit the drafter's buffers."""
+        if self.skipped:
+            self.skipped.forget(self.model_runner.requests)
+        sampling = not getattr(sampling_metadata, "all_greedy", True)
         now = time.perf_counter()
         batch_size = cad.batch_size()
         action, cap = DRAFT_ROUND, self.max_depth
@@ -402,14 +408,11 @@ class RadarProposer(EagleProposer):
         batch_size = cad.batch_size()
         output = torch.full((batch_size, num_speculative_tokens), PADDING_TOKEN, dtype=torch.int64,
                             device=target_token_ids.device)
-        req_ids = self.model_runner.input_batch.req_ids[:batch_size]
         # One new token per request (so nothing verified, nothing rejected): its drafter row is what
         # vLLM's first pass would write, (sampled token, position, hidden state, slot); kept for the
         # whole batch at once, combined by the drafter's input layer when a round drafts again.
         if (target_token_ids.shape[0] == batch_size and cad.max_query_len == 1
-                and self.skipped.stash_decode(req_ids, next_token_ids[:batch_size].to(self.input_ids.dtype),
-                                              target_positions[:batch_size], target_hidden_states[:batch_size],
-                                              cad.slot_mapping[:batch_size])):
+                and self._keep_decode_rows(next_token_ids, target_positions, target_hidden_states, cad)):
             return output
         self.skipped.materialize(self.model.combine_hidden_states)
         hidden = self.model.combine_hidden_states(target_hidden_states)

@@ -143,19 +143,6 @@ def test_skipped_rounds_keep_greedy_outputs_and_catch_up_reproduces_the_drafts(m
     assert compared >= 20 and largest > 2 * noise, (compared, largest, noise)
 
 
-def _count_method_calls(owner, name: str) -> list[int]:
-    """A one-element list counting calls of ``owner.<name>`` from now on."""
-    counter = [0]
-    method = getattr(owner, name)
-
-    def counting(*args, **kwargs):
-        counter[0] += 1
-        return method(*args, **kwargs)
-
-    setattr(owner, name, counting)
-    return counter
-
-
 def test_a_batch_that_skips_every_round_runs_the_plain_decode_path(models, baseline):
     target, checkpoint, _ = models
     requests, expected = baseline
@@ -164,8 +151,8 @@ def test_a_batch_that_skips_every_round_runs_the_plain_decode_path(models, basel
         _drafter_call(llm, lambda drafter: install_gate(drafter, [False]))
         draft_forwards = _drafter_call(llm, lambda drafter: count_calls(drafter.model))
         rejections = llm.collective_rpc(lambda worker: count_calls(worker.model_runner.rejection_sampler))[0]
-        prepared = _drafter_call(llm, lambda drafter: _count_method_calls(drafter, "prepare_next_token_ids_padded"))
-        logits = _drafter_call(llm, lambda drafter: _count_method_calls(drafter.model, "compute_logits"))
+        prepared = _drafter_call(llm, lambda drafter: count_calls(drafter, "prepare_next_token_ids_padded"))
+        logits = _drafter_call(llm, lambda drafter: count_calls(drafter.model, "compute_logits"))
         outputs = _generate(llm, requests, batch_size=4)
         counts = _drafter_call(llm, lambda drafter: (dict(drafter.round_counts), list(draft_forwards),
                                                       list(rejections), list(prepared), list(logits)))
