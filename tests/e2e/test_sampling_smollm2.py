@@ -45,8 +45,8 @@ SPECULATIVE = ("radar-chain", "radar-tree")
 ALPHA = 0.001
 
 
-# vLLM 0.32's CPU runner crashes the engine when a seeded request's prefill is chunked
-# ("CPU Generator does not use offset"): every engine here schedules whole prompts.
+# every engine here schedules whole prompts (seeded chunked prefill has its own test:
+# test_seeded_chunked_prefill.py)
 
 
 def _speculative_config(name: str) -> dict | None:
@@ -75,7 +75,7 @@ def runs():
         results = {}
         for name in ("no-spec",) + SPECULATIVE:
             llm = vllm.LLM(model=str(target), dtype="float32", max_model_len=1024, enforce_eager=True, seed=0,
-                           max_num_seqs=64, max_num_batched_tokens=8192,  # no chunked prefill: see below
+                           max_num_seqs=64, max_num_batched_tokens=8192,  # no chunked prefill: see above
                            speculative_config=_speculative_config(name))
             try:
                 if name == "no-spec":

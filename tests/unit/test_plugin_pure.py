@@ -146,10 +146,11 @@ def test_all_stopped_monitor_cpu():
 @pytest.mark.parametrize("ours, upstream", [
     ("radar_vllm.vllm.proposer", "vllm.v1.spec_decode.llm_base_proposer:SpecDecodeBaseProposer"),
     ("radar_vllm.vllm.worker", "vllm.v1.worker.gpu_model_runner:GPUModelRunner"),
+    ("radar_vllm.vllm.cpu_sampling_fix", "vllm.v1.worker.gpu_model_runner:GPUModelRunner"),
 ])
 def test_overrides_follow_the_pinned_upstream_methods(ours, upstream):
     """RadarProposer.propose follows vLLM's SpecDecodeBaseProposer.propose of the pinned release,
-    and the CPU runner's seeded-sampling fix GPUModelRunner._sample / _bookkeeping_sync. If this
+    the runners' GPUModelRunner._sample, and the CPU seeded-sampling fix GPUModelRunner._bookkeeping_sync. If this
     fails after a vLLM upgrade, re-read the upstream method, port what changed into the module
     named (or refuse the new branch), then pin the new hash."""
     import hashlib

@@ -176,9 +176,8 @@ def sample_generate_ids(
 ) -> list[list[list[int]]]:
     """``n`` answers sampled at ``temperature`` (full vocabulary) per prompt.
 
-    The randomness comes from the engine's seed: vLLM's CPU backend rejects per-request seeds
-    ("CPU Generator does not use offset").
-    """
+    The randomness comes from the engine's seed (no per-request seeds: the answers of one prompt
+    must differ)."""
     from vllm import SamplingParams
 
     params = SamplingParams(n=n, temperature=temperature, top_p=1.0, max_tokens=max_new_tokens)
