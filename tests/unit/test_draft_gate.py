@@ -101,6 +101,32 @@ def test_a_new_bucket_starts_from_its_neighbour():
     assert choices[0] == 1 and gate.preferred(16) == 0 and choices[-20:].count(0) >= 19
 
 
+def test_a_new_sampling_bucket_takes_its_acceptance_from_sampling_batches():
+    """Step times come from the greedy bucket of the same size, tokens per request from the nearest
+    sampling bucket: a sampling batch does not draft on greedy acceptance until measured."""
+    gate = DraftGate(4, arms=(0, 1, 4))
+    greedy = _costs({0: (0.050, 1.0), 1: (0.060, 1.6), 4: (0.080, 2.4)})  # batch 8, greedy: depth 4
+    for _ in range(60):
+        cap = gate.decide(8)
+        gate.observe(8, cap, *greedy(cap))
+    sampling = _costs({0: (0.011, 1.0), 1: (0.0113, 1.01), 4: (0.0118, 1.03)})  # batch 1, sampling: depth 0
+    for _ in range(120):
+        cap = gate.decide(1, sampling=True)
+        gate.observe(1, cap, *sampling(cap), sampling=True)
+    assert gate.preferred(8) == 4 and gate.preferred(1, sampling=True) == 0
+    assert gate.decide(8, sampling=True) == 0  # greedy acceptance would have chosen depth 4
+    summary = gate.summary()
+    assert summary["8s"]["tokens_d4"] == pytest.approx(summary["1s"]["tokens_d4"])
+    assert summary["8s"]["tokens_d4"] / summary["8s"]["rate_d4"] == pytest.approx(
+        summary["8"]["tokens_d4"] / summary["8"]["rate_d4"])
+    # without a sampling bucket yet, a sampling batch starts from the greedy one, acceptance included
+    fresh = DraftGate(4, arms=(0, 1, 4))
+    for _ in range(60):
+        cap = fresh.decide(8)
+        fresh.observe(8, cap, *greedy(cap))
+    assert fresh.preferred(8, sampling=True) == 4
+
+
 def test_a_distant_bucket_is_seeded_with_drafting_costs_scaled_to_its_batch_size():
     # batch 1 drafts deep; batch 16 (four buckets away) starts from it with drafting's extra step
     # cost x16: it runs depth 0 from its first round, and no deep round within its first hundred
