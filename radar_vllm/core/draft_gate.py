@@ -4,17 +4,21 @@ A speculative step pays only if the tokens it yields per request, divided by its
 one token per request in the time of a plain decode step. Both sides depend on the load (batch
 size), the machine, the temperature mix and how well the head fits the current text, so the gate
 does not read them from a table: it measures them. It chooses among a few depth caps (the arms, by
-default 0 to 4 and the checkpoint's maximum depth; the stop policy decides per request below
-the cap). On a CPU a step's cost is not even monotone in its tokens: the target's matrix products
+default 0 to 4 and the checkpoint's maximum depth). In an engine, a cap below the maximum drafts a
+chain of exactly that depth for every request (a stock EAGLE-3 round), and the deepest arm is
+RADAR's round, whose stop policy decides per request how deep each chain or tree grows: the gate
+runs the policy only where it measures faster than every fixed depth (on a 2-core CPU at batch 1 a
+fixed depth of 3 beat the policy trained with another machine's costs by 6%). On a CPU a step's cost is not even monotone in its tokens: the target's matrix products
 run faster on 4-6 rows than on 1-3 or 8 (oneDNN picks other kernels), so a batch-1 round that
 verifies 4 or 5 tokens can cost less than one that verifies 2. For each batch-size bucket (batches
 in which some request samples apart from greedy ones: they accept fewer drafts) and arm it keeps
 moving averages of seconds per step and tokens emitted per request per step (over about the same
 number of request-steps in every bucket), and takes the arm with the highest rate (tokens per
 request per second). When the caller passes each request's emitted tokens, a round under one cap
-also tells what every shallower cap would have emitted on the same text: the first draft calls and
-stop decisions are the same below the cap, so a request's accepted prefix is cut at the cap (tree
-levels alike). The gate therefore keeps, per depth j, how often a request gets at least j drafts
+also tells what every shallower cap would have emitted on the same text: the first draft calls are
+the same below the cap, so a request's accepted prefix is cut at the cap (the policy's arm, whose
+stop decisions and trees differ from the fixed chains', is one of ``own_arms``: its tokens are its
+own). The gate therefore keeps, per depth j, how often a request gets at least j drafts
 accepted, from every round whose cap reaches j, and a drafting cap c yields 1 + the sum of those
 rates for j <= c: two drafting caps differ only in the depths between them, measured on the same
 rounds, which removes most of the token noise from comparing them. One step of a small batch says
@@ -111,6 +115,12 @@ def default_arms(max_depth: int) -> list[int]:
     return sorted({0, 1, *(min(cap, max_depth) for cap in (2, 3, 4)), max_depth})
 
 
+def policy_arms(max_depth: int) -> list[int]:
+    """The arms whose rounds the stop policy shapes (the deepest; the others draft fixed-depth
+    chains): their tokens are their own average (``own_arms``), not the shared per-depth acceptance."""
+    return [max_depth]
+
+
 @dataclass
 class ArmEstimate:
     """Moving averages for one arm of one bucket."""
@@ -179,9 +189,9 @@ class DraftGate:
                  max_probe_every: int = 256, min_observations: int = 2, smoothing: float = 0.15,
                  probe_requests: int = 8, own_arms: Sequence[int] = (), draft_margin: float = 0.1,
                  probe_budget: float = 0.02) -> None:
-        """``own_arms``: caps whose rounds draft another shape than the first calls of deeper caps
-        (tree mode's cap 1 drafts one token per request, deeper caps a tree): their tokens are their
-        own measured average, and their rounds do not feed the shared per-depth acceptance.
+        """``own_arms``: caps whose rounds draft otherwise than a fixed-depth chain cut short (an
+        engine's deepest arm: the stop policy's chains or trees, :func:`policy_arms`): their tokens
+        are their own measured average, and their rounds do not feed the shared per-depth acceptance.
         ``draft_margin``: in batches of more than one request, the fraction by which a drafting
         arm's rate must beat depth 0's for the gate to choose it. ``probe_budget``: the share of a
         settled bucket's throughput the probes of the arms more than 10% behind may cost together."""
@@ -450,13 +460,17 @@ class DraftGate:
             if any(arm["steps"] > 0 for arm in arms.values()):
                 buckets[f"{1 << index}{'s' if sampling else ''}"] = {
                     "arms": arms, "reach": [depth.rate if depth.count > 0 else None for depth in state.reach]}
-        return {"arms": list(self.caps), "max_depth": self.max_depth, "buckets": buckets}
+        return {"arms": list(self.caps), "own_arms": sorted(self.own_arms), "max_depth": self.max_depth,
+                "buckets": buckets}
 
     def seed(self, table: Mapping[str, Any]) -> None:
         """Start the buckets a table (:meth:`export`'s shape) covers from its estimates."""
-        if list(table["arms"]) != self.caps or int(table["max_depth"]) != self.max_depth:
-            raise ValueError(f"the gate-cost table has arms {list(table['arms'])} (max depth {table['max_depth']}), "
-                             f"this gate {self.caps} (max depth {self.max_depth})")
+        own = table.get("own_arms")  # (tables without: every drafting cap ran the stop policy)
+        if (list(table["arms"]) != self.caps or int(table["max_depth"]) != self.max_depth
+                or own is None or sorted(own) != sorted(self.own_arms)):
+            raise ValueError(f"the gate-cost table has arms {list(table['arms'])} (max depth {table['max_depth']}, "
+                             f"own arms {own}), this gate {self.caps} (max depth {self.max_depth}, own arms "
+                             f"{sorted(self.own_arms)})")
         for name, entry in table["buckets"].items():
             sampling = name.endswith("s")
             key = (sampling, batch_bucket(int(name.rstrip("s"))))
@@ -525,7 +539,7 @@ def load_gate_table(path: str | Path) -> dict[str, Any]:
 
 def gate_table_problems(table: Mapping[str, Any], *, checkpoint_id: str, mode: str, dtype: str, target: str,
                         caps: Sequence[int], max_depth: int, machine: tuple[Any, ...],
-                        verify: str | None = None) -> list[str]:
+                        verify: str | None = None, own_arms: Sequence[int] = ()) -> list[str]:
     """What makes ``table`` describe another engine than this one (empty: it fits). ``verify``:
     how this engine verifies trees (tree mode; its step costs depend on it), e.g. ``"scratch-32"``;
     a tree section that names none was measured with ``LEGACY_TREE_VERIFY``."""
@@ -540,6 +554,11 @@ def gate_table_problems(table: Mapping[str, Any], *, checkpoint_id: str, mode: s
         problems.append(f"no {mode!r} mode (it has {sorted(table.get('modes') or {})})")
     elif list(section.get("arms", ())) != list(caps) or section.get("max_depth") != max_depth:
         problems.append(f"depth caps {section.get('arms')} (this engine: {list(caps)})")
+    elif section.get("own_arms") is None:
+        problems.append("every drafting cap running the stop policy (this engine's caps below the deepest "
+                        "draft fixed-depth chains)")
+    elif sorted(section["own_arms"]) != sorted(own_arms):
+        problems.append(f"policy arms {section['own_arms']} (this engine: {list(own_arms)})")
     elif verify is not None and section.get("verify", LEGACY_TREE_VERIFY) != verify:
         problems.append(f"tree verification {section.get('verify', LEGACY_TREE_VERIFY)!r} (this engine: {verify!r})")
     return problems
@@ -547,12 +566,13 @@ def gate_table_problems(table: Mapping[str, Any], *, checkpoint_id: str, mode: s
 
 def check_gate_tables(tables: Sequence[tuple[str | Path, Mapping[str, Any]]], *, strict: bool, checkpoint_id: str,
                       mode: str, dtype: str, target: str, caps: Sequence[int], max_depth: int, max_batch_size: int,
-                      machine: tuple[Any, ...], verify: str | None = None) -> dict[str, Any] | None:
+                      machine: tuple[Any, ...], verify: str | None = None,
+                      own_arms: Sequence[int] = ()) -> dict[str, Any] | None:
     """The part of the first of ``tables`` (``(path, table)`` pairs, e.g. one per machine) that fits
     this engine that its gate starts from: ``{"arms", "max_depth", "buckets"}`` of its mode, or None.
 
     A table measured for another head, dtype, target, machine, tree verification (``verify``), or
-    without this mode and set of depth caps, describes another engine. When none fits, tables the
+    without this mode, set of depth caps and policy arms (``own_arms``), describes another engine. When none fits, tables the
     user named (``strict``) are refused (ValueError saying what differs in each and how to measure
     this one); the checkpoint's
     own, which a user did not choose, are then only not used (a warning): the gate measures from
@@ -564,7 +584,8 @@ def check_gate_tables(tables: Sequence[tuple[str | Path, Mapping[str, Any]]], *,
     found: list[str] = []
     for path, table in tables:
         problems = gate_table_problems(table, checkpoint_id=checkpoint_id, mode=mode, dtype=dtype, target=target,
-                                       caps=caps, max_depth=max_depth, machine=machine, verify=verify)
+                                       caps=caps, max_depth=max_depth, machine=machine, verify=verify,
+                                       own_arms=own_arms)
         if problems:
             found.append(f"{path} was measured with " + "; ".join(problems))
             continue
@@ -574,7 +595,7 @@ def check_gate_tables(tables: Sequence[tuple[str | Path, Mapping[str, Any]]], *,
             logger.warning("radar.gate_costs: %s covers batch sizes up to %s, this engine runs up to %d: larger "
                            "batches are measured from scratch; %s", path, max(sizes) if sizes else None,
                            max_batch_size, remeasure)
-        return {key: section[key] for key in ("arms", "max_depth", "buckets")}
+        return {key: section[key] for key in ("arms", "own_arms", "max_depth", "buckets")}
     message = "radar.gate_costs: no table fits this engine: " + "; ".join(found) + f"; {remeasure}"
     if strict:
         raise ValueError(message)

@@ -134,8 +134,7 @@ class RadarStatLogger(AggregateStatLoggerBase):
                 logger.warning("RADAR metrics need SpecDecodingStats.num_draft_tokens_per_pos; not recorded")
             return
         stop_depth_counts = getattr(stats, "stop_depth_counts", None) or None
-        # (a step whose drafts are all one token long, tree mode's one-token chains, is a chain step:
-        # one draft call per request)
+        # (a step whose drafts are all one token long is a chain step: one draft call per request)
         if self.tree_mode and stop_depth_counts is None and len(per_pos) > 1 and per_pos[1] > 0:
             self._record_tree_without_depths(stats, per_pos, engine_idx)
             return

@@ -24,6 +24,9 @@ decode step (no draft call, no multi-token verify, no rejection sampling); the n
 drafts brings those rows into its call 1. In a step where every request decoded one token without
 drafts the runner opens the round before vLLM prepares the drafter's inputs
 (:meth:`RadarProposer.skip_decode_round`), so a skipped round does not pay for that preparation.
+The gate's other arms: a cap below the checkpoint's maximum depth drafts exactly that many tokens
+per request as a chain, through vLLM's own loop (a stock EAGLE-3 round with K = cap, no policy);
+the deepest arm is RADAR's round above (the stop policy decides per request, chain or tree).
 
 The loop follows ``SpecDecodeBaseProposer.propose`` of vLLM 0.32 and relies on what
 ``set_inputs_first_pass`` writes; ``UPSTREAM_SHA256`` pins both methods' source
@@ -45,7 +48,7 @@ from vllm.v1.sample.sampler import _SAMPLING_EPS as SAMPLING_EPS
 from vllm.v1.spec_decode.eagle import EagleProposer
 
 from radar_vllm.core.config import TreeConfig
-from radar_vllm.core.draft_gate import DraftGate
+from radar_vllm.core.draft_gate import DraftGate, policy_arms
 from radar_vllm.core.growth import ChainGrowth, FrontierGrowth
 from radar_vllm.core.policy import PolicyRunner, load_policy
 from radar_vllm.core.tree import PADDING_TOKEN, DraftTree
@@ -140,10 +143,10 @@ class RadarProposer(EagleProposer):
                                       total_tokens=config.total_tokens) if plan.tree else None
         self.stop_monitor = AllStoppedMonitor(torch.device(device), self.max_depth)
         self.last_tree: DraftTree | None = None  # the last round's drafts (tree mode: read by the runner)
-        # Depth 0: the gate and the rows skipped rounds leave for the drafter to catch up on.
-        # (tree mode: a round the gate caps at depth 1 drafts one token per request, a chain, not the
-        # root's best children: the cheapest drafting arm, measured on its own)
-        self.gate = (DraftGate(self.max_depth, own_arms=(1,) if self.tree_config is not None else ())
+        # Depth 0: the gate and the rows skipped rounds leave for the drafter to catch up on. Its
+        # caps below the maximum draft fixed-depth chains (vLLM's loop); the deepest arm's rounds
+        # (the policy's, chain or tree) are measured on their own
+        self.gate = (DraftGate(self.max_depth, own_arms=policy_arms(self.max_depth))
                      if config.skip_drafting == "auto" and config.fixed_depth is None else None)
         if self.gate is not None and plan.gate_table is not None:
             self.gate.seed(plan.gate_table)
@@ -228,19 +231,25 @@ class RadarProposer(EagleProposer):
             return self._skip_round(num_speculative_tokens, target_token_ids, target_positions, target_hidden_states,
                                     next_token_ids, token_indices_to_sample, common_attn_metadata,
                                     num_rejected_tokens_gpu)
-        one_call = min(self._depth_cap, self.fixed_depth or self.max_depth, num_speculative_tokens) <= 1
-        # nothing to decide: vLLM's own loop, one call (tree mode too where the gate chose depth 1)
-        if action == CATCH_UP_ROUND or (one_call and (not tree or self.gate is not None)):
-            # (a catch-up asks for 0 drafts: vLLM's loop then writes the drafter's KV, computes no logits)
-            drafts = super().propose(1 if action == DRAFT_ROUND else 0, target_token_ids, target_positions,
-                                     target_hidden_states, next_token_ids, token_indices_to_sample,
-                                     common_attn_metadata, sampling_metadata, mm_embed_inputs,
-                                     num_rejected_tokens_gpu, slot_mappings)
-            self.num_speculative_tokens = num_speculative_tokens  # upstream stored the 1 (or 0)
+        # vLLM's own loop where there is nothing to decide: a catch-up asks it for 0 drafts (it then
+        # writes the drafter's KV and computes no logits), a gate arm below the maximum depth for a
+        # chain of exactly that depth, a chain engine limited to one draft for one
+        if action == CATCH_UP_ROUND:
+            stock_drafts = 0
+        elif self.gate is not None and self._depth_cap < self.max_depth:
+            stock_drafts = min(self._depth_cap, num_speculative_tokens)
+        elif not tree and min(self.fixed_depth or self.max_depth, num_speculative_tokens) <= 1:
+            stock_drafts = 1
+        else:
+            stock_drafts = None
+        if stock_drafts is not None:
+            drafts = super().propose(stock_drafts, target_token_ids, target_positions, target_hidden_states,
+                                     next_token_ids, token_indices_to_sample, common_attn_metadata,
+                                     sampling_metadata, mm_embed_inputs, num_rejected_tokens_gpu, slot_mappings)
+            self.num_speculative_tokens = num_speculative_tokens  # upstream stored its own count
             output = torch.full((drafts.shape[0], num_speculative_tokens), PADDING_TOKEN, dtype=torch.int64,
                                 device=drafts.device)
-            if action == DRAFT_ROUND:
-                output[:, :1] = drafts
+            output[:, :stock_drafts] = drafts
             return output
         if self.eplb_state is not None:
             raise ValueError("RADAR's drafting loop does not support expert-parallel load balancing (EPLB)")

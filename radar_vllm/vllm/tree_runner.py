@@ -66,6 +66,7 @@ class RadarTreeCPUModelRunner(RadarCPUModelRunner):
             raise ValueError("RADAR tree verification sets 1-D RoPE positions; M-RoPE targets are not supported")
         # the last proposal: its trees and each request's row in them
         self._proposal: tuple[DraftTree, dict[str, int]] | None = None
+        self._chain_round = False  # the last proposal was chains from vLLM's loop, not trees
         self._step: _StepTrees | None = None
         # scratch KV blocks for path recomputation (kernel block ids) and the kernel block size;
         # empty: recompute one node per request per kernel call in the request's own slots
@@ -111,6 +112,7 @@ class RadarTreeCPUModelRunner(RadarCPUModelRunner):
         tree = self.drafter.last_tree
         self._proposal = None if tree is None else (
             tree, {req_id: row for row, req_id in enumerate(self.input_batch.req_ids[: tree.batch_size])})
+        self._chain_round = tree is None  # vLLM's loop drafted chains (a fixed-depth arm of the gate)
         return drafts
 
     def _proposed(self, req_id: str, draft_ids: list[int]) -> tuple[DraftTree, int] | None:
@@ -131,9 +133,15 @@ class RadarTreeCPUModelRunner(RadarCPUModelRunner):
             return None
         # Only drafts that are the drafted tree's tokens carry its stop depth: vLLM replaces the whole
         # batch's drafts by zeros when the drafter cannot run (near max_model_len).
+        # A chain drafted by vLLM's loop took one draft call per token.
+        chain_round, self._chain_round = self._chain_round, False
         stop_depths = []
         for req_id, ids in zip(drafts.req_ids, drafts.draft_token_ids):
-            found = self._proposed(req_id, [t for t in ids if t >= 0])
+            kept = [t for t in ids if t >= 0]
+            if chain_round:
+                stop_depths.append(len(kept) or NO_STOP_DEPTH)
+                continue
+            found = self._proposed(req_id, kept)
             stop_depths.append(int(found[0].stop_depth[found[1]]) if found else NO_STOP_DEPTH)
         return RadarDraftTokenIds(req_ids=drafts.req_ids, draft_token_ids=drafts.draft_token_ids,
                                   stop_depths=stop_depths)

@@ -15,7 +15,8 @@ runner's tree counters and make sure trees, path recomputation and compaction re
   call in the requests' own slots);
 - tree mode and no speculation each at its default KV block size (32 and the platform's 128);
 - the checkpoint with ``"mode": "tree"`` only, trees mixed with chain fallbacks, RADAR's metrics;
-- tree mode with the depth gate capping every round at depth 1 (one-token chains, no trees);
+- tree mode with the depth gate capping every round below the maximum depth (fixed-depth chains
+  from vLLM's loop, no trees);
 - tree mode with top_k = 1 against chain mode (the frontier passes must draft what vLLM's chain
   passes draft);
 - the oracle with chunked prefill (64-token budget), prefix caching on with a second turn reusing
@@ -277,15 +278,17 @@ def _cap_gate(worker, cap: int) -> None:
     drafter.propose = propose
 
 
-def test_tree_mode_rounds_capped_at_depth_one_draft_one_token_chains(models, baseline):
-    """Where the depth gate caps a tree engine's round at depth 1 the round drafts one token per
-    request (vLLM's one-call loop) and vLLM verifies it as a chain: no tree, no tree-row recompute."""
+@pytest.mark.parametrize("cap", [1, 3])
+def test_tree_mode_rounds_capped_below_the_maximum_depth_draft_fixed_chains(models, baseline, cap):
+    """Where the depth gate caps a tree engine's round below the maximum depth the round drafts a
+    chain of exactly ``cap`` tokens per request (vLLM's own loop, no policy) and vLLM verifies it
+    as a chain: no tree, no tree-row recompute; RADAR's metrics count ``cap`` draft calls."""
     target, checkpoint = models
     requests, expected = baseline[:2]
     llm = _tree_engine(target, checkpoint, {"skip_drafting": "auto"}, max_num_seqs=16, disable_log_stats=False)
     try:
-        llm.collective_rpc(lambda worker: _cap_gate(worker, 1))
-        _assert_same(expected, _generate(llm, requests), "tree mode, every round capped at depth 1")
+        llm.collective_rpc(lambda worker: _cap_gate(worker, cap))
+        _assert_same(expected, _generate(llm, requests), f"tree mode, every round capped at depth {cap}")
         stats = _tree_stats(llm)
         lengths = llm.collective_rpc(lambda worker: worker.model_runner.drafter.proposed_lengths)[0]
         metrics = {m.name: m for m in llm.get_metrics()}
@@ -293,15 +296,15 @@ def test_tree_mode_rounds_capped_at_depth_one_draft_one_token_chains(models, bas
         shutdown_engine(llm)
     counters = {name: m.value for name, m in metrics.items() if hasattr(m, "value")}
     assert stats["trees"] == 0 and stats["path_rows"] == 0
-    assert len(lengths) > 50 and set(lengths) == {1}  # one draft token per request, every round
+    assert len(lengths) > 50 and set(lengths) == {cap}  # exactly cap draft tokens per request, every round
     # (vLLM's counters also count the zeros it drafts for a request near max_model_len)
-    assert counters["vllm:spec_decode_num_drafts"] > 50
-    assert 0 < counters["vllm:spec_decode_num_accepted_tokens"] <= counters["vllm:spec_decode_num_drafts"]
-    # RADAR's metrics count them as rounds stopped after one draft call (not the zeros above)
+    assert counters["vllm:spec_decode_num_drafts"] > 50 // cap
+    assert 0 < counters["vllm:spec_decode_num_accepted_tokens"] <= cap * counters["vllm:spec_decode_num_drafts"]
+    # RADAR's metrics count them as rounds stopped after cap draft calls (not the zeros above)
     depth = metrics["vllm:radar_stop_depth"]
     assert 0.8 * counters["vllm:spec_decode_num_drafts"] <= depth.count <= counters["vllm:spec_decode_num_drafts"]
-    assert _exact_counts(depth, 1) == [depth.count]
-    assert counters["vllm:radar_draft_calls"] == counters["vllm:radar_rounds"] > 0
+    assert _exact_counts(depth, cap) == [0] * (cap - 1) + [depth.count]
+    assert counters["vllm:radar_draft_calls"] == cap * counters["vllm:radar_rounds"] > 0
 
 
 def _exact_counts(histogram, upper: int) -> list[int]:

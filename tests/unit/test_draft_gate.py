@@ -352,7 +352,7 @@ def test_a_table_for_another_engine_is_refused_when_named_and_skipped_when_the_c
     section = check_gate_tables([(path, table)], strict=True, **expected)
     assert section is not None and set(section["buckets"]) == {"16"}
     wrong = (("checkpoint_id", "radar@ffffffffffff"), ("mode", "tree"), ("dtype", "bfloat16"), ("target", "other"),
-             ("caps", [0, 1, 2, 7]), ("machine", ("cpu B", 8, None)))
+             ("caps", [0, 1, 2, 7]), ("machine", ("cpu B", 8, None)), ("own_arms", [7]))
     for key, value in wrong:
         with pytest.raises(ValueError, match="calibrate-gate"):
             check_gate_tables([(path, table)], strict=True, **{**expected, key: value})
@@ -388,6 +388,13 @@ def test_a_table_for_another_engine_is_refused_when_named_and_skipped_when_the_c
     assert check_gate_tables([(path, both)], strict=True, **tree, verify="scratch-32") is not None
     with pytest.raises(ValueError, match="tree verification"):
         check_gate_tables([(path, both)], strict=True, **tree, verify="path-128")
+    # a table from before the caps below the deepest drafted fixed-depth chains names no own arms
+    legacy = merge_gate_tables(table, _table(gate, mode="tree"))
+    del legacy["modes"]["chain"]["own_arms"]
+    with pytest.raises(ValueError, match="every drafting cap running the stop policy"):
+        check_gate_tables([(path, legacy)], strict=True, **expected)
+    with pytest.raises(ValueError, match="own arms"):
+        DraftGate(7, arms=(0, 1, 7)).seed(legacy["modes"]["chain"])
     (tmp_path / "bad.json").write_text('{"format": "something else"}')
     for bad in (tmp_path / "bad.json", tmp_path / "missing.json"):
         with pytest.raises(ValueError, match="gate-cost table|cannot read"):
@@ -411,9 +418,9 @@ def test_close_arms_swapping_do_not_bring_back_probes_of_far_ones():
 
 
 def test_own_arms_keep_their_tokens_apart_from_the_shared_depth_acceptance():
-    """Tree mode's cap 1 drafts one token (a chain) where deeper caps draft trees: its rounds must
-    neither teach the trees' depth-1 acceptance nor be credited with it."""
-    tree = DraftGate(7, arms=(0, 1, 7), own_arms=(1,))
+    """An engine's caps below the deepest draft fixed-depth chains, its deepest arm the policy's
+    trees: the trees' rounds must neither teach the chains' depth-1 acceptance nor be credited with it."""
+    tree = DraftGate(7, arms=(0, 1, 7), own_arms=(7,))
     shared = DraftGate(7, arms=(0, 1, 7))
     # cap 1: 1 token in 2 accepted; cap 7: every request gets 2 drafts accepted (depth-1 acceptance 1)
     emitted = {0: [1, 1], 1: [2, 1], 7: [3, 3]}
@@ -423,9 +430,9 @@ def test_own_arms_keep_their_tokens_apart_from_the_shared_depth_acceptance():
             cap = gate.decide(2)
             gate.observe(2, cap, seconds[cap], emitted[cap])
     summary, mixed = tree.summary()["2"], shared.summary()["2"]
-    assert summary["tokens_d1"] == pytest.approx(1.5, abs=0.02)  # its own average
-    assert summary["reach_1"] == pytest.approx(1.0)  # only the tree rounds taught depth 1
-    assert summary["tokens_d7"] == pytest.approx(3.0, abs=0.02)
+    assert summary["reach_1"] == pytest.approx(0.5)  # only the chain rounds taught depth 1
+    assert summary["tokens_d1"] == pytest.approx(1.5, abs=0.02)
+    assert summary["tokens_d7"] == pytest.approx(3.0, abs=0.02)  # its own average
     # without own_arms, cap 1's chains and cap 7's trees share depth 1's estimate and both are wrong
     assert 0.5 < mixed["reach_1"] < 1.0 and mixed["tokens_d1"] > 1.5
 
