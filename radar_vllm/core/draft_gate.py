@@ -7,9 +7,10 @@ does not read them from a table: it measures them. It chooses among a few depth 
 default 0 to 4 and the checkpoint's maximum depth). In an engine, a cap below the maximum drafts a
 chain of exactly that depth for every request (a stock EAGLE-3 round), and the deepest arm is
 RADAR's round, whose stop policy decides per request how deep each chain or tree grows: the gate
-runs the policy only where it measures faster than every fixed depth (on a 2-core CPU at batch 1 a
-fixed depth of 3 beat the policy trained with another machine's costs by 6%). On a CPU a step's cost is not even monotone in its tokens: the target's matrix products
-run faster on 4-6 rows than on 1-3 or 8 (oneDNN picks other kernels), so a batch-1 round that
+runs the policy only where it measures faster than every fixed depth (on a 2-core CPU at batch 1
+stock EAGLE-3 with K = 3 ran 6% faster than RADAR's chains under a policy trained with another
+machine's costs). On a CPU a step's cost is not even monotone in its tokens: the target's matrix
+products run faster on 4-6 rows than on 1-3 or 8 (oneDNN picks other kernels), so a batch-1 round that
 verifies 4 or 5 tokens can cost less than one that verifies 2. For each batch-size bucket (batches
 in which some request samples apart from greedy ones: they accept fewer drafts) and arm it keeps
 moving averages of seconds per step and tokens emitted per request per step (over about the same
@@ -569,11 +570,12 @@ def check_gate_tables(tables: Sequence[tuple[str | Path, Mapping[str, Any]]], *,
                       machine: tuple[Any, ...], verify: str | None = None,
                       own_arms: Sequence[int] = ()) -> dict[str, Any] | None:
     """The part of the first of ``tables`` (``(path, table)`` pairs, e.g. one per machine) that fits
-    this engine that its gate starts from: ``{"arms", "max_depth", "buckets"}`` of its mode, or None.
+    this engine that its gate starts from: ``{"arms", "own_arms", "max_depth", "buckets"}`` of its mode,
+    or None.
 
     A table measured for another head, dtype, target, machine, tree verification (``verify``), or
-    without this mode, set of depth caps and policy arms (``own_arms``), describes another engine. When none fits, tables the
-    user named (``strict``) are refused (ValueError saying what differs in each and how to measure
+    without this mode, set of depth caps and policy arms (``own_arms``), describes another engine.
+    When none fits, tables the user named (``strict``) are refused (ValueError saying what differs in each and how to measure
     this one); the checkpoint's
     own, which a user did not choose, are then only not used (a warning): the gate measures from
     scratch, as without a table. A table whose batch sizes stop short of the engine's largest is

@@ -32,8 +32,9 @@ that in every worker, after loading the plugins). A vLLM without the faults (a f
 Triton CPU backend, CUDA) is left untouched, so the corrections retire themselves.
 
 They apply to every engine of a process where the plugin is installed, RADAR or not: stock
-speculation samples correctly too, and seeded prompts may be chunked with or without speculation. Run an engine with ``VLLM_PLUGINS=""`` to see stock vLLM as
-shipped (the benchmark's ``-uncorrected`` rows do).
+speculation samples correctly too, and seeded prompts may be chunked with or without speculation.
+Run an engine with ``VLLM_PLUGINS=""`` to see stock vLLM as shipped (the benchmark's
+``-uncorrected`` rows do).
 """
 from __future__ import annotations
 
