@@ -525,3 +525,34 @@ def test_a_seeded_dear_arm_is_probed_rarely_and_one_round_at_a_time_at_batch_16(
     assert all(choices[index + 1] != choices[index] for index in deep)  # one round each
     spent = sum(costs(cap)[0] for cap in choices)
     assert spent < 1.04 * 0.100 * len(choices)
+
+
+def test_one_probe_moves_an_arm_measured_only_by_probes_halfway_to_what_it_sees():
+    """The text changes so that drafts of depth 2 start being accepted: cap 2, until then a little
+    behind cap 1 and only probed, must take over at its next probe or the one after, not after the
+    moving average has crept up over several probes hundreds of rounds apart."""
+    gate = DraftGate(7, arms=(0, 1, 2))
+    seconds = {0: 0.010, 1: 0.0105, 2: 0.0112}
+
+    def emitted(cap: int, depth_two: bool) -> list[int]:  # batch 10: 3 requests accept depth 1
+        deep = 3 if depth_two and cap >= 2 else 2
+        return [min(deep, cap + 1)] * 3 + [1] * 7
+
+    for _ in range(600):  # depth 2 never accepted: cap 1 runs, cap 2 is probed ever more rarely
+        cap = gate.decide(10)
+        gate.observe(10, cap, seconds[cap], emitted(cap, False))
+    state = gate.buckets[(False, batch_bucket(10))]
+    assert gate.preferred(10) == 1 and state.intervals[2] >= 128
+    interval = state.intervals[2]
+    choices = []
+    for _ in range(3 * interval):  # now depth 2 is accepted whenever depth 1 is
+        cap = gate.decide(10)
+        gate.observe(10, cap, seconds[cap], emitted(cap, True))
+        choices.append(cap)
+    assert gate.preferred(10) == 2
+    first = choices.index(2)
+    switched = next(index for index in range(len(choices)) if choices[index:index + 8] == [2] * 8)
+    assert switched <= first + interval + 1, (first, switched, interval)  # at most one more probe
+    # each probe measures the depth halfway: acceptance of depth 2 went 0 -> 0.15 at the first
+    reach = state.reach[1]
+    assert reach.rate > 0.2 and reach.count >= 2
