@@ -204,7 +204,8 @@ def engine_spec(settings: BenchSettings, models: BenchModels, max_num_seqs: int)
         "seed": settings.seed,
         "inline": settings.engine_inline,
         "enforce_eager": settings.enforce_eager,
-        "engine_args": dict(settings.engine_args),
+        "engine_args": ({"block_size": settings.kv_block_size} if settings.kv_block_size else {})
+        | dict(settings.engine_args),
     }
 
 

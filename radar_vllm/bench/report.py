@@ -177,6 +177,13 @@ def repeats_text(settings: Mapping[str, Any]) -> str:
     return (f"{starts} engine starts x " if starts > 1 else "") + f"{settings.get('repeats')} repeat(s)"
 
 
+def block_size_text(settings: Mapping[str, Any]) -> str:
+    """The KV block size the engines ran: one for every row, or each engine's own default (runs
+    made before the setting existed)."""
+    size = (settings.get("engine_args") or {}).get("block_size") or settings.get("kv_block_size")
+    return f"of {size} tokens in every engine" if size else "at each engine's default (vLLM CPU 128, RADAR tree 32)"
+
+
 def build_cell(config: BenchConfig, runs: Sequence[Mapping[str, Any]]) -> Cell:
     """One cell from its repeats' records (same workload, temperature and mode)."""
     first = runs[0]
@@ -551,7 +558,8 @@ def render_markdown(document: Mapping[str, Any], plot_files: Sequence[str] = ())
         f"- Models: target `{document['models'].get('target')}`, RADAR checkpoint "
         f"`{document['models'].get('radar_checkpoint')}`",
         f"- Per cell: {settings.get('num_prompts')} prompts/workload, up to {settings.get('max_new_tokens')} new "
-        f"tokens, {repeats_text(settings)}; dtype {settings.get('dtype')}",
+        f"tokens, {repeats_text(settings)}; dtype {settings.get('dtype')}; KV blocks "
+        f"{block_size_text(settings)}",
         *sampling_lines(settings),
         "- tok/s: output tokens / wall seconds of a run (ratio of sums), median over repeats "
         "[min–max]; ratios: ratio of medians (range: min/max .. max/min). Acceptance length = "

@@ -121,6 +121,10 @@ class BenchSettings:
     dtype: str = "bfloat16"
     seed: int = 0
     kv_cache_gb: int = 4  # VLLM_CPU_KVCACHE_SPACE for CPU engines (GiB)
+    # every engine's KV block size, stock rows included (RADAR engines default to 32-token blocks,
+    # which alone make large CPU batches faster): one size for all rows, so that no row's lead is
+    # its block size; 0: each engine's own default
+    kv_block_size: int = 32
     engine_inline: bool = False  # engine core and worker in the calling process (faster start, slower steps)
     enforce_eager: bool = False
     engine_args: dict[str, Any] = field(default_factory=dict)  # passed to every engine as is
@@ -195,6 +199,8 @@ class BenchSettings:
                 "pass one, or leave the RADAR rows out"
             )
         _positive("kv_cache_gb", self.kv_cache_gb)
+        if self.kv_block_size < 0:
+            raise ValueError(f"kv_block_size must be >= 0 (0: each engine's default), got {self.kv_block_size}")
 
     @property
     def resolved_work_dir(self) -> Path:

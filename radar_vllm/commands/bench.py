@@ -240,6 +240,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                         help="default bfloat16 (float32 with --preset main and --preset sampling)")
     engine.add_argument("--seed", type=int, default=None)
     engine.add_argument("--kv-cache-gb", type=int, default=None, help="VLLM_CPU_KVCACHE_SPACE (default 4)")
+    engine.add_argument("--kv-block-size", type=int, default=None,
+                        help="KV block size of every engine, stock rows included (default 32, RADAR's own "
+                             "default: the comparison then does not credit speculation with the block size; "
+                             "0: each engine's default)")
     engine.add_argument("--engine-inline", action=argparse.BooleanOptionalAction, default=None,
                         help="engine core in the row's process (faster start, slower steps; default off, on with --quick)")
     engine.add_argument("--enforce-eager", action=argparse.BooleanOptionalAction, default=None)

@@ -318,3 +318,25 @@ def test_sampling_report_has_one_acceptance_table_per_temperature() -> None:
     assert rows[NO_SPEC].endswith("| reference |")
     assert "| passed (p=" in rows[RADAR_CHAIN] and "**sampling: BROKEN (p=" in rows[D1]
     assert rows[D1].split(" | ")[-2] == "-6.05 (-1.01)"  # its log-prob/token and no speculation's
+
+
+def test_every_engine_of_a_run_gets_one_kv_block_size(tiny_bench_models: tuple[Path, Path, Path]) -> None:
+    """RADAR engines default to 32-token KV blocks, which alone speed up large CPU batches: the
+    benchmark gives every row, stock ones included, the same block size (offline and served)."""
+    from radar_vllm.bench.engine_process import engine_kwargs
+    from radar_vllm.bench.harness import BenchModels, make_job
+    from radar_vllm.bench.online import server_command
+
+    target, head, radar = tiny_bench_models
+    models = BenchModels(target=str(target), head=str(head), radar_checkpoint=str(radar), confidence_checkpoint=None)
+    configs = build_configs(head=str(head), radar_checkpoint=str(radar), k_list=[1])
+    for settings, expected in ((bench_settings(), 32), (bench_settings(kv_block_size=16), 16),
+                               (bench_settings(engine_args={"block_size": 64}), 64), (bench_settings(kv_block_size=0), None)):
+        for config in configs:
+            job = make_job(settings, config, models, [], build_turn2=False)
+            assert engine_kwargs(job["engine"], config.speculative_config()).get("block_size") == expected
+            command = server_command(job["engine"], config.speculative_config(), 8000, 4)
+            assert (command[command.index("--block-size") + 1] if expected else "--block-size" not in command) \
+                in (str(expected), True)
+    with pytest.raises(ValueError, match="kv_block_size"):
+        bench_settings(kv_block_size=-1)

@@ -205,3 +205,18 @@ def test_sampled_requests_run_the_sampled_policy():
         [True] * 4, 1)
     proposer.sampled_policy_runner = None  # a checkpoint without one: every request runs the main policy
     assert first_decision(mixed) == ([False] * 4, 1)
+
+
+def test_radar_engines_take_small_kv_blocks_only_where_the_user_chose_none():
+    from types import SimpleNamespace
+
+    from radar_vllm.vllm.engine_plan import RADAR_BLOCK_SIZE, use_radar_block_size
+
+    default = SimpleNamespace(block_size=128, user_specified_block_size=False)  # the CPU platform's
+    use_radar_block_size(default)
+    assert default.block_size == RADAR_BLOCK_SIZE == 32 and default.user_specified_block_size
+    chosen = SimpleNamespace(block_size=128, user_specified_block_size=True)
+    small = SimpleNamespace(block_size=16, user_specified_block_size=False)  # GPU platforms' default
+    for config, size in ((chosen, 128), (small, 16)):
+        use_radar_block_size(config)
+        assert config.block_size == size
