@@ -380,7 +380,7 @@ class DraftGate:
 
     def _refresh_probed(self, state: BucketState, choice: int, cap: int) -> None:
         """Before a probe of ``cap``: what only probes measure (the arm's step time and tokens, and
-        the acceptance of the depths the chosen arm does not draw) restarts its running mean with
+        the acceptance of the depths the chosen arm does not draft) restarts its running mean with
         the current estimate worth one probe, so that each probe moves it halfway to what the probe
         sees. A moving average weighs a probe's rounds a few percent (at batch 1 eight rounds make
         14%), and one unlucky early probe would hold an arm back for hundreds of rounds."""
