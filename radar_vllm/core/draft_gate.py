@@ -122,58 +122,54 @@ def policy_arms(max_depth: int) -> list[int]:
     return [max_depth]
 
 
-@dataclass
-class ArmEstimate:
-    """Moving averages for one arm of one bucket."""
+@dataclass(kw_only=True)
+class RunningMean:
+    """What an estimate's moving averages share: a running mean over the first ``1 / smoothing``
+    observations of its window, a moving average after; :meth:`refresh` shortens the window."""
 
-    seconds: float = 0.0  # wall seconds per step
-    tokens: float = 0.0  # tokens emitted per request per step (its own steps)
-    count: int = 0  # measured steps in this bucket
-    seeded: bool = False  # the estimates come from a neighbouring bucket (count is 0)
-    seed_seconds: float = 0.0  # the seconds it was seeded with (0: not seeded)
-    window: int = 0  # steps the running mean spans (:meth:`refresh` shortens it)
+    count: int = 0  # observations in this bucket
+    seeded: bool = False  # the estimate comes from elsewhere (a table, another bucket; count is 0)
+    window: int = 0  # observations the running mean spans
 
     @property
     def known(self) -> bool:
         return self.count > 0 or self.seeded
 
-    def update(self, seconds: float, tokens: float, smoothing: float) -> None:
-        """A running mean over the first ``1 / smoothing`` steps of its window, a moving average after."""
+    def _weight(self, smoothing: float) -> float:
+        """Count one observation; the weight it gets."""
         self.count += 1
         self.window += 1
         self.seeded = False
-        weight = max(smoothing, 1.0 / self.window)
-        self.seconds += weight * (seconds - self.seconds)
-        self.tokens += weight * (tokens - self.tokens)
+        return max(smoothing, 1.0 / self.window)
 
     def refresh(self, prior: int) -> None:
-        """Restart the running mean with the current estimate worth ``prior`` steps."""
+        """Restart the running mean with the current estimate worth ``prior`` observations."""
         self.window = min(self.window, prior)
 
 
 @dataclass
-class DepthReach:
+class ArmEstimate(RunningMean):
+    """Moving averages for one arm of one bucket (an observation: a step)."""
+
+    seconds: float = 0.0  # wall seconds per step
+    tokens: float = 0.0  # tokens emitted per request per step (its own steps)
+    seed_seconds: float = 0.0  # the seconds it was seeded with (0: not seeded)
+
+    def update(self, seconds: float, tokens: float, smoothing: float) -> None:
+        weight = self._weight(smoothing)
+        self.seconds += weight * (seconds - self.seconds)
+        self.tokens += weight * (tokens - self.tokens)
+
+
+@dataclass
+class DepthReach(RunningMean):
     """How often a request of this bucket gets at least ``depth`` drafts accepted (moving average
     over the rounds whose cap reached that depth)."""
 
     rate: float = 0.0
-    count: int = 0
-    seeded: bool = False
-    window: int = 0  # rounds the running mean spans (:meth:`refresh` shortens it)
-
-    @property
-    def known(self) -> bool:
-        return self.count > 0 or self.seeded
 
     def update(self, value: float, smoothing: float) -> None:
-        self.count += 1
-        self.window += 1
-        self.seeded = False
-        self.rate += max(smoothing, 1.0 / self.window) * (value - self.rate)
-
-    def refresh(self, prior: int) -> None:
-        """Restart the running mean with the current rate worth ``prior`` rounds."""
-        self.window = min(self.window, prior)
+        self.rate += self._weight(smoothing) * (value - self.rate)
 
 
 @dataclass
