@@ -52,9 +52,10 @@ every tree depth within its first rounds; cheap arms are still probed soon, whic
 choice that is wrong here), and the first measurement of an arm in the new bucket rescales the
 step times of the arms it has not measured yet by the same factor, so they keep the seeded ratios
 until each is measured. A bucket with no known bucket at all is measured from scratch, shallowest
-first, but an arm deeper than a measured drafting arm that already costs more than two depth-0
-steps and loses to depth 0 is estimated, not run (at least that arm's cost, further depths
-accepted as often as its last): a first batch of 64 does not run every tree depth twice.
+first, but an arm deeper than a measured drafting arm that loses to depth 0 is estimated, not run
+(drafting's extra cost growing with the depth, further depths accepted as often as the last), in a
+batch of more than one request, and at batch 1 where that arm already costs more than two depth-0
+steps: a first batch of 16 whose depth-1 rounds lose does not run every depth and tree twice.
 Afterwards the gate probes
 each other arm on its own schedule, one probe at a time, the most promising due arm first. An
 arm's interval starts at ``probe_every`` rounds of the bucket; a probe that leaves the choice
@@ -302,21 +303,29 @@ class DraftGate:
 
     def _seed_from_shallower(self, state: BucketState, cap: int) -> bool:
         """Estimate an unknown arm instead of measuring it when a shallower drafting arm known here
-        (measured or estimated) costs more than two depth-0 steps and loses to depth 0: the deeper
-        arm is taken to cost at least as much, with every further depth accepted as often as the
-        shallower arm's last (probes measure it later, on the budget)."""
+        (measured or estimated) loses to depth 0 and either the batch holds more than one request
+        or that arm costs more than two depth-0 steps. The deeper arm's extra cost over a depth-0
+        step is taken to grow in proportion to its depth, and every further depth to be accepted as
+        often as the shallower arm's last: an estimate that loses to depth 0 as well (probes measure
+        it later, on the budget). In a batch, drafting's extra cost grows with every level (each
+        drafts and verifies a row per request): a first batch of 16 whose depth-1 rounds lose does
+        not spend its first rounds on the deeper arms. A lone request's step on a CPU can cost less
+        deeper (the target's matrix products are faster on 4-6 rows than on 2), so at batch 1 only
+        an arm that is already dear stops the sweep."""
         base = state.arms.get(0)
-        if base is None or not base.known:
+        if base is None or not base.known or base.seconds <= 0:
             return False
         for shallower in reversed([c for c in self.caps if 0 < c < cap]):
             arm = state.arms[shallower]
             if not arm.known:
                 continue
-            if arm.seconds <= 2.0 * base.seconds or self._score(state, shallower) >= self._score(state, 0):
+            dear = arm.seconds > 2.0 * base.seconds
+            if not (dear or state.margin > 0) or self._score(state, shallower) >= self._score(state, 0):
                 return False
             last = state.reach[shallower - 1].rate if state.reach[shallower - 1].known else 0.0
             tokens = self._tokens(state, shallower) + (cap - shallower) * last
-            state.arms[cap] = ArmEstimate(arm.seconds, tokens, seeded=True, seed_seconds=arm.seconds)
+            seconds = base.seconds + max(0.0, arm.seconds - base.seconds) * cap / shallower
+            state.arms[cap] = ArmEstimate(seconds, tokens, seeded=True, seed_seconds=seconds)
             return True
         return False
 
