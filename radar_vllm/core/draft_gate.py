@@ -301,11 +301,11 @@ class DraftGate:
         """The rate the choice compares: a drafting arm's divided by 1 + the bucket's margin."""
         return self._rate(state, cap) / ((1.0 + state.margin) if cap > 0 else 1.0)
 
-    def _seed_from_shallower(self, state: BucketState, cap: int) -> bool:
+    def _seed_from_shallower(self, state: BucketState, cap: int, batched: bool) -> bool:
         """Estimate an unknown arm instead of measuring it when a shallower drafting arm known here
         (measured or estimated) loses to depth 0 and either the batch holds more than one request
-        or that arm costs more than two depth-0 steps. The deeper arm's extra cost over a depth-0
-        step is taken to grow in proportion to its depth, and every further depth to be accepted as
+        (``batched``) or that arm costs more than two depth-0 steps. The deeper arm's extra cost
+        over a depth-0 step is taken to grow in proportion to its depth, and every further depth to be accepted as
         often as the shallower arm's last: an estimate that loses to depth 0 as well (probes measure
         it later, on the budget). In a batch, drafting's extra cost grows with every level (each
         drafts and verifies a row per request): a first batch of 16 whose depth-1 rounds lose does
@@ -320,7 +320,7 @@ class DraftGate:
             if not arm.known:
                 continue
             dear = arm.seconds > 2.0 * base.seconds
-            if not (dear or state.margin > 0) or self._score(state, shallower) >= self._score(state, 0):
+            if not (dear or batched) or self._score(state, shallower) >= self._score(state, 0):
                 return False
             last = state.reach[shallower - 1].rate if state.reach[shallower - 1].known else 0.0
             tokens = self._tokens(state, shallower) + (cap - shallower) * last
@@ -348,7 +348,7 @@ class DraftGate:
             arm = state.arms[cap]
             # (an arm that started from an estimate, seed_seconds > 0, is measured by its probes)
             if arm.seed_seconds == 0 and arm.count < needed:
-                if arm.count == 0 and self._seed_from_shallower(state, cap):
+                if arm.count == 0 and self._seed_from_shallower(state, cap, batched=batch_size > 1):
                     continue
                 return cap
         if state.probing is not None and state.probe_left > 0:
