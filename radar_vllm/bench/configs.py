@@ -26,6 +26,11 @@ Every row except the ``-uncorrected`` ones runs with the radar_vllm plugin loade
 vLLM's CPU ``expand_kernel`` for every engine (:mod:`radar_vllm.vllm.cpu_sampling_fix`); an
 ``-uncorrected`` row shows stock EAGLE-3 at T > 0 as shipped (greedy-only batches are not affected).
 
+Stock EAGLE-3 rows run with ``"disable_eagle_block_drop": true``, as RADAR engines do by default:
+a prefix-cache hit then keeps its last block instead of having the target recompute it, so stock
+and RADAR rows prefill the same tokens (vLLM's own default recomputes up to a block per new request,
+which on this CPU costs a served engine with arrivals several percent).
+
 Every RADAR-side row is the same head with a different policy or override, so adding a row is
 adding an entry here. Rows the installed plugin cannot run (tree mode where it is not supported)
 are kept with ``skip_reason`` and reported as skipped.
@@ -61,6 +66,7 @@ CONFIDENCE_CHAIN = "confidence-chain"
 ALWAYS_CONTINUE_THRESHOLD = 0.0  # P(continue) >= 0 holds always: full depth every round
 EAGLE3_METHOD = "eagle3"
 UNCORRECTED_SUFFIX = "-uncorrected"
+EAGLE_BLOCK_DROP_KEY = "disable_eagle_block_drop"
 EAGLE3_DYNAMIC = "eagle3-dynamic"
 
 
@@ -132,6 +138,8 @@ class BenchConfig:
             spec["radar"] = dict(self.radar_overrides)
         if self.dynamic_schedule is not None:
             spec["num_speculative_tokens_per_batch_size"] = [list(entry) for entry in self.dynamic_schedule]
+        if self.kind == KIND_EAGLE3:  # RADAR engines' default: prefix-cache hits keep their last block
+            spec[EAGLE_BLOCK_DROP_KEY] = True
         return spec
 
     def to_dict(self) -> dict[str, Any]:

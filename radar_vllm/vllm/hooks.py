@@ -170,6 +170,7 @@ def _wrap_create_speculative_config(original: Callable[..., Any]) -> Callable[..
         if getattr(speculative_config, "parallel_drafting", False):
             raise ValueError("RADAR drafts one level per draft call; remove parallel_drafting from the speculative config")
         validated = resolve_and_validate(speculative_config, overrides)
+        _keep_trailing_prefix_block(speculative_config, saved[1])
         logger.info(
             "RADAR enabled: checkpoint %s, mode=%s, max_depth=%d, top_k=%d, decision=%s, threshold=%.3f, policy %s",
             validated.checkpoint_dir,
@@ -183,6 +184,27 @@ def _wrap_create_speculative_config(original: Callable[..., Any]) -> Callable[..
         return speculative_config
 
     return create_speculative_config
+
+
+BLOCK_DROP_KEY = "disable_eagle_block_drop"
+
+
+def _keep_trailing_prefix_block(speculative_config: Any, user_spec: Any) -> None:
+    """RADAR engines keep the last block of a prefix-cache hit, where the user did not say otherwise.
+
+    vLLM's EAGLE engines drop it and have the target recompute its tokens (up to a block's worth
+    per new request; on a CPU a large part of a served step with arrivals), only so that the
+    drafter's KV at the block's last position, which depends on the token after it, is rewritten.
+    RADAR's drafter skips most rounds under load anyway (its KV at skipped positions is written
+    only when it drafts again), and a draft from a slightly different drafter KV costs at most
+    acceptance, never outputs: verification does not trust the drafter.
+    ``"disable_eagle_block_drop": false`` in the speculative config keeps vLLM's behaviour."""
+    given = {str(key).replace("-", "_") for key in user_spec} if isinstance(user_spec, dict) else set()
+    if BLOCK_DROP_KEY in given or getattr(speculative_config, BLOCK_DROP_KEY, True):
+        return
+    setattr(speculative_config, BLOCK_DROP_KEY, True)
+    logger.info("RADAR: prefix-cache hits keep their last block (%s=true; set it false in the speculative config "
+                "for vLLM's EAGLE behaviour)", BLOCK_DROP_KEY)
 
 
 # --------------------------------------------------------------------------------------------

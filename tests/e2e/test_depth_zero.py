@@ -233,3 +233,32 @@ def test_a_gate_cost_table_starts_the_gate_and_a_wrong_one_is_refused(models, ba
     save_gate_table(wrong, tmp_path / "wrong.json")
     with pytest.raises(Exception, match="checkpoint_id.*calibrate-gate"):
         _engine(target, {"method": "radar", "model": str(auto), "radar": {"gate_costs": str(tmp_path / "wrong.json")}})
+
+
+def test_prefix_cache_hits_keep_their_last_block_in_radar_engines(models):
+    """A RADAR engine reuses every full block of a cached prompt, as an engine without speculation
+    does (vLLM's EAGLE default recomputes the last one), with the same greedy outputs; a speculative
+    config that sets ``disable_eagle_block_drop`` false gets vLLM's behaviour back."""
+    target, checkpoint, auto = models
+    prompt = [random.Random(5).randrange(3, 500) for _ in range(100)]  # 3 full 32-token blocks + 4
+    shared = [prompt, prompt[:96] + [7, 8, 9, 10, 11]]  # the same prompt, then the same 3 blocks
+
+    def cached_tokens(speculative_config):
+        llm = _engine(target, speculative_config)
+        try:
+            params = vllm.SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
+            results = [llm.generate([{"prompt_token_ids": ids}], params, use_tqdm=False)[0] for ids in
+                       [prompt, *shared]]
+        finally:
+            shutdown_engine(llm)
+        return [r.num_cached_tokens for r in results[1:]], [list(r.outputs[0].token_ids) for r in results]
+
+    plain_cached, expected = cached_tokens(None)
+    assert plain_cached == [96, 96]
+    for spec in ({"method": "radar", "model": str(checkpoint)}, {"method": "radar", "model": str(auto)}):
+        cached, outputs = cached_tokens(spec)
+        assert cached == [96, 96], f"{spec}: a RADAR engine recomputed cached blocks ({cached})"
+        assert outputs == expected
+    cached, outputs = cached_tokens({"method": "radar", "model": str(checkpoint), "disable_eagle_block_drop": False})
+    assert cached == [64, 64]  # vLLM's EAGLE default: the last block of the hit is recomputed
+    assert outputs == expected

@@ -59,8 +59,9 @@ def test_rows_in_order_with_speculative_configs(tiny_bench_models: tuple[Path, P
     assert names == [NO_SPEC, "eagle3-k1", "eagle3-k3", RADAR_CHAIN, RADAR_TREE, STATIC_TREE, CONFIDENCE_CHAIN]
     by_name = {c.name: c for c in configs}
     assert by_name[NO_SPEC].speculative_config() is None
-    assert by_name["eagle3-k3"].speculative_config() == {
-        "method": "eagle3", "model": str(head), "num_speculative_tokens": 3}
+    assert by_name["eagle3-k3"].speculative_config() == {  # the same prefill work as RADAR engines
+        "method": "eagle3", "model": str(head), "num_speculative_tokens": 3, "disable_eagle_block_drop": True}
+    assert "disable_eagle_block_drop" not in by_name[RADAR_CHAIN].speculative_config()  # RADAR's default
     chain = by_name[RADAR_CHAIN].speculative_config()
     assert chain["num_speculative_tokens"] == 4 and chain["radar"] == {"mode": "chain"}  # tiny max_depth 4
     tree = by_name[RADAR_TREE]
@@ -93,7 +94,8 @@ def test_dynamic_sd_row_and_its_schedule_tuned_from_the_k_sweep(tiny_bench_model
         tune_dynamic_schedule([], [1], {"batch1": 1}, 8)
     row = dataclasses.replace(configs[3], dynamic_schedule=schedule)
     assert row.speculative_config() == {"method": "eagle3", "model": str(head), "num_speculative_tokens": 2,
-                                        "num_speculative_tokens_per_batch_size": [[1, 15, 1], [16, 64, 0]]}
+                                        "num_speculative_tokens_per_batch_size": [[1, 15, 1], [16, 64, 0]],
+                                        "disable_eagle_block_drop": True}
     dynamic = pytest.importorskip("vllm.v1.spec_decode.dynamic.utils")
     assert dynamic.validate_and_normalize_dynamic_sd_schedule(schedule) == [(1, 15, 1), (16, 64, 0)]
     # The harness's row: the schedule's largest K sizes the drafter (no drafting past what it verifies).
