@@ -14,6 +14,12 @@ path: the round keeps the whole batch's rows as one record, straight from the ta
 drafter's input layer), with no per-request work; the records are combined and sorted per request
 (:meth:`SkippedTokens.materialize`) only when a round drafts again.
 
+A round the gate skips that carries a prefill chunk runs call 1 for the chunk's drafter KV (prompt
+blocks are shared through the prefix cache). The other requests' kept rows stay kept: their row of
+that round goes into the kept rows after them (call 1 computes it too, over the holes, and it is
+computed again when they catch up), so a busy server does not push every kept row of the batch
+through the drafter at each arrival, only when a round drafts again.
+
 The rows are small (one hidden vector per token). They are dropped when the request is gone, and
 when a request's positions restart (preemption recomputes it from its prompt), where they would
 no longer be contiguous with the new rows. A catch-up that would not fit the drafter's input
@@ -70,6 +76,7 @@ class SkippedTokens:
         self.record_rows = 0  # rows in ``records`` (counted as they come: asked every step)
         self.next_position: dict[str, int] = {}  # per request with kept rows: the next row's position
         self.rows_caught_up = 0  # statistics (tests, logs)
+        self.rounds_kept_through_catch_up = 0  # catch-up rounds (prefill chunks) that kept the rows
         self.rows_dropped = 0
 
     def __bool__(self) -> bool:

@@ -156,6 +156,7 @@ class RadarProposer(EagleProposer):
         self._last_round: tuple[float, int, str, int, int, bool] | None = None
         self._depth_cap = self.max_depth  # the gate's cap for the current round
         self._opened_action: str | None = None  # a round opened by skip_decode_round, for propose
+        self._splice_kept = True  # call 1 brings the kept rows in (False: a catch-up round that keeps them)
         logger.info("RadarProposer: %s mode, max_depth=%d, top_k=%d, %s", plan.mode, self.max_depth, config.top_k,
                     f"fixed depth {config.fixed_depth} (no stop policy)" if config.fixed_depth else
                     f"decision={plan.radar.decision}, threshold={plan.radar.threshold:.3f}")
@@ -236,6 +237,8 @@ class RadarProposer(EagleProposer):
         # chain of exactly that depth, a chain engine limited to one draft for one
         if action == CATCH_UP_ROUND:
             stock_drafts = 0
+            self._splice_kept = not self._keep_rows_through_catch_up(next_token_ids, target_positions,
+                                                                     target_hidden_states, common_attn_metadata)
         elif self.gate is not None and self._depth_cap < self.max_depth:
             stock_drafts = min(self._depth_cap, num_speculative_tokens)
         elif not tree and min(self.fixed_depth or self.max_depth, num_speculative_tokens) <= 1:
@@ -243,9 +246,12 @@ class RadarProposer(EagleProposer):
         else:
             stock_drafts = None
         if stock_drafts is not None:
-            drafts = super().propose(stock_drafts, target_token_ids, target_positions, target_hidden_states,
-                                     next_token_ids, token_indices_to_sample, common_attn_metadata,
-                                     sampling_metadata, mm_embed_inputs, num_rejected_tokens_gpu, slot_mappings)
+            try:
+                drafts = super().propose(stock_drafts, target_token_ids, target_positions, target_hidden_states,
+                                         next_token_ids, token_indices_to_sample, common_attn_metadata,
+                                         sampling_metadata, mm_embed_inputs, num_rejected_tokens_gpu, slot_mappings)
+            finally:
+                self._splice_kept = True
             self.num_speculative_tokens = num_speculative_tokens  # upstream stored its own count
             output = torch.full((drafts.shape[0], num_speculative_tokens), PADDING_TOKEN, dtype=torch.int64,
                                 device=drafts.device)
@@ -369,6 +375,36 @@ class RadarProposer(EagleProposer):
                                          token_ids[:batch_size].to(self.input_ids.dtype), positions[:batch_size],
                                          target_hidden_states[:batch_size], cad.slot_mapping[:batch_size])
 
+    def _keep_rows_through_catch_up(self, next_token_ids: torch.Tensor, target_positions: torch.Tensor,
+                                    target_hidden_states: torch.Tensor, cad: CommonAttentionMetadata) -> bool:
+        """A round the gate skipped runs call 1 only for a prefill chunk's drafter KV: the requests
+        with kept rows keep them, and keep this round's row after them (its KV, written now over
+        the holes, is written again when they catch up), instead of every kept row of the batch
+        going through the drafter at each arrival. True when so (call 1 then splices nothing in);
+        False (call 1 brings every kept row in, as a drafting round does) when some request with
+        kept rows has more than one new row or the kept rows would fill half the drafter's buffers."""
+        if not self.skipped:
+            return False
+        batch_size = cad.batch_size()
+        if self.skipped.rows() + batch_size > self.skipped.capacity // 2:
+            return False
+        req_ids = self.model_runner.input_batch.req_ids[:batch_size]
+        starts = cad.query_start_loc_cpu[: batch_size + 1]
+        lengths = (starts[1:] - starts[:-1]).tolist()
+        rows = [row for row, req_id in enumerate(req_ids) if req_id in self.skipped.next_position]
+        if not rows or any(lengths[row] != 1 for row in rows):
+            return False
+        index = starts[rows].to(target_positions.device)
+        select = torch.tensor(rows, dtype=torch.long, device=next_token_ids.device)
+        kept = self.skipped.stash_decode([req_ids[row] for row in rows],
+                                         next_token_ids.index_select(0, select).to(self.input_ids.dtype),
+                                         target_positions.index_select(0, index),
+                                         target_hidden_states.index_select(0, index.to(target_hidden_states.device)),
+                                         cad.slot_mapping.index_select(0, index.to(cad.slot_mapping.device)))
+        if kept:
+            self.skipped.rounds_kept_through_catch_up += 1
+        return kept
+
     def _open_round(self, cad: CommonAttentionMetadata, token_indices_to_sample: torch.Tensor | None,
                     num_speculative_tokens: int, num_rows: int, sampling_metadata: Any) -> str:
         """Drop the kept rows of requests that are gone, report the engine step that just ended to
@@ -442,7 +478,7 @@ class RadarProposer(EagleProposer):
             target_token_ids=target_token_ids, next_token_ids=next_token_ids, target_positions=target_positions,
             target_hidden_states=target_hidden_states, token_indices_to_sample=token_indices_to_sample, cad=cad,
             num_rejected_tokens_gpu=num_rejected_tokens_gpu)
-        if self.skipped:
+        if self.skipped and self._splice_kept:
             self.skipped.materialize(self.model.combine_hidden_states)
             num_tokens, sample_indices, cad = self.skipped.splice(
                 self.model_runner.input_batch.req_ids, num_tokens, sample_indices, cad, self.input_ids,

@@ -88,7 +88,8 @@ def _radar_run(target, checkpoint, requests, batch_size, pattern=None, catch_up=
         counters = _drafter_call(llm, lambda drafter: {
             "drafted": drafter.round_counts["draft"],
             "skipped": drafter.round_counts["skip"] + drafter.round_counts["catch_up"],
-            "caught_up": drafter.skipped.rows_caught_up, "log": dict(log)})
+            "caught_up": drafter.skipped.rows_caught_up, "log": dict(log),
+            "kept_through_catch_up": drafter.skipped.rounds_kept_through_catch_up})
         if not kwargs.get("disable_log_stats", True):
             counters["metrics"] = {m.name: getattr(m, "value", None) for m in llm.get_metrics()}
     finally:
@@ -118,7 +119,7 @@ def test_skipped_rounds_keep_greedy_outputs_and_catch_up_reproduces_the_drafts(m
     assert always == expected
     assert always_counts["skipped"] == 0
     noise = 0.0  # call-1 logit differences left with the catch-up (float32, other row counts)
-    for batch_size in (1, 4):
+    for batch_size in (1, 8):  # 8 requests on 4 sequences: each later one arrives as one finishes
         outputs, counts = _radar_run(target, checkpoint, requests, batch_size, pattern=PATTERN,
                                      enable_chunked_prefill=True, max_num_batched_tokens=32,
                                      disable_log_stats=False)
@@ -129,6 +130,8 @@ def test_skipped_rounds_keep_greedy_outputs_and_catch_up_reproduces_the_drafts(m
         skipped_metric = counts["metrics"]["vllm:radar_skipped_rounds"]
         assert 0.5 * counts["skipped"] < skipped_metric <= batch_size * counts["skipped"], (skipped_metric, counts)
         assert counts["caught_up"] > 0
+        if batch_size > 1:  # arrivals while others skip: their kept rows wait for a drafting round
+            assert counts["kept_through_catch_up"] > 0, {k: v for k, v in counts.items() if k != "log"}
         compared, differing, largest = _mismatches(always_counts["log"], counts["log"])
         assert compared >= 20, f"batch {batch_size}: only {compared} drafts from contexts both runs drafted from"
         assert differing == 0, f"batch {batch_size}: {differing} of {compared} drafts differ after catch-up"

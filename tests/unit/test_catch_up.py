@@ -71,3 +71,49 @@ def test_records_follow_per_request_rows_and_refuse_a_restart():
     _stash_slow(kept, ["a", "b"], tokens, pos, raw, slots)  # the per-request path drops b's stale rows
     assert kept.pending["a"].cat()[1].tolist() == [5, 6, 7]
     assert kept.pending["b"].cat()[1].tolist() == [3] and kept.rows_dropped == 2
+
+
+def _catch_up_round(kept: SkippedTokens, req_ids, lengths, first_positions):
+    """A round whose call 1 runs for a prefill chunk: the batch's rows (request i: ``lengths[i]``
+    rows from ``first_positions[i]``) as the proposer receives them; returns what
+    ``RadarProposer._keep_rows_through_catch_up`` answers and the tensors it read."""
+    from radar_vllm.vllm.proposer import RadarProposer
+
+    starts = torch.tensor([0, *lengths]).cumsum(0)
+    positions = torch.cat([torch.arange(p, p + n) for p, n in zip(first_positions, lengths)])
+    raw = torch.randn(int(starts[-1]), 2 * HIDDEN, generator=torch.Generator().manual_seed(len(positions)))
+    next_tokens = torch.tensor([100 + i for i in range(len(req_ids))])
+    cad = SimpleNamespace(query_start_loc_cpu=starts, slot_mapping=positions + 1000, batch_size=lambda: len(req_ids))
+    proposer = SimpleNamespace(skipped=kept, input_ids=torch.zeros(1, dtype=torch.int32),
+                               model_runner=SimpleNamespace(input_batch=SimpleNamespace(req_ids=list(req_ids))))
+    answer = RadarProposer._keep_rows_through_catch_up(proposer, next_tokens, positions, raw, cad)
+    return answer, next_tokens, raw, starts
+
+
+def test_a_catch_up_round_for_a_prefill_chunk_keeps_the_kept_rows_and_this_rounds_row_after_them():
+    kept = SkippedTokens(capacity=1024)
+    for step in range(2):  # two skipped decode rounds of requests a, b
+        kept.stash_decode(["a", "b"], *_round(step, [10 + step, 20 + step]))
+    # a prefill chunk arrives (request p, 5 rows) while a and b decode one token each
+    answer, next_tokens, raw, starts = _catch_up_round(kept, ["a", "p", "b"], [1, 5, 1], [12, 0, 22])
+    assert answer and kept.rounds_kept_through_catch_up == 1
+    kept.materialize(_combine)
+    assert set(kept.pending) == {"a", "b"}  # p's rows go through call 1 now: nothing kept for it
+    for req_id, row, first in (("a", 0, 10), ("b", 2, 20)):
+        tokens, positions, hidden, slots = kept.pending[req_id].cat()
+        assert positions.tolist() == [first, first + 1, first + 2] and slots.tolist() == [p + 1000 for p in positions]
+        assert int(tokens[-1]) == int(next_tokens[row])  # the drafter row: the sampled token ...
+        assert torch.equal(hidden[-1], _combine(raw[starts[row]:starts[row] + 1])[0])  # ... the target's state
+        assert kept.pending[req_id].next_position == first + 3
+    # the same round where b verified drafts (several rows): every kept row goes through call 1
+    kept = SkippedTokens(capacity=1024)
+    kept.stash_decode(["a", "b"], *_round(0, [10, 20]))
+    assert not _catch_up_round(kept, ["a", "p", "b"], [1, 5, 3], [11, 0, 21])[0]
+    assert kept.rows() == 2
+    # nor when the kept rows would fill half the drafter's buffers
+    kept = SkippedTokens(capacity=8)
+    kept.stash_decode(["a", "b"], *_round(0, [10, 20]))
+    kept.stash_decode(["a", "b"], *_round(1, [11, 21]))
+    assert not _catch_up_round(kept, ["a", "p", "b"], [1, 1, 1], [12, 0, 22])[0]
+    # nothing kept: nothing to keep through
+    assert not _catch_up_round(SkippedTokens(capacity=1024), ["a", "p"], [1, 5], [12, 0])[0]
