@@ -240,7 +240,7 @@ def online_row_seconds(settings: BenchSettings, row: str, costs: CostModel) -> f
         waves = 1 if settings.online_duration_s else -(-settings.online_requests_for(level) // level)
         level_s = (settings.online_duration_s or 0.0) + waves * level * max_tokens / tokens_per_s
         seconds += level_s + costs.run_overhead_s
-    return seconds * settings.online_repeats
+    return seconds * settings.online_repeats * settings.online_server_starts
 
 
 def estimate_run(settings: BenchSettings, costs: CostModel = SMOLLM2_CPU_COSTS,
@@ -259,7 +259,7 @@ def estimate_run(settings: BenchSettings, costs: CostModel = SMOLLM2_CPU_COSTS,
         estimate.scoring_s += sampled_outputs(settings, row) * costs.score_s_per_output
     for row in online_rows:
         estimate.online_by_row_s[row] = online_row_seconds(settings, row, costs)
-        estimate.engine_starts_s += costs.server_start_s + costs.warmup_s
+        estimate.engine_starts_s += (costs.server_start_s + costs.warmup_s) * settings.online_server_starts
     estimate.offline_s = sum(estimate.offline_by_row_s.values())
     estimate.online_s = sum(estimate.online_by_row_s.values())
     return estimate

@@ -516,18 +516,20 @@ def run_online(settings: BenchSettings, configs: list[BenchConfig], models: Benc
     from radar_vllm.bench.online import free_port, measure_server, server_command, start_server, stop_server
 
     levels = list(settings.online_concurrency)
-    total = len(configs) * len(levels) * settings.online_repeats
+    starts = settings.online_server_starts
+    total = len(configs) * len(levels) * settings.online_repeats * starts
     entries: list[dict[str, Any]] = []
     load = settings.online_load()
     server_env = {k: v for k, v in env.items() if k != "VLLM_ENABLE_V1_MULTIPROCESSING"}
     with tqdm(total=total, desc="online", unit="level") as bar:
-        for config in configs:
-            stored_path = work_dir / "online" / f"{config.name}{ONLINE_FILE_SUFFIX}"
+        for start, config in ((start, config) for start in range(starts) for config in configs):
+            label = config.name if start == 0 else f"{config.name}@{start + 1}"
+            stored_path = work_dir / "online" / f"{label}{ONLINE_FILE_SUFFIX}"
             request = online_request(settings, config, models, prompts)
             if settings.resume:
                 previous = finished_online(stored_path, request)
                 if previous is not None:
-                    logger.info("online %s: reusing the finished levels in %s", config.name, stored_path)
+                    logger.info("online %s: reusing the finished levels in %s", label, stored_path)
                     entries.extend(previous)
                     bar.update(len(levels) * settings.online_repeats)
                     continue
@@ -538,17 +540,17 @@ def run_online(settings: BenchSettings, configs: list[BenchConfig], models: Benc
             server = None
             try:
                 server = start_server(command, row_env(server_env, config),
-                                      work_dir / "online" / f"{config.name}.log", port, settings.server_start_timeout_s)
+                                      work_dir / "online" / f"{label}.log", port, settings.server_start_timeout_s)
                 levels_out = measure_server(server, prompts, levels, settings.online_requests_for, load,
                                             settings.online_repeats, on_level=lambda: bar.update(1))
-                measured = [dict(level, config=config.name, server_start_seconds=server.start_seconds)
-                            for level in levels_out]
+                measured = [dict(level, config=config.name, server_start=start,
+                                 server_start_seconds=server.start_seconds) for level in levels_out]
                 entries.extend(measured)
                 if not any(level["failed"] for level in measured):
                     write_json(stored_path, {"request": request, "levels": measured})
             except Exception as error:  # one row's server failing must not lose the others
-                logger.error("online %s failed: %s", config.name, error)
-                entries.append({"config": config.name, "error": f"{type(error).__name__}: {error}"})
+                logger.error("online %s failed: %s", label, error)
+                entries.append({"config": config.name, "server_start": start, "error": f"{type(error).__name__}: {error}"})
             finally:
                 if server is not None:
                     stop_server(server)

@@ -20,6 +20,7 @@ import datetime as _dt
 import importlib.metadata
 import math
 import platform
+import statistics
 import sys
 from dataclasses import asdict, dataclass, field
 from typing import Any, Iterable, Mapping, Sequence
@@ -440,6 +441,43 @@ def online_load_lines(levels: Sequence[Mapping[str, Any]]) -> list[str]:
     return lines + [""]
 
 
+def online_summary_lines(levels: Sequence[Mapping[str, Any]]) -> list[str]:
+    """Markdown lines: per config and concurrency, output tokens/s over all its measured levels
+    (server starts x repeats) as median [min-max], the ratio of medians to no speculation's with
+    its range (min/max .. max/min), and the medians of the latency columns; none when every
+    config and concurrency was measured once."""
+    groups: dict[tuple[str, int], list[Mapping[str, Any]]] = {}
+    for level in levels:
+        if not level.get("error"):
+            groups.setdefault((level["config"], int(level["concurrency"])), []).append(level)
+    if not groups or max(len(group) for group in groups.values()) < 2:
+        return []
+    rates = {key: [float(level["output_throughput"]) for level in group] for key, group in groups.items()}
+    lines = ["Per config and concurrency over every server start and repeat (output tok/s median [min-max]; "
+             f"vs {NO_SPEC}: ratio of medians, range min/max .. max/min; latencies: medians of the runs' values):",
+             "", "| config | concurrency | runs | output tok/s | vs no-spec | TTFT p50 ms | TPOT p50 ms | TPOT p99 ms "
+             "| errors |", "|---|---|---|---|---|---|---|---|---|"]
+    for (config, concurrency), group in groups.items():
+        mine = rates[(config, concurrency)]
+        base = rates.get((NO_SPEC, concurrency))
+        ratio = "–"
+        if base:
+            ratio = (f"{statistics.median(mine) / statistics.median(base):.2f}x "
+                     f"({min(mine) / max(base):.2f}–{max(mine) / min(base):.2f})")
+        latency = {f"{name}.{key}": _median_of(group, name, key)
+                   for name, key in (("ttft_ms", "median"), ("tpot_ms", "median"), ("tpot_ms", "p99"))}
+        errors = sum(int(level.get("failed", 0)) for level in group)
+        lines.append(f"| {config} | {concurrency} | {len(group)} | {statistics.median(mine):.1f} "
+                     f"[{min(mine):.1f}-{max(mine):.1f}] | {ratio} | {latency['ttft_ms.median']} | "
+                     f"{latency['tpot_ms.median']} | {latency['tpot_ms.p99']} | {errors} |")
+    return lines + [""]
+
+
+def _median_of(group: Sequence[Mapping[str, Any]], name: str, key: str) -> str:
+    values = [float(level[name][key]) for level in group if (level.get(name) or {}).get(key) is not None]
+    return _fmt(statistics.median(values), 1) if values else "–"
+
+
 def _p(check: Mapping[str, Any]) -> str:
     return f"p={check['p_value']:.2g}"
 
@@ -653,6 +691,7 @@ def render_markdown(document: Mapping[str, Any], plot_files: Sequence[str] = ())
                             _fmt(level.get("rss_start_mib"), 0), _fmt(level.get("rss_end_mib"), 0)]
             out.append(_table_row(row + [""] * (len(headers) - len(row))))
         out.append("")
+        out += online_summary_lines(levels)
     out += ["## Configurations", "", "| config | status | description | speculative config |", "|---|---|---|---|"]
     for config in document["configs"]:
         status = config["status"] + (f": {config['reason']}" if config.get("reason") else "")

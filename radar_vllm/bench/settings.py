@@ -115,6 +115,7 @@ class BenchSettings:
     online_disconnect_fraction: float = 0.0  # requests (seeded) that close their stream after 2-5 chunks
     online_duration_s: float | None = None  # closed-loop levels of this many seconds; None: online_requests
     online_repeats: int = 1
+    online_server_starts: int = 1  # servers per row, started in turn (rows alternate), each runs every level
     online_timeout_s: float = 900.0  # per concurrency level (with online_duration_s: per request, beyond it)
     server_start_timeout_s: float = 600.0
     # engine
@@ -153,7 +154,7 @@ class BenchSettings:
         for depth in self.radar_fixed_depths:
             _positive("radar_fixed_depths entries", depth)
         for name in ("num_prompts", "max_new_tokens", "max_prompt_tokens", "repeats", "online_repeats",
-                     "engine_starts"):
+                     "online_server_starts", "engine_starts"):
             _positive(name, getattr(self, name))
         if self.tree_repeats is not None:
             _positive("tree_repeats", self.tree_repeats)

@@ -232,6 +232,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                         "previous one ends, for this many seconds; requests in flight then finish and count "
                         "(default: --online-requests requests per level)")
     online.add_argument("--online-repeats", type=int, default=None)
+    online.add_argument("--online-server-starts", type=int, default=None, metavar="N",
+                        help="start every online row's server N times, the rows in turn, each running every level "
+                        "(a speculative engine's step time varies between process starts); the report gives "
+                        "each level's median and spread over them (default 1)")
     online.add_argument("--online-timeout", dest="online_timeout_s", type=float, default=None,
                         help="seconds per level (default 900); with --online-duration: per request, and per "
                         "level beyond the duration")

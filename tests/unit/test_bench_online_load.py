@@ -15,6 +15,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Iterator
 
 import pytest
@@ -342,3 +343,48 @@ def test_report_shows_the_load_columns() -> None:
     assert "| no-spec | 4 | 8/8 | 4.00 | 40.0 | 12 | 20 | 5.0 | – | – | 0 | – | – | – | – |" in markdown
     assert "greedy, T = 0.7 and T = 1 with top-p 0.9" in markdown
     assert "25% of the requests" in markdown and "Closed-loop levels of 60 s" in markdown
+
+
+def test_report_sums_up_levels_measured_several_times() -> None:
+    def level(config: str, rate: float, tpot: float) -> dict[str, Any]:
+        return dict(OLD_LEVEL, config=config, concurrency=16, output_throughput=rate,
+                    tpot_ms={"median": tpot, "p99": 2 * tpot})
+
+    levels = [level("no-spec", 100.0, 10.0), level("radar-chain", 95.0, 11.0), level("no-spec", 110.0, 9.0),
+              level("radar-chain", 105.0, 12.0), level("radar-chain", 100.0, 13.0)]
+    markdown = _markdown(levels)
+    assert "| no-spec | 16 | 2 | 105.0 [100.0-110.0] | 1.00x (0.91–1.10) | 12.0 | 9.5 | 19.0 | 0 |" in markdown
+    # ratio of medians 100 / 105; range: the slowest run over no-spec's fastest .. the fastest over its slowest
+    assert "| radar-chain | 16 | 3 | 100.0 [95.0-105.0] | 0.95x (0.86–1.05) | 12.0 | 12.0 | 24.0 | 0 |" in markdown
+    assert "Per config and concurrency" not in _markdown([OLD_LEVEL])  # measured once: no summary
+
+
+def test_online_rows_start_their_servers_in_turn(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from radar_vllm.bench import harness, online
+    from radar_vllm.bench.configs import BenchConfig
+
+    settings = bench_settings(online_concurrency=(1, 4), online_requests=2, online_max_new_tokens=8,
+                              online_server_starts=2, work_dir=str(tmp_path), output_dir=str(tmp_path))
+    models = harness.BenchModels(target="t", head="h", radar_checkpoint="r", confidence_checkpoint=None)
+    configs = [BenchConfig(name="no-spec", kind="none"),
+               BenchConfig(name="radar-chain", kind="radar", num_speculative_tokens=4, max_depth=4, draft_model="r")]
+    started: list[str] = []
+
+    def fake_start(command: Any, env: Any, log_path: Path, port: int, timeout_s: float) -> Any:
+        started.append(log_path.stem)
+        return SimpleNamespace(start_seconds=1.0)
+
+    def fake_measure(server: Any, prompts: Any, levels: Any, *args: Any, **kwargs: Any) -> list[dict[str, Any]]:
+        return [{"concurrency": c, "failed": 0, "index": len(started)} for c in levels]
+
+    monkeypatch.setattr(online, "start_server", fake_start)
+    monkeypatch.setattr(online, "measure_server", fake_measure)
+    monkeypatch.setattr(online, "stop_server", lambda server: None)
+    entries = harness.run_online(settings, configs, models, [[1, 2]], tmp_path, {})
+    assert started == ["no-spec", "radar-chain", "no-spec@2", "radar-chain@2"]  # the rows in turn
+    assert [(e["config"], e["server_start"], e["concurrency"]) for e in entries] == [
+        ("no-spec", 0, 1), ("no-spec", 0, 4), ("radar-chain", 0, 1), ("radar-chain", 0, 4),
+        ("no-spec", 1, 1), ("no-spec", 1, 4), ("radar-chain", 1, 1), ("radar-chain", 1, 4)]
+    assert (tmp_path / "online" / "radar-chain@2.json").is_file()  # each start resumable on its own
+    with pytest.raises(ValueError, match="online_server_starts"):
+        bench_settings(online_server_starts=0)

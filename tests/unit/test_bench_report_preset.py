@@ -362,8 +362,8 @@ def test_rerun_reuses_finished_online_rows(tmp_path: Path, monkeypatch: pytest.M
     assert harness.finished_online(tmp_path / "online" / f"{RADAR_CHAIN}.json",
                                    harness.online_request(settings, config, models, [[9]])) is None
     entries = harness.run_online(settings, [config], models, [[9]], tmp_path, {})
-    assert entries == [{"config": RADAR_CHAIN, "error": "AssertionError: a finished online row must not start a "
-                                                         "server"}]
+    assert entries == [{"config": RADAR_CHAIN, "server_start": 0,
+                        "error": "AssertionError: a finished online row must not start a server"}]
 
 
 def test_online_rows_best_eagle3_token() -> None:
