@@ -86,6 +86,11 @@ class SkippedTokens:
         """Rows kept in all."""
         return sum(len(entry) for entry in self.pending.values()) + self.record_rows
 
+    def has_room(self, more: int) -> bool:
+        """Whether ``more`` rows can join the kept ones while they fill at most half the drafter's
+        buffers (the other half is the catch-up round's own rows)."""
+        return self.rows() + more <= self.capacity // 2
+
     def forget(self, live_req_ids: Any) -> None:
         """Drop the rows of requests that are no longer running (in records: when they are combined)."""
         for req_id in [r for r in self.next_position if r not in live_req_ids]:

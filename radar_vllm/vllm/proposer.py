@@ -386,7 +386,7 @@ class RadarProposer(EagleProposer):
         if not self.skipped:
             return False
         batch_size = cad.batch_size()
-        if self.skipped.rows() + batch_size > self.skipped.capacity // 2:
+        if not self.skipped.has_room(batch_size):
             return False
         req_ids = self.model_runner.input_batch.req_ids[:batch_size]
         starts = cad.query_start_loc_cpu[: batch_size + 1]
@@ -438,8 +438,7 @@ class RadarProposer(EagleProposer):
                     self.gate.observe(batch_size, last_cap, now - start, emitted, typical=typical, sampling=sampling)
             cap = self.gate.decide(batch_size, sampling)
             if cap == 0:
-                fits = self.skipped.rows() + num_rows <= self.skipped.capacity // 2
-                action = SKIP_ROUND if decode_only and fits else CATCH_UP_ROUND
+                action = SKIP_ROUND if decode_only and self.skipped.has_room(num_rows) else CATCH_UP_ROUND
         self._depth_cap = max(cap, 1)
         self._last_round = (now, batch_size, action, cap, self.skipped.rows_caught_up, sampling)
         self.round_counts[action] += 1
