@@ -154,6 +154,7 @@ class RadarProposer(EagleProposer):
         self.round_counts = {DRAFT_ROUND: 0, SKIP_ROUND: 0, CATCH_UP_ROUND: 0}
         # (start time, batch size, action, cap, rows caught up before the round, some request samples)
         self._last_round: tuple[float, int, str, int, int, bool] | None = None
+        self.clock = time.perf_counter  # what the gate's step times are read from (seconds)
         self._depth_cap = self.max_depth  # the gate's cap for the current round
         self._opened_action: str | None = None  # a round opened by skip_decode_round, for propose
         self._splice_kept = True  # call 1 brings the kept rows in (False: a catch-up round that keeps them)
@@ -418,7 +419,7 @@ class RadarProposer(EagleProposer):
         if self.skipped:
             self.skipped.forget(self.model_runner.requests)
         sampling = not getattr(sampling_metadata, "all_greedy", True)
-        now = time.perf_counter()
+        now = self.clock()
         batch_size = cad.batch_size()
         action, cap = DRAFT_ROUND, self.max_depth
         if self.gate is not None:

@@ -175,12 +175,30 @@ def test_a_batch_that_skips_every_round_runs_the_plain_decode_path(models, basel
     assert rejection_calls == [0], "a step without drafts ran rejection sampling"
 
 
-def test_measuring_gate_follows_the_fastest_depth_cap(models, baseline):
+def _install_step_costs(drafter, cost_of_cap):
+    """Make the gate's clock advance by ``cost_of_cap(cap)`` per engine step, the cap being the one
+    the step that just ended ran with: the gate then measures known costs, not this machine's noise."""
+    now = [0.0]
+
+    def clock():
+        if drafter._last_round is not None:
+            now[0] += cost_of_cap(drafter._last_round[3])
+        return now[0]
+    drafter.clock = clock
+
+
+@pytest.mark.parametrize("cheapest", ["depth 1", "depth 0"])
+def test_measuring_gate_follows_the_fastest_depth_cap(models, baseline, cheapest):
     target, _, auto = models
     requests, expected = baseline
     long_requests = [(ids, 96) for ids, _ in requests[:4]]
+    # step costs by cap: one draft costs nothing extra (drafting wins by its acceptance), or costs
+    # three decode steps (depth 0 wins); every level past the first costs half a decode step more
+    first_draft = 0.0 if cheapest == "depth 1" else 2.0
+    cost = lambda cap: 1.0 + (first_draft + 0.5 * (cap - 1) if cap else 0.0)  # noqa: E731
     llm = _engine(target, {"method": "radar", "model": str(auto)})
     try:
+        _drafter_call(llm, lambda drafter: _install_step_costs(drafter, cost))
         _generate(llm, requests, batch_size=4)
         assert _generate(llm, requests, batch_size=4) == expected
         before = _drafter_call(llm, lambda drafter: drafter.gate.summary())
@@ -196,9 +214,12 @@ def test_measuring_gate_follows_the_fastest_depth_cap(models, baseline):
     assert bucket["steps_d0"] >= 1 and bucket["steps_d1"] >= 1, summary
     used = {cap: bucket[f"steps_d{cap}"] - earlier[f"steps_d{cap}"] for cap in caps}
     rates = {cap: bucket[f"rate_d{cap}"] for cap in caps}
-    # the long batch ran mostly at the arm it measured fastest (a drafting arm by the draft margin,
-    # batch 4), the others only as probes
+    # the rates are the known costs' (tokens per step over the step's cost)
+    assert rates[0] == pytest.approx(1.0) and rates[1] == pytest.approx(bucket["tokens_d1"] / cost(1)), summary
+    assert preferred == (1 if cheapest == "depth 1" else 0), summary
+    # the choice is the best rate, a drafting arm's counted by the draft margin (batch 4)
     assert preferred == max(caps, key=lambda cap: rates[cap] / (1 + margin if cap else 1)), summary
+    # the long batch ran mostly at that arm, the others only as probes
     assert used[preferred] > 0.8 * sum(used.values()), f"rounds per cap {used}, gate {summary}"
 
 
