@@ -275,32 +275,40 @@ def scratch_tables(plan: TreeVerifyPlan, index: int, step: ScratchRound, block_t
 
 @dataclass
 class FrontierRound:
-    """One kernel call of a frontier draft pass: frontier slot ``f`` of every request."""
+    """One kernel call of a frontier draft pass: each of its rows a one-token request."""
 
-    # [B] int64: rows of the pass recomputed (one per request)
+    # [R] int64: rows of the pass computed by this call
     query_rows: Tensor
-    # [B, max_blocks] int32: each row's block table (its request's)
+    # [R, max_blocks] int32: each row's block table (its request's, scratch columns swapped in)
     block_table: Tensor
-    # [B] int32: context + root + path length of each row
+    # [R] int32: context + root + path length of each row
     seq_lens: Tensor
     # [W] int64: pass index (into the layer's history; the last one is the current pass) and row
     # of every path entry to write, and its destination slot (-1: skipped)
     source_pass: Tensor
     source_rows: Tensor
     destination_slots: Tensor
+    # [P] int64: blocks copied before the paths are written (source kernel block -> scratch block)
+    copy_sources: Tensor | None = None
+    copy_blocks: Tensor | None = None
 
 
 @dataclass
 class DraftFrontierPlan:
     """A frontier draft pass of the EAGLE-3 layer (see :mod:`radar_vllm.vllm.proposer`).
 
-    Every row attends to the draft layer's cached context and its own path of frontier nodes,
-    whose K/V come from this plan's per-layer history of earlier passes (a private dense buffer
-    for the round: the frontier has no KV slots reserved by vLLM) plus the current pass. For each
-    frontier slot ``f`` the layer writes the path into the request's lookahead slots right after
-    the context and runs the platform kernel for row ``f`` of every request as a one-token
-    request; the lookahead slots hold nothing of value during drafting (the next verify pass
-    rewrites them).
+    Every row is a frontier node that attends to the draft layer's cached context and to its own
+    path of frontier nodes, whose K/V come from this plan's per-layer history of earlier passes (a
+    private dense buffer for the round: the frontier has no KV slots reserved by vLLM) plus the
+    current pass. With a scratch pool (tree engines have one unless ``"scratch_blocks": 0``) the
+    whole pass is one kernel call per layer (:func:`frontier_scratch_rounds`, more only when the
+    pool is short): every row is a one-token request whose block table is its request's with the
+    columns from the path's first position swapped for scratch blocks, the first a copy of the
+    request's block there (the context's last tokens), the path written after them. Without a
+    pool (:func:`frontier_rounds`) the layer writes, for each frontier slot ``f``, the slot's
+    paths into the requests' own lookahead slots right after the context and runs row ``f`` of
+    every request; the lookahead slots hold nothing of value during drafting (the next verify pass
+    rewrites them). Both show a row the same K/V at the same positions as decoding its path.
     """
 
     rounds: list[FrontierRound]
@@ -339,6 +347,62 @@ def frontier_rounds(depth: int, base_positions: Tensor, block_table: Tensor, anc
         rounds.append(FrontierRound(query_rows=rows, block_table=block_table, seq_lens=seq_lens,
                                     source_pass=source_pass.reshape(-1), source_rows=source_rows.reshape(-1),
                                     destination_slots=slots.reshape(-1)))
+    return rounds
+
+
+def frontier_scratch_rounds(depth: int, base_positions: Tensor, block_table: Tensor, anc_pass: Tensor,
+                            anc_rows: Tensor, drafting: Tensor, block_size: int, max_model_len: int,
+                            scratch_blocks: Sequence[int]) -> list[FrontierRound]:
+    """Kernel calls of the depth-``depth - 1`` frontier pass over scratch blocks: every row of the
+    pass (request ``b``, slot ``f`` -> row ``b * top_k + f``) is a one-token request whose path
+    lives in private copies of the blocks it spans; as many rows per call as the pool ``scratch_blocks``
+    (kernel block ids) holds, so usually one call. Arguments as for :func:`frontier_rounds`.
+
+    Worked example, block size 4, context ending at position 5 (the root), a frontier node at
+    depth 2 with path (a, c): its row gets a copy of the request's block 1 (positions 4-7: the
+    context's position 4 and the root at 5), a and c are written at positions 6 and 7 of the
+    copy, and the kernel runs the row with seq_len 8 over the request's table with column 1
+    swapped for the copy.
+    """
+    batch, top_k = anc_pass.shape[:2]
+    level = depth - 1
+    num_rows = batch * top_k
+    rows = torch.arange(num_rows)
+    start = base_positions.long().repeat_interleave(top_k) + 1  # [J] position of the path's first node
+    last_column = (max_model_len - 1) // block_size
+    first_column = (start // block_size).clamp(max=last_column)
+    positions = start.unsqueeze(1) + torch.arange(level)  # [J, level]
+    inside = (positions < max_model_len) & drafting.repeat_interleave(top_k).unsqueeze(1)
+    columns = (positions // block_size).clamp(max=last_column) - first_column.unsqueeze(1)  # [J, level]
+    per_row = int(columns.max()) + 1
+    per_call = len(scratch_blocks) // per_row
+    if per_call < 1:
+        raise ValueError(f"a frontier path of {level} nodes needs {per_row} scratch blocks of {block_size} tokens, "
+                         f"the pool has {len(scratch_blocks)}")
+    pool = torch.tensor(list(scratch_blocks[: per_call * per_row]), dtype=torch.long).view(per_call, per_row)
+    tables = block_table.repeat_interleave(top_k, dim=0)  # [J, max_blocks]
+    current = torch.full((num_rows, 1), depth - 2, dtype=torch.long)
+    source_pass = torch.cat([anc_pass[:, :, : level - 1].reshape(num_rows, -1), current], dim=1)  # [J, level]
+    source_rows = torch.cat([anc_rows[:, :, : level - 1].reshape(num_rows, -1), rows.unsqueeze(1)], dim=1)
+    seq_lens = (start + level).clamp(max=max_model_len).to(torch.int32)
+    rounds = []
+    for first in range(0, num_rows, per_call):
+        chunk = rows[first : first + per_call]
+        blocks = pool[: chunk.numel()]  # [R, per_row] this call's scratch blocks, row by row
+        table = tables[chunk].clone()
+        swap = first_column[chunk].unsqueeze(1) + torch.arange(per_row)  # [R, per_row]
+        valid = swap < table.shape[1]
+        local = torch.arange(chunk.numel()).unsqueeze(1).expand_as(swap)
+        table[local[valid], swap[valid]] = blocks[valid].to(table.dtype)
+        copied = (start[chunk] % block_size) != 0  # rows whose first block holds context tokens
+        chunk_positions = positions[chunk]
+        slots = blocks.gather(1, columns[chunk]) * block_size + chunk_positions % block_size
+        rounds.append(FrontierRound(
+            query_rows=chunk, block_table=table.contiguous(), seq_lens=seq_lens[chunk],
+            source_pass=source_pass[chunk].reshape(-1), source_rows=source_rows[chunk].reshape(-1),
+            destination_slots=torch.where(inside[chunk], slots, -1).reshape(-1),
+            copy_sources=tables[chunk[copied], first_column[chunk[copied]]].long(),
+            copy_blocks=blocks[copied, 0]))
     return rounds
 
 
@@ -443,6 +507,8 @@ class RadarTreeCPUAttentionImpl(CPUAttentionBackendImpl):
         values = torch.stack([v for _, v in history] + [current[1]])
         view = output.view(output.shape[0], self.num_heads, self.head_size) if output.dim() == 2 else output
         for index, step in enumerate(plan.rounds):
+            if step.copy_blocks is not None and step.copy_blocks.numel():
+                kv_cache.index_copy_(0, step.copy_blocks, kv_cache.index_select(0, step.copy_sources))
             write_kv(layer, self, kv_cache, keys[step.source_pass, step.source_rows],
                      values[step.source_pass, step.source_rows], step.destination_slots)
             rows_output = self._run_rows(plan, index, layer, query, kv_cache, step.query_rows, step.seq_lens,

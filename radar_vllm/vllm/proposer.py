@@ -52,7 +52,7 @@ from radar_vllm.core.draft_gate import DraftGate, policy_arms
 from radar_vllm.core.growth import ChainGrowth, FrontierGrowth
 from radar_vllm.core.policy import PolicyRunner, load_policy
 from radar_vllm.core.tree import PADDING_TOKEN, DraftTree
-from radar_vllm.vllm.attention import DraftFrontierPlan, frontier_rounds, with_plan
+from radar_vllm.vllm.attention import DraftFrontierPlan, frontier_rounds, frontier_scratch_rounds, with_plan
 from radar_vllm.vllm.catch_up import SkippedTokens
 from radar_vllm.vllm.engine_plan import EnginePlan
 from radar_vllm.vllm.stop_monitor import AllStoppedMonitor
@@ -533,6 +533,11 @@ class _FrontierState:
                          else ~torch.from_numpy(mask.np[:batch_size].copy()).bool())
         self.no_slots = {name: torch.full((batch_size * self.top_k,), -1, dtype=torch.long)
                          for name in proposer._draft_attn_layer_names}
+        # the tree runner's scratch pool (free while drafting: verification is over), when its
+        # blocks are the drafter's kernel blocks: one kernel call per pass instead of one per slot
+        scratch = getattr(runner, "_scratch_blocks", None) or []
+        same_blocks = getattr(runner, "_kernel_block_size", 0) == proposer.block_size
+        self.scratch_blocks = scratch if same_blocks else []
 
     def run(self, depth: int, tokens: torch.Tensor, parent_hidden: torch.Tensor, per_layer_metadata: dict,
             parent_slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -544,8 +549,14 @@ class _FrontierState:
             self.anc_rows = self.anc_rows.gather(1, gather)
             self.anc_pass[:, :, depth - 3] = depth - 3
             self.anc_rows[:, :, depth - 3] = torch.arange(batch).unsqueeze(1) * top_k + slots
-        self.plan.rounds = frontier_rounds(depth, self.base_positions, self.block_table, self.anc_pass,
-                                           self.anc_rows, self.drafting, proposer.block_size, proposer.max_model_len)
+        if self.scratch_blocks:
+            self.plan.rounds = frontier_scratch_rounds(depth, self.base_positions, self.block_table, self.anc_pass,
+                                                       self.anc_rows, self.drafting, proposer.block_size,
+                                                       proposer.max_model_len, self.scratch_blocks)
+        else:
+            self.plan.rounds = frontier_rounds(depth, self.base_positions, self.block_table, self.anc_pass,
+                                               self.anc_rows, self.drafting, proposer.block_size,
+                                               proposer.max_model_len)
         self.plan.kernel_metadata = {}
         num_rows = batch * top_k
         model_kwargs = {"input_ids": tokens.reshape(num_rows).int(),

@@ -363,3 +363,56 @@ def test_frontier_passes_reproduce_stock_draft_passes(models, baseline):
     assert tree_outputs == chain_outputs == baseline[1][:8]
     assert sum(len(drafts) for drafts in tree_drafts) > 50  # request-rounds
     assert tree_drafts == chain_drafts
+
+
+def test_frontier_passes_in_one_kernel_call_draft_what_per_slot_calls_draft(models, baseline):
+    """A frontier pass over scratch blocks (every row a one-token request, its path in private
+    block copies) must draft exactly what the per-slot passes in the requests' own lookahead slots
+    draft (``"scratch_blocks": 0``), with the default pool (one call per pass) and with a pool
+    too small for one call (several calls per pass)."""
+    target, checkpoint = models
+    requests = baseline[0][:8]
+    fixed = {**TREE, "fixed_depth": 4}
+    runs = {}
+    for name, scratch in (("one call", None), ("small pool", 8), ("per slot", 0)):
+        radar = fixed if scratch is None else {**fixed, "scratch_blocks": scratch}
+        llm = _engine(target, max_num_seqs=4, speculative_config={"method": "radar", "model": str(checkpoint),
+                                                                 "radar": radar})
+        try:
+            llm.collective_rpc(lambda worker: _count_frontier_calls(worker.model_runner.drafter))
+            rounds = llm.collective_rpc(lambda worker: install_recorder(worker.model_runner.drafter))[0]
+            outputs = _generate(llm, requests, batch_size=4)
+            calls = llm.collective_rpc(lambda worker: dict(worker.model_runner.drafter._frontier_calls))[0]
+        finally:
+            shutdown_engine(llm)
+        runs[name] = (outputs, [[row["target_tokens"] for row in tree.to_lists()] for tree in rounds], calls)
+    for outputs, _, _ in runs.values():
+        assert outputs == baseline[1][:8]
+    drafts = runs["per slot"][1]
+    assert sum(len(d) for d in drafts) > 50 and any(len(row) > 4 for d in drafts for row in d)  # trees, not chains
+    assert runs["one call"][1] == drafts and runs["small pool"][1] == drafts
+    one, small, per_slot = runs["one call"][2], runs["small pool"][2], runs["per slot"][2]
+    assert one["passes"] > 0 and one["kernel_calls"] == one["passes"], one  # one call per pass
+    assert small["kernel_calls"] > small["passes"], small  # the short pool split passes
+    assert per_slot["kernel_calls"] == 3 * per_slot["passes"], per_slot  # one call per frontier slot (top_k 3)
+
+
+def _count_frontier_calls(drafter) -> None:
+    """Count the drafter's frontier passes and the kernel calls (rounds) their plans hold (the
+    class is patched once per process; each drafter counts its own)."""
+    from radar_vllm.vllm import proposer as module
+
+    drafter._frontier_calls = {"passes": 0, "kernel_calls": 0}
+    if getattr(module._FrontierState.run, "counting", False):
+        return
+    run = module._FrontierState.run
+
+    def counting_run(self, *args, **kwargs):
+        output = run(self, *args, **kwargs)
+        counts = getattr(self.proposer, "_frontier_calls", None)
+        if counts is not None:
+            counts["passes"] += 1
+            counts["kernel_calls"] += len(self.plan.rounds)
+        return output
+    counting_run.counting = True
+    module._FrontierState.run = counting_run

@@ -26,7 +26,13 @@ from radar_vllm.core.tree import (
 )
 from radar_vllm.core.config import TreeConfig
 from radar_vllm.core.verify import OUTPUT_PADDING, accept_tree, compaction_moves, output_rows, restart_order
-from radar_vllm.vllm.attention import max_scratch_blocks_per_job, path_rounds, scratch_blocks_per_job, scratch_rounds
+from radar_vllm.vllm.attention import (
+    frontier_scratch_rounds,
+    max_scratch_blocks_per_job,
+    path_rounds,
+    scratch_blocks_per_job,
+    scratch_rounds,
+)
 from radar_vllm.vllm.proposer import tree_eligible
 
 
@@ -170,6 +176,74 @@ def test_scratch_rounds_show_each_row_its_context_root_and_path(block_size, pool
         # one round unless the pool ran out
         if pool_size >= sum(scratch_blocks_per_job(c, len(path), block_size) for c, path in jobs):
             assert len(rounds) == (1 if expected_rows else 0)
+
+
+@pytest.mark.parametrize("block_size,pool_size", [(4, 2), (4, 64), (8, 5), (16, 200)])
+def test_frontier_scratch_rounds_show_each_row_its_context_and_path(block_size, pool_size):
+    """Every row of a frontier pass sees its request's context up to the root and then its own
+    path (ancestors from earlier passes, itself last), at the right positions; the requests'
+    blocks are never written; rows past max_model_len or of requests not drafting write nothing."""
+    rng = random.Random(block_size * 1000 + pool_size)
+    max_model_len = 12 * block_size
+    for _ in range(15):
+        batch, top_k, depth = rng.randint(1, 4), rng.randint(1, 4), rng.randint(2, 6)
+        level = depth - 1
+        base = torch.tensor([rng.randint(0, max_model_len - 2) for _ in range(batch)])
+        drafting = torch.tensor([rng.random() < 0.8 for _ in range(batch)])
+        cache, width = {}, max_model_len // block_size
+        tables = []
+        for b in range(batch):  # request b owns blocks b * width ... ; context = positions 0..base[b]
+            tables.append([b * width + c for c in range(width)])
+            for position in range(int(base[b]) + 1):
+                cache[(tables[b][position // block_size], position % block_size)] = ("ctx", b, position)
+        table = torch.tensor(tables, dtype=torch.int32)
+        real = dict(cache)
+        pool = list(range(batch * width + 3, batch * width + 3 + pool_size))
+        anc_pass = torch.arange(max(level - 1, 1)).expand(batch, top_k, -1).clone()
+        anc_rows = torch.randint(0, batch * top_k, (batch, top_k, max(level - 1, 1)))
+        last = max_model_len - 1  # blocks a row spans, positions past max_model_len counted as its last
+        needed = 1 + max(min(int(b) + level, last) // block_size - min(int(b) + 1, last) // block_size for b in base)
+        if needed > pool_size:
+            with pytest.raises(ValueError, match="scratch blocks"):
+                frontier_scratch_rounds(depth, base, table, anc_pass, anc_rows, drafting, block_size,
+                                        max_model_len, pool)
+            continue
+        rounds = frontier_scratch_rounds(depth, base, table, anc_pass, anc_rows, drafting, block_size,
+                                         max_model_len, pool)
+        seen_rows = []
+        for step in rounds:
+            assert step.copy_sources.numel() == step.copy_blocks.numel()
+            for source, block in zip(step.copy_sources.tolist(), step.copy_blocks.tolist()):
+                assert block in pool
+                for offset in range(block_size):
+                    if (source, offset) in cache:
+                        cache[(block, offset)] = cache[(source, offset)]
+            for pass_index, row, slot in zip(step.source_pass.tolist(), step.source_rows.tolist(),
+                                             step.destination_slots.tolist()):
+                if slot >= 0:
+                    assert slot // block_size in pool
+                    cache[(slot // block_size, slot % block_size)] = ("pass", pass_index, row)
+            for i, (row, seq_len) in enumerate(zip(step.query_rows.tolist(), step.seq_lens.tolist())):
+                b, f = divmod(row, top_k)
+                p = int(base[b])
+                assert seq_len == min(p + 1 + level, max_model_len)
+                path = [("pass", k, int(anc_rows[b, f, k])) for k in range(level - 1)] + [("pass", depth - 2, row)]
+                expected = [("ctx", b, q) for q in range(p + 1)] + path
+                seen = [cache.get((int(step.block_table[i, q // block_size]), q % block_size)) for q in range(seq_len)]
+                if bool(drafting[b]):
+                    assert seen == expected[:seq_len]
+                seen_rows.append(row)
+            # written slots: inside max_model_len and drafting only
+            written = (step.destination_slots >= 0).view(-1, level)
+            for i, row in enumerate(step.query_rows.tolist()):
+                b = row // top_k
+                inside = [bool(drafting[b]) and int(base[b]) + 1 + k < max_model_len for k in range(level)]
+                assert written[i].tolist() == inside
+        assert sorted(seen_rows) == list(range(batch * top_k))  # every row of the pass once
+        assert all(cache[key] == label for key, label in real.items())  # the requests' blocks untouched
+        per_row = needed
+        if pool_size >= batch * top_k * per_row:
+            assert len(rounds) == 1
 
 
 def test_scratch_blocks_per_job_bounds():
