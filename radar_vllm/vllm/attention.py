@@ -317,6 +317,18 @@ class DraftFrontierPlan:
     kernel_metadata: dict[tuple[Any, ...], Tensor] = field(default_factory=dict)
 
 
+def _frontier_path_sources(depth: int, anc_pass: Tensor, anc_rows: Tensor) -> tuple[Tensor, Tensor]:
+    """[B * top_k, depth - 1] pass and row of every node on each frontier row's path (ancestors
+    from earlier passes, the row itself in the current pass last); row ``b * top_k + f``."""
+    batch, top_k = anc_pass.shape[:2]
+    num_rows, level = batch * top_k, depth - 1
+    current = torch.full((num_rows, 1), depth - 2, dtype=torch.long)
+    source_pass = torch.cat([anc_pass[:, :, : level - 1].reshape(num_rows, -1), current], dim=1)
+    source_rows = torch.cat([anc_rows[:, :, : level - 1].reshape(num_rows, -1),
+                             torch.arange(num_rows).unsqueeze(1)], dim=1)
+    return source_pass, source_rows
+
+
 def frontier_rounds(depth: int, base_positions: Tensor, block_table: Tensor, anc_pass: Tensor, anc_rows: Tensor,
                     drafting: Tensor, block_size: int, max_model_len: int) -> list[FrontierRound]:
     """Kernel calls of the pass that runs the depth-``depth - 1`` frontier, one per frontier slot.
@@ -333,7 +345,7 @@ def frontier_rounds(depth: int, base_positions: Tensor, block_table: Tensor, anc
     """
     batch, top_k = anc_pass.shape[:2]
     level = depth - 1  # path length of a frontier node, itself included
-    current = torch.full((batch, 1), depth - 2, dtype=torch.long)
+    source_pass, source_rows = _frontier_path_sources(depth, anc_pass, anc_rows)
     path_positions = base_positions.unsqueeze(1) + torch.arange(1, level + 1)  # [B, level]
     inside = (path_positions < max_model_len) & drafting.unsqueeze(1)
     block = block_table.gather(1, (path_positions.clamp(max=max_model_len - 1) // block_size).long())
@@ -342,11 +354,9 @@ def frontier_rounds(depth: int, base_positions: Tensor, block_table: Tensor, anc
     rounds = []
     for f in range(top_k):
         rows = torch.arange(batch) * top_k + f
-        source_pass = torch.cat([anc_pass[:, f, : level - 1], current], dim=1)  # [B, level]
-        source_rows = torch.cat([anc_rows[:, f, : level - 1], rows.unsqueeze(1)], dim=1)
         rounds.append(FrontierRound(query_rows=rows, block_table=block_table, seq_lens=seq_lens,
-                                    source_pass=source_pass.reshape(-1), source_rows=source_rows.reshape(-1),
-                                    destination_slots=slots.reshape(-1)))
+                                    source_pass=source_pass[rows].reshape(-1),
+                                    source_rows=source_rows[rows].reshape(-1), destination_slots=slots.reshape(-1)))
     return rounds
 
 
@@ -381,9 +391,7 @@ def frontier_scratch_rounds(depth: int, base_positions: Tensor, block_table: Ten
                          f"the pool has {len(scratch_blocks)}")
     pool = torch.tensor(list(scratch_blocks[: per_call * per_row]), dtype=torch.long).view(per_call, per_row)
     tables = block_table.repeat_interleave(top_k, dim=0)  # [J, max_blocks]
-    current = torch.full((num_rows, 1), depth - 2, dtype=torch.long)
-    source_pass = torch.cat([anc_pass[:, :, : level - 1].reshape(num_rows, -1), current], dim=1)  # [J, level]
-    source_rows = torch.cat([anc_rows[:, :, : level - 1].reshape(num_rows, -1), rows.unsqueeze(1)], dim=1)
+    source_pass, source_rows = _frontier_path_sources(depth, anc_pass, anc_rows)  # [J, level]
     seq_lens = (start + level).clamp(max=max_model_len).to(torch.int32)
     rounds = []
     for first in range(0, num_rows, per_call):
@@ -438,6 +446,12 @@ def write_kv(layer: Any, impl: Any, kv_cache: Tensor, key: Tensor, value: Tensor
         v_scale=layer._v_scale_float,
         kv_cache_dtype=impl.kv_cache_dtype,
     )
+
+
+def copy_blocks(kv_cache: Tensor, sources: Tensor, destinations: Tensor) -> None:
+    """Copy whole KV blocks ``sources`` onto ``destinations`` (kernel block ids, all heads)."""
+    if destinations.numel():
+        kv_cache.index_copy_(0, destinations, kv_cache.index_select(0, sources))
 
 
 @dataclass
@@ -507,8 +521,8 @@ class RadarTreeCPUAttentionImpl(CPUAttentionBackendImpl):
         values = torch.stack([v for _, v in history] + [current[1]])
         view = output.view(output.shape[0], self.num_heads, self.head_size) if output.dim() == 2 else output
         for index, step in enumerate(plan.rounds):
-            if step.copy_blocks is not None and step.copy_blocks.numel():
-                kv_cache.index_copy_(0, step.copy_blocks, kv_cache.index_select(0, step.copy_sources))
+            if step.copy_blocks is not None:
+                copy_blocks(kv_cache, step.copy_sources, step.copy_blocks)
             write_kv(layer, self, kv_cache, keys[step.source_pass, step.source_rows],
                      values[step.source_pass, step.source_rows], step.destination_slots)
             rows_output = self._run_rows(plan, index, layer, query, kv_cache, step.query_rows, step.seq_lens,
@@ -521,8 +535,7 @@ class RadarTreeCPUAttentionImpl(CPUAttentionBackendImpl):
         for index, step in enumerate(plan.rounds):
             if isinstance(step, ScratchRound):
                 block_table, copy_sources = scratch_tables(plan, index, step, attn_metadata.block_table)
-                if copy_sources.numel():
-                    kv_cache.index_copy_(0, step.copy_blocks, kv_cache.index_select(0, copy_sources))
+                copy_blocks(kv_cache, copy_sources, step.copy_blocks)
                 write_kv(layer, self, kv_cache, key[step.source_rows], value[step.source_rows],
                          step.destination_slots)
             else:
