@@ -22,6 +22,7 @@ def run(args: argparse.Namespace) -> int:
         tree_policy_path=args.tree_policy,
         sampled_policy_path=args.sampled_policy,
         gate_costs_paths=args.gate_costs or (),
+        tree_sizes=args.tree_size or (),
     )
     print(json.dumps({"checkpoint": str(out_dir), "radar": read_head_config(out_dir)["radar"]}, indent=2))
     return 0
@@ -53,6 +54,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                         help="gate-cost table (radar-vllm calibrate-gate) the depth gate starts from on the "
                              "machine it was measured on; repeat it for several machines (copied to "
                              "gate_costs.json, gate_costs_2.json, ...)")
+    parser.add_argument("--tree-size", type=int, action="append", default=None,
+                        help="tree mode: a smaller tree (tokens per request incl. root, below --total-tokens) the "
+                             "depth gate may choose per batch size; repeat it for several")
     parser.add_argument("--sampled-policy", default=None,
                         help="a chain stop policy trained on sampled (T > 0) rounds, used for the requests "
                              "that sample (stored as policy-sampled/; without it they run the main policy)")

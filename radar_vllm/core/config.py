@@ -88,6 +88,10 @@ class RadarConfig:
     # list of them (one per machine: the first that fits is used), relative to the head directory;
     # None: the gate measures every batch size from scratch
     gate_costs: str | list[str] | None = None
+    # tree mode, "auto" only: smaller trees (tokens per tree, root included, each below
+    # total_tokens) the depth gate may choose per batch size instead of total_tokens, each one more
+    # arm (the stop policy still decides every request's depth); None: total_tokens only
+    tree_sizes: list[int] | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.policy, str) or not self.policy:
@@ -108,6 +112,16 @@ class RadarConfig:
         _require_int("top_k", self.top_k, 1)
         _require_int("max_depth", self.max_depth, 1)
         _require_int("total_tokens", self.total_tokens, 2)
+        if self.tree_sizes is not None:
+            if not isinstance(self.tree_sizes, (list, tuple)):
+                raise ValueError(f"radar.tree_sizes must be a list of tree sizes or absent, got {self.tree_sizes!r}")
+            for size in self.tree_sizes:
+                _require_int("tree_sizes[]", size, 2)
+                if size >= self.total_tokens:
+                    raise ValueError(f"radar.tree_sizes holds {size}: each must be below radar.total_tokens="
+                                     f"{self.total_tokens} (the largest tree, always an arm)")
+            if len(set(self.tree_sizes)) != len(self.tree_sizes):
+                raise ValueError(f"radar.tree_sizes repeats a size: {list(self.tree_sizes)}")
         if self.threshold is not None:
             if (
                 isinstance(self.threshold, bool)
@@ -141,6 +155,13 @@ class RadarConfig:
     def num_draft_tokens(self) -> int:
         """Draft tokens handed to the verifier per request at most (chain: one per depth)."""
         return self.max_depth if self.mode == MODE_CHAIN else self.total_tokens - 1
+
+    @property
+    def gate_tree_sizes(self) -> list[int]:
+        """The smaller tree sizes the depth gate chooses among (tree mode with the gate on; else none)."""
+        if self.mode != MODE_TREE or self.skip_drafting != SKIP_AUTO or self.fixed_depth is not None:
+            return []
+        return list(self.tree_sizes or ())
 
     @property
     def active_policy(self) -> str:

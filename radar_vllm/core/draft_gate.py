@@ -117,10 +117,32 @@ def default_arms(max_depth: int) -> list[int]:
     return sorted({0, 1, *(min(cap, max_depth) for cap in (2, 3, 4)), max_depth})
 
 
-def policy_arms(max_depth: int) -> list[int]:
+def policy_arms(max_depth: int, tree_sizes: Sequence[int] = ()) -> list[int]:
     """The arms whose rounds the stop policy shapes (the deepest; the others draft fixed-depth
-    chains): their tokens are their own average (``own_arms``), not the shared per-depth acceptance."""
-    return [max_depth]
+    chains): their tokens are their own average (``own_arms``), not the shared per-depth acceptance.
+    With ``tree_sizes`` (smaller trees a tree engine may verify), one more arm per size:
+    ``max_depth + 1 + i`` grows a policy tree like the deepest arm's and verifies its best
+    ``tree_sizes[i]`` tokens (root included); see :func:`round_shape`."""
+    return [max_depth, *(max_depth + 1 + index for index in range(len(tree_sizes)))]
+
+
+def gate_arms(max_depth: int, tree_sizes: Sequence[int] = ()) -> tuple[list[int], list[int]]:
+    """An engine's gate arms and the policy's among them: :func:`default_arms` plus one arm per smaller tree size."""
+    own = policy_arms(max_depth, tree_sizes)
+    return sorted({*default_arms(max_depth), *own}), own
+
+
+def round_shape(arm: int, max_depth: int, tree_sizes: Sequence[int] = ()) -> tuple[int, int | None]:
+    """``(depth cap, tree size)`` of a gate arm: a cap up to ``max_depth`` is itself, with the
+    engine's own tree size (None); an arm above it is a full-depth policy round verifying a
+    smaller tree (:func:`policy_arms`)."""
+    if arm <= max_depth:
+        return arm, None
+    index = arm - max_depth - 1
+    if index >= len(tree_sizes):
+        raise ValueError(f"gate arm {arm} is above max_depth={max_depth} and the engine has {len(tree_sizes)} "
+                         f"smaller tree size(s)")
+    return max_depth, int(tree_sizes[index])
 
 
 @dataclass(kw_only=True)
@@ -198,18 +220,22 @@ class DraftGate:
     def __init__(self, max_depth: int, arms: Sequence[int] | None = None, probe_every: int = 16,
                  max_probe_every: int = 256, min_observations: int = 2, smoothing: float = 0.15,
                  probe_requests: int = 8, own_arms: Sequence[int] = (), draft_margin: float = 0.1,
-                 probe_budget: float = 0.02) -> None:
+                 probe_budget: float = 0.02, tree_sizes: Sequence[int] = ()) -> None:
         """``own_arms``: caps whose rounds draft otherwise than a fixed-depth chain cut short (an
         engine's deepest arm: the stop policy's chains or trees, :func:`policy_arms`): their tokens
         are their own measured average, and their rounds do not feed the shared per-depth acceptance.
         ``draft_margin``: in batches of more than one request, the fraction by which a drafting
         arm's rate must beat depth 0's for the gate to choose it. ``probe_budget``: the share of a
-        settled bucket's throughput the probes of the arms more than 10% behind may cost together."""
+        settled bucket's throughput the probes of the arms more than 10% behind may cost together.
+        ``tree_sizes``: the smaller trees of the policy arms above ``max_depth`` (:func:`policy_arms`;
+        recorded in tables, which must agree)."""
         if max_depth < 1:
             raise ValueError(f"max_depth must be >= 1, got {max_depth}")
         caps = sorted(set(arms if arms is not None else default_arms(max_depth)))
-        if len(caps) < 2 or caps[0] < 0 or caps[-1] > max_depth:
-            raise ValueError(f"arms must hold at least two depth caps in [0, {max_depth}], got {list(caps)}")
+        above = [cap for cap in caps if cap > max_depth and cap not in set(own_arms)]
+        if len(caps) < 2 or caps[0] < 0 or above:
+            raise ValueError(f"arms must hold at least two depth caps in [0, {max_depth}] (policy arms, own_arms, "
+                             f"may lie above it: smaller trees), got {list(caps)}")
         if not 2 <= probe_every <= max_probe_every:
             raise ValueError(f"need 2 <= probe_every <= max_probe_every, got {probe_every}, {max_probe_every}")
         if min_observations < 1:
@@ -223,6 +249,7 @@ class DraftGate:
         if not 0.0 < probe_budget <= 1.0:
             raise ValueError(f"probe_budget must be in (0, 1], got {probe_budget}")
         self.probe_budget = probe_budget
+        self.tree_sizes = [int(size) for size in tree_sizes]
         self.draft_margin = draft_margin
         self.probe_requests = probe_requests
         self.own_arms = frozenset(int(cap) for cap in own_arms)
@@ -313,8 +340,8 @@ class DraftGate:
         deeper (the target's matrix products are faster on 4-6 rows than on 2), so at batch 1 only
         an arm that is already dear stops the sweep."""
         base = state.arms.get(0)
-        if base is None or not base.known or base.seconds <= 0:
-            return False
+        if base is None or not base.known or base.seconds <= 0 or cap > self.max_depth:
+            return False  # (an arm above max_depth is a smaller tree, not a deeper chain: measured)
         for shallower in reversed([c for c in self.caps if 0 < c < cap]):
             arm = state.arms[shallower]
             if not arm.known:
@@ -493,17 +520,20 @@ class DraftGate:
             if any(arm["steps"] > 0 for arm in arms.values()):
                 buckets[f"{1 << index}{'s' if sampling else ''}"] = {
                     "arms": arms, "reach": [depth.rate if depth.count > 0 else None for depth in state.reach]}
-        return {"arms": list(self.caps), "own_arms": sorted(self.own_arms), "max_depth": self.max_depth,
-                "buckets": buckets}
+        table = {"arms": list(self.caps), "own_arms": sorted(self.own_arms), "max_depth": self.max_depth,
+                 "buckets": buckets}
+        if self.tree_sizes:
+            table["tree_sizes"] = list(self.tree_sizes)
+        return table
 
     def seed(self, table: Mapping[str, Any]) -> None:
         """Start the buckets a table (:meth:`export`'s shape) covers from its estimates."""
         own = table.get("own_arms")  # (tables without: every drafting cap ran the stop policy)
-        if (list(table["arms"]) != self.caps or int(table["max_depth"]) != self.max_depth
-                or own is None or sorted(own) != sorted(self.own_arms)):
+        if not _covers(self.caps, self.own_arms, self.tree_sizes, self.max_depth, table):
             raise ValueError(f"the gate-cost table has arms {list(table['arms'])} (max depth {table['max_depth']}, "
-                             f"own arms {own}), this gate {self.caps} (max depth {self.max_depth}, own arms "
-                             f"{sorted(self.own_arms)})")
+                             f"own arms {own}, smaller trees {table.get('tree_sizes', [])}), this gate {self.caps} "
+                             f"(max depth {self.max_depth}, own arms {sorted(self.own_arms)}, smaller trees "
+                             f"{self.tree_sizes})")
         for name, entry in table["buckets"].items():
             sampling = name.endswith("s")
             key = (sampling, batch_bucket(int(name.rstrip("s"))))
@@ -570,9 +600,23 @@ def load_gate_table(path: str | Path) -> dict[str, Any]:
     return table
 
 
+def _covers(caps: Sequence[int], own_arms: Sequence[int], tree_sizes: Sequence[int], max_depth: int,
+            section: Mapping[str, Any]) -> bool:
+    """Whether a table section's arms fit an engine's: the same depth caps and policy arms, and the
+    same smaller trees or the first of the engine's (an engine with more smaller trees than its
+    table measures their arms itself)."""
+    table_caps, table_own = set(section.get("arms", ())), section.get("own_arms")
+    table_sizes = [int(size) for size in section.get("tree_sizes", ())]
+    return (table_own is not None and int(section.get("max_depth", -1)) == max_depth
+            and list(tree_sizes[: len(table_sizes)]) == table_sizes and table_caps <= set(caps)
+            and {cap for cap in caps if cap <= max_depth} <= table_caps
+            and sorted(table_own) == sorted(set(own_arms) & table_caps))
+
+
 def gate_table_problems(table: Mapping[str, Any], *, checkpoint_id: str, mode: str, dtype: str, target: str,
                         caps: Sequence[int], max_depth: int, machine: tuple[Any, ...],
-                        verify: str | None = None, own_arms: Sequence[int] = ()) -> list[str]:
+                        verify: str | None = None, own_arms: Sequence[int] = (),
+                        tree_sizes: Sequence[int] = ()) -> list[str]:
     """What makes ``table`` describe another engine than this one (empty: it fits). ``verify``:
     how this engine verifies trees (tree mode; its step costs depend on it), e.g. ``"scratch-32"``;
     a tree section that names none was measured with ``LEGACY_TREE_VERIFY``."""
@@ -585,13 +629,13 @@ def gate_table_problems(table: Mapping[str, Any], *, checkpoint_id: str, mode: s
     section = (table.get("modes") or {}).get(mode)
     if section is None:
         problems.append(f"no {mode!r} mode (it has {sorted(table.get('modes') or {})})")
-    elif list(section.get("arms", ())) != list(caps) or section.get("max_depth") != max_depth:
-        problems.append(f"depth caps {section.get('arms')} (this engine: {list(caps)})")
     elif section.get("own_arms") is None:
         problems.append("every drafting cap running the stop policy (this engine's caps below the deepest "
                         "draft fixed-depth chains)")
-    elif sorted(section["own_arms"]) != sorted(own_arms):
-        problems.append(f"policy arms {section['own_arms']} (this engine: {list(own_arms)})")
+    elif not _covers(caps, own_arms, tree_sizes, max_depth, section):
+        problems.append(f"arms {section.get('arms')}, policy arms {section['own_arms']}, smaller trees "
+                        f"{section.get('tree_sizes', [])} (this engine: {list(caps)}, {list(own_arms)}, "
+                        f"{list(tree_sizes)})")
     elif verify is not None and section.get("verify", LEGACY_TREE_VERIFY) != verify:
         problems.append(f"tree verification {section.get('verify', LEGACY_TREE_VERIFY)!r} (this engine: {verify!r})")
     return problems
@@ -600,7 +644,7 @@ def gate_table_problems(table: Mapping[str, Any], *, checkpoint_id: str, mode: s
 def check_gate_tables(tables: Sequence[tuple[str | Path, Mapping[str, Any]]], *, strict: bool, checkpoint_id: str,
                       mode: str, dtype: str, target: str, caps: Sequence[int], max_depth: int, max_batch_size: int,
                       machine: tuple[Any, ...], verify: str | None = None,
-                      own_arms: Sequence[int] = ()) -> dict[str, Any] | None:
+                      own_arms: Sequence[int] = (), tree_sizes: Sequence[int] = ()) -> dict[str, Any] | None:
     """The part of the first of ``tables`` (``(path, table)`` pairs, e.g. one per machine) that fits
     this engine that its gate starts from: ``{"arms", "own_arms", "max_depth", "buckets"}`` of its mode,
     or None.
@@ -619,7 +663,7 @@ def check_gate_tables(tables: Sequence[tuple[str | Path, Mapping[str, Any]]], *,
     for path, table in tables:
         problems = gate_table_problems(table, checkpoint_id=checkpoint_id, mode=mode, dtype=dtype, target=target,
                                        caps=caps, max_depth=max_depth, machine=machine, verify=verify,
-                                       own_arms=own_arms)
+                                       own_arms=own_arms, tree_sizes=tree_sizes)
         if problems:
             found.append(f"{path} was measured with " + "; ".join(problems))
             continue
@@ -629,7 +673,8 @@ def check_gate_tables(tables: Sequence[tuple[str | Path, Mapping[str, Any]]], *,
             logger.warning("radar.gate_costs: %s covers batch sizes up to %s, this engine runs up to %d: larger "
                            "batches are measured from scratch; %s", path, max(sizes) if sizes else None,
                            max_batch_size, remeasure)
-        return {key: section[key] for key in ("arms", "own_arms", "max_depth", "buckets")}
+        return {key: section[key] for key in ("arms", "own_arms", "max_depth", "buckets", "tree_sizes")
+                if key in section}
     message = "radar.gate_costs: no table fits this engine: " + "; ".join(found) + f"; {remeasure}"
     if strict:
         raise ValueError(message)

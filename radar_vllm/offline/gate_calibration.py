@@ -120,7 +120,8 @@ def gate_table_markdown(table: dict[str, Any], name: str) -> str:
              f"Measured {table.get('created')}, target `{table.get('target')}`, dtype {table.get('dtype')}, "
              f"head weights `{table.get('checkpoint_id')}`.", ""]
     for mode, section in sorted((table.get("modes") or {}).items()):
-        gate = DraftGate(section["max_depth"], arms=section["arms"], own_arms=section.get("own_arms", ()))
+        gate = DraftGate(section["max_depth"], arms=section["arms"], own_arms=section.get("own_arms", ()),
+                         tree_sizes=section.get("tree_sizes", ()))
         gate.seed(section)
         caps = list(gate.caps)
         note = (section.get("metadata") or {}).get("note")

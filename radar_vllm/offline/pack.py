@@ -63,6 +63,7 @@ def pack_radar_checkpoint(
     sampled_policy_path: str | Path | None = None,
     skip_drafting: str = SKIP_AUTO,
     gate_costs_paths: Sequence[str | Path] = (),
+    tree_sizes: Sequence[int] = (),
 ) -> Path:
     """Write a RADAR checkpoint into ``out_dir`` (which must not exist or be empty); return it.
 
@@ -72,7 +73,8 @@ def pack_radar_checkpoint(
     ``sampled_policy_path``: a chain policy trained on sampled (T > 0) rounds, copied to
     ``policy-sampled/`` and used for the requests that sample. ``gate_costs_paths``: gate-cost
     tables (``radar-vllm calibrate-gate``, e.g. one per machine) copied to ``gate_costs.json``,
-    ``gate_costs_2.json``, ...; the depth gate starts from the one measured on its machine. The
+    ``gate_costs_2.json``, ...; the depth gate starts from the one measured on its machine.
+    ``tree_sizes``: smaller trees (tokens, root included) the depth gate may verify in tree mode. The
     result is validated (every policy) before it is moved in place.
     """
     from radar_vllm.core.policy import CONFIG_FILENAME, WEIGHTS_FILENAME, load_policy_checkpoint
@@ -99,6 +101,7 @@ def pack_radar_checkpoint(
         sampled_policy=None if sampled_policy_path is None else DEFAULT_SAMPLED_POLICY_PATH,
         skip_drafting=skip_drafting,
         gate_costs=table_names[0] if len(table_names) == 1 else (table_names or None),
+        tree_sizes=list(tree_sizes) or None,
     )
     from radar_vllm.core.draft_gate import load_gate_table
 

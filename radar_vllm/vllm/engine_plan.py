@@ -249,18 +249,19 @@ def gate_table(radar: ValidatedRadar, vllm_config: Any, scratch: int) -> dict[st
     if config.skip_drafting != SKIP_AUTO or config.fixed_depth is not None:
         return None  # no depth gate runs
     from radar_vllm.core.costs import describe_machine, machine_key
-    from radar_vllm.core.draft_gate import check_gate_tables, default_arms, load_gate_table, policy_arms, weights_id
+    from radar_vllm.core.draft_gate import check_gate_tables, gate_arms, load_gate_table, weights_id
 
     section = raw_radar_section(vllm_config.speculative_config) or {}
     strict = section.get("gate_costs") != config.gate_costs
     paths = config.gate_cost_paths(radar.checkpoint_dir)
     model_config = vllm_config.model_config
+    caps, own_arms = gate_arms(config.max_depth, config.gate_tree_sizes)
     return check_gate_tables(
         [(path, load_gate_table(path)) for path in paths], strict=strict,
         verify=tree_verify(config.mode, scratch, vllm_config.cache_config.block_size),
         checkpoint_id=weights_id(radar.checkpoint_dir), mode=config.mode,
         dtype=str(model_config.dtype).removeprefix("torch."), target=Path(str(model_config.model)).name,
-        caps=default_arms(config.max_depth), own_arms=policy_arms(config.max_depth), max_depth=config.max_depth,
+        caps=caps, own_arms=own_arms, tree_sizes=config.gate_tree_sizes, max_depth=config.max_depth,
         max_batch_size=int(vllm_config.scheduler_config.max_num_seqs), machine=machine_key(describe_machine()))
 
 

@@ -26,7 +26,11 @@ drafts the runner opens the round before vLLM prepares the drafter's inputs
 (:meth:`RadarProposer.skip_decode_round`), so a skipped round does not pay for that preparation.
 The gate's other arms: a cap below the checkpoint's maximum depth drafts exactly that many tokens
 per request as a chain, through vLLM's own loop (a stock EAGLE-3 round with K = cap, no policy);
-the deepest arm is RADAR's round above (the stop policy decides per request, chain or tree).
+the deepest arm is RADAR's round above (the stop policy decides per request, chain or tree). A
+tree engine with ``radar.tree_sizes`` has one more such arm per size: the same round, verifying
+the best ``size`` tokens of each tree (on a 2-core CPU at batch 1 a step verifying 6-token trees
+measured 1.25x a decode step, one verifying 12-token trees 1.78x), so the gate measures which
+size pays at each batch size.
 
 The loop follows ``SpecDecodeBaseProposer.propose`` of vLLM 0.32 and relies on what
 ``set_inputs_first_pass`` writes; ``UPSTREAM_SHA256`` pins both methods' source
@@ -35,6 +39,7 @@ Upstream branches RADAR does not follow are refused in ``__init__``.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from typing import Any
@@ -48,7 +53,7 @@ from vllm.v1.sample.sampler import _SAMPLING_EPS as SAMPLING_EPS
 from vllm.v1.spec_decode.eagle import EagleProposer
 
 from radar_vllm.core.config import TreeConfig
-from radar_vllm.core.draft_gate import DraftGate, policy_arms
+from radar_vllm.core.draft_gate import DraftGate, gate_arms, round_shape
 from radar_vllm.core.growth import ChainGrowth, FrontierGrowth
 from radar_vllm.core.policy import PolicyRunner, load_policy
 from radar_vllm.core.tree import PADDING_TOKEN, DraftTree
@@ -141,12 +146,17 @@ class RadarProposer(EagleProposer):
         self.state_size = config.top_k
         self.tree_config = TreeConfig(top_k=config.top_k, max_depth=config.max_depth,
                                       total_tokens=config.total_tokens) if plan.tree else None
+        # the smaller trees the gate may choose instead (tree mode): one TreeConfig per size
+        self.tree_sizes = config.gate_tree_sizes if plan.tree else []
+        self._tree_configs = {size: dataclasses.replace(self.tree_config, total_tokens=size)
+                              for size in self.tree_sizes}
         self.stop_monitor = AllStoppedMonitor(torch.device(device), self.max_depth)
         self.last_tree: DraftTree | None = None  # the last round's drafts (tree mode: read by the runner)
         # Depth 0: the gate and the rows skipped rounds leave for the drafter to catch up on. Its
         # caps below the maximum draft fixed-depth chains (vLLM's loop); the deepest arm's rounds
-        # (the policy's, chain or tree) are measured on their own
-        self.gate = (DraftGate(self.max_depth, own_arms=policy_arms(self.max_depth))
+        # (the policy's, chain or tree; and in tree mode one per smaller tree size) on their own
+        caps, own_arms = gate_arms(self.max_depth, self.tree_sizes)
+        self.gate = (DraftGate(self.max_depth, arms=caps, own_arms=own_arms, tree_sizes=self.tree_sizes)
                      if config.skip_drafting == "auto" and config.fixed_depth is None else None)
         if self.gate is not None and plan.gate_table is not None:
             self.gate.seed(plan.gate_table)
@@ -156,6 +166,7 @@ class RadarProposer(EagleProposer):
         self._last_round: tuple[float, int, str, int, int, bool] | None = None
         self.clock = time.perf_counter  # what the gate's step times are read from (seconds)
         self._depth_cap = self.max_depth  # the gate's cap for the current round
+        self._round_tree_size: int | None = None  # a smaller tree the gate chose for it (None: total_tokens)
         self._opened_action: str | None = None  # a round opened by skip_decode_round, for propose
         self._splice_kept = True  # call 1 brings the kept rows in (False: a catch-up round that keeps them)
         logger.info("RadarProposer: %s mode, max_depth=%d, top_k=%d, %s", plan.mode, self.max_depth, config.top_k,
@@ -172,7 +183,8 @@ class RadarProposer(EagleProposer):
     def _growth(self, batch_size: int, device: torch.device) -> Any:
         if self.tree_config is None:
             return ChainGrowth(batch_size, self.max_depth, self.state_size, device)
-        return FrontierGrowth(self.tree_config, batch_size, self.state_size, device)
+        config = self._tree_configs.get(self._round_tree_size, self.tree_config)
+        return FrontierGrowth(config, batch_size, self.state_size, device)
 
     def _begin_policy_round(self, batch_size: int, sampling_metadata: Any) -> None:
         """Choose this round's policies: greedy rows run ``policy``, sampling rows ``sampled_policy``."""
@@ -440,7 +452,8 @@ class RadarProposer(EagleProposer):
             cap = self.gate.decide(batch_size, sampling)
             if cap == 0:
                 action = SKIP_ROUND if decode_only and self.skipped.has_room(num_rows) else CATCH_UP_ROUND
-        self._depth_cap = max(cap, 1)
+        depth, self._round_tree_size = round_shape(cap, self.max_depth, self.tree_sizes)
+        self._depth_cap = max(depth, 1)
         self._last_round = (now, batch_size, action, cap, self.skipped.rows_caught_up, sampling)
         self.round_counts[action] += 1
         return action

@@ -307,6 +307,25 @@ def test_tree_mode_rounds_capped_below_the_maximum_depth_draft_fixed_chains(mode
     assert counters["vllm:radar_draft_calls"] == cap * counters["vllm:radar_rounds"] > 0
 
 
+@pytest.mark.parametrize("arm, largest", [(5, NUM_NODES), (6, 3)], ids=["full tree", "smaller tree"])
+def test_the_gate_arm_of_a_smaller_tree_verifies_trees_of_that_size(models, baseline, arm, largest):
+    """``tree_sizes``: arm 6 (max depth 5, one smaller size) grows the policy's trees and verifies
+    their best 4 tokens (3 drafts) per request; arm 5 the engine's full trees. Greedy outputs stay
+    those of no speculation."""
+    target, checkpoint = models
+    requests, expected = baseline[:2]
+    llm = _tree_engine(target, checkpoint, {"skip_drafting": "auto", "tree_sizes": [4]}, max_num_seqs=16)
+    try:
+        llm.collective_rpc(lambda worker: _cap_gate(worker, arm))
+        _assert_same(expected, _generate(llm, requests), f"tree mode, every round on gate arm {arm}")
+        stats = _tree_stats(llm)
+        lengths = llm.collective_rpc(lambda worker: worker.model_runner.drafter.proposed_lengths)[0]
+    finally:
+        shutdown_engine(llm)
+    assert stats["trees"] > 20 and len(lengths) > 50
+    assert max(lengths) == largest  # (the policy stops some requests' trees before they fill)
+
+
 def _exact_counts(histogram, upper: int) -> list[int]:
     """Observations equal to 1..upper from a cumulative integer-bucket histogram."""
     cumulative = [histogram.buckets[f"{value}.0"] for value in range(1, upper + 1)]

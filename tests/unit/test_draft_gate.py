@@ -578,3 +578,53 @@ def test_one_probe_moves_an_arm_measured_only_by_probes_halfway_to_what_it_sees(
     # each probe measures the depth halfway: acceptance of depth 2 went 0 -> 0.15 at the first
     reach = state.reach[1]
     assert reach.rate > 0.2 and reach.count >= 2
+
+
+def test_smaller_trees_are_policy_arms_above_the_deepest_cap_measured_not_estimated():
+    from radar_vllm.core.draft_gate import gate_arms, round_shape
+
+    assert gate_arms(7, [6, 4]) == ([0, 1, 2, 3, 4, 7, 8, 9], [7, 8, 9])
+    assert gate_arms(7) == ([0, 1, 2, 3, 4, 7], [7])
+    assert round_shape(3, 7, [6]) == (3, None) and round_shape(7, 7, [6]) == (7, None)
+    assert round_shape(8, 7, [6, 4]) == (7, 6) and round_shape(9, 7, [6, 4]) == (7, 4)
+    with pytest.raises(ValueError, match="gate arm 9 is above max_depth=7"):
+        round_shape(9, 7, [6])
+    with pytest.raises(ValueError, match="arms must hold"):
+        DraftGate(7, arms=(0, 1, 8))  # an arm above the deepest cap must be a policy arm
+    # batch 16: one draft loses to depth 0, so the full tree is estimated from it, not run; the
+    # smaller tree is not a deeper chain: it is measured, wins, and keeps its own tokens
+    gate = DraftGate(7, arms=(0, 1, 7, 8), own_arms=(7, 8), tree_sizes=[6])
+    emitted = {0: [1] * 16, 1: [2] * 5 + [1] * 11, 7: [3] * 10 + [1] * 6, 8: [2] * 8 + [1] * 8}
+    seconds = {0: 0.080, 1: 0.120, 7: 0.250, 8: 0.090}
+    choices = _run(gate, 16, 120, lambda cap: (seconds[cap], emitted[cap]))
+    summary = gate.summary()["16"]
+    assert summary["steps_d7"] == 0 and summary["steps_d8"] > 0
+    assert gate.preferred(16) == 8 and choices[-40:].count(8) >= 38
+    assert summary["tokens_d8"] == pytest.approx(1.5)
+    assert summary["reach_1"] == pytest.approx(5 / 16)  # only the one-draft chains taught depth 1
+
+
+def test_a_table_without_the_engines_smaller_trees_seeds_the_rest_and_the_trees_are_measured(tmp_path):
+    from radar_vllm.core.draft_gate import check_gate_tables
+
+    costs = _costs({0: (0.080, 1.0), 1: (0.120, 1.3), 7: (0.250, 1.6), 8: (0.070, 1.5)})
+    old = DraftGate(7, arms=(0, 1, 7), own_arms=(7,))
+    _run(old, 16, 100, costs)
+    table = _table(old, mode="tree")
+    engine = dict(checkpoint_id="radar@0123456789ab", mode="tree", dtype="float32", target="target",
+                  caps=[0, 1, 7, 8], own_arms=[7, 8], tree_sizes=[6], max_depth=7, max_batch_size=16,
+                  machine=("cpu A", 2, None))
+    section = check_gate_tables([(tmp_path / "old.json", table)], strict=True, **engine)
+    gate = DraftGate(7, arms=(0, 1, 7, 8), own_arms=(7, 8), tree_sizes=[6])
+    gate.seed(section)
+    assert _run(gate, 16, 2, costs) == [8, 8]  # the arm the table lacks is measured first
+    assert gate.preferred(16) == 8
+    # a table that measured its arm 8 with another tree size describes another engine
+    table6 = _table(gate, mode="tree")
+    assert table6["modes"]["tree"]["tree_sizes"] == [6]
+    assert check_gate_tables([(tmp_path / "t6.json", table6)], strict=True, **engine) is not None
+    for key, value in (("tree_sizes", [5]), ("tree_sizes", []), ("caps", [0, 1, 7]), ("own_arms", [7])):
+        with pytest.raises(ValueError, match="smaller trees"):
+            check_gate_tables([(tmp_path / "t6.json", table6)], strict=True, **{**engine, key: value})
+    with pytest.raises(ValueError, match="smaller trees"):
+        DraftGate(7, arms=(0, 1, 7, 8), own_arms=(7, 8), tree_sizes=[5]).seed(table6["modes"]["tree"])

@@ -56,6 +56,11 @@ def test_defaults_and_round_trip():
         ({"gate_costs": ""}, "radar.gate_costs must be a non-empty path string"),
         ({"gate_costs": []}, "radar.gate_costs must be a non-empty path string"),
         ({"gate_costs": ["a.json", 3]}, "radar.gate_costs must be a non-empty path string"),
+        ({"tree_sizes": 6}, "radar.tree_sizes must be a list"),
+        ({"tree_sizes": [1]}, "radar.tree_sizes[] must be >= 2"),
+        ({"tree_sizes": [6.5]}, "radar.tree_sizes[] must be an integer"),
+        ({"total_tokens": 12, "tree_sizes": [12]}, "radar.tree_sizes holds 12: each must be below radar.total_tokens=12"),
+        ({"tree_sizes": [6, 4, 6]}, "radar.tree_sizes repeats a size"),
     ],
 )
 def test_bad_options_name_the_option(options, fragment):
@@ -128,7 +133,9 @@ def test_pack_carries_a_gate_cost_table(tiny, tmp_path):
     # several tables (one per machine) are kept side by side, listed in order
     second = tmp_path / "gate_b.json"
     second.write_text(json.dumps({"format": GATE_TABLE_FORMAT, "modes": {}, "note": "machine B"}))
-    several = pack_radar_checkpoint(head, policy, tmp_path / "ck3", max_depth=4, gate_costs_paths=[table, second])
+    several = pack_radar_checkpoint(head, policy, tmp_path / "ck3", max_depth=4, gate_costs_paths=[table, second],
+                                    tree_sizes=[6])
+    assert read_head_config(several)["radar"]["tree_sizes"] == [6]
     assert read_head_config(several)["radar"]["gate_costs"] == ["gate_costs.json", "gate_costs_2.json"]
     assert json.loads((several / "gate_costs_2.json").read_text())["note"] == "machine B"
     # re-packing a packed checkpoint with one table leaves none of the old ones behind
@@ -269,3 +276,12 @@ def test_validation_checks_the_tree_policy_in_chain_mode_too(tiny, tmp_path):
     config = RadarConfig.from_dict(radar_section(read_head_config(checkpoint)))
     with pytest.raises(FileNotFoundError, match="radar.tree_policy='policy-tree'"):
         validate_radar_setup(config, checkpoint)
+
+
+def test_the_gate_chooses_among_smaller_trees_only_in_tree_mode_with_the_gate_on():
+    options = {"total_tokens": 12, "tree_sizes": [6, 4]}
+    assert RadarConfig.from_dict({**options, "mode": "tree"}).gate_tree_sizes == [6, 4]
+    assert RadarConfig.from_dict(options).gate_tree_sizes == []  # chain mode verifies no trees
+    assert RadarConfig.from_dict({**options, "mode": "tree", "skip_drafting": "never"}).gate_tree_sizes == []
+    assert RadarConfig.from_dict({**options, "mode": "tree", "fixed_depth": 3}).gate_tree_sizes == []
+    assert RadarConfig.from_dict({"mode": "tree"}).gate_tree_sizes == []
