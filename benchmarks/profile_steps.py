@@ -52,7 +52,8 @@ CONFIGS = {
 # Other RADAR shapes by name: radar-MODE[-tkK][-nN][-dD][-sS][-gG] (tree width K, N tree tokens with the
 # root, D draft calls every round: no policy, no gate, the plugin's own cost; S scratch blocks for tree
 # rows; G: the depth gate forced to cap every round at G, 0 = never draft), e.g. radar-chain-d3,
-# radar-tree-tk2-n6-d3, radar-tree-tk3-n8-d3-s64, radar-tree-g1, radar-chain-g0.
+# radar-tree-tk2-n6-d3, radar-tree-tk3-n8-d3-s64, radar-tree-g1, radar-chain-g0; in tree mode G above
+# the maximum depth is a smaller tree of the checkpoint's tree_sizes (radar-tree-g8: its first).
 SHAPE = re.compile(r"radar-(chain|tree)(?:-tk(\d+))?(?:-n(\d+))?(?:-d(\d+))?(?:-s(\d+))?(?:-g(\d+))?")
 
 
@@ -69,6 +70,7 @@ def speculative_config(name: str) -> dict[str, Any] | None:
         radar["top_k"] = int(top_k)
     if total:
         radar["total_tokens"] = int(total)
+        radar["tree_sizes"] = None  # (the checkpoint's smaller trees need not be smaller than this)
     if depth:
         radar["fixed_depth"] = int(depth)
     if scratch:

@@ -405,18 +405,83 @@ def accept_tree(
     return sample_verify(tree, probs, generator=generator), law
 
 
-def output_rows(results: Sequence[tuple[int, VerifyResult]], sampled: Tensor) -> None:
-    """Overwrite rows of vLLM's ``[batch, max_sampled]`` int32 sampler output in place.
+def accept_trees(
+    tree: DraftTree,  # the step's trees, one per request
+    logits: Tensor,  # [rows, V] the target's logits of the whole step
+    first_rows: Sequence[int],  # per request: its root's row in ``logits`` (its nodes' rows follow)
+    temperatures: Sequence[float],
+    top_ps: Sequence[float | None],
+    top_ks: Sequence[int | None],
+    generators: Sequence[torch.Generator | None],
+    with_law: bool = False,
+) -> tuple[VerifyResult, list[Tensor] | None]:
+    """:func:`accept_tree` for every request of a step: the greedy requests in one batched
+    :func:`greedy_verify` (one argmax over their rows), each sampling request on its own (its
+    shaping and its generator are its own). Returns one result for the batch, in request order,
+    and, when ``with_law``, each request's acceptance-length law."""
+    batch = tree.batch_size
+    for name, values in (("first_rows", first_rows), ("temperatures", temperatures), ("top_ps", top_ps),
+                         ("top_ks", top_ks), ("generators", generators)):
+        if len(values) != batch:
+            raise ValueError(f"{name} has {len(values)} entries for {batch} trees")
+    depth_bound, device = tree.max_depth, tree.device
+    accepted = torch.full((batch, depth_bound), NO_PARENT, dtype=torch.long, device=device)
+    output = torch.full((batch, depth_bound + 1), PADDING_TOKEN, dtype=torch.long, device=device)
+    num_accepted = torch.zeros(batch, dtype=torch.long, device=device)
+    bonus = torch.zeros(batch, dtype=torch.long, device=device)
+    last_node = torch.full((batch,), NO_PARENT, dtype=torch.long, device=device)
+    laws: list[Tensor] | None = [torch.zeros(0)] * batch if with_law else None
+    num_nodes = tree.num_nodes.tolist()
 
-    ``results``: ``(batch_index, VerifyResult of a batch of one)``; the row becomes accepted
-    tokens + bonus, OUTPUT_PADDING after.
-    """
-    for batch_index, result in results:
-        count = int(result.num_accepted[0]) + 1
-        if count > sampled.shape[1]:
-            raise ValueError(f"output width {sampled.shape[1]} cannot hold {count} tokens")
-        sampled[batch_index].fill_(OUTPUT_PADDING)
-        tokens = result.output_tokens[0, :count]
-        if bool((tokens == PADDING_TOKEN).any()):
-            raise RuntimeError(f"accepted output contains padding: {tokens.tolist()}")
-        sampled[batch_index, :count] = tokens.to(sampled.dtype)
+    def put(rows: Sequence[int], result: VerifyResult) -> None:
+        index = torch.as_tensor(rows, dtype=torch.long, device=device)
+        accepted[index], output[index] = result.accepted_nodes, result.output_tokens
+        num_accepted[index], bonus[index], last_node[index] = result.num_accepted, result.bonus_token, result.last_node
+
+    greedy = [b for b in range(batch) if temperatures[b] < SAMPLING_EPS]
+    if greedy:
+        trees = tree.select(greedy)
+        width = max(num_nodes[b] for b in greedy) + 1
+        trees = trees.narrow(width - 1)
+        # row j of request b: its root row + j, the last node's row for the padding columns
+        offsets = torch.arange(width).unsqueeze(0).expand(len(greedy), width)
+        starts = torch.tensor([first_rows[b] for b in greedy]).unsqueeze(1)
+        rows = starts + torch.minimum(offsets, torch.tensor([num_nodes[b] for b in greedy]).unsqueeze(1))
+        argmax = logits[rows.reshape(-1).to(logits.device)].argmax(dim=-1).view(len(greedy), width)
+        result = greedy_verify(trees, argmax)
+        put(greedy, result)
+        if laws is not None:
+            for row, b in enumerate(greedy):
+                law = torch.zeros(depth_bound + 1)
+                law[int(result.num_accepted[row])] = 1.0
+                laws[b] = law
+    for b in range(batch):
+        if temperatures[b] < SAMPLING_EPS:
+            continue
+        one = tree.select([b]).narrow(num_nodes[b])
+        rows = logits[first_rows[b]: first_rows[b] + num_nodes[b] + 1]
+        result, law = accept_tree(one, rows, temperatures[b], top_ps[b], top_ks[b], generators[b], with_law=with_law)
+        put([b], result)
+        if laws is not None and law is not None:
+            laws[b] = law
+    return VerifyResult(accepted_nodes=accepted, num_accepted=num_accepted, bonus_token=bonus,
+                        output_tokens=output, last_node=last_node), laws
+
+
+def output_rows(batch_indices: Sequence[int], result: VerifyResult, sampled: Tensor) -> None:
+    """Overwrite rows ``batch_indices`` of vLLM's ``[batch, max_sampled]`` int32 sampler output in
+    place with ``result``'s rows (request i's row: its accepted tokens + bonus, OUTPUT_PADDING after)."""
+    if not len(batch_indices):
+        return
+    counts = result.num_output_tokens.to(sampled.device)
+    if int(counts.max()) > sampled.shape[1]:
+        raise ValueError(f"output width {sampled.shape[1]} cannot hold {int(counts.max())} tokens")
+    width = min(sampled.shape[1], result.output_tokens.shape[1])
+    tokens = result.output_tokens[:, :width].to(sampled.device)
+    keep = torch.arange(width, device=sampled.device).unsqueeze(0) < counts.unsqueeze(1)
+    if bool((keep & (tokens == PADDING_TOKEN)).any()):
+        raise RuntimeError(f"accepted output contains padding: {tokens.tolist()}")
+    rows = torch.full((len(batch_indices), sampled.shape[1]), OUTPUT_PADDING, dtype=sampled.dtype,
+                      device=sampled.device)
+    rows[:, :width] = torch.where(keep, tokens, OUTPUT_PADDING).to(sampled.dtype)
+    sampled[torch.as_tensor(batch_indices, dtype=torch.long, device=sampled.device)] = rows

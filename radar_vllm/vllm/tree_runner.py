@@ -12,9 +12,11 @@ One speculative step of a batch, on top of vLLM's V1 runner (see docs/design.md)
    :mod:`radar_vllm.vllm.attention`);
 4. acceptance: ``_sample`` runs vLLM's sampler (chains and non-tree requests keep its exact
    semantics), then replaces the rows of tree requests by greedy / lossless tree acceptance
-   (:mod:`radar_vllm.core.verify`; per-request temperature, top-p, top-k and seeded generator);
+   (:func:`radar_vllm.core.verify.accept_trees`: the greedy requests in one batched walk, each
+   sampling request with its own temperature, top-p, top-k and seeded generator);
 5. compaction: the accepted path's K/V are rewritten right after the root in every target layer;
 6. restart: the segment rows of input ids, positions and EAGLE-3 aux hidden states are permuted
+   (one index copy for the batch)
    to ``[root, accepted path, rejected]``, so vLLM's padded first draft pass restarts the drafter
    from the accepted path only (its draft-layer K/V land in the right slots by construction);
 7. metrics: ``take_draft_token_ids`` hands the scheduler each request's stop depth with its drafts.
@@ -31,7 +33,7 @@ import torch
 from vllm.forward_context import get_forward_context
 
 from radar_vllm.core.tree import DraftTree, is_chain, segment_positions
-from radar_vllm.core.verify import accept_tree, compaction_moves, output_rows, restart_order
+from radar_vllm.core.verify import accept_trees, compaction_moves, output_rows, restart_order
 from radar_vllm.vllm.attention import (
     TreeVerifyPlan,
     check_backend,
@@ -215,48 +217,61 @@ class RadarTreeCPUModelRunner(RadarCPUModelRunner):
             return sampler_output
         metadata = self.input_batch.sampling_metadata
         cu_sampled = spec_decode_metadata.cu_num_sampled_tokens.tolist()
-        results = []
-        node_offset = 0
+        indices = [index for index, _, _ in step.requests]
+        num_nodes = step.tree.num_nodes.tolist()
+
+        def per_request(values: Any, convert: Any) -> list[Any]:
+            return [None] * len(indices) if values is None else [convert(values[index]) for index in indices]
+
+        temperatures = ([0.0] * len(indices) if metadata.all_greedy or metadata.temperature is None
+                        else per_request(metadata.temperature, float))
+        # (top-p 1 is no nucleus cut: it would only drop float-rounding tails)
+        top_ps = [None if p is None or p >= 1.0 else p for p in per_request(metadata.top_p, float)]
+        result, laws = accept_trees(
+            step.tree, logits, [cu_sampled[index] - (n + 1) for index, n in zip(indices, num_nodes)], temperatures,
+            top_ps, per_request(metadata.top_k, int), [metadata.generators.get(index) for index in indices],
+            with_law=self.record_acceptance)
+        output_rows(indices, result, sampler_output.sampled_token_ids)
+        counts = result.num_accepted.tolist()
+        paths = result.accepted_nodes.tolist()
         move_sources: list[int] = []
         move_destinations: list[int] = []
-        for i, (index, first_row, context_len) in enumerate(step.requests):
-            num_nodes = int(step.tree.num_nodes[i])
-            tree = step.tree.select([i]).narrow(num_nodes)
-            first_logit_row = cu_sampled[index] - (num_nodes + 1)
-            temperature = 0.0 if metadata.all_greedy or metadata.temperature is None else float(
-                metadata.temperature[index])
-            top_p = None if metadata.top_p is None else float(metadata.top_p[index])
-            if top_p is not None and top_p >= 1.0:
-                top_p = None  # no nucleus cut (avoids dropping float-rounding tails)
-            top_k = None if metadata.top_k is None else int(metadata.top_k[index])
-            result, law = accept_tree(tree, logits[first_logit_row : first_logit_row + num_nodes + 1], temperature,
-                                      top_p, top_k, metadata.generators.get(index), with_law=self.record_acceptance)
-            results.append((index, result))
-            if law is not None:
-                self.acceptance_records.append((law.tolist(), int(result.num_accepted[0])))
-            accepted = [int(n) for n in result.accepted_nodes[0, : int(result.num_accepted[0])]]
+        restart_rows: list[int] = []
+        restart_sources: list[int] = []
+        restart_positions: list[int] = []
+        node_offset = 0
+        for i, (_, first_row, context_len) in enumerate(step.requests):
+            accepted = paths[i][: counts[i]]
+            if laws is not None:
+                self.acceptance_records.append((laws[i].tolist(), counts[i]))
             moves = compaction_moves(first_row, accepted)
             for source_row, destination_row in moves:
                 move_sources.append(node_offset + (source_row - first_row - 1))
                 move_destinations.append(destination_row)
-            self._restart(step, first_row, context_len, num_nodes, accepted)
+            # restart: the segment's rows become [root, accepted path, rejected], positions in order
+            restart_rows += range(first_row, first_row + num_nodes[i] + 1)
+            restart_sources += [first_row + row for row in restart_order(num_nodes[i], accepted)]
+            restart_positions += range(context_len, context_len + num_nodes[i] + 1)
             self.tree_stats["trees"] += 1
-            self.tree_stats["nodes"] += num_nodes
+            self.tree_stats["nodes"] += num_nodes[i]
             self.tree_stats["accepted"] += len(accepted)
             self.tree_stats["moved"] += len(moves)
             self.tree_stats["off_spine"] += int(bool(moves))
-            node_offset += num_nodes
-        output_rows(results, sampler_output.sampled_token_ids)
+            node_offset += num_nodes[i]
         compact(step.plan, torch.tensor(move_sources, dtype=torch.long),
                 torch.tensor(move_destinations, dtype=torch.long))
+        self._restart(step, restart_rows, restart_sources, restart_positions)
         return sampler_output
 
-    def _restart(self, step: _StepTrees, first_row: int, context_len: int, num_nodes: int, accepted: list[int]) -> None:
-        order = torch.tensor(restart_order(num_nodes, accepted), dtype=torch.long) + first_row
-        rows = slice(first_row, first_row + num_nodes + 1)
+    def _restart(self, step: _StepTrees, rows: list[int], sources: list[int], positions: list[int]) -> None:
+        """Every tree segment's rows of input ids and aux hidden states take those of ``sources``
+        (root, accepted path, rejected), and positions ``positions`` (in order from the context)."""
+        if not rows:
+            return
+        rows_index = torch.tensor(rows, dtype=torch.long)
+        order = torch.tensor(sources, dtype=torch.long)
         input_ids = self.input_ids.gpu
-        input_ids[rows] = input_ids[order].clone()
-        self.positions[rows] = torch.arange(context_len, context_len + num_nodes + 1,
-                                            dtype=self.positions.dtype, device=self.positions.device)
+        input_ids[rows_index] = input_ids[order.to(input_ids.device)]
+        self.positions[rows_index] = torch.tensor(positions, dtype=self.positions.dtype, device=self.positions.device)
         for hidden in step.aux_hidden_states or []:
-            hidden[rows] = hidden[order].clone()
+            hidden[rows_index.to(hidden.device)] = hidden[order.to(hidden.device)]

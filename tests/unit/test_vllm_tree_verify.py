@@ -25,7 +25,14 @@ from radar_vllm.core.tree import (
     segment_positions,
 )
 from radar_vllm.core.config import TreeConfig
-from radar_vllm.core.verify import OUTPUT_PADDING, accept_tree, compaction_moves, output_rows, restart_order
+from radar_vllm.core.verify import (
+    OUTPUT_PADDING,
+    accept_tree,
+    accept_trees,
+    compaction_moves,
+    output_rows,
+    restart_order,
+)
 from radar_vllm.vllm.attention import (
     frontier_scratch_rounds,
     max_scratch_blocks_per_job,
@@ -312,11 +319,57 @@ def test_greedy_acceptance_matches_a_brute_force_walk_and_fills_vllm_rows():
         assert int(result.num_accepted[0]) == len(expected_path)
         # equally deep accepted nodes carry equal tokens; compare the emitted tokens
         sampled = torch.full((3, 10), 7, dtype=torch.int32)
-        output_rows([(1, result)], sampled)
+        output_rows([1], result, sampled)
         emitted = [tokens[n] for n in expected_path] + [expected_bonus]
         assert sampled[1, : len(emitted)].tolist() == emitted
         assert (sampled[1, len(emitted):] == OUTPUT_PADDING).all()
         assert (sampled[0] == 7).all() and (sampled[2] == 7).all()
+
+
+def test_a_steps_trees_accepted_together_equal_each_accepted_alone():
+    """accept_trees: the greedy requests in one batched walk, the sampling ones each with its own
+    shaping and generator; every request's result, law and output row is what accept_tree gives it
+    alone (the greedy walk over padded trees and gathered rows included)."""
+    rng = random.Random(5)
+    vocab = 7
+    for trial in range(12):
+        batch = rng.randint(1, 6)
+        parent_lists = [random_tree(rng, rng.randint(1, 7), max_depth=4) for _ in range(batch)]
+        token_lists = [[rng.randrange(vocab) for _ in parents] for parents in parent_lists]
+        logits = torch.randn(sum(len(p) + 1 for p in parent_lists) + 3, vocab,
+                             generator=torch.Generator().manual_seed(trial))
+        first_rows, row = [], 2  # (two rows of other requests first)
+        for b, parents in enumerate(parent_lists):
+            argmax = logits[row: row + len(parents) + 1].argmax(dim=-1).tolist()
+            for i, p in enumerate(parents):  # make acceptance likely
+                if rng.random() < 0.6:
+                    token_lists[b][i] = argmax[0 if p == NO_PARENT else p + 1]
+            first_rows.append(row)
+            row += len(parents) + 1
+        tree = build_tree_from_parents(parent_lists, token_lists, max_nodes=8, max_depth=4)
+        temperatures = [rng.choice([0.0, 0.0, 0.7, 1.0]) for _ in range(batch)]
+        top_ps = [rng.choice([None, 0.9]) for _ in range(batch)]
+        top_ks = [rng.choice([None, 3]) for _ in range(batch)]
+        seeds = [rng.randrange(1000) for _ in range(batch)]
+        together, laws = accept_trees(tree, logits, first_rows, temperatures, top_ps, top_ks,
+                                      [torch.Generator().manual_seed(seed) for seed in seeds], with_law=True)
+        sampled = torch.full((batch + 1, 9), 7, dtype=torch.int32)
+        output_rows(list(range(1, batch + 1)), together, sampled)
+        for b, parents in enumerate(parent_lists):
+            alone, law = accept_tree(tree.select([b]).narrow(len(parents)),
+                                     logits[first_rows[b]: first_rows[b] + len(parents) + 1], temperatures[b],
+                                     top_ps[b], top_ks[b], torch.Generator().manual_seed(seeds[b]), with_law=True)
+            count = int(alone.num_accepted[0])
+            assert int(together.num_accepted[b]) == count
+            assert together.accepted_nodes[b].tolist() == alone.accepted_nodes[0].tolist()
+            assert together.output_tokens[b].tolist() == alone.output_tokens[0].tolist()
+            assert torch.allclose(laws[b], law)
+            assert sampled[b + 1, : count + 1].tolist() == alone.output_tokens[0, : count + 1].tolist()
+            assert (sampled[b + 1, count + 1:] == OUTPUT_PADDING).all()
+        assert (sampled[0] == 7).all()
+    with pytest.raises(ValueError, match="temperatures has 1 entries for 2 trees"):
+        two = build_tree_from_parents([[-1], [-1]], [[1], [2]], max_nodes=1, max_depth=1)
+        accept_trees(two, torch.zeros(4, 3), [0, 2], [0.0], [None] * 2, [None] * 2, [None] * 2)
 
 
 def test_sampled_acceptance_first_token_follows_the_target():
