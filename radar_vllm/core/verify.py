@@ -447,7 +447,9 @@ def accept_trees(
         offsets = torch.arange(width).unsqueeze(0).expand(len(greedy), width)
         starts = torch.tensor([first_rows[b] for b in greedy]).unsqueeze(1)
         rows = starts + torch.minimum(offsets, torch.tensor([num_nodes[b] for b in greedy]).unsqueeze(1))
-        argmax = logits[rows.reshape(-1).to(logits.device)].argmax(dim=-1).view(len(greedy), width)
+        first, last = int(rows.min()), int(rows.max())  # one argmax over the rows' span (a view, no copy)
+        span = logits[first: last + 1].argmax(dim=-1)
+        argmax = span[(rows - first).reshape(-1).to(span.device)].view(len(greedy), width)
         result = greedy_verify(trees, argmax)
         put(greedy, result)
         if laws is not None:

@@ -31,9 +31,10 @@ import numpy as np
 import torch
 
 from vllm.forward_context import get_forward_context
+from vllm.v1.outputs import SamplerOutput
 
 from radar_vllm.core.tree import DraftTree, is_chain, segment_positions
-from radar_vllm.core.verify import accept_trees, compaction_moves, output_rows, restart_order
+from radar_vllm.core.verify import OUTPUT_PADDING, accept_trees, compaction_moves, output_rows, restart_order
 from radar_vllm.vllm.attention import (
     TreeVerifyPlan,
     check_backend,
@@ -74,11 +75,12 @@ class RadarTreeCPUModelRunner(RadarCPUModelRunner):
         # empty: recompute one node per request per kernel call in the request's own slots
         self._scratch_blocks: list[int] = []
         self._kernel_block_size = 0
-        # counters over the engine's life: steps that verified trees, tree verifications, nodes,
-        # accepted draft tokens, compacted rows, recomputed (path) rows, kernel calls per layer that
-        # recomputed them, accepted paths that left the first branch
-        self.tree_stats = {"steps": 0, "trees": 0, "nodes": 0, "accepted": 0, "moved": 0, "path_rows": 0,
-                           "path_rounds": 0, "off_spine": 0}
+        # counters over the engine's life: steps that verified trees, those of them sampled by tree
+        # acceptance alone (no vLLM sampler), tree verifications, nodes, accepted draft tokens,
+        # compacted rows, recomputed (path) rows, kernel calls per layer that recomputed them,
+        # accepted paths that left the first branch
+        self.tree_stats = {"steps": 0, "own_sampling": 0, "trees": 0, "nodes": 0, "accepted": 0, "moved": 0,
+                           "path_rows": 0, "path_rounds": 0, "off_spine": 0}
         # tests: when True, every tree verification records (exact law of the accepted length,
         # realized accepted length)
         self.record_acceptance = False
@@ -211,11 +213,22 @@ class RadarTreeCPUModelRunner(RadarCPUModelRunner):
     # ------------------------------------------------------------------ acceptance
 
     def _sample(self, logits: torch.Tensor | None, spec_decode_metadata: Any) -> Any:
-        sampler_output = super()._sample(logits, spec_decode_metadata)
         step, self._step = self._step, None
         if step is None or spec_decode_metadata is None or logits is None:
-            return sampler_output
+            return super()._sample(logits, spec_decode_metadata)
         metadata = self.input_batch.sampling_metadata
+        if metadata.all_greedy and len(step.requests) == self.input_batch.num_reqs:
+            # every request verifies a greedy tree, whose acceptance below writes its whole row:
+            # vLLM's rejection sampler (copies of every draft row's logits) would be thrown away.
+            # (Steps that sample keep it: its bonus draws advance the requests' random streams.)
+            self.input_batch.update_async_output_token_ids()
+            self.tree_stats["own_sampling"] += 1
+            sampler_output = SamplerOutput(
+                sampled_token_ids=torch.full((self.input_batch.num_reqs, spec_decode_metadata.max_spec_len + 1),
+                                             OUTPUT_PADDING, dtype=torch.int32, device=logits.device),
+                logprobs_tensors=None)
+        else:
+            sampler_output = super()._sample(logits, spec_decode_metadata)
         cu_sampled = spec_decode_metadata.cu_num_sampled_tokens.tolist()
         indices = [index for index, _, _ in step.requests]
         num_nodes = step.tree.num_nodes.tolist()
