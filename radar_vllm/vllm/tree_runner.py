@@ -11,14 +11,15 @@ One speculative step of a batch, on top of vLLM's V1 runner (see docs/design.md)
    (rows recomputed in the requests' own slots or over scratch blocks, see
    :mod:`radar_vllm.vllm.attention`);
 4. acceptance: ``_sample`` runs vLLM's sampler (chains and non-tree requests keep its exact
-   semantics), then replaces the rows of tree requests by greedy / lossless tree acceptance
+   semantics; a step in which every request verifies a greedy tree skips it), then replaces the
+   rows of tree requests by greedy / lossless tree acceptance
    (:func:`radar_vllm.core.verify.accept_trees`: the greedy requests in one batched walk, each
    sampling request with its own temperature, top-p, top-k and seeded generator);
 5. compaction: the accepted path's K/V are rewritten right after the root in every target layer;
 6. restart: the segment rows of input ids, positions and EAGLE-3 aux hidden states are permuted
-   (one index copy for the batch)
-   to ``[root, accepted path, rejected]``, so vLLM's padded first draft pass restarts the drafter
-   from the accepted path only (its draft-layer K/V land in the right slots by construction);
+   to ``[root, accepted path, rejected]`` (one index copy for the batch), so vLLM's padded first
+   draft pass restarts the drafter from the accepted path only (its draft-layer K/V land in the
+   right slots by construction);
 7. metrics: ``take_draft_token_ids`` hands the scheduler each request's stop depth with its drafts.
 """
 from __future__ import annotations
