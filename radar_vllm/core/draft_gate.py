@@ -232,7 +232,8 @@ class DraftGate:
         if max_depth < 1:
             raise ValueError(f"max_depth must be >= 1, got {max_depth}")
         caps = sorted(set(arms if arms is not None else default_arms(max_depth)))
-        above = [cap for cap in caps if cap > max_depth and cap not in set(own_arms)]
+        own = frozenset(int(cap) for cap in own_arms)
+        above = [cap for cap in caps if cap > max_depth and cap not in own]
         if len(caps) < 2 or caps[0] < 0 or above:
             raise ValueError(f"arms must hold at least two depth caps in [0, {max_depth}] (policy arms, own_arms, "
                              f"may lie above it: smaller trees), got {list(caps)}")
@@ -252,7 +253,7 @@ class DraftGate:
         self.tree_sizes = [int(size) for size in tree_sizes]
         self.draft_margin = draft_margin
         self.probe_requests = probe_requests
-        self.own_arms = frozenset(int(cap) for cap in own_arms)
+        self.own_arms = own
         self.caps = caps
         self.max_depth = max_depth
         self.probe_every = probe_every
@@ -646,8 +647,8 @@ def check_gate_tables(tables: Sequence[tuple[str | Path, Mapping[str, Any]]], *,
                       machine: tuple[Any, ...], verify: str | None = None,
                       own_arms: Sequence[int] = (), tree_sizes: Sequence[int] = ()) -> dict[str, Any] | None:
     """The part of the first of ``tables`` (``(path, table)`` pairs, e.g. one per machine) that fits
-    this engine that its gate starts from: ``{"arms", "own_arms", "max_depth", "buckets"}`` of its mode,
-    or None.
+    this engine that its gate starts from: ``{"arms", "own_arms", "max_depth", "buckets"}`` of its mode
+    (and ``"tree_sizes"`` where the table has smaller trees), or None.
 
     A table measured for another head, dtype, target, machine, tree verification (``verify``), or
     without this mode, set of depth caps and policy arms (``own_arms``), describes another engine.

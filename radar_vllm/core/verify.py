@@ -379,6 +379,13 @@ def restart_order(num_nodes: int, accepted_nodes: Sequence[int]) -> list[int]:
 # acceptance
 
 
+def _greedy_law(max_depth: int, num_accepted: int) -> Tensor:
+    """The law of a greedy request's accepted length: a point mass (``[max_depth + 1]`` float32)."""
+    law = torch.zeros(max_depth + 1)
+    law[num_accepted] = 1.0
+    return law
+
+
 def accept_tree(
     tree: DraftTree,  # one request's tree (batch of one), cut to the verified nodes
     rows: Tensor,  # [num_nodes + 1, V] the target's logits at the root and after every node
@@ -395,11 +402,7 @@ def accept_tree(
     """
     if temperature < SAMPLING_EPS:
         result = greedy_verify(tree, rows.argmax(dim=-1).unsqueeze(0))
-        law = None
-        if with_law:
-            law = torch.zeros(tree.max_depth + 1)
-            law[int(result.num_accepted[0])] = 1.0
-        return result, law
+        return result, _greedy_law(tree.max_depth, int(result.num_accepted[0])) if with_law else None
     probs = shape_probs(rows.unsqueeze(0), temperature, top_p, top_k)  # [1, n + 1, V]
     law = acceptance_length_distribution(tree, probs)[0] if with_law else None
     return sample_verify(tree, probs, generator=generator), law
@@ -454,9 +457,7 @@ def accept_trees(
         put(greedy, result)
         if laws is not None:
             for row, b in enumerate(greedy):
-                law = torch.zeros(depth_bound + 1)
-                law[int(result.num_accepted[row])] = 1.0
-                laws[b] = law
+                laws[b] = _greedy_law(depth_bound, int(result.num_accepted[row]))
     for b in range(batch):
         if temperatures[b] < SAMPLING_EPS:
             continue

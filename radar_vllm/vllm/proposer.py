@@ -146,8 +146,8 @@ class RadarProposer(EagleProposer):
         self.state_size = config.top_k
         self.tree_config = TreeConfig(top_k=config.top_k, max_depth=config.max_depth,
                                       total_tokens=config.total_tokens) if plan.tree else None
-        # the smaller trees the gate may choose instead (tree mode): one TreeConfig per size
-        self.tree_sizes = config.gate_tree_sizes if plan.tree else []
+        # the smaller trees the gate may choose instead (tree mode, gate on): one TreeConfig per size
+        self.tree_sizes = config.gate_tree_sizes
         self._tree_configs = {size: dataclasses.replace(self.tree_config, total_tokens=size)
                               for size in self.tree_sizes}
         self.stop_monitor = AllStoppedMonitor(torch.device(device), self.max_depth)

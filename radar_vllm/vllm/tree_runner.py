@@ -222,6 +222,7 @@ class RadarTreeCPUModelRunner(RadarCPUModelRunner):
             # every request verifies a greedy tree, whose acceptance below writes its whole row:
             # vLLM's rejection sampler (copies of every draft row's logits) would be thrown away.
             # (Steps that sample keep it: its bonus draws advance the requests' random streams.)
+            # What vLLM's _sample does before sampling (pinned: worker.UPSTREAM_SHA256):
             self.input_batch.update_async_output_token_ids()
             self.tree_stats["own_sampling"] += 1
             sampler_output = SamplerOutput(
