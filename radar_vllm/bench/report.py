@@ -545,6 +545,104 @@ def headline(document: Mapping[str, Any]) -> list[str]:
     return lines
 
 
+# The "always on" goal: in every cell a RADAR row runs at least GOAL_FLOOR x the best of no
+# speculation and every stock EAGLE-3 row (fixed K and Dynamic SD), and beats every stock row that
+# is more than GOAL_STOCK_LEAD faster than no speculation; served, no request fails, and at
+# GOAL_TPOT_STREAMS streams its p99 TPOT is within GOAL_TPOT x no speculation's.
+GOAL_FLOOR = 0.98
+GOAL_STOCK_LEAD = 1.03
+GOAL_TPOT = 1.1
+GOAL_TPOT_STREAMS = 64
+
+
+def _goal_mark(ratio: float, stock: Sequence[float], extra: bool = True) -> str:
+    """' met' or ' not met' for a RADAR ratio to no speculation against the stock ratios."""
+    bar = max([1.0, *stock])
+    beats_leaders = all(ratio > value for value in stock if value > GOAL_STOCK_LEAD)
+    return " met" if extra and ratio >= GOAL_FLOOR * bar and beats_leaders else " not met"
+
+
+def _goal_row(label: str, base: float, stock: Mapping[str, float], radar: Mapping[str, tuple[str, bool]],
+              fixed_k: Sequence[str]) -> str:
+    best_k = max(fixed_k, key=lambda name: stock[name], default=None)
+    best_text = f"{stock[best_k]:.2f}x ({best_k.removeprefix('eagle3-')})" if best_k else "–"
+    dynamic = stock.get("eagle3-dynamic")
+    cells = [label, f"{base:.1f} tok/s", best_text, "–" if dynamic is None else f"{dynamic:.2f}x"]
+    cells += [radar[name][0] if name in radar else "–" for name in (RADAR_CHAIN, RADAR_TREE)]
+    return _table_row(cells)
+
+
+def _median_p99_tpot(levels: Sequence[Mapping[str, Any]]) -> float | None:
+    values = [float(level["tpot_ms"]["p99"]) for level in levels if (level.get("tpot_ms") or {}).get("p99") is not None]
+    return statistics.median(values) if values else None
+
+
+def goal_lines(document: Mapping[str, Any]) -> list[str]:
+    """One table, a row per offline cell and served concurrency: no speculation's tokens/s, the
+    best fixed stock K and stock Dynamic SD as ratios to it, and each RADAR row's ratio marked with
+    whether it meets the goal (see GOAL_FLOOR). Flagged (sampling BROKEN) and uncorrected stock
+    rows are not baselines; a RADAR row whose sampling is BROKEN never meets it."""
+    rows = []
+    for (workload, temperature, mode), cells in _groups(document).items():
+        base = next((c for c in cells if c["kind"] == KIND_NONE), None)
+        if base is None:
+            continue
+        stock = {c["config"]: c["vs_no_spec"]["value"] for c in cells
+                 if c["kind"] == KIND_EAGLE3 and not c.get("plugin_disabled") and not c.get("sampling_broken")
+                 and c.get("vs_no_spec")}
+        radar = {}
+        for c in cells:
+            if c["config"] in (RADAR_CHAIN, RADAR_TREE):
+                if c.get("sampling_broken") or not c.get("vs_no_spec"):
+                    radar[c["config"]] = ("sampling BROKEN" if c.get("sampling_broken") else "–", False)
+                else:
+                    value = c["vs_no_spec"]["value"]
+                    radar[c["config"]] = (f"{_ratio(c['vs_no_spec'])}{_goal_mark(value, list(stock.values()))}", True)
+        fixed_k = [name for name in stock if name != "eagle3-dynamic"]
+        label = f"{workload}, T={temperature:g}, {mode}"
+        rows.append(_goal_row(label, base["tokens_per_s"]["median"], stock, radar, fixed_k))
+    groups: dict[int, dict[str, list[Mapping[str, Any]]]] = {}
+    for level in document.get("online") or []:
+        if not level.get("error"):
+            groups.setdefault(int(level["concurrency"]), {}).setdefault(level["config"], []).append(level)
+    for concurrency, by_config in sorted(groups.items()):
+        if NO_SPEC not in by_config:
+            continue
+        rate = {name: statistics.median(float(level["output_throughput"]) for level in group)
+                for name, group in by_config.items()}
+        tpot = {name: _median_p99_tpot(group) for name, group in by_config.items()}
+        failed = {name: sum(int(level.get("failed", 0)) for level in group) for name, group in by_config.items()}
+        base = rate[NO_SPEC]
+        stock = {name: rate[name] / base for name in by_config if name.startswith("eagle3")}
+        radar = {}
+        for name in (RADAR_CHAIN, RADAR_TREE):
+            if name not in rate:
+                continue
+            ratio = rate[name] / base
+            text = f"{ratio:.2f}x"
+            extra = failed[name] == 0
+            if concurrency == GOAL_TPOT_STREAMS and tpot.get(name) and tpot.get(NO_SPEC):
+                tpot_ratio = tpot[name] / tpot[NO_SPEC]
+                text += f", p99 TPOT {tpot_ratio:.2f}x"
+                extra = extra and tpot_ratio <= GOAL_TPOT
+            if failed[name]:
+                text += f", {failed[name]} failed"
+            radar[name] = (text + _goal_mark(ratio, list(stock.values()), extra), True)
+        fixed_k = [name for name in stock if name != "eagle3-dynamic"]
+        runs = max(len(group) for group in by_config.values())
+        label = f"served, {concurrency} stream{'s' if concurrency > 1 else ''}" + (f" ({runs} runs)" if runs > 1 else "")
+        rows.append(_goal_row(label, base, stock, radar, fixed_k))
+    if not rows:
+        return []
+    return ["| cell | no speculation | best stock K | stock Dynamic SD | RADAR chain | RADAR tree |",
+            "|---|---|---|---|---|---|", *rows, "",
+            f"Ratios to no speculation (offline: ratio of medians, range min/max .. max/min; served: ratio of "
+            f"medians over the runs). Goal: at least {GOAL_FLOOR:g}x the best of no speculation and every stock "
+            f"row, above every stock row more than {GOAL_STOCK_LEAD:g}x no speculation; served, 0 failed "
+            f"requests and at {GOAL_TPOT_STREAMS} streams p99 TPOT within {GOAL_TPOT:g}x "
+            f"no speculation's.", ""]
+
+
 def _groups(document: Mapping[str, Any]) -> dict[tuple[str, float, str], list[Mapping[str, Any]]]:
     """Cells by (workload, temperature, mode), in the order they were measured."""
     groups: dict[tuple[str, float, str], list[Mapping[str, Any]]] = {}
@@ -618,6 +716,9 @@ def render_markdown(document: Mapping[str, Any], plot_files: Sequence[str] = ())
     lines = headline(document)
     if lines:
         out += ["## RADAR against the best stock EAGLE-3", "", *lines, ""]
+    goal = goal_lines(document)
+    if goal:
+        out += ["## Every cell against the goal", "", *goal]
     order = {c["name"]: i for i, c in enumerate(document["configs"])}
     out += ["## Offline", ""]
     for (workload, temperature, mode), cells in _groups(document).items():

@@ -14,14 +14,12 @@ import pytest
 
 from conftest import BENCH_CLI, FakeLLM, bench_rows, bench_settings
 from radar_vllm.bench.configs import (
-    CONFIDENCE_CHAIN,
     KIND_EAGLE3,
     KIND_NONE,
     KIND_RADAR,
     NO_SPEC,
     RADAR_CHAIN,
     RADAR_TREE,
-    STATIC_TREE,
     BenchConfig,
 )
 from radar_vllm.bench.estimate import (
@@ -39,15 +37,15 @@ from radar_vllm.bench.settings import (
     MODE_BATCH1,
     MODE_BATCHED,
     ONLINE_BEST_EAGLE3,
+    ONLINE_SAMPLING_MIXED,
     PRESETS,
     BenchSettings,
     temperatures_for,
 )
-from radar_vllm.bench.workloads import HUMANEVAL, MTBENCH, MTBENCH_TURN2, Workload
+from radar_vllm.bench.workloads import HUMANEVAL, MTBENCH, MTBENCH_TURN2, SHAREGPT, Workload
 
-# "about an hour", hard limit 75 min; the uncorrected stock row and the scoring of sampled outputs
-# add about 3.5 min to the estimate (which errs long: every answer at full length)
-REPORT_MINUTES_RANGE = (45.0, 80.0)
+# "about two hours" (the estimate errs long: every answer at full length)
+REPORT_MINUTES_RANGE = (80.0, 150.0)
 SECONDS_PER_MINUTE = 60.0
 
 
@@ -58,34 +56,33 @@ def report_settings(**overrides: Any) -> BenchSettings:
 # ------------------------------------------------------------------------------ preset content
 def test_report_preset_has_every_row_the_report_needs(tiny_bench_models: tuple[Path, Path, Path]) -> None:
     settings = report_settings()
-    # stock EAGLE-3 at its best K also as shipped (no plugin), T > 0 only
-    expected = [NO_SPEC] + [f"eagle3-k{k}" for k in range(1, 8)] + ["eagle3-dynamic", "eagle3-k1-uncorrected", RADAR_CHAIN,
-                                                                      RADAR_TREE, STATIC_TREE, CONFIDENCE_CHAIN]
+    # no speculation, the stock K sweep, stock Dynamic SD tuned from it, both RADAR rows
+    expected = [NO_SPEC] + [f"eagle3-k{k}" for k in range(1, 5)] + ["eagle3-dynamic", RADAR_CHAIN, RADAR_TREE]
     assert planned_rows(settings) == expected
     # the names match what the harness builds from real checkpoints
     built = bench_rows(settings, tiny_bench_models)
     assert [c.name for c in built] == expected
-    assert [(c.name, c.sampled_only) for c in built if c.plugin_disabled] == [("eagle3-k1-uncorrected", True)]
-    corrected = next(c for c in built if c.name == "eagle3-k1")
-    assert not corrected.plugin_disabled and not corrected.sampled_only  # the existing rows are unchanged
+    assert not any(c.plugin_disabled or c.sampled_only for c in built)
 
 
-def test_report_preset_workloads_sampling_modes_and_online() -> None:
+def test_report_preset_covers_every_cell_of_the_goal() -> None:
     settings = report_settings()
-    assert planned_workloads(settings) == [MTBENCH, HUMANEVAL]
-    assert temperatures_for(settings.temperatures, settings.sampled_workloads, MTBENCH) == (GREEDY, 1.0)
-    assert temperatures_for(settings.temperatures, settings.sampled_workloads, HUMANEVAL) == (GREEDY,)
+    assert planned_workloads(settings) == [MTBENCH, HUMANEVAL, SHAREGPT]
+    for workload in (MTBENCH, HUMANEVAL, SHAREGPT):
+        assert temperatures_for(settings.temperatures, settings.sampled_workloads, workload) == (GREEDY, 1.0)
     assert settings.modes_for(tree=False) == (MODE_BATCH1, MODE_BATCHED)
     assert settings.modes_for(tree=True) == (MODE_BATCH1, MODE_BATCHED)
-    assert (settings.repeats_for(tree=False), settings.repeats_for(tree=True)) == (3, 3)
-    assert settings.max_new_tokens == 128 and settings.num_prompts == 8
-    assert settings.batch1_prompts_for(settings.num_prompts) == 2
-    assert settings.online_concurrency == (1, 4, 16)
-    assert planned_online_rows(settings, planned_rows(settings)) == [NO_SPEC, RADAR_CHAIN, "eagle3-k1"]
-    assert [settings.online_requests_for(level) for level in settings.online_concurrency] == [8, 8, 32]
+    assert (settings.repeats_for(tree=False), settings.repeats_for(tree=True), settings.engine_starts) == (1, 1, 2)
+    assert settings.max_new_tokens == 128 and settings.num_prompts == 16 and settings.dtype == "float32"
+    assert settings.batch1_prompts_for(settings.num_prompts) == 4
+    assert settings.online_concurrency == (1, 4, 16, 64)
+    assert planned_online_rows(settings, planned_rows(settings)) == [NO_SPEC, "eagle3-dynamic", RADAR_CHAIN,
+                                                                     RADAR_TREE]
+    assert (settings.online_sampling, settings.online_disconnect_fraction, settings.online_duration_s) == (
+        ONLINE_SAMPLING_MIXED, 0.2, 60.0)
 
 
-def test_report_preset_estimate_is_about_an_hour() -> None:
+def test_report_preset_estimate_is_about_two_hours() -> None:
     minutes = estimate_run(report_settings()).total_s / SECONDS_PER_MINUTE
     assert REPORT_MINUTES_RANGE[0] <= minutes <= REPORT_MINUTES_RANGE[1], minutes
 
@@ -134,17 +131,17 @@ def test_estimate_by_hand() -> None:
 
 
 @pytest.mark.parametrize("change", [
-    {"num_prompts": 12},
-    {"batch1_prompts": 3},
-    {"repeats": 4},
-    {"tree_repeats": 4},
+    {"num_prompts": 20},
+    {"batch1_prompts": 5},
+    {"repeats": 2},
+    {"tree_repeats": 2},
+    {"engine_starts": 3},
     {"max_new_tokens": 256},
     {"k_list": tuple(range(1, 9))},
-    {"workloads": (MTBENCH, MTBENCH_TURN2, HUMANEVAL)},
-    {"workloads": (MTBENCH, HUMANEVAL, "sharegpt")},
-    {"sampled_workloads": ()},
-    {"online_concurrency": (1, 4, 16, 64)},
-    {"online_configs": ()},
+    {"workloads": (MTBENCH, MTBENCH_TURN2, HUMANEVAL, SHAREGPT)},
+    {"temperatures": (GREEDY, 0.7, 1.0)},
+    {"online_concurrency": (1, 4, 16, 64, 128)},
+    {"online_duration_s": 90.0},
 ])
 def test_estimate_grows_with_every_size(change: dict[str, Any]) -> None:
     base = estimate_run(report_settings()).total_s
@@ -190,7 +187,7 @@ def test_cli_report_preset_quick_and_conflicts() -> None:
     report = settings_from_args(parser.parse_args(base + ["--preset", "report", "--tree-repeats", "2", "--tree-modes", "batch1"]))
     assert report.tag == "bench-report-reference" and not report.quick
     assert report.tree_repeats == 2 and report.tree_modes == (MODE_BATCH1,)  # explicit beats the preset
-    assert report.sampled_workloads == (MTBENCH,) and report.batch1_prompts == 2 and report.resume
+    assert report.sampled_workloads == () and report.batch1_prompts == 4 and report.resume
     quick = settings_from_args(parser.parse_args(base + ["--quick"]))
     assert quick == settings_from_args(parser.parse_args(base + ["--preset", "quick"]))
     assert quick.quick and quick.tag == "bench-quick-reference"
@@ -405,9 +402,9 @@ def test_markdown_states_the_narrowed_grid() -> None:
     from radar_vllm.bench.report import sampling_lines
 
     assert sampling_lines(bench_settings().to_dict()) == []
-    lines = sampling_lines(report_settings().to_dict())
+    lines = sampling_lines(report_settings(sampled_workloads=(MTBENCH,), tree_repeats=3).to_dict())
     assert lines == [
-        "- Batch 1 times the first 2 prompts of each workload (batched: all of them in one call)",
+        "- Batch 1 times the first 4 prompts of each workload (batched: all of them in one call)",
         "- T > 0 only on mtbench; the other workloads are greedy only",
         "- Tree rows (radar-tree, static-tree): batch1, batched, 3 repeat(s)",
     ]

@@ -222,9 +222,11 @@ def test_uncorrected_rows_settings_cli_and_estimate() -> None:
     base = BENCH_CLI
     assert settings_from_args(parser.parse_args(base + ["--uncorrected-k", "1,3"])).uncorrected_k == (1, 3)
     assert settings_from_args(parser.parse_args(base)).uncorrected_k == ()
-    report = settings_from_args(parser.parse_args(base + ["--preset", "report"]))
+    assert settings_from_args(parser.parse_args(base + ["--preset", "sampling"])).uncorrected_k == (1,)
+    report = settings_from_args(parser.parse_args(base + ["--preset", "report", "--uncorrected-k", "1",
+                                                          "--sampled-workloads", "mtbench"]))
     assert report.uncorrected_k == (1,)
-    assert settings_from_args(parser.parse_args(base + ["--preset", "report", "--uncorrected-k", "none"])
+    assert settings_from_args(parser.parse_args(base + ["--preset", "sampling", "--uncorrected-k", "none"])
                               ).uncorrected_k == ()
     assert bench_settings(uncorrected_k=(1,), temperatures=(0.0, 0.6)).uncorrected_rows_k == (1,)
     greedy_only = dataclasses.replace(report, temperatures=(0.0,))  # nothing to show without T > 0
