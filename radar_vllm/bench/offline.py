@@ -153,7 +153,7 @@ def run_offline_job(job: dict[str, Any], llm: Any, progress: Callable[[], None])
                            gate_report=config.get("kind") in RADAR_KINDS and not config.get("plugin_disabled"))
     workloads = [Workload.from_dict(w) for w in job["workloads"]]
     temperatures = [float(t) for t in job["temperatures"]]
-    sampled = list(job.get("sampled_workloads") or ())
+    sampled_workloads = list(job.get("sampled_workloads") or ())
     batch1_prompts = job.get("batch1_prompts")
     modes = list(job["modes"])
     repeats = int(job["repeats"])
@@ -162,13 +162,13 @@ def run_offline_job(job: dict[str, Any], llm: Any, progress: Callable[[], None])
     runs: list[dict[str, Any]] = []
     outputs: dict[str, list[list[int]]] = {}
     consistent: dict[str, bool] = {}
-    sampled: list[dict[str, Any]] = []
+    sampled_outputs: list[dict[str, Any]] = []
     derived: list[dict[str, Any]] = []
     radar_seen = False
     queue = list(workloads)
     while queue:
         workload = queue.pop(0)
-        for temperature in temperatures_for(temperatures, sampled, workload.name):
+        for temperature in temperatures_for(temperatures, sampled_workloads, workload.name):
             for mode in modes:
                 for repeat in range(repeats):
                     record, ids = runner.measure(workload, temperature, mode, repeat, batch1_prompts)
@@ -182,7 +182,7 @@ def run_offline_job(job: dict[str, Any], llm: Any, progress: Callable[[], None])
                         elif ids != outputs[key]:
                             consistent[key] = False
                     elif repeat == 0:
-                        sampled.append(sampled_entry(workload.name, temperature, mode, ids))
+                        sampled_outputs.append(sampled_entry(workload.name, temperature, mode, ids))
                     progress()
         turn2 = job.get("build_turn2")
         if turn2 and workload.name == MTBENCH and GREEDY in temperatures:
@@ -200,7 +200,7 @@ def run_offline_job(job: dict[str, Any], llm: Any, progress: Callable[[], None])
         "runs": runs,
         "outputs": outputs,
         "outputs_consistent": consistent,
-        "sampled_outputs": sampled,
+        "sampled_outputs": sampled_outputs,
         "derived_workloads": derived,
         "radar_metrics_seen": radar_seen,
         "turn2_source": MTBENCH_TURN2 if derived else None,

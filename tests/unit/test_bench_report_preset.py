@@ -234,6 +234,23 @@ def test_offline_job_samples_only_listed_workloads_and_times_a_batch1_subset(
     assert turn2_source_mode([MODE_BATCH1], 3, 2) == MODE_BATCH1
 
 
+@pytest.mark.parametrize("listed", [[], [HUMANEVAL]])
+def test_offline_job_samples_every_listed_workload_not_only_the_first(listed: list[str]) -> None:
+    # (the sampled outputs of the first workload once took the place of the list: every later
+    # workload then ran greedy only)
+    first = Workload(name=MTBENCH, prompt_ids=[[1], [2]], prompt_keys=["a", "b"])
+    second = Workload(name=HUMANEVAL, prompt_ids=[[3], [4]], prompt_keys=["c", "d"])
+    third = Workload(name=SHAREGPT, prompt_ids=[[5], [6]], prompt_keys=["e", "f"])
+    job = {"workloads": [first.to_dict(), second.to_dict(), third.to_dict()], "temperatures": [0.0, 1.0],
+           "sampled_workloads": listed, "modes": [MODE_BATCHED], "repeats": 1, "max_new_tokens": 2, "seed": 0,
+           "warmup": False}
+    result = run_offline_job(job, FakeLLM(), lambda: None)
+    sampled = {(r["workload"], r["temperature"]) for r in result["runs"] if r["temperature"] > 0}
+    expected = {(name, 1.0) for name in (listed or [MTBENCH, HUMANEVAL, SHAREGPT])}
+    assert sampled == expected
+    assert {entry["workload"] for entry in result["sampled_outputs"]} == {name for name, _ in expected}
+
+
 def test_offline_job_of_a_radar_row_records_the_depth_gate() -> None:
     class GateLLM(FakeLLM):
         def collective_rpc(self, method: str) -> list[Any]:
