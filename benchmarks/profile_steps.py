@@ -15,6 +15,9 @@ forward calls, the drafter's ``propose`` (depth-0 rounds included), the runner's
 ``generate`` call; "other" is what is left (scheduler, input preparation, output processing). Per
 step = per engine step (target forward calls that are not warm-up). RADAR rows also report the
 drafter's round counts (draft / skip / catch-up) and the depth-0 gate's per-bucket estimates.
+``--ops N``: after the timed repeats of each batch size, one more run under the torch profiler
+lists, per part, the N ops with the most own CPU time (matrix products, attention kernel calls,
+index copies, Python in the wrapped method itself) in ms per engine step.
 Writes JSON and a Markdown table. Times are wall clock on a quiet machine; the machine is named in
 the output.
 """
@@ -79,12 +82,21 @@ def speculative_config(name: str) -> dict[str, Any] | None:
 
 
 class Timer:
-    """Wraps a bound method of an object, summing its wall time and counting calls."""
+    """Wraps a bound method of an object, summing its wall time and counting calls; with ``label``
+    each call is also a torch profiler range of that name."""
 
-    def __init__(self, owner: Any, name: str) -> None:
+    def __init__(self, owner: Any, name: str, label: str | None = None) -> None:
         self.seconds = 0.0
         self.calls = 0
         inner = getattr(owner, name)
+        if label is not None:
+            import torch
+
+            unlabelled = inner
+
+            def inner(*args: Any, **kwargs: Any) -> Any:
+                with torch.profiler.record_function(label):
+                    return unlabelled(*args, **kwargs)
 
         def timed(*args: Any, **kwargs: Any) -> Any:
             start = time.perf_counter()
@@ -108,18 +120,47 @@ def forced_cap(name: str) -> int | None:
     return int(match.group(6)) if match and match.group(6) is not None else None
 
 
-def install_timers(worker: Any, cap: int | None) -> None:
+OP_LABEL = "profile_steps:"  # record_function labels of the timed parts (--ops)
+
+
+def install_timers(worker: Any, cap: int | None, ops: bool = False) -> None:
     runner = worker.model_runner
-    timers = {"target": Timer(runner.model, "forward"), "sample": Timer(runner, "_sample")}
+    timers = {"target": Timer(runner.model, "forward", OP_LABEL + "target" if ops else None),
+              "sample": Timer(runner, "_sample", OP_LABEL + "sample" if ops else None)}
     drafter = getattr(runner, "drafter", None)
     if drafter is not None:
-        timers["draft"] = Timer(drafter, "propose")
+        timers["draft"] = Timer(drafter, "propose", OP_LABEL + "draft" if ops else None)
         gate = getattr(drafter, "gate", None)
         if cap is not None:
             if gate is None:
                 raise ValueError("a forced depth cap needs a RADAR checkpoint with skip_drafting='auto'")
             gate.decide = lambda batch_size, sampling=False: cap
     runner._profile_timers = timers
+
+
+def start_op_profile(worker: Any) -> None:
+    import torch
+
+    profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
+    profiler.__enter__()
+    worker.model_runner._op_profiler = profiler
+
+
+def stop_op_profile(worker: Any) -> dict[str, dict[str, float]]:
+    """Per timed part (target / draft / sample), the self CPU microseconds of every op inside it."""
+    profiler = worker.model_runner._op_profiler
+    profiler.__exit__(None, None, None)
+    totals: dict[str, dict[str, float]] = {}
+
+    def walk(event: Any, part: dict[str, float]) -> None:
+        part[event.name] = part.get(event.name, 0.0) + event.self_cpu_time_total
+        for child in event.cpu_children:
+            walk(child, part)
+
+    for event in profiler.events():
+        if event.name.startswith(OP_LABEL):
+            walk(event, totals.setdefault(event.name[len(OP_LABEL):], {}))
+    return totals
 
 
 def read_timers(worker: Any, reset: bool) -> dict[str, Any]:
@@ -138,7 +179,7 @@ def read_timers(worker: Any, reset: bool) -> dict[str, Any]:
 
 
 def profile_config(name: str, target: str, prompts: list[list[int]], batch_sizes: list[int], max_new_tokens: int,
-                   repeats: int, dtype: str, block_size: int | None = None) -> list[dict[str, Any]]:
+                   repeats: int, dtype: str, block_size: int | None = None, ops: int = 0) -> list[dict[str, Any]]:
     from vllm import LLM, SamplingParams
 
     from radar_vllm.offline.generate import shutdown_engine
@@ -147,7 +188,7 @@ def profile_config(name: str, target: str, prompts: list[list[int]], batch_sizes
               speculative_config=speculative_config(name), generation_config="vllm",
               **({"block_size": block_size} if block_size else {}))
     forced = forced_cap(name)
-    llm.collective_rpc(lambda worker: install_timers(worker, forced))
+    llm.collective_rpc(lambda worker: install_timers(worker, forced, ops=ops > 0))
     params = SamplingParams(temperature=0.0, max_tokens=max_new_tokens, ignore_eos=True)
     rows = []
     try:
@@ -174,6 +215,17 @@ def profile_config(name: str, target: str, prompts: list[list[int]], batch_sizes
                 })
                 print(json.dumps({k: rows[-1][k] for k in ("config", "batch_size", "repeat", "tokens_per_s",
                                                            "ms_per_step", "rounds")}), flush=True)
+            if ops:  # one more run under the profiler (slower): where each part's time goes, not its speed
+                llm.reset_prefix_cache()
+                llm.collective_rpc(lambda worker: read_timers(worker, reset=True))
+                llm.collective_rpc(start_op_profile)
+                llm.generate(requests, params, use_tqdm=False)
+                totals = llm.collective_rpc(stop_op_profile)[0]
+                steps = max(1, llm.collective_rpc(lambda worker: read_timers(worker, reset=False))[0]["target"]["calls"])
+                rows[-1]["ops_ms_per_step"] = {
+                    part: dict(sorted(((op, us / 1000 / steps) for op, us in by_op.items()),
+                                      key=lambda item: -item[1])[:ops])
+                    for part, by_op in totals.items()}
     finally:
         shutdown_engine(llm)
     return rows
@@ -201,6 +253,15 @@ def summarise(rows: list[dict[str, Any]], configs: list[str], batch_sizes: list[
                 f"{parts.get('draft', 0):.1f} | {parts.get('sample', 0):.1f} | {parts['other']:.1f} | "
                 + ("/".join(str(rounds.get(k, 0)) for k in ("draft", "skip", "catch_up")) if rounds else "–") + " |"
                 if base else f"| {batch_size} | {name} | {median:.1f} | – | | | | | | | |")
+    profiled = [r for r in rows if r.get("ops_ms_per_step")]
+    if profiled:
+        lines += ["", "Where each part's time goes (one more run under the torch profiler, ms per engine step of "
+                  "each op's own CPU time, the largest ops):", ""]
+        for row in profiled:
+            for part, by_op in row["ops_ms_per_step"].items():
+                top = ", ".join(f"{op} {ms:.2f}" for op, ms in by_op.items())
+                lines.append(f"- batch {row['batch_size']}, {row['config']}, {part} "
+                             f"({sum(by_op.values()):.1f} ms in these ops): {top}")
     return "\n".join(lines)
 
 
@@ -216,6 +277,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True, help="output path without suffix")
     parser.add_argument("--engine-process", action="store_true",
                         help="engine core and worker in their own processes (as the benchmark runs engines)")
+    parser.add_argument("--ops", type=int, default=0, metavar="N",
+                        help="after the timed repeats, one more run under the torch profiler per batch size: "
+                             "the N ops with the most own CPU time in each part (target, draft, sample)")
     parser.add_argument("--one", action="store_true", help=argparse.SUPPRESS)  # child: one config
     args = parser.parse_args()
     from radar_vllm.bench.harness import preload_intel_openmp
@@ -230,7 +294,7 @@ def main() -> None:
     workload = load_workload(MTBENCH, load_tokenizer(target), max(batch_sizes), 512)
     if args.one:
         rows = profile_config(configs[0], target, workload.prompt_ids, batch_sizes, args.max_new_tokens, args.repeats,
-                              args.dtype, args.block_size)
+                              args.dtype, args.block_size, args.ops)
         args.out.with_suffix(".json").write_text(json.dumps(rows))
         return
     rows = []
@@ -238,7 +302,8 @@ def main() -> None:
         part = args.out.parent / f".{args.out.name}-{name}"
         command = [sys.executable, __file__, "--one", "--configs", name, "--batch-sizes", args.batch_sizes,
                    "--max-new-tokens", str(args.max_new_tokens), "--repeats", str(args.repeats), "--dtype", args.dtype,
-                   "--out", str(part)] + (["--block-size", str(args.block_size)] if args.block_size else [])
+                   "--out", str(part), "--ops", str(args.ops)] + (
+                       ["--block-size", str(args.block_size)] if args.block_size else [])
         env = dict(os.environ)
         if args.engine_process:
             env.update(VLLM_ENABLE_V1_MULTIPROCESSING="1", VLLM_ALLOW_INSECURE_SERIALIZATION="1",  # timers via lambdas
@@ -261,7 +326,7 @@ def main() -> None:
               f"--configs {args.configs} --batch-sizes {args.batch_sizes} --max-new-tokens {args.max_new_tokens} "
               f"--repeats {args.repeats} --dtype {args.dtype} --out {args.out}"
               f"{f' --block-size {args.block_size}' if args.block_size else ''}"
-              f"{' --engine-process' if args.engine_process else ''}`\n\n"
+              f"{' --engine-process' if args.engine_process else ''}{f' --ops {args.ops}' if args.ops else ''}`\n\n"
               "ms/step parts: target = the target model's forward, draft = the drafter's propose (depth-0 rounds "
               "included), sample = the runner's _sample (rejection sampling / tree acceptance), other = the rest "
               "(scheduler, input preparation, output processing). Row = the median-throughput repeat.\n\n")
