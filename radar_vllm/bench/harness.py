@@ -344,6 +344,13 @@ def row_temperatures(settings: BenchSettings, sampled_only: bool = False) -> lis
     return [t for t in settings.temperatures if t > GREEDY or not sampled_only]
 
 
+def pass_order(num_rows: int, start: int) -> range:
+    """Row indices of engine start ``start`` (0-based): in order, every other pass reversed, so
+    that a machine whose speed drifts over a pass (seen on the shared VMs: 10-20% over an hour)
+    favours no row across two passes."""
+    return range(num_rows) if start % 2 == 0 else range(num_rows - 1, -1, -1)
+
+
 def units_per_row(settings: BenchSettings, workload_names: list[str], tree: bool = False,
                   sampled_only: bool = False) -> int:
     """Timed runs of one row (``tree``: a tree row, with tree_modes / tree_repeats)."""
@@ -522,7 +529,8 @@ def run_online(settings: BenchSettings, configs: list[BenchConfig], models: Benc
     load = settings.online_load()
     server_env = {k: v for k, v in env.items() if k != "VLLM_ENABLE_V1_MULTIPROCESSING"}
     with tqdm(total=total, desc="online", unit="level") as bar:
-        for start, config in ((start, config) for start in range(starts) for config in configs):
+        for start, config in ((start, configs[index]) for start in range(starts)
+                              for index in pass_order(len(configs), start)):
             label = config.name if start == 0 else f"{config.name}@{start + 1}"
             stored_path = work_dir / "online" / f"{label}{ONLINE_FILE_SUFFIX}"
             request = online_request(settings, config, models, prompts)
@@ -688,10 +696,11 @@ def run_benchmark(settings: BenchSettings) -> BenchOutputs:
     scorer = make_scorer(models.target)
     announce_estimate(settings, runnable, configs, work_dir, notes)
     if starts > 1:
-        notes.append(f"every row ran in {starts} fresh engine processes, the rows in turn, {settings.repeats} "
-                     f"repeat(s) in each (tree rows {settings.repeats_for(True)}); a cell's median is over all of them")
+        notes.append(f"every row ran in {starts} fresh engine processes, the rows in turn (every other pass in "
+                     f"reverse order), {settings.repeats} repeat(s) in each (tree rows {settings.repeats_for(True)}); "
+                     f"a cell's median is over all of them")
     with tqdm(total=total, desc="offline", unit="run") as bar:
-        for start, index in ((start, index) for start in range(starts) for index in range(len(runnable))):
+        for start, index in ((start, index) for start in range(starts) for index in pass_order(len(runnable), start)):
             config = runnable[index]
             if start > 0:  # a later engine start of a row that ran before: its runs join the row's
                 units = units_per_row(settings, names, config.mode == MODE_TREE, config.sampled_only)

@@ -306,8 +306,9 @@ GPU_REFERENCE_PRESET: dict[str, Any] = {
 # - rows: no speculation, stock EAGLE-3 at K = 1..4 (deeper K never led a cell of this CPU: every
 #   draft costs a row at batch 16, and at batch 1 K = 2-3 led), stock Dynamic SD tuned from that
 #   sweep, RADAR chain and RADAR tree;
-# - every row in 2 fresh engine processes, the rows in turn (a speculative engine's step time
-#   varies between process starts), one run in each;
+# - every row in 2 fresh engine processes, the rows in turn, the second pass in reverse order (a
+#   speculative engine's step time varies between process starts, and this VM's speed drifts by
+#   10-20% over an hour), one run in each;
 # - served: no speculation, stock Dynamic SD and both RADAR rows at 1, 4, 16 and 64 streams,
 #   60 s each, mixed greedy / T = 0.7 / T = 1 top-p 0.9, 20% of clients disconnecting.
 REPORT_PRESET: dict[str, Any] = {

@@ -206,7 +206,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                       help="batch 1 times the first N prompts of each workload (default: all)")
     load.add_argument("--repeats", type=int, default=None, help="timed repeats per cell (default 3)")
     load.add_argument("--engine-starts", type=int, default=None,
-                      help="fresh engine processes per row, rows in turn, --repeats in each (default 1)")
+                      help="fresh engine processes per row, rows in turn (every other pass reversed), "
+                           "--repeats in each (default 1)")
     load.add_argument("--tree-modes", type=_list(str), default=None,
                       help="offline modes of the tree rows (default: --modes)")
     load.add_argument("--tree-repeats", type=int, default=None, help="repeats of the tree rows (default: --repeats)")
@@ -233,9 +234,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                         "(default: --online-requests requests per level)")
     online.add_argument("--online-repeats", type=int, default=None)
     online.add_argument("--online-server-starts", type=int, default=None, metavar="N",
-                        help="start every online row's server N times, the rows in turn, each running every level "
-                        "(a speculative engine's step time varies between process starts); the report gives "
-                        "each level's median and spread over them (default 1)")
+                        help="start every online row's server N times, the rows in turn (every other pass "
+                        "reversed), each running every level (a speculative engine's step time varies between "
+                        "process starts); the report gives each level's median and spread over them (default 1)")
     online.add_argument("--online-timeout", dest="online_timeout_s", type=float, default=None,
                         help="seconds per level (default 900); with --online-duration: per request, and per "
                         "level beyond the duration")

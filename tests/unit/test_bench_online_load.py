@@ -381,10 +381,11 @@ def test_online_rows_start_their_servers_in_turn(tmp_path: Path, monkeypatch: py
     monkeypatch.setattr(online, "measure_server", fake_measure)
     monkeypatch.setattr(online, "stop_server", lambda server: None)
     entries = harness.run_online(settings, configs, models, [[1, 2]], tmp_path, {})
-    assert started == ["no-spec", "radar-chain", "no-spec@2", "radar-chain@2"]  # the rows in turn
+    # the rows in turn, the second pass in reverse order
+    assert started == ["no-spec", "radar-chain", "radar-chain@2", "no-spec@2"]
     assert [(e["config"], e["server_start"], e["concurrency"]) for e in entries] == [
         ("no-spec", 0, 1), ("no-spec", 0, 4), ("radar-chain", 0, 1), ("radar-chain", 0, 4),
-        ("no-spec", 1, 1), ("no-spec", 1, 4), ("radar-chain", 1, 1), ("radar-chain", 1, 4)]
+        ("radar-chain", 1, 1), ("radar-chain", 1, 4), ("no-spec", 1, 1), ("no-spec", 1, 4)]
     assert (tmp_path / "online" / "radar-chain@2.json").is_file()  # each start resumable on its own
     with pytest.raises(ValueError, match="online_server_starts"):
         bench_settings(online_server_starts=0)
