@@ -25,7 +25,15 @@ import sys
 from dataclasses import asdict, dataclass, field
 from typing import Any, Iterable, Mapping, Sequence
 
-from radar_vllm.bench.configs import KIND_EAGLE3, KIND_NONE, NO_SPEC, RADAR_CHAIN, RADAR_TREE, BenchConfig
+from radar_vllm.bench.configs import (
+    EAGLE3_DYNAMIC,
+    KIND_EAGLE3,
+    KIND_NONE,
+    NO_SPEC,
+    RADAR_CHAIN,
+    RADAR_TREE,
+    BenchConfig,
+)
 from radar_vllm.bench.measures import (
     Ratio,
     Spread,
@@ -555,20 +563,21 @@ GOAL_TPOT = 1.1
 GOAL_TPOT_STREAMS = 64
 
 
-def _goal_mark(ratio: float, stock: Sequence[float], extra: bool = True) -> str:
-    """' met' or ' not met' for a RADAR ratio to no speculation against the stock ratios."""
+def _goal_mark(ratio: float, stock: Sequence[float], served_ok: bool = True) -> str:
+    """' met' or ' not met' for a RADAR ratio to no speculation against the stock ratios
+    (``served_ok``: the served conditions, no failed request and the p99 TPOT bound, hold)."""
     bar = max([1.0, *stock])
     beats_leaders = all(ratio > value for value in stock if value > GOAL_STOCK_LEAD)
-    return " met" if extra and ratio >= GOAL_FLOOR * bar and beats_leaders else " not met"
+    return " met" if served_ok and ratio >= GOAL_FLOOR * bar and beats_leaders else " not met"
 
 
-def _goal_row(label: str, base: float, stock: Mapping[str, float], radar: Mapping[str, tuple[str, bool]],
-              fixed_k: Sequence[str]) -> str:
-    best_k = max(fixed_k, key=lambda name: stock[name], default=None)
+def _goal_row(label: str, base: float, stock: Mapping[str, float], radar: Mapping[str, str]) -> str:
+    """A row of the goal table: ``stock`` and ``radar`` (its cells' text) by configuration name."""
+    best_k = max((name for name in stock if name != EAGLE3_DYNAMIC), key=lambda name: stock[name], default=None)
     best_text = f"{stock[best_k]:.2f}x ({best_k.removeprefix('eagle3-')})" if best_k else "–"
-    dynamic = stock.get("eagle3-dynamic")
+    dynamic = stock.get(EAGLE3_DYNAMIC)
     cells = [label, f"{base:.1f} tok/s", best_text, "–" if dynamic is None else f"{dynamic:.2f}x"]
-    cells += [radar[name][0] if name in radar else "–" for name in (RADAR_CHAIN, RADAR_TREE)]
+    cells += [radar.get(name, "–") for name in (RADAR_CHAIN, RADAR_TREE)]
     return _table_row(cells)
 
 
@@ -594,13 +603,11 @@ def goal_lines(document: Mapping[str, Any]) -> list[str]:
         for c in cells:
             if c["config"] in (RADAR_CHAIN, RADAR_TREE):
                 if c.get("sampling_broken") or not c.get("vs_no_spec"):
-                    radar[c["config"]] = ("sampling BROKEN" if c.get("sampling_broken") else "–", False)
+                    radar[c["config"]] = "sampling BROKEN" if c.get("sampling_broken") else "–"
                 else:
                     value = c["vs_no_spec"]["value"]
-                    radar[c["config"]] = (f"{_ratio(c['vs_no_spec'])}{_goal_mark(value, list(stock.values()))}", True)
-        fixed_k = [name for name in stock if name != "eagle3-dynamic"]
-        label = f"{workload}, T={temperature:g}, {mode}"
-        rows.append(_goal_row(label, base["tokens_per_s"]["median"], stock, radar, fixed_k))
+                    radar[c["config"]] = f"{_ratio(c['vs_no_spec'])}{_goal_mark(value, list(stock.values()))}"
+        rows.append(_goal_row(f"{workload}, T={temperature:g}, {mode}", base["tokens_per_s"]["median"], stock, radar))
     groups: dict[int, dict[str, list[Mapping[str, Any]]]] = {}
     for level in document.get("online") or []:
         if not level.get("error"):
@@ -620,18 +627,17 @@ def goal_lines(document: Mapping[str, Any]) -> list[str]:
                 continue
             ratio = rate[name] / base
             text = f"{ratio:.2f}x"
-            extra = failed[name] == 0
+            served_ok = failed[name] == 0
             if concurrency == GOAL_TPOT_STREAMS and tpot.get(name) and tpot.get(NO_SPEC):
                 tpot_ratio = tpot[name] / tpot[NO_SPEC]
                 text += f", p99 TPOT {tpot_ratio:.2f}x"
-                extra = extra and tpot_ratio <= GOAL_TPOT
+                served_ok = served_ok and tpot_ratio <= GOAL_TPOT
             if failed[name]:
                 text += f", {failed[name]} failed"
-            radar[name] = (text + _goal_mark(ratio, list(stock.values()), extra), True)
-        fixed_k = [name for name in stock if name != "eagle3-dynamic"]
+            radar[name] = text + _goal_mark(ratio, list(stock.values()), served_ok)
         runs = max(len(group) for group in by_config.values())
         label = f"served, {concurrency} stream{'s' if concurrency > 1 else ''}" + (f" ({runs} runs)" if runs > 1 else "")
-        rows.append(_goal_row(label, base, stock, radar, fixed_k))
+        rows.append(_goal_row(label, base, stock, radar))
     if not rows:
         return []
     return ["| cell | no speculation | best stock K | stock Dynamic SD | RADAR chain | RADAR tree |",
