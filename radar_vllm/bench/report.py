@@ -275,6 +275,12 @@ def _fill_sampling_checks(cells: list[Cell], alpha: float) -> None:
             cell.sampling_check = None
 
 
+def is_stock_baseline(kind: str, plugin_disabled: bool, sampling_broken: bool) -> bool:
+    """Whether a row may be the stock baseline of a cell: stock EAGLE-3 run with the plugin's CPU
+    sampling correction, its sampling not flagged."""
+    return kind == KIND_EAGLE3 and not plugin_disabled and not sampling_broken
+
+
 def _fill_ratios(cells: list[Cell]) -> None:
     """Ratios against no speculation and the best stock EAGLE-3 K; flagged cells get none and are
     never the best K, nor are rows run without the plugin."""
@@ -283,7 +289,7 @@ def _fill_ratios(cells: list[Cell]) -> None:
         by_key.setdefault(cell.key, []).append(cell)
     for group in by_key.values():
         base = next((c for c in group if c.kind == KIND_NONE), None)
-        eagles = [c for c in group if c.kind == KIND_EAGLE3 and not c.plugin_disabled and not c.sampling_broken]
+        eagles = [c for c in group if is_stock_baseline(c.kind, c.plugin_disabled, c.sampling_broken)]
         best = max(eagles, key=lambda c: c.tokens_per_s.median) if eagles else None
         for cell in group:
             if cell.sampling_broken:
@@ -454,10 +460,7 @@ def online_summary_lines(levels: Sequence[Mapping[str, Any]]) -> list[str]:
     (server starts x repeats) as median [min-max], the ratio of medians to no speculation's with
     its range (min/max .. max/min), and the medians of the latency columns; none when every
     config and concurrency was measured once."""
-    groups: dict[tuple[str, int], list[Mapping[str, Any]]] = {}
-    for level in levels:
-        if not level.get("error"):
-            groups.setdefault((level["config"], int(level["concurrency"])), []).append(level)
+    groups = online_groups(levels)
     if not groups or max(len(group) for group in groups.values()) < 2:
         return []
     rates = {key: [float(level["output_throughput"]) for level in group] for key, group in groups.items()}
@@ -481,9 +484,24 @@ def online_summary_lines(levels: Sequence[Mapping[str, Any]]) -> list[str]:
     return lines + [""]
 
 
-def _median_of(group: Sequence[Mapping[str, Any]], name: str, key: str) -> str:
+def online_groups(levels: Sequence[Mapping[str, Any]]) -> dict[tuple[str, int], list[Mapping[str, Any]]]:
+    """The measured (not failed) levels by (config, concurrency), in the order they ran."""
+    groups: dict[tuple[str, int], list[Mapping[str, Any]]] = {}
+    for level in levels:
+        if not level.get("error"):
+            groups.setdefault((level["config"], int(level["concurrency"])), []).append(level)
+    return groups
+
+
+def _median_value(group: Sequence[Mapping[str, Any]], name: str, key: str) -> float | None:
+    """The median of the levels' ``level[name][key]`` (e.g. tpot_ms / p99), None where none has it."""
     values = [float(level[name][key]) for level in group if (level.get(name) or {}).get(key) is not None]
-    return _fmt(statistics.median(values), 1) if values else "–"
+    return statistics.median(values) if values else None
+
+
+def _median_of(group: Sequence[Mapping[str, Any]], name: str, key: str) -> str:
+    value = _median_value(group, name, key)
+    return "–" if value is None else _fmt(value, 1)
 
 
 def _p(check: Mapping[str, Any]) -> str:
@@ -581,11 +599,6 @@ def _goal_row(label: str, base: float, stock: Mapping[str, float], radar: Mappin
     return _table_row(cells)
 
 
-def _median_p99_tpot(levels: Sequence[Mapping[str, Any]]) -> float | None:
-    values = [float(level["tpot_ms"]["p99"]) for level in levels if (level.get("tpot_ms") or {}).get("p99") is not None]
-    return statistics.median(values) if values else None
-
-
 def goal_lines(document: Mapping[str, Any]) -> list[str]:
     """One table, a row per offline cell and served concurrency: no speculation's tokens/s, the
     best fixed stock K and stock Dynamic SD as ratios to it, and each RADAR row's ratio marked with
@@ -596,9 +609,8 @@ def goal_lines(document: Mapping[str, Any]) -> list[str]:
         base = next((c for c in cells if c["kind"] == KIND_NONE), None)
         if base is None:
             continue
-        stock = {c["config"]: c["vs_no_spec"]["value"] for c in cells
-                 if c["kind"] == KIND_EAGLE3 and not c.get("plugin_disabled") and not c.get("sampling_broken")
-                 and c.get("vs_no_spec")}
+        stock = {c["config"]: c["vs_no_spec"]["value"] for c in cells if c.get("vs_no_spec")
+                 and is_stock_baseline(c["kind"], bool(c.get("plugin_disabled")), bool(c.get("sampling_broken")))}
         radar = {}
         for c in cells:
             if c["config"] in (RADAR_CHAIN, RADAR_TREE):
@@ -608,16 +620,15 @@ def goal_lines(document: Mapping[str, Any]) -> list[str]:
                     value = c["vs_no_spec"]["value"]
                     radar[c["config"]] = f"{_ratio(c['vs_no_spec'])}{_goal_mark(value, list(stock.values()))}"
         rows.append(_goal_row(f"{workload}, T={temperature:g}, {mode}", base["tokens_per_s"]["median"], stock, radar))
-    groups: dict[int, dict[str, list[Mapping[str, Any]]]] = {}
-    for level in document.get("online") or []:
-        if not level.get("error"):
-            groups.setdefault(int(level["concurrency"]), {}).setdefault(level["config"], []).append(level)
-    for concurrency, by_config in sorted(groups.items()):
+    by_concurrency: dict[int, dict[str, list[Mapping[str, Any]]]] = {}
+    for (config, concurrency), group in online_groups(document.get("online") or []).items():
+        by_concurrency.setdefault(concurrency, {})[config] = group
+    for concurrency, by_config in sorted(by_concurrency.items()):
         if NO_SPEC not in by_config:
             continue
         rate = {name: statistics.median(float(level["output_throughput"]) for level in group)
                 for name, group in by_config.items()}
-        tpot = {name: _median_p99_tpot(group) for name, group in by_config.items()}
+        tpot = {name: _median_value(group, "tpot_ms", "p99") for name, group in by_config.items()}
         failed = {name: sum(int(level.get("failed", 0)) for level in group) for name, group in by_config.items()}
         base = rate[NO_SPEC]
         stock = {name: rate[name] / base for name in by_config if name.startswith("eagle3")}
