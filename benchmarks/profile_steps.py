@@ -17,7 +17,10 @@ step = per engine step (target forward calls that are not warm-up). RADAR rows a
 drafter's round counts (draft / skip / catch-up) and the depth-0 gate's per-bucket estimates.
 ``--ops N``: after the timed repeats of each batch size, one more run under the torch profiler
 lists, per part, the N ops with the most own CPU time (matrix products, attention kernel calls,
-index copies, Python in the wrapped method itself) in ms per engine step.
+index copies, Python in the wrapped method itself) in ms per engine step. ``--py N``: one more run
+under Python's profiler in the engine core's thread (scheduler, runner, drafter: everything but the
+front-end), own time per engine step summed by package (radar_vllm, vllm, torch, the rest) and the N
+functions with the most own time; the profiler slows Python down, so compare rows, not absolute times.
 Writes JSON and a Markdown table. Times are wall clock on a quiet machine; the machine is named in
 the output.
 """
@@ -163,6 +166,38 @@ def stop_op_profile(worker: Any) -> dict[str, dict[str, float]]:
     return totals
 
 
+def start_py_profile(worker: Any) -> None:
+    import cProfile
+
+    profiler = cProfile.Profile()
+    worker.model_runner._py_profiler = profiler
+    profiler.enable()
+
+
+def package_of(filename: str) -> str:
+    """The package a profiled function's file belongs to (radar_vllm, vllm, torch or other)."""
+    for package in ("radar_vllm", "vllm", "torch"):
+        if f"/{package}/" in filename:
+            return package
+    return "other"
+
+
+def stop_py_profile(worker: Any, top: int) -> dict[str, Any]:
+    """Own seconds by package, and the ``top`` functions with the most own time (seconds, calls)."""
+    import pstats
+
+    profiler = worker.model_runner._py_profiler
+    profiler.disable()
+    stats = pstats.Stats(profiler).stats  # (file, line, name) -> (calls, primitive calls, own, cumulative, callers)
+    packages: dict[str, float] = {}
+    for (filename, _, _), (_, _, own, _, _) in stats.items():
+        packages[package_of(filename)] = packages.get(package_of(filename), 0.0) + own
+    ranked = sorted(stats.items(), key=lambda item: -item[1][2])[:top]
+    functions = {f"{package_of(f)}:{Path(f).name}:{line}:{name}": (own, calls)
+                 for (f, line, name), (calls, _, own, _, _) in ranked}
+    return {"packages": packages, "functions": functions}
+
+
 def read_timers(worker: Any, reset: bool) -> dict[str, Any]:
     runner = worker.model_runner
     out = {name: {"seconds": t.seconds, "calls": t.calls} for name, t in runner._profile_timers.items()}
@@ -179,7 +214,8 @@ def read_timers(worker: Any, reset: bool) -> dict[str, Any]:
 
 
 def profile_config(name: str, target: str, prompts: list[list[int]], batch_sizes: list[int], max_new_tokens: int,
-                   repeats: int, dtype: str, block_size: int | None = None, ops: int = 0) -> list[dict[str, Any]]:
+                   repeats: int, dtype: str, block_size: int | None = None, ops: int = 0,
+                   py: int = 0) -> list[dict[str, Any]]:
     from vllm import LLM, SamplingParams
 
     from radar_vllm.offline.generate import shutdown_engine
@@ -226,6 +262,17 @@ def profile_config(name: str, target: str, prompts: list[list[int]], batch_sizes
                     part: dict(sorted(((op, us / 1000 / steps) for op, us in by_op.items()),
                                       key=lambda item: -item[1])[:ops])
                     for part, by_op in totals.items()}
+            if py:  # and one under Python's profiler: whose Python the engine thread runs
+                llm.reset_prefix_cache()
+                llm.collective_rpc(lambda worker: read_timers(worker, reset=True))
+                llm.collective_rpc(start_py_profile)
+                llm.generate(requests, params, use_tqdm=False)
+                profile = llm.collective_rpc(lambda worker: stop_py_profile(worker, py))[0]
+                steps = max(1, llm.collective_rpc(lambda worker: read_timers(worker, reset=False))[0]["target"]["calls"])
+                rows[-1]["py_ms_per_step"] = {
+                    "packages": {k: 1000 * v / steps for k, v in sorted(profile["packages"].items())},
+                    "functions": {k: [1000 * own / steps, calls / steps]
+                                  for k, (own, calls) in profile["functions"].items()}}
     finally:
         shutdown_engine(llm)
     return rows
@@ -262,6 +309,15 @@ def summarise(rows: list[dict[str, Any]], configs: list[str], batch_sizes: list[
                 top = ", ".join(f"{op} {ms:.2f}" for op, ms in by_op.items())
                 lines.append(f"- batch {row['batch_size']}, {row['config']}, {part} "
                              f"({sum(by_op.values()):.1f} ms in these ops): {top}")
+    python_rows = [r for r in rows if r.get("py_ms_per_step")]
+    if python_rows:
+        lines += ["", "Python in the engine core's thread (one more run under Python's profiler, which slows it: "
+                  "compare rows), own ms per engine step by package, then the functions with the most own time "
+                  "(ms and calls per step):", ""]
+        for row in python_rows:
+            packages = ", ".join(f"{k} {v:.2f}" for k, v in row["py_ms_per_step"]["packages"].items())
+            top = ", ".join(f"{k} {ms:.2f} ({calls:.1f})" for k, (ms, calls) in row["py_ms_per_step"]["functions"].items())
+            lines.append(f"- batch {row['batch_size']}, {row['config']}: {packages}; {top}")
     return "\n".join(lines)
 
 
@@ -280,6 +336,9 @@ def main() -> None:
     parser.add_argument("--ops", type=int, default=0, metavar="N",
                         help="after the timed repeats, one more run under the torch profiler per batch size: "
                              "the N ops with the most own CPU time in each part (target, draft, sample)")
+    parser.add_argument("--py", type=int, default=0, metavar="N",
+                        help="one more run under Python's profiler per batch size: own time of the engine core's "
+                             "thread by package and its N most expensive functions")
     parser.add_argument("--one", action="store_true", help=argparse.SUPPRESS)  # child: one config
     args = parser.parse_args()
     from radar_vllm.bench.harness import preload_intel_openmp
@@ -294,7 +353,7 @@ def main() -> None:
     workload = load_workload(MTBENCH, load_tokenizer(target), max(batch_sizes), 512)
     if args.one:
         rows = profile_config(configs[0], target, workload.prompt_ids, batch_sizes, args.max_new_tokens, args.repeats,
-                              args.dtype, args.block_size, args.ops)
+                              args.dtype, args.block_size, args.ops, args.py)
         args.out.with_suffix(".json").write_text(json.dumps(rows))
         return
     rows = []
@@ -302,7 +361,7 @@ def main() -> None:
         part = args.out.parent / f".{args.out.name}-{name}"
         command = [sys.executable, __file__, "--one", "--configs", name, "--batch-sizes", args.batch_sizes,
                    "--max-new-tokens", str(args.max_new_tokens), "--repeats", str(args.repeats), "--dtype", args.dtype,
-                   "--out", str(part), "--ops", str(args.ops)] + (
+                   "--out", str(part), "--ops", str(args.ops), "--py", str(args.py)] + (
                        ["--block-size", str(args.block_size)] if args.block_size else [])
         env = dict(os.environ)
         if args.engine_process:
@@ -326,7 +385,7 @@ def main() -> None:
               f"--configs {args.configs} --batch-sizes {args.batch_sizes} --max-new-tokens {args.max_new_tokens} "
               f"--repeats {args.repeats} --dtype {args.dtype} --out {args.out}"
               f"{f' --block-size {args.block_size}' if args.block_size else ''}"
-              f"{' --engine-process' if args.engine_process else ''}{f' --ops {args.ops}' if args.ops else ''}`\n\n"
+              f"{' --engine-process' if args.engine_process else ''}{f' --ops {args.ops}' if args.ops else ''}{f' --py {args.py}' if args.py else ''}`\n\n"
               "ms/step parts: target = the target model's forward, draft = the drafter's propose (depth-0 rounds "
               "included), sample = the runner's _sample (rejection sampling / tree acceptance), other = the rest "
               "(scheduler, input preparation, output processing). Row = the median-throughput repeat.\n\n")

@@ -22,7 +22,10 @@ stop decisions and trees differ from the fixed chains', is one of ``own_arms``: 
 own). The gate therefore keeps, per depth j, how often a request gets at least j drafts
 accepted, from every round whose cap reaches j, and a drafting cap c yields 1 + the sum of those
 rates for j <= c: two drafting caps differ only in the depths between them, measured on the same
-rounds, which removes most of the token noise from comparing them. One step of a small batch says
+rounds, which removes most of the token noise from comparing them. The policy's chains (chain
+mode) are the fixed chains cut where the policy stopped, so its rounds teach those rates too, each
+depth from the requests that drafted it (:meth:`DraftGate._learn_cut_chains`): the fixed depths are
+then judged on the text the policy's rounds meet, not only on their own probes. One step of a small batch says
 little (at batch 1 a step yields 1 or 2 tokens), so every measurement of an arm spans about
 ``probe_requests`` request-steps: a probe of a bucket whose batches hold up to B requests lasts
 ``ceil(probe_requests / B)`` rounds.
@@ -223,7 +226,8 @@ class DraftGate:
                  probe_budget: float = 0.02, tree_sizes: Sequence[int] = ()) -> None:
         """``own_arms``: caps whose rounds draft otherwise than a fixed-depth chain cut short (an
         engine's deepest arm: the stop policy's chains or trees, :func:`policy_arms`): their tokens
-        are their own measured average, and their rounds do not feed the shared per-depth acceptance.
+        are their own measured average, and their rounds feed the shared per-depth acceptance only
+        where :meth:`observe` is told what each request drafted (chains a stop policy cut short).
         ``draft_margin``: in batches of more than one request, the fraction by which a drafting
         arm's rate must beat depth 0's for the gate to choose it. ``probe_budget``: the share of a
         settled bucket's throughput the probes of the arms more than 10% behind may cost together.
@@ -426,12 +430,15 @@ class DraftGate:
             state.reach[depth - 1].refresh(prior)
 
     def observe(self, batch_size: int, cap: int, seconds: float, tokens: float | Sequence[int],
-                typical: bool = True, sampling: bool = False) -> None:
+                typical: bool = True, sampling: bool = False, drafted: Sequence[int] | None = None) -> None:
         """One measured step: ``seconds`` from the round's decision to the next one, and the tokens
         the step emitted: per request (a sequence; then every depth up to the cap learns how often
         it is reached), or their mean per request (1 when it verified nothing). ``typical=False``:
         the step did extra work that says nothing about its arm (the drafter catching up on many
-        skipped rounds at once); it is not counted, and a probe that ends on it runs one round longer."""
+        skipped rounds at once); it is not counted, and a probe that ends on it runs one round longer.
+        ``drafted``: for a round of one of ``own_arms`` whose drafts are the fixed-depth chains cut
+        where a stop policy stopped (RADAR's chain mode), the drafts each request had verified; the
+        per-depth acceptance then learns from it too (:meth:`_learn_cut_chains`)."""
         per_request = None if isinstance(tokens, (int, float)) else [int(t) for t in tokens]
         mean_tokens = float(tokens) if per_request is None else sum(per_request) / max(1, len(per_request))
         if cap not in self.caps or seconds <= 0 or mean_tokens <= 0:
@@ -454,8 +461,32 @@ class DraftGate:
         if per_request and cap not in self.own_arms:
             for depth in range(1, cap + 1):  # accepted >= depth, i.e. emitted > depth
                 state.reach[depth - 1].update(sum(t > depth for t in per_request) / len(per_request), smoothing)
+        elif per_request and drafted is not None and len(drafted) == len(per_request):
+            self._learn_cut_chains(state, per_request, [int(d) for d in drafted], smoothing)
         if state.probing == cap and state.probe_left == 0:
             self._end_probe(state, batch_size, sampling, cap)
+
+    def _learn_cut_chains(self, state: BucketState, emitted: list[int], drafted: list[int],
+                          smoothing: float) -> None:
+        """The per-depth acceptance from a round whose chains a stop policy cut (request i verified
+        ``drafted[i]`` drafts of the fixed-depth chain and emitted ``emitted[i]`` tokens). Depth j
+        learns from the requests that drafted it with every earlier draft accepted, how often it is
+        accepted given depth j - 1 was (a request stopped with all its drafts accepted says nothing
+        about the depths it did not draft; counting it as a miss would make every cap look worse
+        than it is): the estimate of depth j moves towards depth j - 1's times that fraction, each
+        depth weighted by the share of the round's requests it learned from. Without this a gate
+        that settled on the policy's arm judged every fixed depth by its last probes alone: at
+        batch 1, probes that met text accepting little kept RADAR's chains on the policy's rounds
+        (60 ms a step) where a depth-3 chain (50 ms) emitted as many tokens per step."""
+        above = 1.0  # the estimate of depth j - 1 (depth 0: always reached)
+        for depth in range(1, len(state.reach) + 1):
+            # emitted >= depth: the first depth - 1 drafts were accepted
+            at_risk = [t > depth for t, d in zip(emitted, drafted) if d >= depth and t >= depth]
+            if not at_risk:
+                break
+            reach = state.reach[depth - 1]
+            reach.update(above * sum(at_risk) / len(at_risk), smoothing * len(at_risk) / len(emitted))
+            above = reach.rate
 
     def _announce(self, state: BucketState, batch_size: int, sampling: bool, choice: int) -> None:
         """Log a bucket's first choice, and later a changed one at most once per ``LOG_EVERY_S``

@@ -440,15 +440,19 @@ class RadarProposer(EagleProposer):
                 start, last_batch_size, last_action, last_cap, caught_up_before, last_sampling = self._last_round
                 if (last_batch_size == batch_size and last_sampling == sampling and decode_only
                         and last_action != CATCH_UP_ROUND):
+                    drafted = None
                     if token_indices_to_sample is None:  # one token per request
                         emitted = [1] * batch_size
-                    else:
-                        starts = cad.query_start_loc_cpu[:batch_size]
-                        emitted = (token_indices_to_sample.to("cpu")[:batch_size] - starts + 1).tolist()
+                    else:  # (request i's rows: its verified drafts after the token before them)
+                        starts = cad.query_start_loc_cpu[: batch_size + 1]
+                        emitted = (token_indices_to_sample.to("cpu")[:batch_size] - starts[:-1] + 1).tolist()
+                        if self.tree_config is None and last_cap in self.gate.own_arms:
+                            drafted = (starts[1:] - starts[:-1] - 1).tolist()  # the policy's cut chains
                     # a round whose call 1 caught up on more than one skipped round per request
                     # paid for the skipped rounds too: not a measurement of its arm
                     typical = self.skipped.rows_caught_up - caught_up_before <= batch_size
-                    self.gate.observe(batch_size, last_cap, now - start, emitted, typical=typical, sampling=sampling)
+                    self.gate.observe(batch_size, last_cap, now - start, emitted, typical=typical, sampling=sampling,
+                                      drafted=drafted)
             cap = self.gate.decide(batch_size, sampling)
             if cap == 0:
                 action = SKIP_ROUND if decode_only and self.skipped.has_room(num_rows) else CATCH_UP_ROUND

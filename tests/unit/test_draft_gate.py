@@ -438,6 +438,45 @@ def test_own_arms_keep_their_tokens_apart_from_the_shared_depth_acceptance():
     assert 0.5 < mixed["reach_1"] < 1.0 and mixed["tokens_d1"] > 1.5
 
 
+def test_cut_chains_teach_each_depth_from_the_requests_that_drafted_it():
+    """RADAR's chain rounds are the fixed chains cut where the policy stopped: depth j learns from
+    the requests that drafted j with every earlier draft accepted, and a request the policy stopped
+    with all its drafts accepted says nothing about the depths after its stop."""
+    gate = DraftGate(7, arms=(0, 3, 7), own_arms=(7,))
+    # request 0 drafted 1, accepted it (nothing known of depth 2); request 1 drafted 1, rejected it;
+    # request 2 drafted 3, accepted 1; request 3 drafted 3, accepted all 3
+    for _ in range(200):
+        gate.observe(4, 7, 0.050, [2, 1, 2, 4], drafted=[1, 1, 3, 3])
+    summary = gate.summary()["4"]
+    assert summary["reach_1"] == pytest.approx(0.75)  # 3 of 4 accepted their first draft
+    assert summary["reach_2"] == pytest.approx(0.75 * 0.5, abs=1e-3)  # 1 of the 2 that drafted depth 2
+    assert summary["reach_3"] == pytest.approx(0.375, abs=1e-3)  # the one that drafted depth 3 got it
+    assert summary["tokens_d3"] == pytest.approx(2.5, abs=0.01)  # fixed depth 3: 1 + the three rates
+    assert summary["tokens_d7"] == pytest.approx(2.25, abs=0.01)  # the policy's arm: its own average
+    # a request stopped with its drafts accepted is not a miss at the next depth
+    counted = DraftGate(7, arms=(0, 3, 7), own_arms=(7,))
+    for _ in range(200):
+        counted.observe(1, 7, 0.050, [2], drafted=[1])
+    assert counted.summary()["1"]["reach_1"] == pytest.approx(1.0)
+    assert "reach_2" not in counted.summary()["1"]
+
+
+def test_fixed_depths_are_judged_on_the_text_the_policy_rounds_meet():
+    """Batch 1: a depth-3 chain's probes met text that accepted nothing, then the policy's rounds
+    (dearer: 60 ms against 50) met text on which they drafted and emitted 3 tokens a step. Told what
+    each policy round drafted, the gate sees that depth 3 would have emitted as much, for less."""
+    choices = {}
+    for told in (False, True):
+        gate = DraftGate(7, arms=(0, 3, 7), own_arms=(7,))
+        for cap, seconds in ((0, 0.046), (3, 0.050)):
+            for _ in range(10):
+                gate.observe(1, cap, seconds, [1])
+        for _ in range(200):
+            gate.observe(1, 7, 0.060, [3], drafted=[3] if told else None)
+        choices[told] = gate.preferred(1)
+    assert choices == {False: 7, True: 3}
+
+
 def test_seeded_arms_follow_the_running_mean_of_a_measured_arm_not_its_first_step():
     """One slow first step after a table start (a batch's first decode step) must not make every
     arm the table seeded look slower for good."""
