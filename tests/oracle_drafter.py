@@ -114,6 +114,7 @@ class ScriptedGate:
     def __init__(self, pattern: list[bool], max_depth: int) -> None:
         self.pattern = pattern
         self.max_depth = max_depth
+        self.own_arms = frozenset({max_depth})  # its drafting cap is the policy's arm, as in an engine
         self.rounds = 0
 
     def decide(self, batch_size: int, sampling: bool = False) -> int:  # 0 skips, the checkpoint's depth drafts
