@@ -191,7 +191,8 @@ def stop_py_profile(worker: Any, top: int) -> dict[str, Any]:
     stats = pstats.Stats(profiler).stats  # (file, line, name) -> (calls, primitive calls, own, cumulative, callers)
     packages: dict[str, float] = {}
     for (filename, _, _), (_, _, own, _, _) in stats.items():
-        packages[package_of(filename)] = packages.get(package_of(filename), 0.0) + own
+        package = package_of(filename)
+        packages[package] = packages.get(package, 0.0) + own
     ranked = sorted(stats.items(), key=lambda item: -item[1][2])[:top]
     functions = {f"{package_of(f)}:{Path(f).name}:{line}:{name}": (own, calls)
                  for (f, line, name), (calls, _, own, _, _) in ranked}
@@ -211,6 +212,18 @@ def read_timers(worker: Any, reset: bool) -> dict[str, Any]:
         if drafter is not None and hasattr(drafter, "round_counts"):
             drafter.round_counts = {key: 0 for key in drafter.round_counts}
     return out
+
+
+def profiled_run(llm: Any, requests: list[dict[str, Any]], params: Any, start: Any, stop: Any) -> tuple[Any, int]:
+    """One more run of ``requests`` from an empty prefix cache between ``start(worker)`` and
+    ``stop(worker)`` (called in the worker): what ``stop`` returned, and the run's engine steps."""
+    llm.reset_prefix_cache()
+    llm.collective_rpc(lambda worker: read_timers(worker, reset=True))
+    llm.collective_rpc(start)
+    llm.generate(requests, params, use_tqdm=False)
+    result = llm.collective_rpc(stop)[0]
+    steps = llm.collective_rpc(lambda worker: read_timers(worker, reset=False))[0]["target"]["calls"]
+    return result, max(1, steps)
 
 
 def profile_config(name: str, target: str, prompts: list[list[int]], batch_sizes: list[int], max_new_tokens: int,
@@ -252,23 +265,14 @@ def profile_config(name: str, target: str, prompts: list[list[int]], batch_sizes
                 print(json.dumps({k: rows[-1][k] for k in ("config", "batch_size", "repeat", "tokens_per_s",
                                                            "ms_per_step", "rounds")}), flush=True)
             if ops:  # one more run under the profiler (slower): where each part's time goes, not its speed
-                llm.reset_prefix_cache()
-                llm.collective_rpc(lambda worker: read_timers(worker, reset=True))
-                llm.collective_rpc(start_op_profile)
-                llm.generate(requests, params, use_tqdm=False)
-                totals = llm.collective_rpc(stop_op_profile)[0]
-                steps = max(1, llm.collective_rpc(lambda worker: read_timers(worker, reset=False))[0]["target"]["calls"])
+                totals, steps = profiled_run(llm, requests, params, start_op_profile, stop_op_profile)
                 rows[-1]["ops_ms_per_step"] = {
                     part: dict(sorted(((op, us / 1000 / steps) for op, us in by_op.items()),
                                       key=lambda item: -item[1])[:ops])
                     for part, by_op in totals.items()}
             if py:  # and one under Python's profiler: whose Python the engine thread runs
-                llm.reset_prefix_cache()
-                llm.collective_rpc(lambda worker: read_timers(worker, reset=True))
-                llm.collective_rpc(start_py_profile)
-                llm.generate(requests, params, use_tqdm=False)
-                profile = llm.collective_rpc(lambda worker: stop_py_profile(worker, py))[0]
-                steps = max(1, llm.collective_rpc(lambda worker: read_timers(worker, reset=False))[0]["target"]["calls"])
+                profile, steps = profiled_run(llm, requests, params, start_py_profile,
+                                              lambda worker: stop_py_profile(worker, py))
                 rows[-1]["py_ms_per_step"] = {
                     "packages": {k: 1000 * v / steps for k, v in sorted(profile["packages"].items())},
                     "functions": {k: [1000 * own / steps, calls / steps]
