@@ -19,12 +19,19 @@ request per second). When the caller passes each request's emitted tokens, a rou
 also tells what every shallower cap would have emitted on the same text: the first draft calls are
 the same below the cap, so a request's accepted prefix is cut at the cap (the policy's arm, whose
 stop decisions and trees differ from the fixed chains', is one of ``own_arms``: its tokens are its
-own). The gate therefore keeps, per depth j, how often a request gets at least j drafts
-accepted, from every round whose cap reaches j, and a drafting cap c yields 1 + the sum of those
-rates for j <= c: two drafting caps differ only in the depths between them, measured on the same
-rounds, which removes most of the token noise from comparing them. The policy's chains (chain
+own). The gate therefore keeps, per depth j, how often draft j is accepted among the requests
+that drafted it with drafts 1..j-1 accepted (counts over every round whose cap reaches j,
+discounted as rounds pass), and how often a request gets at least j drafts accepted is the
+product of those rates for depths 1..j (:func:`depth_reach`); a drafting cap c yields 1 + the sum
+of these for j <= c. Two drafting caps differ only in the depths between them, measured on the
+same rounds, which removes most of the token noise from comparing them, and every round informs
+the shallow factors of a deep cap's product: at batch 1 a third draft is tried only in the rounds
+whose first two were accepted (about one in six), so its own rate rests on few requests and is
+drawn towards the second's by a few requests' worth (``depth_prior``); estimated instead as the
+share of all depth-3 rounds that accepted three drafts, a run of unlucky probes once left depth 3
+at zero and held the gate on depth 2 (stock K = 2 ran 8% slower than K = 3 there). The policy's chains (chain
 mode) are the fixed chains cut where the policy stopped, so its rounds teach those rates too, each
-depth from the requests that drafted it (:meth:`DraftGate._learn_cut_chains`): the fixed depths are
+depth from the requests that drafted it (:meth:`DraftGate._learn_depths`): the fixed depths are
 then judged on the text the policy's rounds meet, not only on their own probes. One step of a small batch says
 little (at batch 1 a step yields 1 or 2 tokens), so every measurement of an arm spans about
 ``probe_requests`` request-steps: a probe of a bucket whose batches hold up to B requests lasts
@@ -188,20 +195,68 @@ class ArmEstimate(RunningMean):
 
 
 @dataclass
-class DepthReach(RunningMean):
-    """How often a request of this bucket gets at least ``depth`` drafts accepted (moving average
-    over the rounds whose cap reached that depth)."""
+class DepthAcceptance:
+    """How often draft ``depth`` is accepted among the requests that drafted it with every earlier
+    draft accepted (a conditional rate), as discounted counts over the rounds that drafted it."""
 
-    rate: float = 0.0
+    hits: float = 0.0  # such requests whose draft at this depth was accepted
+    trials: float = 0.0  # such requests
+    count: int = 0  # rounds that observed this depth here
+    seeded: bool = False  # the counts come from elsewhere (a table, another bucket)
 
-    def update(self, value: float, smoothing: float) -> None:
-        self.rate += self._weight(smoothing) * (value - self.rate)
+    @property
+    def known(self) -> bool:
+        return self.count > 0 or self.seeded
+
+    def update(self, hits: int, trials: int, discount: float) -> None:
+        """One round: the old counts discounted by ``discount``, this round's added."""
+        self.hits = self.hits * (1.0 - discount) + hits
+        self.trials = self.trials * (1.0 - discount) + trials
+        self.count += 1
+        self.seeded = False
+
+    def limit(self, trials: float) -> None:
+        """Keep the current rate, worth at most ``trials`` requests (before a probe: what it sees
+        then moves the estimate about halfway)."""
+        if self.trials > trials:
+            self.hits *= trials / self.trials
+            self.trials = trials
+
+    @classmethod
+    def from_rate(cls, rate: float, trials: float) -> "DepthAcceptance":
+        """A seeded estimate: ``rate`` worth ``trials`` requests."""
+        rate = min(1.0, max(0.0, rate))
+        return cls(hits=rate * trials, trials=trials, seeded=True)
+
+
+def depth_reach(acceptance: Sequence[DepthAcceptance], prior_trials: float) -> list[float | None]:
+    """How often a request gets at least j drafts accepted (index j - 1), from the conditional
+    rates: the product of depths 1..j, None from the first depth never seen. Depth 1 is every
+    drafting round's and is its own count; a deeper depth is seen only in the rounds whose first
+    drafts were accepted (at batch 1 depth 3 in about one round of six), so its rate is drawn
+    towards the depth above's by ``prior_trials`` requests' worth: a few probe rounds that met no
+    accepted third draft do not make depth 3 look worthless (the shallower depths' estimates, from
+    every round, carry the rest of the product)."""
+    out: list[float | None] = []
+    reach, above = 1.0, None
+    for depth in acceptance:
+        if not depth.known:
+            out += [None] * (len(acceptance) - len(out))
+            break
+        if above is None:
+            rate = depth.hits / depth.trials if depth.trials > 0 else 0.0
+        else:
+            rate = (depth.hits + prior_trials * above) / (depth.trials + prior_trials)
+        reach *= rate
+        above = rate
+        out.append(reach)
+    return out
 
 
 @dataclass
 class BucketState:
     arms: dict[int, ArmEstimate]
-    reach: list[DepthReach]  # index j - 1: at least j drafts accepted
+    reach: list[DepthAcceptance]  # index j - 1: draft j accepted, drafts 1..j - 1 being accepted
     intervals: dict[int, int]  # per arm: rounds of this bucket between its probes
     waits: dict[int, int] = field(default_factory=dict)  # per arm: rounds since it last ran
     settled: bool = False  # every arm measured (or seeded) and the probe intervals set from their rates
@@ -223,7 +278,7 @@ class DraftGate:
     def __init__(self, max_depth: int, arms: Sequence[int] | None = None, probe_every: int = 16,
                  max_probe_every: int = 256, min_observations: int = 2, smoothing: float = 0.15,
                  probe_requests: int = 8, own_arms: Sequence[int] = (), draft_margin: float = 0.1,
-                 probe_budget: float = 0.02, tree_sizes: Sequence[int] = ()) -> None:
+                 probe_budget: float = 0.02, tree_sizes: Sequence[int] = (), depth_prior: float = 4.0) -> None:
         """``own_arms``: caps whose rounds draft otherwise than a fixed-depth chain cut short (an
         engine's deepest arm: the stop policy's chains or trees, :func:`policy_arms`): their tokens
         are their own measured average, and their rounds feed the shared per-depth acceptance only
@@ -232,7 +287,8 @@ class DraftGate:
         arm's rate must beat depth 0's for the gate to choose it. ``probe_budget``: the share of a
         settled bucket's throughput the probes of the arms more than 10% behind may cost together.
         ``tree_sizes``: the smaller trees of the policy arms above ``max_depth`` (:func:`policy_arms`;
-        recorded in tables, which must agree)."""
+        recorded in tables, which must agree). ``depth_prior``: how many requests' worth a depth's
+        acceptance is drawn towards the depth above's (:func:`depth_reach`)."""
         if max_depth < 1:
             raise ValueError(f"max_depth must be >= 1, got {max_depth}")
         caps = sorted(set(arms if arms is not None else default_arms(max_depth)))
@@ -253,6 +309,9 @@ class DraftGate:
             raise ValueError(f"draft_margin must be in [0, 1), got {draft_margin}")
         if not 0.0 < probe_budget <= 1.0:
             raise ValueError(f"probe_budget must be in (0, 1], got {probe_budget}")
+        if depth_prior < 0.0:
+            raise ValueError(f"depth_prior must be >= 0, got {depth_prior}")
+        self.depth_prior = depth_prior
         self.probe_budget = probe_budget
         self.tree_sizes = [int(size) for size in tree_sizes]
         self.draft_margin = draft_margin
@@ -270,7 +329,7 @@ class DraftGate:
         key = (sampling, batch_bucket(batch_size))
         if key not in self.buckets:
             arms = {cap: ArmEstimate() for cap in self.caps}
-            reach = [DepthReach() for _ in range(self.max_depth)]
+            reach = [DepthAcceptance() for _ in range(self.max_depth)]
             known = [other for other, state in self.buckets.items() if any(a.known for a in state.arms.values())]
             if known:  # step costs from the nearest: same size first (then the same kind), then smaller
                 nearest_key = min(known, key=lambda other: (abs(other[1] - key[1]), other[0] != sampling, other[1]))
@@ -282,12 +341,14 @@ class DraftGate:
                     if accepting.arms[cap].known:
                         tokens = accepting.arms[cap].tokens
                     arms[cap] = ArmEstimate(seconds, tokens, seeded=True, seed_seconds=seconds)
-                reach = [DepthReach(depth.rate, seeded=True) if depth.known else DepthReach()
-                         for depth in accepting.reach]
+                reach = [DepthAcceptance(depth.hits, depth.trials, seeded=True) if depth.known
+                         else DepthAcceptance() for depth in accepting.reach]
+                for depth in range(1, self.max_depth + 1):  # worth one probe here
+                    reach[depth - 1].limit(self._probe_trials(accepting, depth))
             self.buckets[key] = self._new_state(key[1], arms, reach)
         return self.buckets[key]
 
-    def _new_state(self, index: int, arms: dict[int, ArmEstimate], reach: list[DepthReach],
+    def _new_state(self, index: int, arms: dict[int, ArmEstimate], reach: list[DepthAcceptance],
                    from_table: bool = False) -> BucketState:
         """A bucket's state: every arm's probe interval at ``probe_every``, its margin and probe
         length from its index."""
@@ -315,13 +376,24 @@ class DraftGate:
         """The draft margin of bucket ``index`` (none for batch 1: a lone request does not drain)."""
         return self.draft_margin if index > 0 else 0.0
 
+    def _reach(self, state: BucketState) -> list[float | None]:
+        """How often a request of this bucket gets at least j drafts accepted (index j - 1; None:
+        not seen)."""
+        return depth_reach(state.reach, self.depth_prior)
+
+    def _probe_trials(self, state: BucketState, depth: int) -> float:
+        """The requests a probe of ``probe_requests`` request-rounds is expected to show depth
+        ``depth`` to (those whose earlier drafts are accepted), at least 1."""
+        above = self._reach(state)[depth - 2] if depth > 1 else 1.0
+        return max(1.0, self.probe_requests * (above or 0.0))
+
     def _tokens(self, state: BucketState, cap: int) -> float:
         """Tokens per request per step under ``cap``: from the per-depth acceptance when every depth
         up to the cap has been seen (and the cap is not one of ``own_arms``), else the arm's own
         average."""
-        reach = state.reach[:cap]
-        if cap > 0 and cap not in self.own_arms and all(depth.known for depth in reach):
-            return 1.0 + sum(depth.rate for depth in reach)
+        reach = self._reach(state)[:cap]
+        if cap > 0 and cap not in self.own_arms and all(rate is not None for rate in reach):
+            return 1.0 + sum(reach)
         return state.arms[cap].tokens
 
     def _rate(self, state: BucketState, cap: int) -> float:
@@ -354,7 +426,7 @@ class DraftGate:
             dear = arm.seconds > 2.0 * base.seconds
             if not (dear or batched) or self._score(state, shallower) >= self._score(state, 0):
                 return False
-            last = state.reach[shallower - 1].rate if state.reach[shallower - 1].known else 0.0
+            last = self._reach(state)[shallower - 1] or 0.0
             tokens = self._tokens(state, shallower) + (cap - shallower) * last
             seconds = base.seconds + max(0.0, arm.seconds - base.seconds) * cap / shallower
             state.arms[cap] = ArmEstimate(seconds, tokens, seeded=True, seed_seconds=seconds)
@@ -427,7 +499,7 @@ class DraftGate:
             return
         shared = choice if choice not in self.own_arms else 0  # depths the chosen arm's rounds measure
         for depth in range(shared + 1, cap + 1):
-            state.reach[depth - 1].refresh(prior)
+            state.reach[depth - 1].limit(self._probe_trials(state, depth))
 
     def observe(self, batch_size: int, cap: int, seconds: float, tokens: float | Sequence[int],
                 typical: bool = True, sampling: bool = False, drafted: Sequence[int] | None = None) -> None:
@@ -438,7 +510,7 @@ class DraftGate:
         skipped rounds at once); it is not counted, and a probe that ends on it runs one round longer.
         ``drafted``: for a round of one of ``own_arms`` whose drafts are the fixed-depth chains cut
         where a stop policy stopped (RADAR's chain mode), the drafts each request had verified; the
-        per-depth acceptance then learns from it too (:meth:`_learn_cut_chains`)."""
+        per-depth acceptance then learns from it too (:meth:`_learn_depths`)."""
         per_request = None if isinstance(tokens, (int, float)) else [int(t) for t in tokens]
         mean_tokens = float(tokens) if per_request is None else sum(per_request) / max(1, len(per_request))
         if cap not in self.caps or seconds <= 0 or mean_tokens <= 0:
@@ -458,35 +530,31 @@ class DraftGate:
             for other in state.arms.values():
                 if other is not arm and other.seeded and other.seed_seconds > 0:
                     other.seconds = other.seed_seconds * factor
-        if per_request and cap not in self.own_arms:
-            for depth in range(1, cap + 1):  # accepted >= depth, i.e. emitted > depth
-                state.reach[depth - 1].update(sum(t > depth for t in per_request) / len(per_request), smoothing)
-        elif per_request and drafted is not None and len(drafted) == len(per_request):
-            self._learn_cut_chains(state, per_request, [int(d) for d in drafted], smoothing)
+        if per_request and (cap not in self.own_arms or (drafted is not None and len(drafted) == len(per_request))):
+            # a fixed-depth chain drafted the cap for every request
+            self._learn_depths(state, per_request, [cap] * len(per_request) if cap not in self.own_arms
+                               else [int(d) for d in drafted], smoothing)
         if state.probing == cap and state.probe_left == 0:
             self._end_probe(state, batch_size, sampling, cap)
 
-    def _learn_cut_chains(self, state: BucketState, emitted: list[int], drafted: list[int],
-                          smoothing: float) -> None:
-        """The per-depth acceptance from a round whose chains a stop policy cut (request i verified
-        ``drafted[i]`` drafts of the fixed-depth chain and emitted ``emitted[i]`` tokens). Depth j
-        learns from the requests that drafted it with every earlier draft accepted, how often it is
-        accepted given depth j - 1 was (a request stopped with all its drafts accepted says nothing
-        about the depths it did not draft; counting it as a miss would make every cap look worse
-        than it is): the estimate of depth j moves towards depth j - 1's times that fraction, each
-        depth weighted by the share of the round's requests it learned from. Without this a gate
-        that settled on the policy's arm judged every fixed depth by its last probes alone: at
-        batch 1, probes that met text accepting little kept RADAR's chains on the policy's rounds
-        (60 ms a step) where a depth-3 chain (50 ms) emitted as many tokens per step."""
-        above = 1.0  # the estimate of depth j - 1 (depth 0: always reached)
+    @staticmethod
+    def _learn_depths(state: BucketState, emitted: list[int], drafted: list[int], discount: float) -> None:
+        """The per-depth acceptance from a chain round (request i verified ``drafted[i]`` drafts of
+        the fixed-depth chain and emitted ``emitted[i]`` tokens): depth j learns from the requests
+        that drafted it with every earlier draft accepted. A fixed cap drafted it for every request;
+        RADAR's chain rounds are the fixed chains cut where the stop policy stopped, so they teach
+        the same rates, and a request stopped with all its drafts accepted says nothing about the
+        depths it did not draft (counting it as a miss would make every cap look worse than it is).
+        Without the policy's rounds a gate that settled on the policy's arm judged every fixed depth
+        by its last probes alone: at batch 1, probes that met text accepting little kept RADAR's
+        chains on the policy's rounds (60 ms a step) where a depth-3 chain (50 ms) emitted as many
+        tokens per step."""
         for depth in range(1, len(state.reach) + 1):
             # emitted >= depth: the first depth - 1 drafts were accepted
             at_risk = [t > depth for t, d in zip(emitted, drafted) if d >= depth and t >= depth]
             if not at_risk:
                 break
-            reach = state.reach[depth - 1]
-            reach.update(above * sum(at_risk) / len(at_risk), smoothing * len(at_risk) / len(emitted))
-            above = reach.rate
+            state.reach[depth - 1].update(sum(at_risk), len(at_risk), discount)
 
     def _announce(self, state: BucketState, batch_size: int, sampling: bool, choice: int) -> None:
         """Log a bucket's first choice, and later a changed one at most once per ``LOG_EVERY_S``
@@ -550,8 +618,10 @@ class DraftGate:
             arms = {str(cap): {"seconds": arm.seconds, "tokens": arm.tokens, "steps": arm.count}
                     for cap, arm in state.arms.items() if arm.count > 0 or arm.seed_seconds > 0}
             if any(arm["steps"] > 0 for arm in arms.values()):
+                reach = self._reach(state)  # (how often at least j drafts are accepted)
                 buckets[f"{1 << index}{'s' if sampling else ''}"] = {
-                    "arms": arms, "reach": [depth.rate if depth.count > 0 else None for depth in state.reach]}
+                    "arms": arms, "reach": [rate if depth.count > 0 else None
+                                            for rate, depth in zip(reach, state.reach)]}
         table = {"arms": list(self.caps), "own_arms": sorted(self.own_arms), "max_depth": self.max_depth,
                  "buckets": buckets}
         if self.tree_sizes:
@@ -574,9 +644,14 @@ class DraftGate:
                 if float(arm["seconds"]) > 0:
                     arms[int(cap)] = ArmEstimate(float(arm["seconds"]), float(arm["tokens"]), seeded=True,
                                                  seed_seconds=float(arm["seconds"]))
-            reach = [DepthReach(float(rate), seeded=True) if rate is not None else DepthReach()
-                     for rate in list(entry["reach"])[: self.max_depth]]
-            reach += [DepthReach() for _ in range(self.max_depth - len(reach))]
+            reach, above = [], 1.0  # a depth's acceptance given the depth above's, worth one probe
+            for rate in list(entry["reach"])[: self.max_depth]:
+                if rate is None:
+                    break
+                reach.append(DepthAcceptance.from_rate(float(rate) / above if above > 0 else 0.0,
+                                                       max(1.0, self.probe_requests * above)))
+                above = float(rate)
+            reach += [DepthAcceptance() for _ in range(self.max_depth - len(reach))]
             self.buckets[key] = self._new_state(key[1], arms, reach, from_table=True)
 
     def summary(self) -> dict[str, dict[str, float]]:
@@ -591,9 +666,13 @@ class DraftGate:
                 entry[f"rate_d{cap}"] = self._rate(state, cap)
                 entry[f"tokens_d{cap}"] = self._tokens(state, cap)
                 entry[f"steps_d{cap}"] = arm.count
-            for depth, reach in enumerate(state.reach, start=1):
-                if reach.known:
-                    entry[f"reach_{depth}"] = reach.rate
+            above = 1.0
+            for depth, reach in enumerate(self._reach(state), start=1):
+                if reach is None:
+                    break
+                entry[f"reach_{depth}"] = reach
+                entry[f"accept_{depth}"] = reach / above if above > 0 else 0.0
+                above = reach
             out[f"{1 << index}{'s' if sampling else ''}"] = entry
         return out
 

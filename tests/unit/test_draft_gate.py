@@ -249,7 +249,7 @@ def test_sampling_batches_are_measured_apart_and_start_from_greedy_ones():
 
 
 def test_a_deep_round_measures_the_tokens_of_every_shallower_cap():
-    gate = DraftGate(7, arms=(0, 1, 2, 7))
+    gate = DraftGate(7, arms=(0, 1, 2, 7), depth_prior=0.0)  # the counts alone
     # per request: tokens emitted under cap 7 (accepted + 1); cut at cap c a request emits min(t, c + 1)
     emitted = [5, 2, 3, 1, 2, 8, 1, 1]
     gate.observe(8, 7, 0.02, emitted)
@@ -258,10 +258,14 @@ def test_a_deep_round_measures_the_tokens_of_every_shallower_cap():
     for cap in (1, 2, 7):
         assert entry[f"tokens_d{cap}"] == pytest.approx(sum(min(t, cap + 1) for t in emitted) / len(emitted))
     assert entry["reach_1"] == pytest.approx(5 / 8) and entry["reach_7"] == pytest.approx(1 / 8)
-    # a shallow round teaches nothing about deeper depths
+    assert entry["accept_2"] == pytest.approx(3 / 5)  # 3 of the 5 requests whose first draft was accepted
+    # a shallow round teaches depth 1 and nothing of depth 2's own rate; how often two drafts are
+    # accepted follows depth 1
     gate.observe(8, 1, 0.01, [2] * 8)
     entry = gate.summary()["8"]
-    assert entry["reach_1"] == pytest.approx(0.5 * (5 / 8) + 0.5) and entry["reach_2"] == pytest.approx(3 / 8)
+    kept = 1.0 - gate.smoothing  # the first round's counts, discounted
+    assert entry["reach_1"] == pytest.approx((5 * kept + 8) / (8 * kept + 8))
+    assert entry["accept_2"] == pytest.approx(3 / 5) and entry["reach_2"] == pytest.approx(entry["reach_1"] * 3 / 5)
     # with only a mean (no per-request tokens) an arm keeps its own average
     other = DraftGate(7, arms=(0, 1, 7))
     other.observe(8, 7, 0.02, 2.5)
@@ -442,11 +446,16 @@ def test_cut_chains_teach_each_depth_from_the_requests_that_drafted_it():
     """RADAR's chain rounds are the fixed chains cut where the policy stopped: depth j learns from
     the requests that drafted j with every earlier draft accepted, and a request the policy stopped
     with all its drafts accepted says nothing about the depths after its stop."""
-    gate = DraftGate(7, arms=(0, 3, 7), own_arms=(7,))
+    gate = DraftGate(7, arms=(0, 3, 7), own_arms=(7,), depth_prior=0.0)  # the counts alone
+    drawn = DraftGate(7, arms=(0, 3, 7), own_arms=(7,))
     # request 0 drafted 1, accepted it (nothing known of depth 2); request 1 drafted 1, rejected it;
     # request 2 drafted 3, accepted 1; request 3 drafted 3, accepted all 3
     for _ in range(200):
         gate.observe(4, 7, 0.050, [2, 1, 2, 4], drafted=[1, 1, 3, 3])
+        drawn.observe(4, 7, 0.050, [2, 1, 2, 4], drafted=[1, 1, 3, 3])
+    # with the default prior depth 2's rate (1 in 2, from 2 requests a round) is drawn a little
+    # towards depth 1's (3 in 4)
+    assert 0.5 < drawn.summary()["4"]["accept_2"] < 0.55 and drawn.summary()["4"]["accept_1"] == pytest.approx(0.75)
     summary = gate.summary()["4"]
     assert summary["reach_1"] == pytest.approx(0.75)  # 3 of 4 accepted their first draft
     assert summary["reach_2"] == pytest.approx(0.75 * 0.5, abs=1e-3)  # 1 of the 2 that drafted depth 2
@@ -459,6 +468,36 @@ def test_cut_chains_teach_each_depth_from_the_requests_that_drafted_it():
         counted.observe(1, 7, 0.050, [2], drafted=[1])
     assert counted.summary()["1"]["reach_1"] == pytest.approx(1.0)
     assert "reach_2" not in counted.summary()["1"]
+
+
+def test_a_deep_depth_learns_only_from_the_requests_that_reached_it():
+    """Batch 1: draft 3 is seen only in rounds whose first two drafts were accepted. A depth-3 probe
+    whose rounds accepted fewer says nothing of draft 3 (the shallower depths learn from it), a
+    table's estimate is discounted by what follows instead of being replaced by one step, and a few
+    unlucky requests draw the rate towards the depth above's instead of to zero (a gate once held
+    depth 3 at zero after such probes and ran depth 2, 8% slower than depth 3 there)."""
+    section = {"arms": [0, 2, 3], "own_arms": [], "max_depth": 7, "buckets": {"1": {
+        "arms": {"0": {"seconds": 0.046, "tokens": 1.0, "steps": 8}, "2": {"seconds": 0.050, "tokens": 1.8, "steps": 8},
+                 "3": {"seconds": 0.050, "tokens": 1.95, "steps": 8}},
+        "reach": [0.5, 0.3, 0.15, None, None, None, None]}}}
+    gate = DraftGate(7, arms=(0, 2, 3), depth_prior=0.0)
+    gate.seed(section)
+    assert gate.summary()["1"]["accept_3"] == pytest.approx(0.5)
+    for _ in range(8):  # a probe in which one draft a round was accepted
+        gate.observe(1, 3, 0.050, [2])
+    entry = gate.summary()["1"]
+    assert entry["accept_3"] == pytest.approx(0.5)  # no request reached it
+    assert entry["accept_2"] < 0.25 and entry["reach_3"] < 0.1  # what the probe did see (0.15 before)
+    gate.observe(1, 3, 0.050, [3])  # one request reached draft 3, and it was rejected
+    assert 0.2 < gate.summary()["1"]["accept_3"] < 0.45  # the table's 0.5 discounted, not replaced by 0
+    # measured from scratch: three requests reached draft 3 and all were rejected
+    drawn, bare = DraftGate(7, arms=(0, 2, 3)), DraftGate(7, arms=(0, 2, 3), depth_prior=0.0)
+    for gate in (drawn, bare):
+        for emitted in [1, 2, 3, 1, 2, 3, 1, 2, 3, 2, 2, 2] * 2:
+            gate.observe(1, 3, 0.050, [emitted])
+    assert bare.summary()["1"]["accept_3"] == 0.0
+    assert drawn.summary()["1"]["accept_3"] == pytest.approx(
+        4 * drawn.summary()["1"]["accept_2"] / (4 + drawn.buckets[(False, 0)].reach[2].trials))
 
 
 def test_fixed_depths_are_judged_on_the_text_the_policy_rounds_meet():
@@ -614,9 +653,8 @@ def test_one_probe_moves_an_arm_measured_only_by_probes_halfway_to_what_it_sees(
     first = choices.index(2)
     switched = next(index for index in range(len(choices)) if choices[index:index + 8] == [2] * 8)
     assert switched <= first + interval + 1, (first, switched, interval)  # at most one more probe
-    # each probe measures the depth halfway: acceptance of depth 2 went 0 -> 0.15 at the first
-    reach = state.reach[1]
-    assert reach.rate > 0.2 and reach.count >= 2
+    # each probe measures the depth about halfway (acceptance of depth 2 went 0 -> 0.15 at the first)
+    assert gate.summary()["16"]["reach_2"] > 0.2 and state.reach[1].count >= 2
 
 
 def test_smaller_trees_are_policy_arms_above_the_deepest_cap_measured_not_estimated():
