@@ -88,6 +88,10 @@ class RadarConfig:
     # list of them (one per machine: the first that fits is used), relative to the head directory;
     # None: the gate measures every batch size from scratch
     gate_costs: str | list[str] | None = None
+    # a gate-cost table named in the speculative config or RADAR_OVERRIDES that stops short of the
+    # engine's max_num_seqs is refused unless this is true (then its largest batch size is carried
+    # to the larger ones, with a warning); the checkpoint's own tables are always used so. None: false
+    gate_costs_extrapolate: bool | None = None
     # tree mode, "auto" only: smaller trees (tokens per tree, root included, each below
     # total_tokens) the depth gate may choose per batch size instead of total_tokens, each one more
     # arm (the stop policy still decides every request's depth); None: total_tokens only
@@ -107,6 +111,8 @@ class RadarConfig:
         ):
             raise ValueError("radar.gate_costs must be a non-empty path string, a non-empty list of them, or absent, "
                              f"got {self.gate_costs!r}")
+        if self.gate_costs_extrapolate is not None and not isinstance(self.gate_costs_extrapolate, bool):
+            raise ValueError(f"radar.gate_costs_extrapolate must be true or false, got {self.gate_costs_extrapolate!r}")
         if self.mode not in MODES:
             raise ValueError(f"radar.mode must be one of {MODES}, got {self.mode!r}")
         _require_int("top_k", self.top_k, 1)

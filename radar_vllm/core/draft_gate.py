@@ -755,7 +755,8 @@ def gate_table_problems(table: Mapping[str, Any], *, checkpoint_id: str, mode: s
 def check_gate_tables(tables: Sequence[tuple[str | Path, Mapping[str, Any]]], *, strict: bool, checkpoint_id: str,
                       mode: str, dtype: str, target: str, caps: Sequence[int], max_depth: int, max_batch_size: int,
                       machine: tuple[Any, ...], verify: str | None = None,
-                      own_arms: Sequence[int] = (), tree_sizes: Sequence[int] = ()) -> dict[str, Any] | None:
+                      own_arms: Sequence[int] = (), tree_sizes: Sequence[int] = (),
+                      extrapolate: bool = False) -> dict[str, Any] | None:
     """The part of the first of ``tables`` (``(path, table)`` pairs, e.g. one per machine) that fits
     this engine that its gate starts from: ``{"arms", "own_arms", "max_depth", "buckets"}`` of its mode
     (and ``"tree_sizes"`` where the table has smaller trees), or None.
@@ -765,8 +766,14 @@ def check_gate_tables(tables: Sequence[tuple[str | Path, Mapping[str, Any]]], *,
     When none fits, tables the user named (``strict``) are refused (ValueError saying what differs in each and how to measure
     this one); the checkpoint's
     own, which a user did not choose, are then only not used (a warning): the gate measures from
-    scratch, as without a table. A table whose batch sizes stop short of the engine's largest is
-    used; the larger batches are measured from scratch (a warning)."""
+    scratch, as without a table. A table the user named whose batch sizes stop short of the
+    engine's largest (``max_batch_size``, vLLM's ``max_num_seqs``) describes another engine too,
+    unless the user asked for it (``extrapolate``, ``radar.gate_costs_extrapolate``): it is then
+    used, its largest batch size carried to the larger ones (each starts from the nearest bucket
+    measured, drafting's extra cost scaled to the batch size, and measures itself), with a
+    warning. The checkpoint's own tables are used so, with a warning, whatever the engine's
+    largest batch (an engine started with vLLM's CPU defaults, 256 sequences offline and 128
+    served, must not fail because the shipped tables stop at 64)."""
     remeasure = (f"measure this engine with `radar-vllm calibrate-gate --checkpoint DIR --mode {mode} --dtype {dtype} "
                  f"--max-batch-size {max_batch_size} --out FILE` and name FILE in radar.gate_costs (a file or a list "
                  f"of files, one per machine), or leave radar.gate_costs out")
@@ -781,8 +788,14 @@ def check_gate_tables(tables: Sequence[tuple[str | Path, Mapping[str, Any]]], *,
         section = table["modes"][mode]
         sizes = [int(name.rstrip("s")) for name in section.get("buckets", {})]
         if not sizes or batch_bucket(max(sizes)) < batch_bucket(max_batch_size):
+            largest = max(sizes) if sizes else None
+            if strict and not extrapolate:
+                found.append(f"{path} covers batch sizes up to {largest} and this engine runs up to {max_batch_size} "
+                             f"(max_num_seqs; set radar.gate_costs_extrapolate to true to start the larger batches "
+                             f"from the largest it covers)")
+                continue
             logger.warning("radar.gate_costs: %s covers batch sizes up to %s, this engine runs up to %d: larger "
-                           "batches are measured from scratch; %s", path, max(sizes) if sizes else None,
+                           "batches start from the largest it covers and measure themselves; %s", path, largest,
                            max_batch_size, remeasure)
         return {key: section[key] for key in ("arms", "own_arms", "max_depth", "buckets", "tree_sizes")
                 if key in section}

@@ -241,8 +241,9 @@ def tree_verify(mode: str, scratch_blocks: int, block_size: int) -> str | None:
 def gate_table(radar: ValidatedRadar, vllm_config: Any, scratch: int) -> dict[str, Any] | None:
     """The gate-cost table the depth gate starts from, checked against this engine (None: none):
     the first of ``radar.gate_costs`` (one file or a list, e.g. one per machine) that fits it.
-    Tables the user named (the speculative config or RADAR_OVERRIDES) must include one that fits;
-    the checkpoint's own are skipped with a warning where none does (see ``check_gate_tables``)."""
+    Tables the user named (the speculative config or RADAR_OVERRIDES) must include one that fits,
+    its batch sizes up to ``max_num_seqs`` unless ``radar.gate_costs_extrapolate``; the checkpoint's
+    own are skipped with a warning where none does (see ``check_gate_tables``)."""
     config = radar.config
     if config.gate_costs is None:
         return None
@@ -262,7 +263,8 @@ def gate_table(radar: ValidatedRadar, vllm_config: Any, scratch: int) -> dict[st
         checkpoint_id=weights_id(radar.checkpoint_dir), mode=config.mode,
         dtype=str(model_config.dtype).removeprefix("torch."), target=Path(str(model_config.model)).name,
         caps=caps, own_arms=own_arms, tree_sizes=config.gate_tree_sizes, max_depth=config.max_depth,
-        max_batch_size=int(vllm_config.scheduler_config.max_num_seqs), machine=machine_key(describe_machine()))
+        max_batch_size=int(vllm_config.scheduler_config.max_num_seqs), machine=machine_key(describe_machine()),
+        extrapolate=bool(config.gate_costs_extrapolate))
 
 
 def engine_plan(vllm_config: Any) -> EnginePlan:

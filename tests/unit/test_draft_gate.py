@@ -365,17 +365,25 @@ def test_a_table_for_another_engine_is_refused_when_named_and_skipped_when_the_c
             caplog.clear()
             assert check_gate_tables([(path, table)], strict=False, **{**expected, key: value}) is None
             assert "measures from scratch" in caplog.text
-    with caplog.at_level("WARNING"):
-        caplog.clear()
-        assert check_gate_tables([(path, table)], strict=True, **{**expected, "max_batch_size": 64}) is not None
-        assert "up to 16" in caplog.text
+    # a named table that stops short of the engine's largest batch is refused unless the user asks
+    # for the extrapolation; the checkpoint's own is used so, with a warning
+    with pytest.raises(ValueError, match="covers batch sizes up to 16 and this engine runs up to 64.*"
+                                         "gate_costs_extrapolate.*calibrate-gate.*--max-batch-size 64"):
+        check_gate_tables([(path, table)], strict=True, **{**expected, "max_batch_size": 64})
+    for strict, extrapolate in ((True, True), (False, False)):
+        with caplog.at_level("WARNING"):
+            caplog.clear()
+            assert check_gate_tables([(path, table)], strict=strict, extrapolate=extrapolate,
+                                     **{**expected, "max_batch_size": 64}) is not None
+            assert "up to 16" in caplog.text
     # a list of tables (one per machine): the one measured on this machine is used, wherever it is
     other_gate = DraftGate(7, arms=(0, 1, 7))
     _run(other_gate, 4, 50, _costs({0: (0.050, 1.0), 1: (0.040, 1.3), 7: (0.060, 1.6)}))
     other = dict(_table(other_gate), machine={"cpu_model": "cpu B", "num_cpus": 8, "accelerator": None})
     both_machines = [(tmp_path / "b.json", other), (path, table)]
     assert set(check_gate_tables(both_machines, strict=True, **expected)["buckets"]) == {"16"}
-    on_b = check_gate_tables(both_machines, strict=True, **{**expected, "machine": ("cpu B", 8, None)})
+    on_b = check_gate_tables(both_machines, strict=True,
+                             **{**expected, "machine": ("cpu B", 8, None), "max_batch_size": 4})
     assert set(on_b["buckets"]) == {"4"}
     with pytest.raises(ValueError, match="b.json was measured with.*machine.*gate.json was measured with.*machine"):
         check_gate_tables(both_machines, strict=True, **{**expected, "machine": ("cpu C", 2, None)})

@@ -56,6 +56,7 @@ def test_defaults_and_round_trip():
         ({"gate_costs": ""}, "radar.gate_costs must be a non-empty path string"),
         ({"gate_costs": []}, "radar.gate_costs must be a non-empty path string"),
         ({"gate_costs": ["a.json", 3]}, "radar.gate_costs must be a non-empty path string"),
+        ({"gate_costs_extrapolate": "yes"}, "radar.gate_costs_extrapolate must be true or false"),
         ({"tree_sizes": 6}, "radar.tree_sizes must be a list"),
         ({"tree_sizes": [1]}, "radar.tree_sizes[] must be >= 2"),
         ({"tree_sizes": [6.5]}, "radar.tree_sizes[] must be an integer"),
