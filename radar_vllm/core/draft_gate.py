@@ -381,11 +381,15 @@ class DraftGate:
         not seen)."""
         return depth_reach(state.reach, self.depth_prior)
 
+    def _probe_worth(self, above: float) -> float:
+        """The requests a probe of ``probe_requests`` request-rounds is expected to show a depth to
+        when ``above`` of them get every earlier draft accepted, at least 1."""
+        return max(1.0, self.probe_requests * above)
+
     def _probe_trials(self, state: BucketState, depth: int) -> float:
-        """The requests a probe of ``probe_requests`` request-rounds is expected to show depth
-        ``depth`` to (those whose earlier drafts are accepted), at least 1."""
+        """:meth:`_probe_worth` of depth ``depth`` from this bucket's estimates."""
         above = self._reach(state)[depth - 2] if depth > 1 else 1.0
-        return max(1.0, self.probe_requests * (above or 0.0))
+        return self._probe_worth(above or 0.0)
 
     def _tokens(self, state: BucketState, cap: int) -> float:
         """Tokens per request per step under ``cap``: from the per-depth acceptance when every depth
@@ -530,10 +534,10 @@ class DraftGate:
             for other in state.arms.values():
                 if other is not arm and other.seeded and other.seed_seconds > 0:
                     other.seconds = other.seed_seconds * factor
-        if per_request and (cap not in self.own_arms or (drafted is not None and len(drafted) == len(per_request))):
-            # a fixed-depth chain drafted the cap for every request
-            self._learn_depths(state, per_request, [cap] * len(per_request) if cap not in self.own_arms
-                               else [int(d) for d in drafted], smoothing)
+        if per_request and cap not in self.own_arms:  # a fixed-depth chain drafted the cap for every request
+            drafted = [cap] * len(per_request)
+        if per_request and drafted is not None and len(drafted) == len(per_request):
+            self._learn_depths(state, per_request, [int(d) for d in drafted], smoothing)
         if state.probing == cap and state.probe_left == 0:
             self._end_probe(state, batch_size, sampling, cap)
 
@@ -649,7 +653,7 @@ class DraftGate:
                 if rate is None:
                     break
                 reach.append(DepthAcceptance.from_rate(float(rate) / above if above > 0 else 0.0,
-                                                       max(1.0, self.probe_requests * above)))
+                                                       self._probe_worth(above)))
                 above = float(rate)
             reach += [DepthAcceptance() for _ in range(self.max_depth - len(reach))]
             self.buckets[key] = self._new_state(key[1], arms, reach, from_table=True)
