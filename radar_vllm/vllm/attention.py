@@ -7,8 +7,9 @@ RADAR tree engine, and every pass of a RADAR engine except the two below) it is 
 code path, untouched.
 
 - **Verify** (:class:`TreeVerifyPlan`, set by the tree runner on the target forward of a step
-  that verifies trees): after the platform kernel attended the whole batch causally, each layer
-  recomputes the rows of tree nodes whose ancestors are not the rows right before them.
+  that verifies trees): the platform kernel attends the whole batch causally, and each layer
+  recomputes the rows of tree nodes whose ancestors are not the rows right before them; with
+  scratch blocks both happen in one kernel call (:class:`MergedCall`).
 - **Frontier drafting** (:class:`DraftFrontierPlan`, set by the proposer on the draft layer's
   metadata for calls 2..D of a tree round): every row is a frontier node that attends to the
   draft layer's cached context and to its own path.
@@ -242,6 +243,18 @@ class LayerStash:
 
 
 @dataclass
+class MergedCall:
+    """Inputs of one kernel call over the batch's requests followed by a scratch round's jobs."""
+
+    # [N + Q] int64: the batch's N rows, then the round's recomputed rows
+    query_rows: Tensor
+    # [R + J + 1] int32 cumulative rows, [R + J] int32 sequence lengths, [R + J, max_blocks] tables
+    query_start: Tensor
+    seq_lens: Tensor
+    block_table: Tensor
+
+
+@dataclass
 class TreeVerifyPlan:
     # PathRounds (rows recomputed in the request's own slots, restored afterwards) or ScratchRounds
     # (rows recomputed over scratch blocks); never mixed
@@ -254,6 +267,8 @@ class TreeVerifyPlan:
     slot_mappings: dict[int, Tensor] = field(default_factory=dict)
     # round index -> (block table [J, max_blocks] int32, copy source blocks [P] int64), the same in every layer
     _scratch_tables: dict[int, tuple[Tensor, Tensor]] = field(default_factory=dict)
+    # the causal call and the first scratch round as one kernel call, the same in every layer
+    _merged: MergedCall | None = None
 
     @property
     def uses_scratch(self) -> bool:
@@ -476,6 +491,9 @@ class RadarTreeCPUAttentionImpl(CPUAttentionBackendImpl):
         if isinstance(plan, DraftFrontierPlan):
             self._apply_draft_plan(plan, layer, query, key, value, kv_cache, output)
             return output
+        if plan.uses_scratch and attn_metadata.causal is True and attn_metadata.dynamic_causal is None:
+            self._apply_plan(plan, layer, query, key, value, kv_cache, attn_metadata, output, merge_first=True)
+            return output
         result = super().forward(layer, query, key, value, kv_cache, attn_metadata, output, *args, **kwargs)
         self._apply_plan(plan, layer, query, key, value, kv_cache, attn_metadata, output)
         return result
@@ -530,7 +548,31 @@ class RadarTreeCPUAttentionImpl(CPUAttentionBackendImpl):
             view[step.query_rows] = rows_output.view(-1, self.num_heads, self.head_size)
         history.append(current)
 
-    def _apply_plan(self, plan: TreeVerifyPlan, layer, query, key, value, kv_cache, attn_metadata, output) -> None:
+    def _merged_call(self, plan: TreeVerifyPlan, step: ScratchRound, block_table: Tensor, layer, query: Tensor,
+                     kv_cache: Tensor, attn_metadata, output: Tensor) -> None:
+        """The platform's causal call over the whole batch and the first scratch round's rows in one
+        kernel call: the round's jobs follow the batch's requests (each with its own sequence length
+        and block table), so every row is computed exactly as the two calls would compute it."""
+        num_tokens = attn_metadata.num_actual_tokens
+        merged = plan._merged
+        if merged is None:
+            query_start = attn_metadata.query_start_loc
+            merged = plan._merged = MergedCall(
+                query_rows=torch.cat([torch.arange(num_tokens), step.query_rows]),
+                query_start=torch.cat([query_start, query_start[-1] + step.query_start[1:]]).to(torch.int32),
+                seq_lens=torch.cat([attn_metadata.seq_lens, step.seq_lens]).to(torch.int32),
+                block_table=torch.cat([attn_metadata.block_table, block_table]).contiguous(),
+            )
+        rows_output = self._run_rows(plan, -1, layer, query, kv_cache, merged.query_rows, merged.seq_lens,
+                                     merged.block_table, merged.query_start)
+        rows_output = rows_output.view(-1, *output.shape[1:])
+        output[:num_tokens] = rows_output[:num_tokens]
+        output[step.query_rows] = rows_output[num_tokens:]
+
+    def _apply_plan(self, plan: TreeVerifyPlan, layer, query, key, value, kv_cache, attn_metadata, output,
+                    merge_first: bool = False) -> None:
+        """Recompute the plan's rows after the platform's causal call (``merge_first``: the causal
+        call has not run; it runs together with the first scratch round)."""
         slot_mapping = attn_metadata.slot_mapping
         for index, step in enumerate(plan.rounds):
             if isinstance(step, ScratchRound):
@@ -538,6 +580,9 @@ class RadarTreeCPUAttentionImpl(CPUAttentionBackendImpl):
                 copy_blocks(kv_cache, copy_sources, step.copy_blocks)
                 write_kv(layer, self, kv_cache, key[step.source_rows], value[step.source_rows],
                          step.destination_slots)
+                if merge_first and index == 0:
+                    self._merged_call(plan, step, block_table, layer, query, kv_cache, attn_metadata, output)
+                    continue
             else:
                 block_table = attn_metadata.block_table[step.request_indices].contiguous()
                 write_kv(layer, self, kv_cache, key[step.source_rows], value[step.source_rows],

@@ -211,6 +211,7 @@ def test_tree_mode_default_block_size_against_no_speculation_at_the_platform_def
     finally:
         shutdown_engine(reference)
     llm = _oracle_engine(target, checkpoint, requests, expected, block_size=None, max_num_seqs=16)
+    calls_per_forward = _count_verify_kernel_calls()
     try:
         _assert_same(expected, _generate(llm, requests), "oracle trees, default block sizes")
         stats = _tree_stats(llm)
@@ -220,7 +221,51 @@ def test_tree_mode_default_block_size_against_no_speculation_at_the_platform_def
         shutdown_engine(llm)
     assert (reference_block_size, block_size) == (128, 32)
     assert scratch > 0 and stats["path_rows"] > 0
-    assert stats["path_rounds"] <= stats["steps"]  # at most one kernel call per layer for a step's trees
+    assert stats["path_rounds"] <= stats["steps"]  # at most one kernel round per layer for a step's trees
+    # and that round runs in the same kernel call as the batch's causal rows: one call per layer
+    assert len(calls_per_forward) > 20 and set(calls_per_forward) == {1}, sorted(set(calls_per_forward))
+
+
+def _count_verify_kernel_calls() -> list[int]:
+    """Kernel calls of every layer forward that verifies trees, appended to the returned list
+    (engines run in this process; the patch lasts for the module's engines)."""
+    from vllm import _custom_ops
+
+    from radar_vllm.vllm import attention
+
+    counts: list[int] = []
+    kernel, forward = _custom_ops.cpu_attention_with_kv_cache, attention.RadarTreeCPUAttentionImpl.forward
+    active: list[int] = []
+
+    def counting_kernel(*args, **kwargs):
+        if active:
+            active[-1] += 1
+        return kernel(*args, **kwargs)
+
+    def counting_forward(self, layer, query, key, value, kv_cache, attn_metadata, *args, **kwargs):
+        if not isinstance(getattr(attn_metadata, "tree_plan", None), attention.TreeVerifyPlan):
+            return forward(self, layer, query, key, value, kv_cache, attn_metadata, *args, **kwargs)
+        active.append(0)
+        try:
+            return forward(self, layer, query, key, value, kv_cache, attn_metadata, *args, **kwargs)
+        finally:
+            counts.append(active.pop())
+
+    _custom_ops.cpu_attention_with_kv_cache = counting_kernel
+    attention.RadarTreeCPUAttentionImpl.forward = counting_forward
+    _RESTORE.append(lambda: (setattr(_custom_ops, "cpu_attention_with_kv_cache", kernel),
+                             setattr(attention.RadarTreeCPUAttentionImpl, "forward", forward)))
+    return counts
+
+
+_RESTORE: list = []
+
+
+@pytest.fixture(autouse=True)
+def _restore_patches():
+    yield
+    while _RESTORE:
+        _RESTORE.pop()()
 
 
 def test_oracle_trees_chunked_prefill_prefix_cache_preemption(models, baseline):
