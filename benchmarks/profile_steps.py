@@ -300,10 +300,10 @@ def summarise(rows: list[dict[str, Any]], configs: list[str], batch_sizes: list[
             rounds = mid["rounds"] or {}
             lines.append(
                 f"| {batch_size} | {name} | {median:.1f} [{min(rates):.1f}-{max(rates):.1f}] | "
-                f"{median / base:.2f}x | {mid['steps']} | {mid['ms_per_step']:.1f} | {parts.get('target', 0):.1f} | "
+                + (f"{median / base:.2f}x" if base else "–")
+                + f" | {mid['steps']} | {mid['ms_per_step']:.1f} | {parts.get('target', 0):.1f} | "
                 f"{parts.get('draft', 0):.1f} | {parts.get('sample', 0):.1f} | {parts['other']:.1f} | "
-                + ("/".join(str(rounds.get(k, 0)) for k in ("draft", "skip", "catch_up")) if rounds else "–") + " |"
-                if base else f"| {batch_size} | {name} | {median:.1f} | – | | | | | | | |")
+                + ("/".join(str(rounds.get(k, 0)) for k in ("draft", "skip", "catch_up")) if rounds else "–") + " |")
     profiled = [r for r in rows if r.get("ops_ms_per_step")]
     if profiled:
         lines += ["", "Where each part's time goes (one more run under the torch profiler, ms per engine step of "

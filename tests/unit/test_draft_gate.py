@@ -713,3 +713,29 @@ def test_a_table_without_the_engines_smaller_trees_seeds_the_rest_and_the_trees_
             check_gate_tables([(tmp_path / "t6.json", table6)], strict=True, **{**engine, key: value})
     with pytest.raises(ValueError, match="smaller trees"):
         DraftGate(7, arms=(0, 1, 7, 8), own_arms=(7, 8), tree_sizes=[5]).seed(table6["modes"]["tree"])
+
+
+def test_a_table_that_flatters_drafting_is_corrected_by_measuring_depth_zero_soon():
+    """A table whose batch-4 depth-1 step is cheaper than this engine's (on a CPU the target's
+    matrix products for 8 rows can cost far more than for 4) puts the bucket on depth 1; the
+    first measurement of depth 1 rescales depth 0's estimate by the same factor, so the table's
+    ratio holds and depth 0, the arm that cannot be slower than no speculation, would wait for
+    its first probe as long as an arm measured twice. Depth 0 within reach of the choice is
+    measured within ``probe_every`` rounds instead, and the gate moves to it."""
+    table_costs = _costs({0: (0.043, 1.0), 1: (0.049, 1.45)})  # drafting 28% faster per step
+    real_costs = _costs({0: (0.041, 1.0), 1: (0.057, 1.28)})  # drafting 7% slower
+    measured = DraftGate(1, arms=(0, 1))
+    _run(measured, 4, 200, table_costs)
+    fresh = DraftGate(1, arms=(0, 1))
+    fresh.seed(measured.export())
+    choices = _run(fresh, 4, 100, real_costs)
+    assert choices[0] == 1  # the table's choice first
+    assert 0 in choices[: fresh.probe_every + fresh.probe_rounds(4)]
+    assert choices[-60:].count(0) >= 57
+    # where depth 0 is far behind (batch 1: drafting 60% faster) it is not probed early
+    alone = DraftGate(1, arms=(0, 1))
+    far = _costs({0: (0.043, 1.0), 1: (0.049, 1.8)})
+    _run(alone, 1, 200, far)
+    seeded = DraftGate(1, arms=(0, 1))
+    seeded.seed(alone.export())
+    assert _run(seeded, 1, 100, far).count(0) == 0
