@@ -559,7 +559,7 @@ class RadarTreeCPUAttentionImpl(CPUAttentionBackendImpl):
             query_start = attn_metadata.query_start_loc
             merged = plan._merged = MergedCall(
                 query_rows=torch.cat([torch.arange(num_tokens), step.query_rows]),
-                query_start=torch.cat([query_start, query_start[-1] + step.query_start[1:]]).to(torch.int32),
+                query_start=torch.cat([query_start, num_tokens + step.query_start[1:]]).to(torch.int32),
                 seq_lens=torch.cat([attn_metadata.seq_lens, step.seq_lens]).to(torch.int32),
                 block_table=torch.cat([attn_metadata.block_table, block_table]).contiguous(),
             )
