@@ -49,21 +49,15 @@ def record(decoder: ReferenceDecoder, prompt_ids: list[int], max_new_tokens: int
     decoder.start(prompt_ids, temperature, generator)
     rows, emitted, previous, root_prob, root_top = [], 1, None, None, None
     while emitted < max_new_tokens:
-        draft = decoder.draft_round(rule)
-        tree = decoder.finalize(draft.builder)
-        logits, aux = decoder.verify_rows(tree)
-        result = decoder.accept(tree, logits, temperature, generator)
-        accepted = int(result.num_accepted[0])
-        nodes = result.accepted_nodes[0, :accepted].tolist()
-        new_tokens = result.output_tokens[0, : accepted + 1].tolist()
+        verified = decoder.verify_round(rule, temperature, generator)
+        accepted, new_tokens = len(verified.nodes), verified.new_tokens
         if previous is not None:
             rows.append({"prompt": prompt, "accepted": accepted, "prev_accepted": previous, "target_prob": root_prob,
-                         "target_top": root_top, "draft_top": float(draft.states[0][0, 0].exp())})
-        bonus_row = 0 if accepted == 0 else 1 + nodes[-1]
-        probs = torch.softmax(logits[bonus_row].float(), dim=-1)
+                         "target_top": root_top, "draft_top": float(verified.draft.states[0][0, 0].exp())})
+        probs = torch.softmax(verified.logits[verified.bonus_row].float(), dim=-1)
         root_prob, root_top = float(probs[new_tokens[-1]]), float(probs.max())
         previous = accepted
-        decoder.commit([1 + n for n in nodes], new_tokens, aux)
+        decoder.commit(verified.accepted_rows, new_tokens, verified.aux)
         emitted += len(new_tokens)
         if eos is not None and eos in new_tokens:
             break

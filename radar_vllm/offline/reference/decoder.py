@@ -112,6 +112,27 @@ class RoundDraft:
 
 
 @dataclass
+class VerifiedRound:
+    """A drafted and verified round, before :meth:`ReferenceDecoder.commit`."""
+
+    draft: RoundDraft
+    logits: Tensor  # [1 + n, V] the verify pass's target logits (row 0: the root)
+    aux: Tensor  # the pass's aux hidden-state rows
+    nodes: list[int]  # accepted node indices, depth 1 first
+    new_tokens: list[int]  # the accepted tokens, then the bonus token
+
+    @property
+    def accepted_rows(self) -> list[int]:
+        """Verify-pass rows of the accepted path."""
+        return [1 + node for node in self.nodes]
+
+    @property
+    def bonus_row(self) -> int:
+        """The verify-pass row whose target distribution gave the bonus token."""
+        return self.accepted_rows[-1] if self.nodes else 0
+
+
+@dataclass
 class GenerationResult:
     tokens: list[int]
     # per round: draft calls, accepted draft tokens
@@ -273,18 +294,24 @@ class ReferenceDecoder:
         following = torch.tensor(list(new_tokens), dtype=torch.long)
         self._root_logprobs, self._root_hidden = self.head.first_call(aux[rows], following)
 
-    def step(self, rule: StopRule, temperature: float = GREEDY_TEMPERATURE,
-             generator: torch.Generator | None = None) -> tuple[list[int], int, int]:
-        """One round: draft, verify, commit. Returns (new tokens, draft calls, accepted)."""
+    def verify_round(self, rule: StopRule, temperature: float = GREEDY_TEMPERATURE,
+                     generator: torch.Generator | None = None) -> VerifiedRound:
+        """Draft and verify one round without committing it (:meth:`commit` takes its rows)."""
         draft = self.draft_round(rule)
         tree = self.finalize(draft.builder)
         logits, aux = self.verify_rows(tree)
         result = self.accept(tree, logits, temperature, generator)
         num_accepted = int(result.num_accepted[0])
-        nodes = result.accepted_nodes[0, :num_accepted].tolist()
-        new_tokens = result.output_tokens[0, : num_accepted + 1].tolist()
-        self.commit([1 + n for n in nodes], new_tokens, aux)
-        return new_tokens, int(draft.builder.depth), num_accepted
+        return VerifiedRound(draft=draft, logits=logits, aux=aux,
+                             nodes=result.accepted_nodes[0, :num_accepted].tolist(),
+                             new_tokens=result.output_tokens[0, : num_accepted + 1].tolist())
+
+    def step(self, rule: StopRule, temperature: float = GREEDY_TEMPERATURE,
+             generator: torch.Generator | None = None) -> tuple[list[int], int, int]:
+        """One round: draft, verify, commit. Returns (new tokens, draft calls, accepted)."""
+        verified = self.verify_round(rule, temperature, generator)
+        self.commit(verified.accepted_rows, verified.new_tokens, verified.aux)
+        return verified.new_tokens, int(verified.draft.builder.depth), len(verified.nodes)
 
     def generate(self, prompt_ids: Sequence[int], max_new_tokens: int, rule: StopRule,
                  temperature: float = GREEDY_TEMPERATURE,
