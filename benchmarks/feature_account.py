@@ -149,8 +149,9 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(result, indent=1))
-    out.with_suffix(".md").write_text(markdown(result))
-    print(markdown(result))
+    report = markdown(result)
+    out.with_suffix(".md").write_text(report)
+    print(report)
     return 0
 
 

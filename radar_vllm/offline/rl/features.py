@@ -48,12 +48,19 @@ def _rate(tokens: float, seconds: float) -> float:
     return tokens / seconds if seconds > 0 else 0.0
 
 
+def _totals(skips: Sequence[bool], accepted: Sequence[int], skip_seconds: float,
+            draft_seconds: float) -> tuple[float, float]:
+    """Tokens and seconds of rounds that skip (one token in a depth-0 step) or draft (``1 +
+    accepted`` tokens in a drafting step) as ``skips`` says."""
+    tokens = sum(1 if skip else 1 + a for skip, a in zip(skips, accepted))
+    seconds = sum(skip_seconds if skip else draft_seconds for skip in skips)
+    return tokens, seconds
+
+
 def threshold_rate(feature: Sequence[float], accepted: Sequence[int], threshold: float, skip_seconds: float,
                    draft_seconds: float) -> float:
     """Tokens per second of "skip drafting where feature < threshold" on these rounds."""
-    tokens = sum(1 if f < threshold else 1 + a for f, a in zip(feature, accepted))
-    seconds = sum(skip_seconds if f < threshold else draft_seconds for f in feature)
-    return _rate(tokens, seconds)
+    return _rate(*_totals([f < threshold for f in feature], accepted, skip_seconds, draft_seconds))
 
 
 def held_out_rule(feature: Sequence[float], accepted: Sequence[int], folds: Sequence[int], skip_seconds: float,
@@ -69,10 +76,10 @@ def held_out_rule(feature: Sequence[float], accepted: Sequence[int], folds: Sequ
             raise ValueError("held_out_rule needs at least two folds")
         threshold = skip_rule([feature[i] for i in train], [accepted[i] for i in train], skip_seconds,
                               draft_seconds)["threshold"]
-        for i in test:
-            skip = feature[i] < threshold
-            tokens += 1 if skip else 1 + accepted[i]
-            seconds += skip_seconds if skip else draft_seconds
+        fold_tokens, fold_seconds = _totals([feature[i] < threshold for i in test], [accepted[i] for i in test],
+                                            skip_seconds, draft_seconds)
+        tokens += fold_tokens
+        seconds += fold_seconds
     return _rate(tokens, seconds)
 
 
@@ -94,8 +101,7 @@ def skip_rule(feature: Sequence[float], accepted: Sequence[int], skip_seconds: f
     rounds = len(accepted)
     always = _rate(rounds + sum(accepted), rounds * draft_seconds)
     never = _rate(rounds, rounds * skip_seconds)
-    oracle_tokens = sum(1 + a if a > 0 else 1 for a in accepted)
-    oracle_seconds = sum(draft_seconds if a > 0 else skip_seconds for a in accepted)
+    oracle = _rate(*_totals([a == 0 for a in accepted], accepted, skip_seconds, draft_seconds))
     # sweep thresholds over the sorted feature values: skipping the k rounds of lowest feature
     order = sorted(range(rounds), key=lambda i: feature[i])
     tokens, seconds = rounds + sum(accepted), rounds * draft_seconds
@@ -111,4 +117,4 @@ def skip_rule(feature: Sequence[float], accepted: Sequence[int], skip_seconds: f
             threshold = feature[order[k]] if k < rounds else float("inf")
             best = {"rate": rate, "threshold": threshold, "skipped": k / rounds}
     return {"always": always, "never": never, "rule": best["rate"], "threshold": best["threshold"],
-            "skipped": best["skipped"], "oracle": _rate(oracle_tokens, oracle_seconds)}
+            "skipped": best["skipped"], "oracle": oracle}
