@@ -32,9 +32,14 @@ instead (:class:`PathRound`: one node per request per kernel call, batched acros
 show each row the same K/V at the same positions as decoding its path token by token, so the
 same bits.
 
-Per layer the verify plan also stashes the tree rows' K/V, so the runner can compact the accepted
-path after acceptance with the platform's own ``reshape_and_cache`` (the key layout inside a CPU
-cache block depends on the ISA).
+Compaction (the accepted path's K/V moved right after the root once acceptance is known). With
+one scratch round (the default pool holds a full batch's paths), the scratch blocks still hold
+every recomputed path after the forward, each node at its depth's position behind a copy of the
+request's context, so the runner copies the accepted path's job blocks back over the request's
+own (:func:`scratch_compaction`, one whole-block copy per layer; nothing is kept during the
+forward). Otherwise (path rounds, or a pool reused by several rounds) each layer stashes the tree
+rows' K/V and the runner rewrites the accepted ones with the platform's own ``reshape_and_cache``
+(the key layout inside a CPU cache block depends on the ISA, so rows are never copied by hand).
 
 Worked example of the verify segment (see :mod:`radar_vllm.core.verify`): context ``C = 10``,
 parents ``[-1, 0, -1, 1, 0]``: depths ``[1, 2, 1, 3, 2]``; nodes 0 and 1 are causal-exact
@@ -150,6 +155,8 @@ class ScratchRound:
     # [W] int64: rows whose K/V are written (the path nodes' own rows) and the scratch slots
     source_rows: Tensor
     destination_slots: Tensor
+    # (request index, node) -> the job whose path covers that node (nodes that are not causal-exact)
+    covers: dict[tuple[int, int], int] = field(default_factory=dict)
 
 
 def scratch_blocks_per_job(context_len: int, path_len: int, block_size: int) -> int:
@@ -179,15 +186,19 @@ def scratch_rounds(
     rounds: list[ScratchRound] = []
     current: dict[str, list[int]] = {}
 
+    covers: dict[tuple[int, int], int] = {}
+
     def flush() -> None:
         if current.get("request_indices"):
-            rounds.append(ScratchRound(**{
+            rounds.append(ScratchRound(covers=dict(covers), **{
                 name: torch.tensor(values, dtype=torch.int32 if name in ("seq_lens", "query_start") else torch.long)
                 for name, values in current.items()
             }))
         current.clear()
+        covers.clear()
         for name in ScratchRound.__dataclass_fields__:
-            current[name] = []
+            if name != "covers":
+                current[name] = []
         current["query_start"].append(0)
 
     flush()
@@ -208,6 +219,7 @@ def scratch_rounds(
             blocks = pool[used : used + needed]
             used += needed
             current["query_rows"] += [first_row + 1 + node for node in path[first:]]
+            covers.update(((request_index, node), job) for node in path[first:])
             current["query_start"].append(len(current["query_rows"]))
             current["request_indices"].append(request_index)
             current["seq_lens"].append(start + len(path))
@@ -262,11 +274,14 @@ class TreeVerifyPlan:
     # [num_stashed] int64: rows of all tree nodes of the step (restored after path rounds, stashed)
     node_rows: Tensor
     stash: dict[str, LayerStash] = field(default_factory=dict)
+    # layer name -> KV cache, where compaction copies scratch blocks (see compacts_from_scratch)
+    caches: dict[str, Tensor] = field(default_factory=dict)
     kernel_metadata: dict[tuple[Any, ...], Tensor] = field(default_factory=dict)
     # id of a layer's slot mapping -> a copy (the step's slot of every row, for compaction)
     slot_mappings: dict[int, Tensor] = field(default_factory=dict)
-    # round index -> (block table [J, max_blocks] int32, copy source blocks [P] int64), the same in every layer
-    _scratch_tables: dict[int, tuple[Tensor, Tensor]] = field(default_factory=dict)
+    # round index -> (block table [J, max_blocks] int32, copy source blocks [P] int64, the request's
+    # own block at every swapped entry [E] int64), the same in every layer
+    _scratch_tables: dict[int, tuple[Tensor, Tensor, Tensor]] = field(default_factory=dict)
     # the causal call and the first scratch round as one kernel call, the same in every layer
     _merged: MergedCall | None = None
 
@@ -274,18 +289,57 @@ class TreeVerifyPlan:
     def uses_scratch(self) -> bool:
         return bool(self.rounds) and isinstance(self.rounds[0], ScratchRound)
 
+    @property
+    def compacts_from_scratch(self) -> bool:
+        """One scratch round: after the forward its blocks still hold every recomputed path (the
+        context's last tokens, the root and the path's K/V at their positions), so compaction copies
+        the accepted path's blocks back over the request's instead of rewriting stashed rows."""
+        return self.uses_scratch and len(self.rounds) == 1
 
-def scratch_tables(plan: TreeVerifyPlan, index: int, step: ScratchRound, block_table: Tensor) -> tuple[Tensor, Tensor]:
-    """Round ``index``'s per-row block table (the request's, with scratch columns swapped in) and
-    the physical blocks its copies read; computed once per step (all layers share the table)."""
+
+def scratch_tables(plan: TreeVerifyPlan, index: int, step: ScratchRound,
+                   block_table: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Round ``index``'s per-row block table (the request's, with scratch columns swapped in), the
+    physical blocks its copies read and the request's own block at every swapped entry; computed
+    once per step (all layers share the table)."""
     cached = plan._scratch_tables.get(index)
     if cached is None:
-        table = block_table[step.request_indices].clone()
+        own = block_table[step.request_indices]
+        table = own.clone()
         table[step.table_jobs, step.table_columns] = step.table_blocks.to(table.dtype)
         sources = block_table[step.copy_requests, step.copy_columns].to(torch.long)
-        cached = (table.contiguous(), sources)
+        cached = (table.contiguous(), sources, own[step.table_jobs, step.table_columns].to(torch.long))
         plan._scratch_tables[index] = cached
     return cached
+
+
+def scratch_compaction(plan: TreeVerifyPlan, block_size: int,
+                       accepted: Sequence[tuple[int, int, int, int]]) -> tuple[Tensor, Tensor]:
+    """Block copies (scratch blocks, the requests' blocks) that compact accepted paths when
+    :attr:`TreeVerifyPlan.compacts_from_scratch`. ``accepted``: per request whose accepted path
+    leaves the causal rows, ``(request index, context length, deepest accepted node, its depth)``.
+
+    The node's job verified the whole root-to-leaf path through it in its scratch blocks, each
+    node at position context + depth, the blocks' earlier positions copied from the request's; so
+    copying the job's blocks up to the one holding the deepest accepted node onto the request's
+    columns puts the accepted path right after the root. What lands after it (the job's deeper
+    nodes, stale slots) is past the request's new length and rewritten before it is read."""
+    step = plan.rounds[0]
+    columns = step.table_columns.tolist()
+    scratch = step.table_blocks.tolist()
+    own = plan._scratch_tables[0][2].tolist()
+    entries: dict[int, list[int]] = {}  # job -> its table entries (columns in order)
+    for entry, job in enumerate(step.table_jobs.tolist()):
+        entries.setdefault(job, []).append(entry)
+    sources: list[int] = []
+    destinations: list[int] = []
+    for request_index, context_len, node, depth in accepted:
+        last_column = (context_len + depth) // block_size
+        for entry in entries[step.covers[(request_index, node)]]:
+            if columns[entry] <= last_column:
+                sources.append(scratch[entry])
+                destinations.append(own[entry])
+    return torch.tensor(sources, dtype=torch.long), torch.tensor(destinations, dtype=torch.long)
 
 
 @dataclass
@@ -576,7 +630,7 @@ class RadarTreeCPUAttentionImpl(CPUAttentionBackendImpl):
         slot_mapping = attn_metadata.slot_mapping
         for index, step in enumerate(plan.rounds):
             if isinstance(step, ScratchRound):
-                block_table, copy_sources = scratch_tables(plan, index, step, attn_metadata.block_table)
+                block_table, copy_sources, _ = scratch_tables(plan, index, step, attn_metadata.block_table)
                 copy_blocks(kv_cache, copy_sources, step.copy_blocks)
                 write_kv(layer, self, kv_cache, key[step.source_rows], value[step.source_rows],
                          step.destination_slots)
@@ -592,6 +646,9 @@ class RadarTreeCPUAttentionImpl(CPUAttentionBackendImpl):
             output[step.query_rows] = rows_output.view(-1, *output.shape[1:])
         rows = plan.node_rows
         if rows.numel() == 0:
+            return
+        if plan.compacts_from_scratch:
+            plan.caches[layer.layer_name] = kv_cache
             return
         node_key, node_value = key[rows].contiguous(), value[rows].contiguous()
         if plan.rounds and not plan.uses_scratch:  # path rounds overwrote the nodes' own slots
@@ -640,9 +697,16 @@ def check_backend(layers: Sequence[Any]) -> None:
 
 def compact(plan: TreeVerifyPlan, source_index: Tensor, destination_rows: Tensor) -> None:
     """Rewrite stashed node K/V ``source_index`` (into ``plan.node_rows``) at the slots of
-    ``destination_rows`` in every stashed layer."""
+    ``destination_rows`` in every stashed layer (plans that do not compact from scratch)."""
     if source_index.numel() == 0:
         return
     for stash in plan.stash.values():
         write_kv(stash.layer, stash.impl, stash.kv_cache, stash.key[source_index], stash.value[source_index],
                  stash.slot_mapping[destination_rows])
+
+
+def compact_from_scratch(plan: TreeVerifyPlan, sources: Tensor, destinations: Tensor) -> None:
+    """Copy blocks ``sources`` onto ``destinations`` (:func:`scratch_compaction`) in every layer the
+    plan verified."""
+    for kv_cache in plan.caches.values():
+        copy_blocks(kv_cache, sources, destinations)

@@ -40,8 +40,10 @@ from radar_vllm.vllm.attention import (
     TreeVerifyPlan,
     check_backend,
     compact,
+    compact_from_scratch,
     max_scratch_blocks_per_job,
     path_rounds,
+    scratch_compaction,
     scratch_rounds,
 )
 from radar_vllm.vllm.engine_plan import scratch_block_count, scratch_block_ids
@@ -79,9 +81,9 @@ class RadarTreeCPUModelRunner(RadarCPUModelRunner):
         # counters over the engine's life: steps that verified trees, those of them sampled by tree
         # acceptance alone (no vLLM sampler), tree verifications, nodes, accepted draft tokens,
         # compacted rows, recomputed (path) rows, kernel calls per layer that recomputed them,
-        # accepted paths that left the first branch
+        # accepted paths that left the first branch, those compacted by copying scratch blocks
         self.tree_stats = {"steps": 0, "own_sampling": 0, "trees": 0, "nodes": 0, "accepted": 0, "moved": 0,
-                           "path_rows": 0, "path_rounds": 0, "off_spine": 0}
+                           "path_rows": 0, "path_rounds": 0, "off_spine": 0, "block_compactions": 0}
         # tests: when True, every tree verification records (exact law of the accepted length,
         # realized accepted length)
         self.record_acceptance = False
@@ -249,17 +251,21 @@ class RadarTreeCPUModelRunner(RadarCPUModelRunner):
         output_rows(indices, result, sampler_output.sampled_token_ids)
         counts = result.num_accepted.tolist()
         paths = result.accepted_nodes.tolist()
+        from_scratch = step.plan.compacts_from_scratch
         move_sources: list[int] = []
         move_destinations: list[int] = []
+        moved_paths: list[tuple[int, int, int, int]] = []  # compaction from scratch: see scratch_compaction
         restart_rows: list[int] = []
         restart_sources: list[int] = []
         restart_positions: list[int] = []
         node_offset = 0
-        for i, (_, first_row, context_len) in enumerate(step.requests):
+        for i, (index, first_row, context_len) in enumerate(step.requests):
             accepted = paths[i][: counts[i]]
             if laws is not None:
                 self.acceptance_records.append((laws[i].tolist(), counts[i]))
             moves = compaction_moves(first_row, accepted)
+            if moves and from_scratch:
+                moved_paths.append((index, context_len, accepted[-1], len(accepted)))
             for source_row, destination_row in moves:
                 move_sources.append(node_offset + (source_row - first_row - 1))
                 move_destinations.append(destination_row)
@@ -273,8 +279,13 @@ class RadarTreeCPUModelRunner(RadarCPUModelRunner):
             self.tree_stats["moved"] += len(moves)
             self.tree_stats["off_spine"] += int(bool(moves))
             node_offset += num_nodes[i]
-        compact(step.plan, torch.tensor(move_sources, dtype=torch.long),
-                torch.tensor(move_destinations, dtype=torch.long))
+        if from_scratch:
+            if moved_paths:
+                compact_from_scratch(step.plan, *scratch_compaction(step.plan, self._kernel_block_size, moved_paths))
+                self.tree_stats["block_compactions"] += len(moved_paths)
+        else:
+            compact(step.plan, torch.tensor(move_sources, dtype=torch.long),
+                    torch.tensor(move_destinations, dtype=torch.long))
         self._restart(step, restart_rows, restart_sources, restart_positions)
         return sampler_output
 

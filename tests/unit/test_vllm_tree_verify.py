@@ -34,11 +34,14 @@ from radar_vllm.core.verify import (
     restart_order,
 )
 from radar_vllm.vllm.attention import (
+    TreeVerifyPlan,
     frontier_scratch_rounds,
     max_scratch_blocks_per_job,
     path_rounds,
     scratch_blocks_per_job,
+    scratch_compaction,
     scratch_rounds,
+    scratch_tables,
 )
 from radar_vllm.vllm.proposer import tree_eligible
 
@@ -183,6 +186,34 @@ def test_scratch_rounds_show_each_row_its_context_root_and_path(block_size, pool
         # one round unless the pool ran out
         if pool_size >= sum(scratch_blocks_per_job(c, len(path), block_size) for c, path in jobs):
             assert len(rounds) == (1 if expected_rows else 0)
+        if len(rounds) == 1:
+            _check_scratch_compaction(rounds, segments, cache, table, block_size)
+
+
+def _check_scratch_compaction(rounds, segments, cache, table, block_size):
+    """After one scratch round, accepting the path to any node that is not causal-exact and copying
+    the blocks scratch_compaction names leaves the request's context, root and that path (depth
+    order) at positions 0 .. context + depth of its own blocks, and no other request's block changed."""
+    plan = TreeVerifyPlan(rounds=rounds, node_rows=torch.zeros(0, dtype=torch.long))
+    scratch_tables(plan, 0, rounds[0], table)
+    for request, _, context_len, parents in segments:
+        for node, exact in enumerate(causal_exact_nodes(parents)):
+            if exact:
+                continue
+            path = node_path(parents, node)
+            sources, destinations = scratch_compaction(plan, block_size, [(request, context_len, node, len(path))])
+            assert sources.numel() == destinations.numel() > 0
+            assert set(destinations.tolist()) <= set(table[request].tolist())  # only this request's blocks
+            after = dict(cache)
+            for source, destination in zip(sources.tolist(), destinations.tolist()):
+                for offset in range(block_size):
+                    after.pop((destination, offset), None)
+                    if (source, offset) in cache:
+                        after[(destination, offset)] = cache[(source, offset)]
+            expected = [("ctx", request, p) for p in range(context_len + 1)] + [("node", request, n) for n in path]
+            seen = [after.get((int(table[request, p // block_size]), p % block_size))
+                    for p in range(context_len + 1 + len(path))]
+            assert seen == expected
 
 
 @pytest.mark.parametrize("block_size,pool_size", [(4, 2), (4, 64), (8, 5), (16, 200)])
