@@ -155,8 +155,6 @@ class ScratchRound:
     # [W] int64: rows whose K/V are written (the path nodes' own rows) and the scratch slots
     source_rows: Tensor
     destination_slots: Tensor
-    # (request index, node) -> the job whose path covers that node (nodes that are not causal-exact)
-    covers: dict[tuple[int, int], int] = field(default_factory=dict)
 
 
 def scratch_blocks_per_job(context_len: int, path_len: int, block_size: int) -> int:
@@ -186,19 +184,15 @@ def scratch_rounds(
     rounds: list[ScratchRound] = []
     current: dict[str, list[int]] = {}
 
-    covers: dict[tuple[int, int], int] = {}
-
     def flush() -> None:
         if current.get("request_indices"):
-            rounds.append(ScratchRound(covers=dict(covers), **{
+            rounds.append(ScratchRound(**{
                 name: torch.tensor(values, dtype=torch.int32 if name in ("seq_lens", "query_start") else torch.long)
                 for name, values in current.items()
             }))
         current.clear()
-        covers.clear()
         for name in ScratchRound.__dataclass_fields__:
-            if name != "covers":
-                current[name] = []
+            current[name] = []
         current["query_start"].append(0)
 
     flush()
@@ -219,7 +213,6 @@ def scratch_rounds(
             blocks = pool[used : used + needed]
             used += needed
             current["query_rows"] += [first_row + 1 + node for node in path[first:]]
-            covers.update(((request_index, node), job) for node in path[first:])
             current["query_start"].append(len(current["query_rows"]))
             current["request_indices"].append(request_index)
             current["seq_lens"].append(start + len(path))
@@ -314,17 +307,20 @@ def scratch_tables(plan: TreeVerifyPlan, index: int, step: ScratchRound,
 
 
 def scratch_compaction(plan: TreeVerifyPlan, block_size: int,
-                       accepted: Sequence[tuple[int, int, int, int]]) -> tuple[Tensor, Tensor]:
+                       accepted: Sequence[tuple[int, int, int]]) -> tuple[Tensor, Tensor]:
     """Block copies (scratch blocks, the requests' blocks) that compact accepted paths when
     :attr:`TreeVerifyPlan.compacts_from_scratch`. ``accepted``: per request whose accepted path
-    leaves the causal rows, ``(request index, context length, deepest accepted node, its depth)``.
+    leaves the causal rows, ``(row of its deepest accepted node, context length, that node's depth)``.
 
-    The node's job verified the whole root-to-leaf path through it in its scratch blocks, each
-    node at position context + depth, the blocks' earlier positions copied from the request's; so
+    The node is not causal-exact, so one job recomputed its row; that job verified the whole
+    root-to-leaf path through it in its scratch blocks, each node at position context + depth, the
+    blocks' earlier positions copied from the request's; so
     copying the job's blocks up to the one holding the deepest accepted node onto the request's
     columns puts the accepted path right after the root. What lands after it (the job's deeper
     nodes, stale slots) is past the request's new length and rewritten before it is read."""
     step = plan.rounds[0]
+    rows, starts = step.query_rows.tolist(), step.query_start.tolist()
+    job_of_row = {row: job for job in range(len(starts) - 1) for row in rows[starts[job] : starts[job + 1]]}
     columns = step.table_columns.tolist()
     scratch = step.table_blocks.tolist()
     own = plan._scratch_tables[0][2].tolist()
@@ -333,9 +329,9 @@ def scratch_compaction(plan: TreeVerifyPlan, block_size: int,
         entries.setdefault(job, []).append(entry)
     sources: list[int] = []
     destinations: list[int] = []
-    for request_index, context_len, node, depth in accepted:
+    for row, context_len, depth in accepted:
         last_column = (context_len + depth) // block_size
-        for entry in entries[step.covers[(request_index, node)]]:
+        for entry in entries[job_of_row[row]]:
             if columns[entry] <= last_column:
                 sources.append(scratch[entry])
                 destinations.append(own[entry])

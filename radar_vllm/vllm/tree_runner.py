@@ -254,21 +254,22 @@ class RadarTreeCPUModelRunner(RadarCPUModelRunner):
         from_scratch = step.plan.compacts_from_scratch
         move_sources: list[int] = []
         move_destinations: list[int] = []
-        moved_paths: list[tuple[int, int, int, int]] = []  # compaction from scratch: see scratch_compaction
+        moved_paths: list[tuple[int, int, int]] = []  # compaction from scratch: see scratch_compaction
         restart_rows: list[int] = []
         restart_sources: list[int] = []
         restart_positions: list[int] = []
         node_offset = 0
-        for i, (index, first_row, context_len) in enumerate(step.requests):
+        for i, (_, first_row, context_len) in enumerate(step.requests):
             accepted = paths[i][: counts[i]]
             if laws is not None:
                 self.acceptance_records.append((laws[i].tolist(), counts[i]))
             moves = compaction_moves(first_row, accepted)
             if moves and from_scratch:
-                moved_paths.append((index, context_len, accepted[-1], len(accepted)))
-            for source_row, destination_row in moves:
-                move_sources.append(node_offset + (source_row - first_row - 1))
-                move_destinations.append(destination_row)
+                moved_paths.append((first_row + 1 + accepted[-1], context_len, len(accepted)))
+            else:
+                for source_row, destination_row in moves:
+                    move_sources.append(node_offset + (source_row - first_row - 1))
+                    move_destinations.append(destination_row)
             # restart: the segment's rows become [root, accepted path, rejected], positions in order
             restart_rows += range(first_row, first_row + num_nodes[i] + 1)
             restart_sources += [first_row + row for row in restart_order(num_nodes[i], accepted)]

@@ -196,12 +196,12 @@ def _check_scratch_compaction(rounds, segments, cache, table, block_size):
     order) at positions 0 .. context + depth of its own blocks, and no other request's block changed."""
     plan = TreeVerifyPlan(rounds=rounds, node_rows=torch.zeros(0, dtype=torch.long))
     scratch_tables(plan, 0, rounds[0], table)
-    for request, _, context_len, parents in segments:
+    for request, first_row, context_len, parents in segments:
         for node, exact in enumerate(causal_exact_nodes(parents)):
             if exact:
                 continue
             path = node_path(parents, node)
-            sources, destinations = scratch_compaction(plan, block_size, [(request, context_len, node, len(path))])
+            sources, destinations = scratch_compaction(plan, block_size, [(first_row + 1 + node, context_len, len(path))])
             assert sources.numel() == destinations.numel() > 0
             assert set(destinations.tolist()) <= set(table[request].tolist())  # only this request's blocks
             after = dict(cache)
