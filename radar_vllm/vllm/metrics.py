@@ -16,7 +16,7 @@ engines): it turns the counters into RADAR's view (:mod:`radar_vllm.vllm.stats`)
 - ``vllm:radar_tree_size`` (histogram, buckets 1..num_speculative_tokens): per request and round,
   draft tokens verified (tree nodes; in chain mode the stop depth);
 - ``vllm:radar_skipped_rounds`` (counter): per request and step, decode rounds that ran without
-  drafts (depth 0, chosen by the depth gate); counted with the next step that verifies drafts.
+  drafts (depth 0, chosen by the depth gate), counted with each step's stats.
 
 Tree mode: the stop depth is not a draft length there. The tree runner sends it with the drafts,
 RADAR's scheduler counts it per step in ``RadarSpecDecodingStats.stop_depth_counts`` (a subclass
@@ -121,12 +121,14 @@ class RadarStatLogger(AggregateStatLoggerBase):
         engine_idx: int = 0,
     ) -> None:
         stats = getattr(scheduler_stats, "spec_decoding_stats", None) if scheduler_stats is not None else None
-        if stats is None or not stats.num_drafts:
+        if stats is None:
             return
         skipped = int(getattr(stats, "skipped_rounds", 0) or 0)
         if skipped:
             self.skipped_rounds[engine_idx].inc(skipped)
             self.totals.skipped_rounds += skipped
+        if not stats.num_drafts:
+            return
         per_pos = getattr(stats, "num_draft_tokens_per_pos", None)
         if per_pos is None:
             if not self._warned_missing:
@@ -169,6 +171,9 @@ class RadarStatLogger(AggregateStatLoggerBase):
     def log(self) -> None:
         totals = self.totals
         if totals.rounds == 0:
+            if totals.skipped_rounds:  # (under load the gate may hold depth 0 for thousands of steps)
+                logger.info("RADAR metrics: no drafting rounds, rounds without drafts: %d", totals.skipped_rounds)
+                self.totals = RadarTotals()
             return
         histogram = ", ".join(f"{depth}: {totals.stop_depths[depth]}" for depth in sorted(totals.stop_depths))
         logger.info(

@@ -14,10 +14,10 @@ verified and counts it, per step, in :class:`radar_vllm.vllm.spec_stats.RadarSpe
 (vLLM's spec-decoding stats plus ``stop_depth_counts``), which reach the front-end's stat loggers with vLLM's own counters.
 
 Depth 0: a request in decode that is scheduled without drafts ran a round the depth gate skipped.
-The scheduler counts those rounds and hands the count over with the next step's stats that carry
-verified drafts (``skipped_rounds``; a stats object without drafts would show vLLM's own
-spec-decode log a mean acceptance length of 0/0). While the gate holds depth 0 its probes come at
-most 256 steps apart, so the counter lags by at most that many steps.
+The scheduler counts those rounds and hands the count over with the same step's stats
+(``skipped_rounds``); a step that verified no drafts carries it in a stats object without drafts,
+which vLLM's own spec-decode log is told to pass over (:mod:`radar_vllm.vllm.spec_stats`). Under
+load the gate may hold depth 0 for thousands of steps: the counter must not wait for drafts.
 """
 from __future__ import annotations
 
@@ -100,16 +100,22 @@ class RadarScheduler(Scheduler):
         if self.log_stats and num_draft_tokens:
             if spec_decoding_stats is None:
                 spec_decoding_stats = RadarSpecDecodingStats.new(self.num_spec_tokens)
-            if isinstance(spec_decoding_stats, RadarSpecDecodingStats):
-                spec_decoding_stats.skipped_rounds += self._skipped_rounds
-                self._skipped_rounds = 0
-                if depth is not None:
-                    if not spec_decoding_stats.stop_depth_counts:
-                        spec_decoding_stats.stop_depth_counts = [0] * (self._max_stop_depth + 1)
-                    count_stop_depth(spec_decoding_stats.stop_depth_counts, min(depth, self._max_stop_depth))
+            if isinstance(spec_decoding_stats, RadarSpecDecodingStats) and depth is not None:
+                if not spec_decoding_stats.stop_depth_counts:
+                    spec_decoding_stats.stop_depth_counts = [0] * (self._max_stop_depth + 1)
+                count_stop_depth(spec_decoding_stats.stop_depth_counts, min(depth, self._max_stop_depth))
         return super().make_spec_decoding_stats(
             spec_decoding_stats, num_draft_tokens, num_accepted_tokens, num_invalid_spec_tokens, request_id
         )
+
+    def make_stats(self, spec_decoding_stats: SpecDecodingStats | None = None, *args: Any, **kwargs: Any) -> Any:
+        if self.log_stats and self._skipped_rounds:
+            if spec_decoding_stats is None:  # a step without verified drafts: a carrier without drafts
+                spec_decoding_stats = RadarSpecDecodingStats.new(self.num_spec_tokens)
+            if isinstance(spec_decoding_stats, RadarSpecDecodingStats):
+                spec_decoding_stats.skipped_rounds += self._skipped_rounds
+                self._skipped_rounds = 0
+        return super().make_stats(spec_decoding_stats, *args, **kwargs)
 
     def _free_request(self, request: Any, *args: Any, **kwargs: Any) -> Any:
         self._stop_depths.pop(request.request_id, None)

@@ -9,6 +9,11 @@ and would turn the subclass back into a plain ``SpecDecodingStats``, dropping th
 decoding plan the first time a decoder for it is built, so this runs when the plugin registers
 (before any engine of the process builds its decoder). Plain stats then decode with an empty
 ``stop_depth_counts``, which every consumer treats as absent: other engines are unaffected.
+
+A step that verified no drafts but ran rounds without drafts sends stats with ``num_drafts`` 0
+(they carry ``skipped_rounds``). vLLM's periodic spec-decode log divides by the drafts of its
+interval, so :func:`install_stats_transport` also makes it pass over stats without drafts (vLLM
+itself never sends such stats: other engines are unaffected); its Prometheus counters add zeros.
 """
 from __future__ import annotations
 
@@ -30,9 +35,18 @@ class RadarSpecDecodingStats(SpecDecodingStats):
 
 
 def install_stats_transport() -> None:
-    """Declare ``SchedulerStats.spec_decoding_stats`` as :class:`RadarSpecDecodingStats` (idempotent)."""
+    """Declare ``SchedulerStats.spec_decoding_stats`` as :class:`RadarSpecDecodingStats`, and make
+    vLLM's spec-decode log pass over stats without drafts (idempotent)."""
     from vllm.v1.metrics.stats import SchedulerStats
+    from vllm.v1.spec_decode.metrics import SpecDecodingLogging
 
+    observe = SpecDecodingLogging.observe
+    if not getattr(observe, "__radar_skips_empty__", False):
+        def observe_drafts(self: SpecDecodingLogging, spec_decoding_stats: SpecDecodingStats) -> None:
+            if spec_decoding_stats.num_drafts:
+                observe(self, spec_decoding_stats)
+        observe_drafts.__radar_skips_empty__ = True  # type: ignore[attr-defined]
+        SpecDecodingLogging.observe = observe_drafts  # type: ignore[method-assign]
     declared = typing.Optional[RadarSpecDecodingStats]
     stats_field = SchedulerStats.__dataclass_fields__["spec_decoding_stats"]
     if stats_field.type == declared:

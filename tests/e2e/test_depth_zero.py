@@ -149,7 +149,7 @@ def test_skipped_rounds_keep_greedy_outputs_and_catch_up_reproduces_the_drafts(m
 def test_a_batch_that_skips_every_round_runs_the_plain_decode_path(models, baseline):
     target, checkpoint, _ = models
     requests, expected = baseline
-    llm = _engine(target, {"method": "radar", "model": str(checkpoint)})
+    llm = _engine(target, {"method": "radar", "model": str(checkpoint)}, disable_log_stats=False)
     try:
         _drafter_call(llm, lambda drafter: install_gate(drafter, [False]))
         draft_forwards = _drafter_call(llm, lambda drafter: count_calls(drafter.model))
@@ -159,9 +159,13 @@ def test_a_batch_that_skips_every_round_runs_the_plain_decode_path(models, basel
         outputs = _generate(llm, requests, batch_size=4)
         counts = _drafter_call(llm, lambda drafter: (dict(drafter.round_counts), list(draft_forwards),
                                                       list(rejections), list(prepared), list(logits)))
+        metrics = {m.name: getattr(m, "value", None) for m in llm.get_metrics()}
     finally:
         shutdown_engine(llm)
     assert outputs == expected
+    # vllm:radar_skipped_rounds counts every decode round (request x step) without drafts as it
+    # runs, though no step ever verifies drafts: each request's tokens after the first
+    assert metrics["vllm:radar_skipped_rounds"] == sum(n - 1 for _, n in requests), metrics
     rounds, forwards, rejection_calls, preparations, logits_calls = counts
     assert logits_calls == [0], "a round without drafts computed the drafter's logits"
     # vLLM prepares the drafter's inputs only for rounds that run call 1; a skipped decode round

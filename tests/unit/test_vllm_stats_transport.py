@@ -39,3 +39,26 @@ def test_stop_depths_survive_serialization():
     plain.observe_draft(3, 1)
     back = _round_trip(plain)
     assert back.num_draft_tokens_per_pos == [1, 1, 1, 0] and not back.stop_depth_counts
+
+
+def test_rounds_without_drafts_travel_in_stats_without_drafts_that_vllms_log_passes_over():
+    from vllm.v1.spec_decode.metrics import SpecDecodingLogging
+
+    from radar_vllm.vllm.spec_stats import RadarSpecDecodingStats, install_stats_transport
+
+    install_stats_transport()
+    carrier = RadarSpecDecodingStats.new(4)  # a step that verified no drafts, 12 request rounds without
+    carrier.skipped_rounds = 12
+    back = _round_trip(carrier)
+    assert back.skipped_rounds == 12 and back.num_drafts == 0
+    lines = []
+    logging = SpecDecodingLogging()
+    logging.observe(back)
+    logging.log(log_fn=lambda *args: lines.append(args))
+    assert lines == []  # an interval without drafts logs nothing (not a mean acceptance length of 0/0)
+    drafted = RadarSpecDecodingStats.new(4)
+    drafted.observe_draft(3, 2)
+    logging.observe(back)
+    logging.observe(drafted)
+    logging.log(log_fn=lambda *args: lines.append(args))
+    assert len(lines) == 1 and lines[0][1] == 3.0  # mean acceptance length of the drafts alone: 1 + 2 / 1
