@@ -1,22 +1,25 @@
-"""Batch 1, every row's engine loaded at once and the rows run in turn on each prompt.
+"""Every row's engine loaded at once and the rows run in turn on each prompt (batch 1) or batch.
 
-``python benchmarks/interleaved_b1.py --out benchmarks/results/interleaved_b1_amd_smollm2``
+``python benchmarks/interleaved.py --out benchmarks/results/interleaved_b1_amd_smollm2``
+``python benchmarks/interleaved.py --mode batched --configs no-spec,radar-chain,radar-tree --repeats 3 --out ...``
 
-The report preset runs one engine at a time: a row's batch-1 cells take a few minutes, and the
-next row's the same cells minutes later. On a machine whose speed drifts by 10-30% within
+The report preset runs one engine at a time: a row's cells take a few minutes, and the next
+row's the same cells minutes later. On a machine whose speed drifts by 10-30% within
 minutes (a shared VM), rows a few percent apart then swap places from one run to the next (in
 one report, stock EAGLE-3 + Dynamic SD, which runs K = 3 at batch 1 as the K = 3 row does, ran
 8-13% slower than that row). Here every row's engine is started first, each in its own process
 with the engine in-process (an idle engine then waits on its pipe and takes no CPU), and the
-rows answer each prompt in turn, back to back, in an order that rotates from prompt to prompt:
-every row's prompt sees the machine within a minute of every other row's. A cell's speed is its
-output tokens over its seconds (ratio of sums over prompts and repeats); a ratio's range is the
-spread over repeats. Greedy outputs are compared with no speculation's, prompt by prompt.
+rows answer each prompt (``--mode batch1``) or each workload's batch (``--mode batched``: its
+prompts in one call) in turn, back to back, in an order that rotates from one to the next: every
+row's run sees the machine within a minute of every other row's. A cell's speed is its output
+tokens over its seconds (ratio of sums over prompts and repeats); a ratio's range is the spread
+over repeats. Greedy outputs are compared with no speculation's, prompt by prompt.
 
-The prompts are the report preset's batch-1 prompts (the first ``--prompts`` of 16 chosen evenly
-from each workload), greedy and T = 1 (top-p 1, seed = the prompt's index), up to 128 new tokens,
-float32, 32-token KV blocks, vLLM's default sequence limit of the report's engines (16). Engines
-differ from the report's in running in-process (``--engine-inline`` there), for every row alike.
+The prompts are the report preset's (16 chosen evenly from each workload; batch 1 times the first
+``--prompts``, 4 by default, batched all 16), greedy and T = 1 (top-p 1, seed = the prompt's
+index), up to 128 new tokens, float32, 32-token KV blocks, 16 sequences at most, as the report's
+engines. Engines differ from the report's in running in-process (``--engine-inline`` there), for
+every row alike. Each engine holds about 3 GB (batch 1, 1 GB of KV cache).
 """
 from __future__ import annotations
 
@@ -44,20 +47,26 @@ def serve_engine(spec_path: str) -> int:
     llm = make_llm(spec["engine"]["model"], **engine_kwargs(spec["engine"], spec["speculative_config"]))
     params_class = type(llm.get_default_sampling_params())
 
-    def run(request: dict[str, Any]) -> dict[str, Any]:
+    def params(request: dict[str, Any], seed: int) -> Any:
         kwargs: dict[str, Any] = {"temperature": request["temperature"], "max_tokens": request["max_tokens"]}
         if request["temperature"] > 0:
-            kwargs.update(top_p=1.0, seed=request["seed"])
+            kwargs.update(top_p=1.0, seed=seed)
+        return params_class(**kwargs)
+
+    def run(request: dict[str, Any]) -> dict[str, Any]:
+        """The request's prompts in one call (one prompt: batch 1)."""
+        prompts = [{"prompt_token_ids": ids} for ids in request["prompts"]]
+        sampling = [params(request, seed) for seed in request["seeds"]]
         llm.reset_prefix_cache()  # as the report's runs: real traffic does not repeat whole prompts
         before = _counters(llm)
         start = time.perf_counter()
-        output = llm.generate([{"prompt_token_ids": request["prompt"]}], [params_class(**kwargs)], use_tqdm=False)
+        outputs = llm.generate(prompts, sampling, use_tqdm=False)
         seconds = time.perf_counter() - start
         after = _counters(llm)
-        return {"tokens": list(output[0].outputs[0].token_ids), "seconds": seconds,
+        return {"outputs": [list(output.outputs[0].token_ids) for output in outputs], "seconds": seconds,
                 "counters": {name: after.get(name, 0.0) - before.get(name, 0.0) for name in after}}
 
-    run({"prompt": [1, 2, 3, 4], "temperature": 0.0, "max_tokens": 8, "seed": 0})  # warm-up
+    run({"prompts": [[1, 2, 3, 4]], "seeds": [0], "temperature": 0.0, "max_tokens": 8})  # warm-up
     print(READY, flush=True)
     for line in sys.stdin:
         if line.strip():
@@ -136,7 +145,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--configs", default="no-spec,eagle3-k2,eagle3-k3,eagle3-k4,radar-chain,radar-tree")
     parser.add_argument("--workloads", default="mtbench,humaneval,sharegpt")
     parser.add_argument("--temperatures", default="0,1")
-    parser.add_argument("--prompts", type=int, default=4, help="batch-1 prompts per workload (of 16 chosen evenly)")
+    parser.add_argument("--mode", choices=("batch1", "batched"), default="batch1")
+    parser.add_argument("--prompts", type=int, default=None,
+                        help="prompts per workload (of 16 chosen evenly; default 4 at batch 1, 16 batched)")
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--kv-cache-gb", type=int, default=1)
@@ -159,6 +170,8 @@ def main(argv: list[str] | None = None) -> int:
     if "no-spec" not in args.configs:
         args.configs.insert(0, "no-spec")
     args.target = str(Path(args.target or smollm2_dir()).resolve())
+    if args.prompts is None:
+        args.prompts = 4 if args.mode == "batch1" else 16
     work_dir = Path(args.work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
     engine, speculative, settings = rows(args, work_dir)
@@ -174,14 +187,16 @@ def main(argv: list[str] | None = None) -> int:
             print(f"starting {name} ...", flush=True)
             engines[name] = Engine(name, {"engine": engine, "speculative_config": speculative[name]}, env, work_dir)
         records: list[dict[str, Any]] = []
+        per_call = 1 if args.mode == "batch1" else args.prompts  # prompts sent in one call
         blocks = [(r, w, t, i) for r in range(args.repeats) for w in workloads for t in temperatures
-                  for i in range(len(workloads[w]))]
+                  for i in range(0, len(workloads[w]), per_call)]
         with tqdm(total=len(blocks) * len(args.configs), desc="interleaved", unit="run") as bar:
             for number, (repeat, workload, temperature, index) in enumerate(blocks):
                 shift = number % len(args.configs)  # each row first as often as the others
                 for name in args.configs[shift:] + args.configs[:shift]:
-                    answer = engines[name].ask({"prompt": workloads[workload][index], "temperature": temperature,
-                                                "max_tokens": args.max_new_tokens, "seed": index})
+                    prompts = workloads[workload][index:index + per_call]
+                    answer = engines[name].ask({"prompts": prompts, "seeds": list(range(index, index + len(prompts))),
+                                                "temperature": temperature, "max_tokens": args.max_new_tokens})
                     records.append({"config": name, "repeat": repeat, "workload": workload,
                                     "temperature": temperature, "prompt": index, **answer})
                     bar.update(1)
@@ -197,8 +212,12 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _tokens(records: list[dict[str, Any]]) -> int:
+    return sum(len(output) for r in records for output in r["outputs"])
+
+
 def _rate(records: list[dict[str, Any]]) -> float:
-    return sum(len(r["tokens"]) for r in records) / sum(r["seconds"] for r in records)
+    return _tokens(records) / sum(r["seconds"] for r in records)
 
 
 def summarize(records: list[dict[str, Any]], args: argparse.Namespace, started: float) -> dict[str, Any]:
@@ -217,7 +236,7 @@ def summarize(records: list[dict[str, Any]], args: argparse.Namespace, started: 
                           for name, rs in by_row.items()}
             stock = [name for name in args.configs if name.startswith("eagle3-")]
             best = max(stock, key=lambda name: rate[name]) if stock else None
-            reference = {(r["prompt"], r["repeat"]): r["tokens"] for r in by_row["no-spec"]}
+            reference = {(r["prompt"], r["repeat"]): r["outputs"] for r in by_row["no-spec"]}
             entry: dict[str, Any] = {"workload": workload, "temperature": temperature, "best_stock": best, "rows": {}}
             for name, rs in by_row.items():
                 drafts = sum(r["counters"].get("vllm:spec_decode_num_drafts", 0.0) for r in rs)
@@ -226,21 +245,23 @@ def summarize(records: list[dict[str, Any]], args: argparse.Namespace, started: 
                        "vs_no_spec": rate[name] / rate["no-spec"],
                        "vs_no_spec_by_repeat": [a / b for a, b in zip(per_repeat[name], per_repeat["no-spec"])],
                        "acceptance_length": 1.0 + accepted / drafts if drafts else None,
-                       "tokens": sum(len(r["tokens"]) for r in rs), "seconds": sum(r["seconds"] for r in rs)}
+                       "tokens": _tokens(rs), "seconds": sum(r["seconds"] for r in rs)}
                 if best is not None:
                     row["vs_best_stock"] = rate[name] / rate[best]
                     row["vs_best_stock_by_repeat"] = [a / b for a, b in zip(per_repeat[name], per_repeat[best])]
                 if temperature == 0.0:
-                    row["greedy_match"] = sum(r["tokens"] == reference[(r["prompt"], r["repeat"])] for r in rs)
-                    row["greedy_outputs"] = len(rs)
+                    row["greedy_match"] = sum(mine == theirs for r in rs
+                                              for mine, theirs in zip(r["outputs"], reference[(r["prompt"], r["repeat"])]))
+                    row["greedy_outputs"] = sum(len(r["outputs"]) for r in rs)
                 entry["rows"][name] = row
             cells.append(entry)
     return {"created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "wall_seconds": time.time() - started,
             "machine": describe_machine(), "command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
-            "settings": {"configs": args.configs, "prompts": args.prompts, "max_new_tokens": args.max_new_tokens,
+            "settings": {"mode": args.mode, "configs": args.configs, "prompts": args.prompts,
+                         "max_new_tokens": args.max_new_tokens,
                          "repeats": args.repeats, "kv_cache_gb": args.kv_cache_gb},
-            "cells": cells, "records": [dict({k: v for k, v in r.items() if k != "tokens"}, num_tokens=len(r["tokens"]))
-                                        for r in records]}
+            "cells": cells, "records": [dict({k: v for k, v in r.items() if k != "outputs"},
+                                             num_tokens=[len(output) for output in r["outputs"]]) for r in records]}
 
 
 def markdown(document: dict[str, Any]) -> str:
@@ -250,7 +271,9 @@ def markdown(document: dict[str, Any]) -> str:
         return f"{row[key]:.2f}x{spread}" if key in row else "–"
 
     machine = document["machine"]
-    lines = [f"# Batch 1, rows interleaved prompt by prompt ({machine.get('cpu_model')}, "
+    what = "Batch 1, rows interleaved prompt by prompt" if document["settings"].get("mode", "batch1") == "batch1" \
+        else "Batched, rows interleaved batch by batch"
+    lines = [f"# {what} ({machine.get('cpu_model')}, "
              f"{machine.get('num_cpus')} logical CPUs, {document['created']})", "",
              f"Command: `python benchmarks/{document['command']}`; {document['wall_seconds'] / 60:.0f} min.", "",
              "tok/s = output tokens / seconds over the cell's prompts and repeats; ratios of those, range over "
