@@ -42,6 +42,7 @@ def serve_engine(spec_path: str) -> int:
     """One engine: read requests as JSON lines on stdin, answer each with one JSON line."""
     spec = json.loads(Path(spec_path).read_text(encoding="utf-8"))
     from radar_vllm.bench.engine_process import engine_kwargs
+    from radar_vllm.bench.snapshots import NUM_ACCEPTED_TOKENS, NUM_DRAFTS, snapshot_delta, snapshot_from_metrics
     from radar_vllm.offline.generate import make_llm
 
     llm = make_llm(spec["engine"]["model"], **engine_kwargs(spec["engine"], spec["speculative_config"]))
@@ -58,13 +59,13 @@ def serve_engine(spec_path: str) -> int:
         prompts = [{"prompt_token_ids": ids} for ids in request["prompts"]]
         sampling = [params(request, seed) for seed in request["seeds"]]
         llm.reset_prefix_cache()  # as the report's runs: real traffic does not repeat whole prompts
-        before = _counters(llm)
+        before = snapshot_from_metrics(llm.get_metrics())
         start = time.perf_counter()
         outputs = llm.generate(prompts, sampling, use_tqdm=False)
         seconds = time.perf_counter() - start
-        after = _counters(llm)
+        delta = snapshot_delta(snapshot_from_metrics(llm.get_metrics()), before)
         return {"outputs": [list(output.outputs[0].token_ids) for output in outputs], "seconds": seconds,
-                "counters": {name: after.get(name, 0.0) - before.get(name, 0.0) for name in after}}
+                "counters": {name: delta.counter(name) for name in (NUM_DRAFTS, NUM_ACCEPTED_TOKENS)}}
 
     run({"prompts": [[1, 2, 3, 4]], "seeds": [0], "temperature": 0.0, "max_tokens": 8})  # warm-up
     print(READY, flush=True)
@@ -74,18 +75,8 @@ def serve_engine(spec_path: str) -> int:
     return 0
 
 
-def _counters(llm: Any) -> dict[str, float]:
-    wanted = ("vllm:spec_decode_num_drafts", "vllm:spec_decode_num_accepted_tokens", "vllm:generation_tokens",
-              "vllm:radar_skipped_rounds")
-    out: dict[str, float] = {}
-    for metric in llm.get_metrics():
-        if metric.name in wanted:
-            out[metric.name] = out.get(metric.name, 0.0) + float(getattr(metric, "value", 0.0) or 0.0)
-    return out
-
-
 class Engine:
-    """A row's engine process (``--engine``), asked one prompt at a time."""
+    """A row's engine process (``--engine``), asked one prompt or batch at a time."""
 
     def __init__(self, name: str, spec: dict[str, Any], env: dict[str, str], work_dir: Path) -> None:
         self.name = name
@@ -175,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     work_dir = Path(args.work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
     engine, speculative, settings = rows(args, work_dir)
-    env = dict(subprocess_env(settings), VLLM_ENABLE_V1_MULTIPROCESSING="0")
+    env = subprocess_env(settings)  # (engine_inline: in-process engines)
     tokenizer = load_tokenizer(args.target)
     workloads = {name: load_workload(name, tokenizer, 16, settings.max_prompt_tokens).prompt_ids[: args.prompts]
                  for name in args.workloads.split(",")}
@@ -223,6 +214,7 @@ def _rate(records: list[dict[str, Any]]) -> float:
 def summarize(records: list[dict[str, Any]], args: argparse.Namespace, started: float) -> dict[str, Any]:
     """Per cell (workload, temperature): every row's tok/s and its ratios to no speculation and to
     the best stock row, each with the range over repeats."""
+    from radar_vllm.bench.snapshots import NUM_ACCEPTED_TOKENS, NUM_DRAFTS
     from radar_vllm.core.costs import describe_machine
 
     cells = []
@@ -239,8 +231,8 @@ def summarize(records: list[dict[str, Any]], args: argparse.Namespace, started: 
             reference = {(r["prompt"], r["repeat"]): r["outputs"] for r in by_row["no-spec"]}
             entry: dict[str, Any] = {"workload": workload, "temperature": temperature, "best_stock": best, "rows": {}}
             for name, rs in by_row.items():
-                drafts = sum(r["counters"].get("vllm:spec_decode_num_drafts", 0.0) for r in rs)
-                accepted = sum(r["counters"].get("vllm:spec_decode_num_accepted_tokens", 0.0) for r in rs)
+                drafts = sum(r["counters"].get(NUM_DRAFTS, 0.0) for r in rs)
+                accepted = sum(r["counters"].get(NUM_ACCEPTED_TOKENS, 0.0) for r in rs)
                 row = {"tokens_per_s": rate[name], "tokens_per_s_by_repeat": per_repeat[name],
                        "vs_no_spec": rate[name] / rate["no-spec"],
                        "vs_no_spec_by_repeat": [a / b for a, b in zip(per_repeat[name], per_repeat["no-spec"])],
