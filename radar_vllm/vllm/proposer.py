@@ -58,7 +58,7 @@ from radar_vllm.core.growth import ChainGrowth, FrontierGrowth
 from radar_vllm.core.policy import PolicyRunner, load_policy
 from radar_vllm.core.tree import PADDING_TOKEN, DraftTree
 from radar_vllm.vllm.attention import DraftFrontierPlan, frontier_rounds, frontier_scratch_rounds, with_plan
-from radar_vllm.vllm.catch_up import SkippedTokens
+from radar_vllm.vllm.catch_up import DrafterKVWriter, SkippedTokens
 from radar_vllm.vllm.engine_plan import EnginePlan
 from radar_vllm.vllm.stop_monitor import AllStoppedMonitor
 
@@ -169,6 +169,7 @@ class RadarProposer(EagleProposer):
         self._round_tree_size: int | None = None  # a smaller tree the gate chose for it (None: total_tokens)
         self._opened_action: str | None = None  # a round opened by skip_decode_round, for propose
         self._splice_kept = True  # call 1 brings the kept rows in (False: a catch-up round that keeps them)
+        self.kv_writer: DrafterKVWriter | None = None  # set by load_model
         logger.info("RadarProposer: %s mode, max_depth=%d, top_k=%d, %s", plan.mode, self.max_depth, config.top_k,
                     f"fixed depth {config.fixed_depth} (no stop policy)" if config.fixed_depth else
                     f"decision={plan.radar.decision}, threshold={plan.radar.threshold:.3f}")
@@ -177,6 +178,8 @@ class RadarProposer(EagleProposer):
         super().load_model(*args, **kwargs)
         if not self.model_returns_tuple():
             raise ValueError("RADAR needs an EAGLE-3 draft model that returns (last hidden, hidden) states")
+        # catch-up rounds write the drafter's K/V only (None: they run the full call 1)
+        self.kv_writer = None if self.uses_mrope else DrafterKVWriter.build(self.model)
 
     # ------------------------------------------------------------------------------------------
 
@@ -245,13 +248,23 @@ class RadarProposer(EagleProposer):
             return self._skip_round(num_speculative_tokens, target_token_ids, target_positions, target_hidden_states,
                                     next_token_ids, token_indices_to_sample, common_attn_metadata,
                                     num_rejected_tokens_gpu)
-        # vLLM's own loop where there is nothing to decide: a catch-up asks it for 0 drafts (it then
-        # writes the drafter's KV and computes no logits), a gate arm below the maximum depth for a
+        # vLLM's own loop where there is nothing to decide: a catch-up writes the drafter's K/V only
+        # (or, for a drafter the KV writer does not know, asks vLLM's loop for 0 drafts: call 1
+        # without logits), a gate arm below the maximum depth for a
         # chain of exactly that depth, a chain engine limited to one draft for one
         if action == CATCH_UP_ROUND:
             stock_drafts = 0
             self._splice_kept = not self._keep_rows_through_catch_up(next_token_ids, target_positions,
                                                                      target_hidden_states, common_attn_metadata)
+            if self.kv_writer is not None:
+                try:
+                    self._write_first_pass_kv(target_token_ids, target_positions, target_hidden_states,
+                                              next_token_ids, token_indices_to_sample, common_attn_metadata,
+                                              num_rejected_tokens_gpu)
+                finally:
+                    self._splice_kept = True
+                return torch.full((common_attn_metadata.batch_size(), num_speculative_tokens), PADDING_TOKEN,
+                                  dtype=torch.int64, device=target_token_ids.device)
         elif self.gate is not None and self._depth_cap < self.max_depth:
             stock_drafts = min(self._depth_cap, num_speculative_tokens)
         elif not tree and min(self.fixed_depth or self.max_depth, num_speculative_tokens) <= 1:
@@ -361,6 +374,22 @@ class RadarProposer(EagleProposer):
 
     # -- depth 0 ---------------------------------------------------------------------------------
 
+    def _write_first_pass_kv(self, target_token_ids: torch.Tensor, target_positions: torch.Tensor,
+                             target_hidden_states: torch.Tensor, next_token_ids: torch.Tensor,
+                             token_indices_to_sample: torch.Tensor | None, cad: CommonAttentionMetadata,
+                             num_rejected_tokens_gpu: torch.Tensor | None) -> None:
+        """A catch-up round's call 1 without drafts: vLLM's first-pass inputs (and the kept rows
+        spliced in front, unless this round keeps them), then only the drafter's K/V of those rows
+        (:class:`~radar_vllm.vllm.catch_up.DrafterKVWriter`)."""
+        self._last_draft_probs = None  # (no drafts: nothing for sampled verification to read)
+        hidden = self.model.combine_hidden_states(target_hidden_states)
+        num_tokens, _, cad = self.set_inputs_first_pass(
+            target_token_ids=target_token_ids, next_token_ids=next_token_ids, target_positions=target_positions,
+            target_hidden_states=hidden, token_indices_to_sample=token_indices_to_sample, cad=cad,
+            num_rejected_tokens_gpu=num_rejected_tokens_gpu)
+        self.kv_writer(self.input_ids[:num_tokens], self.positions[:num_tokens], self.hidden_states[:num_tokens],
+                       cad.slot_mapping[:num_tokens])
+
     def skip_decode_round(self, num_speculative_tokens: int, sampled_token_ids: torch.Tensor,
                           positions: torch.Tensor, target_hidden_states: torch.Tensor,
                           cad: CommonAttentionMetadata, sampling_metadata: SamplingMetadata) -> bool:
@@ -425,8 +454,8 @@ class RadarProposer(EagleProposer):
 
         The step is measured from the previous round's start to this one's, and counted only when
         it had the same requests, all in decode (a prefill chunk would charge its cost to an arm).
-        A round the gate skips still runs call 1 (``CATCH_UP_ROUND``: KV only, no drafts) when it
-        carries a prefill chunk, whose draft pass costs little next to the target's, or when the
+        A round the gate skips still writes the drafter's KV of its rows (``CATCH_UP_ROUND``: K/V
+        projections only, no drafts) when it carries a prefill chunk, whose draft pass costs little next to the target's, or when the
         rows kept for the catch-up would no longer fit the drafter's buffers."""
         if self.skipped:
             self.skipped.forget(self.model_runner.requests)

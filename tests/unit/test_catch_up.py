@@ -56,6 +56,39 @@ def test_batch_records_keep_what_per_request_rows_keep():
         assert fast.pending[req_id].next_position == slow.pending[req_id].next_position
 
 
+def test_rows_of_finished_requests_make_room_before_a_forced_catch_up():
+    """Rows of requests that finished while their batch skipped are dropped, without being
+    combined, when the kept rows would otherwise fill the buffers; a live request's rows stay."""
+    kept = SkippedTokens(capacity=24)  # room for 12 kept rows
+    positions = [10, 40, 70]
+    for step in range(3):
+        assert kept.stash_decode(["a", "b", "c"], *_round(step, positions))
+        positions = [p + 1 for p in positions]
+    kept.forget({"a"})  # "b" and "c" finished
+    assert kept.rows() == 9 and kept.rows_dropped == 0  # nothing pruned while there is room
+    assert kept.has_room(3)
+    assert kept.has_room(9)  # 9 + 9 > 12: the 6 rows of "b" and "c" go first
+    assert kept.rows() == 3 and kept.rows_dropped == 6
+    assert not kept.has_room(10)
+    combined: list[int] = []
+    kept.materialize(lambda raw: combined.append(raw.shape[0]) or _combine(raw))
+    assert combined == [3] and set(kept.pending) == {"a"} and kept.pending["a"].next_position == 13
+    assert kept.pending["a"].cat()[1].tolist() == [10, 11, 12]
+
+
+def test_materialize_combines_only_the_rows_of_running_requests():
+    kept = SkippedTokens(capacity=1024)
+    positions = [5, 9]
+    for step in range(4):
+        assert kept.stash_decode(["a", "b"], *_round(step, positions))
+        positions = [p + 1 for p in positions]
+    kept.forget({"b"})
+    combined: list[int] = []
+    kept.materialize(lambda raw: combined.append(raw.shape[0]) or _combine(raw))
+    assert combined == [4] and set(kept.pending) == {"b"} and kept.rows_dropped == 4
+    assert kept.pending["b"].cat()[1].tolist() == [9, 10, 11, 12]
+
+
 def test_records_follow_per_request_rows_and_refuse_a_restart():
     kept = SkippedTokens(capacity=1024)
     tokens, pos, raw, slots = _round(0, [5, 9])
