@@ -165,10 +165,7 @@ class SkippedTokens:
             for index, req_id in enumerate(record.req_ids):
                 rows.setdefault(req_id, []).append(offset + index)
             offset += len(record.req_ids)
-        for req_id, indices in rows.items():
-            if req_id not in self.next_position:  # finished since
-                self.rows_dropped += len(indices)
-                continue
+        for req_id, indices in rows.items():  # (rows of finished requests were pruned above)
             select = torch.tensor(indices, dtype=torch.long, device=input_ids.device)
             entry = self.pending.get(req_id)
             if entry is None:

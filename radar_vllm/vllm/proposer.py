@@ -76,6 +76,11 @@ UPSTREAM_SHA256 = {
 }
 
 
+def _padding(batch_size: int, width: int, device: torch.device) -> torch.Tensor:
+    """``[batch_size, width]`` draft slots holding ``PADDING_TOKEN`` (no draft)."""
+    return torch.full((batch_size, width), PADDING_TOKEN, dtype=torch.int64, device=device)
+
+
 def tree_eligible(params: Any, has_custom_logits_processors: bool = False) -> bool:
     """True when a request's sampling can be verified exactly over a tree.
 
@@ -263,8 +268,7 @@ class RadarProposer(EagleProposer):
                                               num_rejected_tokens_gpu)
                 finally:
                     self._splice_kept = True
-                return torch.full((common_attn_metadata.batch_size(), num_speculative_tokens), PADDING_TOKEN,
-                                  dtype=torch.int64, device=target_token_ids.device)
+                return _padding(common_attn_metadata.batch_size(), num_speculative_tokens, target_token_ids.device)
         elif self.gate is not None and self._depth_cap < self.max_depth:
             stock_drafts = min(self._depth_cap, num_speculative_tokens)
         elif not tree and min(self.fixed_depth or self.max_depth, num_speculative_tokens) <= 1:
@@ -279,8 +283,7 @@ class RadarProposer(EagleProposer):
             finally:
                 self._splice_kept = True
             self.num_speculative_tokens = num_speculative_tokens  # upstream stored its own count
-            output = torch.full((drafts.shape[0], num_speculative_tokens), PADDING_TOKEN, dtype=torch.int64,
-                                device=drafts.device)
+            output = _padding(drafts.shape[0], num_speculative_tokens, drafts.device)
             output[:, :stock_drafts] = drafts
             return output
         if self.eplb_state is not None:
@@ -292,11 +295,9 @@ class RadarProposer(EagleProposer):
         depth_limit = min(self.fixed_depth or self.max_depth, self._depth_cap, num_speculative_tokens)
 
         # Call 1, as vLLM's loop runs it.
-        target_hidden_states = self.model.combine_hidden_states(target_hidden_states)
-        num_tokens, token_indices_to_sample, cad = self.set_inputs_first_pass(
-            target_token_ids=target_token_ids, next_token_ids=next_token_ids, target_positions=target_positions,
-            target_hidden_states=target_hidden_states, token_indices_to_sample=token_indices_to_sample, cad=cad,
-            num_rejected_tokens_gpu=num_rejected_tokens_gpu)
+        num_tokens, token_indices_to_sample, cad = self._first_pass(
+            target_token_ids, target_positions, target_hidden_states, next_token_ids, token_indices_to_sample, cad,
+            num_rejected_tokens_gpu)
         per_group_metadata, per_layer_metadata = self.build_per_group_and_layer_attn_metadata(cad)
         cudagraph_mode, num_input_tokens, num_tokens_across_dp = self._determine_batch_execution_and_padding(num_tokens)
         model_kwargs, slot_mapping_size = self.build_model_inputs_first_pass(num_tokens, num_input_tokens,
@@ -366,11 +367,21 @@ class RadarProposer(EagleProposer):
         if tree:  # requests that cannot be verified over a tree keep their best-first chain
             drafts = drafts.to("cpu").best_chains(~self._eligible(batch_size))
             self.last_tree = drafts
-        output = torch.full((batch_size, num_speculative_tokens), PADDING_TOKEN, dtype=torch.int64,
-                            device=drafts.device)
+        output = _padding(batch_size, num_speculative_tokens, drafts.device)
         width = min(drafts.max_nodes, num_speculative_tokens)
         output[:, :width] = drafts.target_tokens[:, :width]
         return output.to(positions.device)
+
+    def _first_pass(self, target_token_ids: torch.Tensor, target_positions: torch.Tensor,
+                    target_hidden_states: torch.Tensor, next_token_ids: torch.Tensor,
+                    token_indices_to_sample: torch.Tensor | None, cad: CommonAttentionMetadata,
+                    num_rejected_tokens_gpu: torch.Tensor | None) -> tuple[int, torch.Tensor, Any]:
+        """Call 1's inputs in the drafter's buffers: the target's hidden states combined by the
+        drafter's input layer, vLLM's first pass and the kept rows (:meth:`set_inputs_first_pass`)."""
+        return self.set_inputs_first_pass(
+            target_token_ids=target_token_ids, next_token_ids=next_token_ids, target_positions=target_positions,
+            target_hidden_states=self.model.combine_hidden_states(target_hidden_states),
+            token_indices_to_sample=token_indices_to_sample, cad=cad, num_rejected_tokens_gpu=num_rejected_tokens_gpu)
 
     # -- depth 0 ---------------------------------------------------------------------------------
 
@@ -382,11 +393,8 @@ class RadarProposer(EagleProposer):
         spliced in front, unless this round keeps them), then only the drafter's K/V of those rows
         (:class:`~radar_vllm.vllm.catch_up.DrafterKVWriter`)."""
         self._last_draft_probs = None  # (no drafts: nothing for sampled verification to read)
-        hidden = self.model.combine_hidden_states(target_hidden_states)
-        num_tokens, _, cad = self.set_inputs_first_pass(
-            target_token_ids=target_token_ids, next_token_ids=next_token_ids, target_positions=target_positions,
-            target_hidden_states=hidden, token_indices_to_sample=token_indices_to_sample, cad=cad,
-            num_rejected_tokens_gpu=num_rejected_tokens_gpu)
+        num_tokens, _, cad = self._first_pass(target_token_ids, target_positions, target_hidden_states, next_token_ids,
+                                              token_indices_to_sample, cad, num_rejected_tokens_gpu)
         self.kv_writer(self.input_ids[:num_tokens], self.positions[:num_tokens], self.hidden_states[:num_tokens],
                        cad.slot_mapping[:num_tokens])
 
@@ -455,8 +463,9 @@ class RadarProposer(EagleProposer):
         The step is measured from the previous round's start to this one's, and counted only when
         it had the same requests, all in decode (a prefill chunk would charge its cost to an arm).
         A round the gate skips still writes the drafter's KV of its rows (``CATCH_UP_ROUND``: K/V
-        projections only, no drafts) when it carries a prefill chunk, whose draft pass costs little next to the target's, or when the
-        rows kept for the catch-up would no longer fit the drafter's buffers."""
+        projections only, no drafts) when it carries a prefill chunk (prompt blocks are shared
+        through the prefix cache), or when the rows kept for the catch-up would no longer fit the
+        drafter's buffers."""
         if self.skipped:
             self.skipped.forget(self.model_runner.requests)
         sampling = not getattr(sampling_metadata, "all_greedy", True)
@@ -497,8 +506,7 @@ class RadarProposer(EagleProposer):
                     num_rejected_tokens_gpu: torch.Tensor | None) -> torch.Tensor:
         """A round without drafts: keep call 1's rows for the catch-up, return no draft tokens."""
         batch_size = cad.batch_size()
-        output = torch.full((batch_size, num_speculative_tokens), PADDING_TOKEN, dtype=torch.int64,
-                            device=target_token_ids.device)
+        output = _padding(batch_size, num_speculative_tokens, target_token_ids.device)
         # One new token per request (so nothing verified, nothing rejected): its drafter row is what
         # vLLM's first pass would write, (sampled token, position, hidden state, slot); kept for the
         # whole batch at once, combined by the drafter's input layer when a round drafts again.
